@@ -1,0 +1,1 @@
+"""FedContrast client package."""

@@ -1,0 +1,218 @@
+"""The local contrastive trainer: pure PyTorch, no Flower, no gRPC.
+
+One step: two augmented views of a batch, queries from the trainable encoder,
+positive keys from the key encoder, InfoNCE against the negatives of every
+source (the global queue, a local FIFO queue) and, optionally, in-batch
+negatives. Key modes:
+
+- ``shared``: the key is the trainable encoder itself, gradients through both
+  views (SimCLR, Chen et al. 2020).
+- ``ema``: a momentum copy, updated after every step (MoCo, He et al. 2020).
+- ``frozen``: a copy fixed for the trainer's lifetime (in federation: the global
+  encoder received this round, so keys and pushed rows share one version).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from client.negatives import NegativeSource
+from common.augment import Augmenter, AugmentParams
+from common.config import TrainConfig
+from common.encoders import ContrastiveModel
+from common.loss import info_nce
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int, float], None]
+
+
+def augment_params(cfg: TrainConfig) -> AugmentParams:
+    """The view distribution a config asks for."""
+    return AugmentParams(
+        crop_scale=(cfg.crop_scale_min, 1.0),
+        jitter_strength=cfg.jitter_strength,
+        blur_p=cfg.blur_p,
+    )
+
+
+def cosine_lr(base_lr: float, total_steps: int) -> Callable[[int], float]:
+    """Cosine decay from ``base_lr`` to 0 over ``total_steps`` (Loshchilov & Hutter 2017)."""
+    total = max(1, total_steps)
+    return lambda step: base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class EpochStats:
+    """What one pass over the data measured."""
+
+    loss: float
+    steps: int
+    examples: int
+    mean_negatives: float
+    steps_without_negatives_from_sources: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "loss": self.loss,
+            "steps": self.steps,
+            "examples": self.examples,
+            "mean_negatives": self.mean_negatives,
+            "steps_without_source_negatives": self.steps_without_negatives_from_sources,
+            **self.extra,
+        }
+
+
+class ContrastiveTrainer:
+    """Train ``model`` with InfoNCE on views of local data.
+
+    Args:
+        model: the trainable encoder (queries).
+        cfg: temperature, batch size, optimiser, views, key mode, in-batch negatives.
+        device: where the step runs (data is moved batch by batch).
+        sources: negative sources consulted every step, in order (their banks are
+            concatenated); each also observes the step's keys.
+        key_model: the key encoder for ``ema`` / ``frozen`` modes; a copy of ``model``
+            is made when not given. Ignored in ``shared`` mode.
+        lr_schedule: maps the trainer's global step to a learning rate (constant
+            ``cfg.lr`` when not given).
+        generator: the CPU generator that draws views and batch order.
+    """
+
+    def __init__(
+        self,
+        model: ContrastiveModel,
+        cfg: TrainConfig,
+        *,
+        device: torch.device,
+        sources: Sequence[NegativeSource] = (),
+        key_model: ContrastiveModel | None = None,
+        lr_schedule: Callable[[int], float] | None = None,
+        generator: torch.Generator | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.model = model.to(device)
+        self.sources = list(sources)
+        if cfg.key_mode == "shared":
+            self.key_model: ContrastiveModel | None = None
+        else:
+            self.key_model = (key_model if key_model is not None else copy.deepcopy(model)).to(device)
+            self.key_model.requires_grad_(False)
+            self.key_model.eval()
+        self.optimizer = optimizer if optimizer is not None else make_optimizer(self.model, cfg)
+        self.lr_schedule = lr_schedule or (lambda _step: cfg.lr)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
+        self.augment = Augmenter(augment_params(cfg))
+        self.step = 0
+
+    # -- one step -------------------------------------------------------------------
+
+    def _keys(self, view: Tensor) -> Tensor:
+        if self.key_model is None:
+            return self.model(view)
+        with torch.no_grad():
+            return self.key_model(view)
+
+    def _bank(self) -> tuple[Tensor | None, bool]:
+        """Concatenate the sources' negatives; also say whether any source had rows."""
+        banks = [b for s in self.sources if (b := s.negatives(self.step, self.device)) is not None]
+        banks = [b for b in banks if b.numel() > 0]
+        if not banks:
+            return None, False
+        return torch.cat(banks).detach(), True  # K x D, constants for the loss
+
+    def loss_on(self, x: Tensor, negatives: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Per-example loss on a batch ``x`` (N, C, H, W); returns (loss (N,), keys of view 2)."""
+        v1 = self.augment(x, self.generator)
+        v2 = self.augment(x, self.generator)
+        q1 = self.model(v1)  # N x D
+        k2 = self._keys(v2)  # N x D
+        loss = info_nce(q1, k2, negatives, self.cfg.temperature, in_batch=self.cfg.in_batch)
+        if self.cfg.symmetric:
+            q2 = self.model(v2) if self.key_model is not None else k2
+            k1 = self._keys(v1) if self.key_model is not None else q1
+            loss = 0.5 * (loss + info_nce(q2, k1, negatives, self.cfg.temperature,
+                                          in_batch=self.cfg.in_batch))
+        return loss, k2.detach()
+
+    def train_step(self, x: Tensor) -> tuple[float, int, bool]:
+        """One optimiser step on the batch; returns (mean loss, negatives used, had source rows)."""
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_schedule(self.step)
+        negatives, had_rows = self._bank()
+        if negatives is None and not self.cfg.in_batch and x.shape[0] > 0:
+            # No in-batch negatives and every source empty (round 1 of a fresh queue,
+            # an unreachable service): random unit vectors are data-independent
+            # negatives that keep the loss defined without touching private data.
+            negatives = nn.functional.normalize(
+                torch.randn(max(1, x.shape[0]), self.model.embedding_dim, generator=self.generator),
+                dim=1,
+            ).to(self.device)
+        x = x.to(self.device, non_blocking=True)
+        loss, keys = self.loss_on(x, negatives)
+        mean = loss.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        mean.backward()
+        self.optimizer.step()
+        self._momentum_update()
+        for s in self.sources:
+            s.observe(keys)
+        self.step += 1
+        return float(mean.detach()), 0 if negatives is None else int(negatives.shape[0]), had_rows
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        """k <- m k + (1 - m) q, MoCo's key-encoder update (ema mode only)."""
+        if self.cfg.key_mode != "ema" or self.key_model is None:
+            return
+        m = self.cfg.key_momentum
+        for pk, pq in zip(self.key_model.parameters(), self.model.parameters(), strict=True):
+            pk.mul_(m).add_(pq.detach(), alpha=1.0 - m)
+
+    # -- epochs ---------------------------------------------------------------------
+
+    def train_epoch(self, x: Tensor, on_step: StepCallback | None = None) -> EpochStats:
+        """One shuffled pass over ``x`` (N, C, H, W) in batches; the last short batch is dropped
+        when it would hold fewer than 2 examples (InfoNCE needs a batch to contrast)."""
+        n = x.shape[0]
+        order = torch.randperm(n, generator=self.generator)
+        bs = self.cfg.batch_size
+        batches = [order[i : i + bs] for i in range(0, n, bs)]
+        if len(batches) > 1 and len(batches[-1]) < 2:
+            batches.pop()
+        total_loss, total_neg, empty, seen = 0.0, 0, 0, 0
+        for i, idx in enumerate(batches):
+            loss, k, had_rows = self.train_step(x[idx])
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {loss} at step {self.step}: lower --lr or raise --temperature"
+                )
+            total_loss += loss * len(idx)
+            total_neg += k
+            empty += int(bool(self.sources) and not had_rows)
+            seen += len(idx)
+            if on_step is not None:
+                on_step(i + 1, len(batches), loss)
+        steps = max(1, len(batches))
+        return EpochStats(
+            loss=total_loss / max(1, seen), steps=len(batches), examples=seen,
+            mean_negatives=total_neg / steps, steps_without_negatives_from_sources=empty,
+        )

@@ -1,0 +1,130 @@
+"""The one ``fedcontrast`` command.
+
+Subcommands are not imported here: each package (client, server, simulations)
+declares its own under the ``fedcontrast.commands`` entry-point group in
+``pyproject.toml``, and this dispatcher finds them at run time. That keeps
+``common`` free of federation code.
+
+An entry point names a :class:`Command`. Its ``run`` returns the exit status;
+raising :class:`UsageError` (or ``ValueError`` / ``FileNotFoundError`` from
+argument checking) prints one line on stderr and exits with status 2, without
+a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Callable, Sequence
+
+from common import __version__
+
+ENTRY_POINT_GROUP = "fedcontrast.commands"
+
+
+class UsageError(Exception):
+    """A user-facing error: bad arguments, missing files, malformed input."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``fedcontrast`` subcommand.
+
+    Attributes:
+        name: what the user types (``train-local``).
+        help: one line for ``fedcontrast --help``.
+        add_arguments: adds the subcommand's flags to its parser.
+        run: does the work; returns the process exit status.
+        description: longer text for ``fedcontrast NAME --help`` (defaults to ``help``).
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str = ""
+
+
+def discover_commands() -> dict[str, Command]:
+    """Load every command registered under :data:`ENTRY_POINT_GROUP`, sorted by name.
+
+    A command whose module fails to import is still listed; running it reports the
+    import error (a missing optional dependency should not break the other commands).
+    """
+    commands: dict[str, Command] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            command = ep.load()
+        except Exception as exc:  # noqa: BLE001 - any import failure is reported the same way
+            commands[ep.name] = _unavailable(ep.name, ep.value, exc)
+            continue
+        if not isinstance(command, Command) or command.name != ep.name:
+            raise TypeError(f"entry point {ep.name!r} ({ep.value}) is not a Command named {ep.name!r}")
+        commands[command.name] = command
+    return dict(sorted(commands.items()))
+
+
+def _unavailable(name: str, target: str, exc: Exception) -> Command:
+    message = f"cannot load {target}: {type(exc).__name__}: {exc}"
+
+    def run(_args: argparse.Namespace) -> int:
+        raise UsageError(message + " (is the installation complete? try `make setup`)")
+
+    return Command(name=name, help=f"(unavailable: {message})", add_arguments=lambda p: None,
+                   run=run)
+
+
+def build_parser(commands: dict[str, Command] | None = None) -> argparse.ArgumentParser:
+    commands = discover_commands() if commands is None else commands
+    parser = argparse.ArgumentParser(
+        prog="fedcontrast",
+        description="Federated contrastive learning with a global queue of negatives.",
+    )
+    parser.add_argument("--version", action="version", version=f"fedcontrast {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="more log output (-v: info from libraries, -vv: debug)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in commands.values():
+        p = sub.add_parser(
+            command.name,
+            help=command.help,
+            description=command.description or command.help,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        command.add_arguments(p)
+        p.set_defaults(_run=command.run)
+    return parser
+
+
+def configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Our own progress is INFO; show it by default, keep libraries quieter.
+    for name in ("common", "client", "server", "simulations"):
+        logging.getLogger(name).setLevel(min(level, logging.INFO))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    configure_logging(args.verbose)
+    try:
+        return int(args._run(args) or 0)
+    except (UsageError, ValueError, FileNotFoundError) as exc:
+        print(f"fedcontrast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fedcontrast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

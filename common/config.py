@@ -1,0 +1,304 @@
+"""One source of truth for FedContrast's settings.
+
+Every setting is a field of a typed dataclass with its default and help text.
+Command-line flags (``--batch-size``) and Flower run-config keys (``batch-size``)
+are derived from the same fields, so a default is written exactly once. A test
+checks that ``[tool.flwr.app.config]`` in ``pyproject.toml`` matches
+:class:`FedConfig`.
+
+Naming: the field ``batch_size`` is the flag ``--batch-size`` and the run-config
+key ``batch-size``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+T = TypeVar("T")
+
+ENCODER_CHOICES = ("cnn", "resnet18")
+NORM_CHOICES = ("group", "instance", "layer", "batch")
+KEY_MODES = ("ema", "frozen", "shared")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
+    """A dataclass field carrying its help text (and choices) for the CLI and docs."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Local contrastive training: data, model, views, optimiser, negatives."""
+
+    # data
+    dataset: str = _f("digits", "built-in name (digits), a .npz path, or cifar10:FOLDER")
+    seed: int = _f(0, "seed for data split, initialisation, views and sampling")
+    # model
+    encoder: str = _f("cnn", "backbone architecture", ENCODER_CHOICES)
+    width: int = _f(32, "base channel width of the backbone")
+    embedding_dim: int = _f(128, "dimension of the projected, unit-norm embedding")
+    norm: str = _f("group", "normalisation layers in the backbone", NORM_CHOICES)
+    # optimisation
+    epochs: int = _f(30, "passes over the local data")
+    batch_size: int = _f(128, "examples per step")
+    optimizer: str = _f("sgd", "optimiser", OPTIMIZERS)
+    lr: float = _f(0.06, "learning rate (cosine-decayed over the epochs)")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(5e-4, "weight decay")
+    temperature: float = _f(0.2, "InfoNCE temperature")
+    # views
+    crop_scale_min: float = _f(0.3, "smallest crop area fraction of the random resized crop")
+    jitter_strength: float = _f(0.4, "colour-jitter strength (brightness/contrast for grayscale)")
+    blur_p: float = _f(0.0, "probability of Gaussian blur per view")
+    # negatives and the key encoder
+    in_batch: bool = _f(True, "use the other examples of the batch as negatives (SimCLR)")
+    queue_size: int = _f(0, "local FIFO queue of past keys used as negatives (0: none)")
+    key_mode: str = _f(
+        "shared",
+        "shared: one network, gradients through both views (SimCLR); "
+        "ema: momentum key encoder (MoCo); frozen: key encoder fixed at its start",
+        KEY_MODES,
+    )
+    key_momentum: float = _f(0.99, "EMA momentum of the key encoder (key-mode ema)")
+    symmetric: bool = _f(True, "average the loss over both view orders")
+    # evaluation and runtime
+    eval_every: int = _f(1, "evaluate on held-out data every N epochs (0: only at the end)")
+    device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when present)")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass
+class FedConfig(TrainConfig):
+    """Federated training: everything local training takes, plus rounds and the queue."""
+
+    rounds: int = _f(5, "federated rounds")
+    local_epochs: int = _f(1, "local epochs per round")
+    fraction_train: float = _f(1.0, "fraction of nodes sampled each round")
+    min_nodes: int = _f(2, "minimum nodes that must reply for a round to count")
+    round_timeout: float = _f(300.0, "seconds to wait for replies in one round")
+    partitioner: str = _f("iid", "how data is split across clients", ("iid", "dirichlet", "shards"))
+    dirichlet_alpha: float = _f(0.5, "Dirichlet concentration (partitioner dirichlet)")
+    classes_per_client: int = _f(2, "classes per client (partitioner shards)")
+    global_negatives: int = _f(1024, "negatives pulled from the global queue per step (0: none)")
+    queue_capacity: int = _f(4096, "rows held by the global queue")
+    max_age: int = _f(2, "rows older than this many rounds are evicted and never pulled")
+    push_fraction: float = _f(0.2, "fraction of local examples whose keys are pushed per round")
+    refresh_every: int = _f(1, "pull fresh global negatives every N steps")
+    queue_port: int = _f(0, "port of the queue service (0: a free one)")
+    queue_host: str = _f("127.0.0.1", "address the queue service binds and advertises")
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(cls)
+    tp = hints[f.name]
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0]
+    return tp
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def key_name(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    only: set[str] | None = None,
+    exclude: set[str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> None:
+    """Add one flag per field of the dataclass ``cls``, with its help and default.
+
+    Flags are left out of the parsed namespace unless given (``argparse.SUPPRESS``),
+    so :func:`from_args` can tell an explicit flag from a default and layer flags
+    over a saved config. ``defaults`` states a command's own defaults (the same
+    mapping must be passed to :func:`from_args` as ``base``).
+    """
+    group = parser.add_argument_group("settings")
+    defaults = dict(defaults or {})
+    for f in fields(cls):
+        if (only is not None and f.name not in only) or (exclude and f.name in exclude):
+            continue
+        tp = _field_type(cls, f)
+        default = defaults.get(f.name, f.default)
+        shown = str(default).lower() if tp is bool else default
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,
+            "help": f"{f.metadata.get('help', '')} (default: {shown})",
+        }
+        if tp is bool:
+            kwargs.update(type=_parse_bool, metavar="BOOL")
+        else:
+            kwargs["type"] = tp
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        group.add_argument(flag_name(f.name), **kwargs)
+
+
+def from_args(cls: type[T], args: argparse.Namespace, *, base: Mapping[str, Any] | None = None) -> T:
+    """Build ``cls`` from ``base`` (a command's defaults or a saved config) and explicit flags."""
+    known = {f.name for f in fields(cls)}
+    values = {k: v for k, v in (base or {}).items() if k in known}
+    values.update({name: getattr(args, name) for name in known if hasattr(args, name)})
+    return cls(**values)
+
+
+def to_run_config(cfg: Any) -> dict[str, bool | int | float | str]:
+    """Flatten a config into Flower run-config form (``batch-size = 128``)."""
+    return {key_name(f.name): getattr(cfg, f.name) for f in fields(cfg)}
+
+
+def from_run_config(cls: type[T], run_config: Mapping[str, Any]) -> T:
+    """Build ``cls`` from a Flower run config, ignoring keys that are not fields.
+
+    Values are coerced to the field's type (TOML gives ints where floats are meant).
+    Unknown keys are allowed because a run config also carries keys of other parts
+    of the app (output directory, resume path).
+    """
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        key = key_name(f.name)
+        if key not in run_config:
+            continue
+        tp = _field_type(cls, f)
+        raw = run_config[key]
+        values[f.name] = _parse_bool(str(raw)) if tp is bool and isinstance(raw, str) else tp(raw)
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as JSON (``{"kind": ClassName, "config": {...}}``)."""
+    payload = {"kind": type(cfg).__name__, "config": to_dict(cfg)}
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def read_config_values(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """Return ``(kind, values)`` from a file written by :func:`save_config`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no config file at {path}")
+    try:
+        payload = json.loads(path.read_text())
+        return str(payload["kind"]), dict(payload["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a FedContrast config.json ({exc})") from exc
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a config written by :func:`save_config` (re-runnable as it is)."""
+    kind, values = read_config_values(path)
+    cls = {c.__name__: c for c in (TrainConfig, FedConfig)}.get(kind)
+    if cls is None:
+        raise ValueError(f"{path}: unknown config kind {kind!r}")
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` naming the first setting that is out of range."""
+
+    def need(ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{flag_name(name)} {what} (got {getattr(cfg, name)!r})")
+
+    for f in fields(cfg):
+        if "choices" in f.metadata:
+            need(getattr(cfg, f.name) in f.metadata["choices"], f.name,
+                 "must be one of " + ", ".join(f.metadata["choices"]))
+    need(math.isfinite(cfg.temperature) and cfg.temperature > 0, "temperature", "must be positive")
+    need(cfg.batch_size > 0, "batch_size", "must be positive")
+    need(cfg.epochs >= 0, "epochs", "must be zero or more")
+    need(cfg.embedding_dim > 0, "embedding_dim", "must be positive")
+    need(cfg.width > 0, "width", "must be positive")
+    need(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", "must be positive")
+    need(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")
+    need(cfg.weight_decay >= 0, "weight_decay", "must be zero or more")
+    need(0 < cfg.crop_scale_min <= 1, "crop_scale_min", "must be in (0, 1]")
+    need(cfg.jitter_strength >= 0, "jitter_strength", "must be zero or more")
+    need(0 <= cfg.blur_p <= 1, "blur_p", "must be in [0, 1]")
+    need(cfg.queue_size >= 0, "queue_size", "must be zero or more")
+    need(0 <= cfg.key_momentum <= 1, "key_momentum", "must be in [0, 1]")
+    need(cfg.eval_every >= 0, "eval_every", "must be zero or more")
+    if not isinstance(cfg, FedConfig):
+        need(cfg.in_batch or cfg.queue_size > 0, "in_batch",
+             "is off and --queue-size is 0: there would be no negatives; enable one")
+    if cfg.key_mode == "shared":
+        need(cfg.queue_size == 0, "queue_size",
+             "needs a separate key encoder: use --key-mode ema or frozen with a queue")
+    if isinstance(cfg, FedConfig):
+        need(cfg.rounds > 0, "rounds", "must be positive")
+        need(cfg.local_epochs > 0, "local_epochs", "must be positive")
+        need(0 < cfg.fraction_train <= 1, "fraction_train", "must be in (0, 1]")
+        need(cfg.min_nodes >= 1, "min_nodes", "must be at least 1")
+        need(cfg.round_timeout > 0, "round_timeout", "must be positive")
+        need(cfg.dirichlet_alpha > 0, "dirichlet_alpha", "must be positive")
+        need(cfg.classes_per_client >= 1, "classes_per_client", "must be at least 1")
+        need(cfg.global_negatives >= 0, "global_negatives", "must be zero or more")
+        need(cfg.queue_capacity > 0, "queue_capacity", "must be positive")
+        need(cfg.max_age >= 0, "max_age", "must be zero or more")
+        need(0 <= cfg.push_fraction <= 1, "push_fraction", "must be in [0, 1]")
+        need(cfg.refresh_every >= 1, "refresh_every", "must be at least 1")
+        need(0 <= cfg.queue_port < 65536, "queue_port", "must be a port number or 0")
+        need(cfg.in_batch or cfg.queue_size > 0 or cfg.global_negatives > 0, "in_batch",
+             "is off with no local queue and no global negatives: there would be no negatives")
+
+
+def resolve_device(spec: str) -> "Any":
+    """Turn ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` into a ``torch.device``, checking it exists."""
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {spec!r} is not a device (use cpu, cuda, cuda:N or auto)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: CUDA is not available on this machine (use cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present"
+            )
+    elif device.type != "cpu":
+        raise ValueError(f"--device {spec!r}: supported are cpu, cuda, cuda:N and auto")
+    return device

@@ -1,0 +1,1 @@
+"""FedContrast server package."""

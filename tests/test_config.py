@@ -1,0 +1,79 @@
+"""The typed config is the one source of defaults; flags and run-config keys derive from it."""
+
+import argparse
+import dataclasses
+
+import pytest
+
+from common.config import (
+    FedConfig,
+    TrainConfig,
+    add_config_arguments,
+    flag_name,
+    from_args,
+    from_run_config,
+    load_config,
+    save_config,
+    to_run_config,
+)
+
+
+def test_defaults_are_valid():
+    TrainConfig()
+    FedConfig()
+
+
+@pytest.mark.parametrize(
+    "field, value, flag",
+    [
+        ("temperature", 0.0, "--temperature"),
+        ("temperature", float("nan"), "--temperature"),
+        ("batch_size", 0, "--batch-size"),
+        ("encoder", "vgg", "--encoder"),
+        ("key_momentum", 1.5, "--key-momentum"),
+    ],
+)
+def test_bad_values_name_their_flag(field, value, flag):
+    with pytest.raises(ValueError, match=flag):
+        TrainConfig(**{field: value})
+
+
+def test_no_negatives_at_all_is_refused():
+    with pytest.raises(ValueError, match="no negatives"):
+        TrainConfig(in_batch=False, queue_size=0)
+
+
+def test_every_field_becomes_a_flag_with_its_default_in_the_help():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, FedConfig)
+    options = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    for f in dataclasses.fields(FedConfig):
+        action = options[flag_name(f.name)]
+        assert f"(default: " in action.help
+
+
+def test_flags_override_base_and_unset_flags_keep_it():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TrainConfig)
+    args = parser.parse_args(["--batch-size", "64", "--in-batch", "false", "--queue-size", "256",
+                              "--key-mode", "ema"])
+    cfg = from_args(TrainConfig, args, base={"epochs": 3, "lr": 0.1})
+    assert (cfg.batch_size, cfg.in_batch, cfg.queue_size, cfg.epochs, cfg.lr) == (64, False, 256, 3, 0.1)
+    assert cfg.temperature == TrainConfig().temperature
+
+
+def test_run_config_round_trip_coerces_types():
+    cfg = FedConfig(rounds=3, lr=0.1)
+    rc = to_run_config(cfg)
+    assert rc["batch-size"] == cfg.batch_size and "rounds" in rc
+    rc["lr"] = 1  # TOML writes 1 where 1.0 is meant
+    back = from_run_config(FedConfig, {**rc, "unrelated-key": "x"})
+    assert back == dataclasses.replace(cfg, lr=1.0)
+    assert isinstance(back.lr, float)
+
+
+def test_saved_config_reloads_equal(tmp_path):
+    cfg = FedConfig(rounds=7, dataset="x.npz")
+    save_config(cfg, tmp_path / "config.json")
+    assert load_config(tmp_path / "config.json") == cfg
+    assert load_config(tmp_path) == cfg  # a run directory works too
