@@ -14,8 +14,9 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -63,6 +64,15 @@ def git_commit() -> str | None:
         return None
 
 
+def _invocation() -> list[str]:
+    """How this benchmark was started, as a command that runs again from the repo root."""
+    script = Path(sys.argv[0]).resolve()
+    here = Path(__file__).resolve().parent
+    if script.parent == here and script.suffix == ".py":
+        return ["python", "-m", f"bench.{script.stem}"]
+    return ["python", sys.argv[0]]
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Render rows as a GitHub Markdown table (floats with 4 significant digits)."""
 
@@ -85,7 +95,7 @@ def write_result(
 ) -> Path:
     """Print the table and write ``bench/results/<name>.{json,md}``; return the JSON path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+    command = " ".join(shlex.quote(a) for a in [*_invocation(), *sys.argv[1:]])
     table = markdown_table(headers, rows)
     record = {
         "benchmark": name,

@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Callable, Sequence
 
 from common import __version__
 
@@ -127,4 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m common.cli` runs this file as __main__; delegate to the imported module so
+    # entry points compare against the same Command class.
+    from common.cli import main as _main
+
+    sys.exit(_main())

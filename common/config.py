@@ -18,9 +18,10 @@ import json
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -28,6 +29,7 @@ ENCODER_CHOICES = ("cnn", "resnet18")
 NORM_CHOICES = ("group", "instance", "layer", "batch")
 KEY_MODES = ("ema", "frozen", "shared")
 OPTIMIZERS = ("sgd", "adam")
+AGGREGATIONS = ("fedavg", "fedtrimmedavg", "fedmedian", "krum")
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
@@ -53,13 +55,13 @@ class TrainConfig:
     # optimisation
     epochs: int = _f(30, "passes over the local data")
     batch_size: int = _f(128, "examples per step")
-    optimizer: str = _f("sgd", "optimiser", OPTIMIZERS)
-    lr: float = _f(0.06, "learning rate (cosine-decayed over the epochs)")
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: float = _f(5e-4, "weight decay")
+    optimizer: str = _f("adam", "optimiser", OPTIMIZERS)
+    lr: float = _f(1e-3, "learning rate (cosine-decayed over the run)")
+    momentum: float = _f(0.9, "SGD momentum (optimizer sgd)")
+    weight_decay: float = _f(1e-6, "weight decay")
     temperature: float = _f(0.2, "InfoNCE temperature")
     # views
-    crop_scale_min: float = _f(0.3, "smallest crop area fraction of the random resized crop")
+    crop_scale_min: float = _f(0.5, "smallest crop area fraction of the random resized crop")
     jitter_strength: float = _f(0.4, "colour-jitter strength (brightness/contrast for grayscale)")
     blur_p: float = _f(0.0, "probability of Gaussian blur per view")
     # negatives and the key encoder
@@ -100,6 +102,26 @@ class FedConfig(TrainConfig):
     refresh_every: int = _f(1, "pull fresh global negatives every N steps")
     queue_port: int = _f(0, "port of the queue service (0: a free one)")
     queue_host: str = _f("127.0.0.1", "address the queue service binds and advertises")
+    # Federation needs keys from the round's global encoder: every pushed row and every
+    # positive key of a round then share one encoder version (see client.trainer).
+    key_mode: str = _f(
+        "frozen",
+        "shared: one network, gradients through both views (SimCLR); "
+        "ema: momentum key encoder (MoCo); frozen: key encoder fixed at the round's global model",
+        KEY_MODES,
+    )
+    wait_nodes_timeout: float = _f(
+        120.0, "seconds to wait for --min-nodes nodes to be online before a round starts"
+    )
+    aggregation: str = _f("fedavg", "how the server combines the clients' weights", AGGREGATIONS)
+    trim_beta: float = _f(0.2, "fraction trimmed from each tail (aggregation fedtrimmedavg)")
+    krum_f: int = _f(0, "number of malicious clients tolerated (aggregation krum)")
+    collapse_uniformity: float = _f(
+        -0.1,
+        "warn of collapse when the server's eval uniformity (head) rises above this "
+        "while the training loss falls",
+    )
+    stop_on_collapse: bool = _f(False, "end the run early when collapse is suspected")
 
 
 _SCALARS = (bool, int, float, str)
@@ -278,11 +300,15 @@ def validate(cfg: TrainConfig) -> None:
         need(0 <= cfg.push_fraction <= 1, "push_fraction", "must be in [0, 1]")
         need(cfg.refresh_every >= 1, "refresh_every", "must be at least 1")
         need(0 <= cfg.queue_port < 65536, "queue_port", "must be a port number or 0")
+        need(cfg.wait_nodes_timeout > 0, "wait_nodes_timeout", "must be positive")
+        need(0 <= cfg.trim_beta < 0.5, "trim_beta", "must be in [0, 0.5)")
+        need(cfg.krum_f >= 0, "krum_f", "must be zero or more")
+        need(math.isfinite(cfg.collapse_uniformity), "collapse_uniformity", "must be finite")
         need(cfg.in_batch or cfg.queue_size > 0 or cfg.global_negatives > 0, "in_batch",
              "is off with no local queue and no global negatives: there would be no negatives")
 
 
-def resolve_device(spec: str) -> "Any":
+def resolve_device(spec: str) -> Any:
     """Turn ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` into a ``torch.device``, checking it exists."""
     import torch
 

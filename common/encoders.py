@@ -1,0 +1,278 @@
+"""Encoders: convolutional backbones, a projection head, and the model that joins them.
+
+A :class:`ContrastiveModel` is ``backbone -> features (N, F) -> head -> L2-normalised
+embedding (N, D)``, the SimCLR layout (Chen et al. 2020, "A Simple Framework for
+Contrastive Learning of Visual Representations"): downstream metrics read the backbone
+features, the contrastive loss reads the normalised projection.
+
+Normalisation defaults to GroupNorm (Wu & He 2018) everywhere. BatchNorm mixes
+statistics across the examples of a batch, which breaks the per-example independence
+that DP-SGD's clipping needs (and Opacus refuses it); every layer used by default
+(Conv2d, Linear, GroupNorm) has per-sample gradients in Opacus.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+NORM_KINDS = ("group", "batch", "instance", "layer")
+
+
+def _group_count(channels: int) -> int:
+    """Groups for GroupNorm: at most 32, at least 4 channels per group where possible,
+    and a divisor of ``channels`` (GroupNorm requires it)."""
+    groups = max(1, min(32, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return groups
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """A normalisation layer over ``channels`` feature maps.
+
+    Args:
+        kind: ``"group"`` (GroupNorm, up to 32 groups of >= 4 channels), ``"batch"``
+            (BatchNorm2d; not usable with DP-SGD), ``"instance"`` (GroupNorm(C, C), i.e.
+            instance norm with a per-channel affine), ``"layer"`` (GroupNorm(1, C)).
+        channels: number of channels C of the (N, C, H, W) input.
+
+    Raises:
+        ValueError: unknown ``kind`` or ``channels < 1``.
+    """
+    if channels < 1:
+        raise ValueError(f"channels must be >= 1, got {channels}")
+    if kind == "group":
+        return nn.GroupNorm(_group_count(channels), channels)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return nn.GroupNorm(channels, channels, affine=True)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)
+    raise ValueError(f"unknown norm {kind!r}: choose one of {', '.join(NORM_KINDS)}")
+
+
+def _conv_block(in_ch: int, out_ch: int, norm: str, stride: int = 1) -> nn.Sequential:
+    # No conv bias: the normalisation that follows has its own shift.
+    # ReLU not in place: Opacus' backward hooks reject in-place edits of hooked outputs.
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False),
+        make_norm(norm, out_ch),
+        nn.ReLU(),
+    )
+
+
+class SmallCNN(nn.Module):
+    """Four conv3x3-norm-ReLU blocks, widths (w, 2w, 4w, 8w), then global average pooling.
+
+    After each of the first three blocks the maps are halved by 2x2 max pooling, but only
+    while both sides are at least 4 pixels, so an 8x8 input (sklearn digits) goes
+    8 -> 4 -> 2 -> 2 and a 32x32 input goes 32 -> 16 -> 8 -> 4; nothing shrinks below
+    2x2 and any input size >= 1x1 works.
+
+    Args:
+        in_channels: C of the (N, C, H, W) input.
+        width: channels of the first block.
+        norm: see :func:`make_norm`.
+
+    Attributes:
+        feature_dim: F = 8 * width, the length of the output feature vector.
+    """
+
+    def __init__(self, in_channels: int, width: int = 32, norm: str = "group") -> None:
+        super().__init__()
+        if in_channels < 1 or width < 1:
+            raise ValueError(f"in_channels and width must be >= 1, got {in_channels}, {width}")
+        widths = (width, 2 * width, 4 * width, 8 * width)
+        chans = (in_channels, *widths)
+        self.blocks = nn.ModuleList(_conv_block(chans[i], chans[i + 1], norm) for i in range(4))
+        self.in_channels = in_channels
+        self.feature_dim = widths[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, F)."""
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i < 3 and min(x.shape[-2:]) >= 4:
+                x = F.max_pool2d(x, 2)
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # N x F
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016): two conv3x3 with a residual connection."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, norm: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = make_norm(norm, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
+        self.norm2 = make_norm(norm, out_ch)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), make_norm(norm, out_ch)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))  # out-of-place add: see _conv_block
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 in its CIFAR form: 3x3 stem without max pooling, BasicBlocks [2, 2, 2, 2]
+    with widths (w, 2w, 4w, 8w) and strides (1, 2, 2, 2), adaptive average pooling.
+
+    A stride-2 3x3 convolution with padding 1 maps 1x1 to 1x1, so inputs as small as 8x8
+    (8 -> 8 -> 4 -> 2 -> 1) work.
+
+    Args:
+        in_channels: C of the (N, C, H, W) input.
+        norm: see :func:`make_norm`; GroupNorm by default (DP-compatible).
+        width: channels of the stem and first stage (64 in the paper).
+
+    Attributes:
+        feature_dim: F = 8 * width (512 by default).
+    """
+
+    def __init__(self, in_channels: int, norm: str = "group", width: int = 64) -> None:
+        super().__init__()
+        if in_channels < 1 or width < 1:
+            raise ValueError(f"in_channels and width must be >= 1, got {in_channels}, {width}")
+        self.stem = _conv_block(in_channels, width, norm)
+        layers: list[nn.Module] = []
+        in_ch = width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            out_ch = width * 2**i
+            layers += [BasicBlock(in_ch, out_ch, stride, norm), BasicBlock(out_ch, out_ch, 1, norm)]
+            in_ch = out_ch
+        self.layers = nn.Sequential(*layers)
+        self.in_channels = in_channels
+        self.feature_dim = in_ch
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, F)."""
+        x = self.layers(self.stem(x))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # N x F
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR's projection MLP: Linear -> [norm] -> ReLU -> Linear (Chen et al. 2020).
+
+    Args:
+        in_dim: F, the backbone feature length.
+        hidden_dim: width of the hidden layer.
+        out_dim: D, the embedding length.
+        norm: ``None`` (default), ``"layer"`` or ``"group"`` (GroupNorm on the hidden
+            vector, DP-compatible), or ``"batch"`` (BatchNorm1d, not DP-compatible).
+            ``"instance"`` is refused: on a vector it normalises each unit to zero.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, norm: str | None = None) -> None:
+        super().__init__()
+        if min(in_dim, hidden_dim, out_dim) < 1:
+            raise ValueError(f"dimensions must be >= 1, got {in_dim}, {hidden_dim}, {out_dim}")
+        if norm == "instance":
+            raise ValueError(
+                "norm 'instance' on a vector is degenerate: use None, 'layer' or 'group'"
+            )
+        hidden_norm: nn.Module = nn.Identity()
+        if norm == "batch":
+            hidden_norm = nn.BatchNorm1d(hidden_dim)
+        elif norm is not None:
+            hidden_norm = make_norm(norm, hidden_dim)  # GroupNorm also accepts (N, C)
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), hidden_norm, nn.ReLU(), nn.Linear(hidden_dim, out_dim)
+        )
+        self.out_dim = out_dim
+
+    def forward(self, h: Tensor) -> Tensor:
+        """(N, F) -> (N, D), not normalised."""
+        return self.net(h)
+
+
+class ContrastiveModel(nn.Module):
+    """Backbone plus projection head; :meth:`forward` returns unit-norm embeddings.
+
+    Args:
+        backbone: maps (N, C, H, W) to (N, F); must have ``in_channels`` and
+            ``feature_dim`` attributes.
+        head: maps (N, F) to (N, D); must have an ``out_dim`` attribute.
+        encoder_name: registry name, recorded for checkpoints and run outputs
+            (defaults to the backbone's class name, lower-cased).
+
+    Attributes:
+        in_channels, feature_dim (F), embedding_dim (D), encoder_name.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, head: nn.Module, encoder_name: str | None = None
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.in_channels: int = backbone.in_channels
+        self.feature_dim: int = backbone.feature_dim
+        self.embedding_dim: int = head.out_dim
+        self.encoder_name = encoder_name or type(backbone).__name__.lower()
+
+    def features(self, x: Tensor) -> Tensor:
+        """Backbone features (N, F), the representation that downstream metrics probe."""
+        return self.backbone(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """L2-normalised projection (N, D), the input that :func:`common.loss.info_nce` expects."""
+        return F.normalize(self.head(self.backbone(x)), dim=1)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Alias of :meth:`forward`."""
+        return self(x)
+
+
+BackboneFactory = Callable[..., nn.Module]
+
+ENCODERS: dict[str, BackboneFactory] = {
+    "cnn": SmallCNN,
+    "resnet18": ResNet18,
+}
+"""Backbone constructors by name; each takes ``(in_channels, *, norm=..., width=...)``."""
+
+
+def build_encoder(
+    name: str = "cnn",
+    *,
+    in_channels: int,
+    embedding_dim: int = 128,
+    norm: str = "group",
+    width: int | None = None,
+) -> ContrastiveModel:
+    """Build a registered backbone with a projection head (hidden width = F).
+
+    Args:
+        name: a key of :data:`ENCODERS`.
+        in_channels: image channels (1 for digits, 3 for CIFAR-10).
+        embedding_dim: D, the length of the normalised embedding.
+        norm: backbone normalisation, see :func:`make_norm`.
+        width: backbone base width; the backbone's own default when ``None``.
+
+    Raises:
+        ValueError: unknown name or norm, or ``embedding_dim <= 0``.
+    """
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}: choose one of {', '.join(sorted(ENCODERS))}")
+    if embedding_dim <= 0:
+        raise ValueError(f"embedding_dim must be > 0, got {embedding_dim}")
+    kwargs = {"norm": norm} if width is None else {"norm": norm, "width": width}
+    backbone = ENCODERS[name](in_channels, **kwargs)
+    head = ProjectionHead(backbone.feature_dim, backbone.feature_dim, embedding_dim)
+    logger.debug(
+        "built encoder %s: F=%d D=%d norm=%s", name, backbone.feature_dim, embedding_dim, norm
+    )
+    return ContrastiveModel(backbone, head, encoder_name=name)

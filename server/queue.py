@@ -1,0 +1,440 @@
+"""The global queue of negative embeddings: a version-tagged ring buffer.
+
+Rows are unit-norm embeddings of dimension ``dim``. Each row carries the encoder
+version (round) that computed it and an opaque contributor slot, used for quotas
+and for leaving a caller's own rows out of a pull, and never returned by
+:meth:`NegativeQueue.pull`.
+
+Ages and versions:
+
+- ``age = queue.version - row.version``. :meth:`NegativeQueue.advance` moves the
+  queue to a new version and evicts rows older than ``max_age``.
+- A push at a version ahead of the queue's is refused (the encoder that made it
+  does not exist yet); so is a push older than ``max_age`` (it would be evicted
+  already). A push at the previous version after an advance is accepted, so a
+  client that finishes its round late still contributes.
+
+Layout: the occupied rows are the ``size`` slots before ``_ptr`` (mod capacity),
+oldest insertion first. A push writes at ``_ptr`` and, when the buffer is full,
+overwrites the oldest insertions, as in MoCo's ``_dequeue_and_enqueue``. Eviction
+at ``advance`` compacts the survivors to the front so the invariant holds.
+
+All public methods are thread-safe (one lock; pulls copy their rows under it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_FORMAT = 1
+POLICIES = ("uniform", "recent")
+#: Rows whose norm is below this are zero vectors, whatever the tolerance.
+_ZERO_NORM = 1e-6
+
+
+class QueueError(Exception):
+    """A push or pull the queue refuses; the queue is unchanged."""
+
+
+class InvalidPush(QueueError, ValueError):
+    """Malformed rows (shape, dtype, non-finite, norm) or an unacceptable version."""
+
+
+class QuotaExceeded(QueueError):
+    """The contributor has used its quota of rows for that version."""
+
+
+class NegativeQueue:
+    """Fixed-capacity ring buffer of unit-norm embeddings tagged with encoder versions.
+
+    Args:
+        capacity: number of rows kept (K in MoCo).
+        dim: embedding dimension.
+        max_age: rows with ``version - row_version > max_age`` are evicted at
+            :meth:`advance`, and pushes that old are refused.
+        quota_per_version: most rows one contributor may push per encoder version
+            (``None``: no quota). Keeps one client from flushing the queue.
+        device: where the rows live.
+        storage_dtype: precision of the stored rows: float32, or float16 to halve
+            memory and the cost of float16 pulls (unit-norm rows keep about three
+            significant digits per component).
+        norm_tolerance: rows whose L2 norm is within this of 1 are renormalised;
+            others (and zero vectors) make the whole push invalid. The default
+            absorbs float16 rounding and clients' renormalisation after noise.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        dim: int,
+        *,
+        max_age: int = 2,
+        quota_per_version: int | None = None,
+        device: str | torch.device = "cpu",
+        storage_dtype: torch.dtype = torch.float32,
+        norm_tolerance: float = 1e-2,
+    ) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        if dim <= 0:
+            raise ValueError(f"dim must be positive, got {dim}")
+        if max_age < 0:
+            raise ValueError(f"max_age must be >= 0, got {max_age}")
+        if quota_per_version is not None and quota_per_version <= 0:
+            raise ValueError(f"quota_per_version must be positive or None, got {quota_per_version}")
+        if storage_dtype not in (torch.float32, torch.float16):
+            raise ValueError(
+                f"storage_dtype must be torch.float32 or torch.float16, got {storage_dtype}"
+            )
+        if not 0.0 <= norm_tolerance < 1.0:
+            raise ValueError(f"norm_tolerance must be in [0, 1), got {norm_tolerance}")
+        self.capacity = capacity
+        self.dim = dim
+        self.max_age = max_age
+        self.quota_per_version = quota_per_version
+        self.device = torch.device(device)
+        self.storage_dtype = storage_dtype
+        self.norm_tolerance = norm_tolerance
+
+        self._lock = threading.Lock()
+        self._rows = torch.zeros(capacity, dim, dtype=storage_dtype, device=self.device)  # K x D
+        self._versions = torch.zeros(capacity, dtype=torch.int64, device=self.device)  # K
+        self._contributors = torch.zeros(capacity, dtype=torch.int64, device=self.device)  # K
+        self._ptr = 0
+        self._size = 0
+        self._version = 0
+        self._quota_used: dict[tuple[int, int], int] = {}  # (contributor, version) -> rows
+        self._counters = dict.fromkeys(
+            (
+                "push_calls",
+                "pushed_rows",
+                "pull_calls",
+                "pulled_rows",
+                "evicted_rows",
+                "overwritten_rows",
+            ),
+            0,
+        )
+
+    # ------------------------------------------------------------------ rounds
+
+    @property
+    def version(self) -> int:
+        """The current encoder version (round)."""
+        return self._version
+
+    def __len__(self) -> int:
+        return self._size
+
+    def advance(self, version: int) -> int:
+        """Move to ``version`` (>= the current one); evict rows older than ``max_age``.
+
+        Returns the number of rows evicted.
+        """
+        with self._lock:
+            if version < self._version:
+                raise ValueError(
+                    f"version cannot go back: queue is at {self._version}, got {version}"
+                )
+            self._version = version
+            evicted = self._evict_locked()
+        if evicted:
+            logger.info(
+                "queue at version %d: evicted %d rows older than %d rounds",
+                version,
+                evicted,
+                self.max_age,
+            )
+        return evicted
+
+    def _evict_locked(self) -> int:
+        """Drop rows and quota records older than ``max_age``; compact the survivors."""
+        oldest = self._version - self.max_age
+        self._quota_used = {k: v for k, v in self._quota_used.items() if k[1] >= oldest}
+        order = self._occupied_locked()
+        keep = order[self._versions[order] >= oldest]
+        evicted = self._size - keep.numel()
+        if evicted:
+            n = keep.numel()
+            self._rows[:n] = self._rows[keep]
+            self._versions[:n] = self._versions[keep]
+            self._contributors[:n] = self._contributors[keep]
+            self._size = n
+            self._ptr = n % self.capacity
+            self._counters["evicted_rows"] += evicted
+        return evicted
+
+    def _occupied_locked(self) -> torch.Tensor:
+        """Slots of the occupied rows, oldest insertion first."""
+        start = self._ptr - self._size
+        return torch.arange(start, self._ptr, device=self.device) % self.capacity
+
+    # -------------------------------------------------------------------- push
+
+    def push(self, contributor: int, embeddings: torch.Tensor, version: int) -> int:
+        """Add rows from ``contributor`` computed at encoder ``version``.
+
+        Args:
+            contributor: the caller's slot (from the token map).
+            embeddings: (n, dim) float16/float32, rows of norm 1 within tolerance.
+            version: encoder version that computed them.
+
+        Returns:
+            The number of rows accepted (all n; a push is accepted or refused whole).
+
+        Raises:
+            InvalidPush: bad shape, dtype, non-finite value, norm, or version.
+            QuotaExceeded: the push would take ``contributor`` over its quota.
+        """
+        rows = self._validated(embeddings)
+        n = rows.shape[0]
+        with self._lock:
+            self._check_version_locked(version)
+            key = (contributor, version)
+            used = self._quota_used.get(key, 0)
+            if self.quota_per_version is not None and used + n > self.quota_per_version:
+                raise QuotaExceeded(
+                    f"contributor quota is {self.quota_per_version} rows per version; "
+                    f"{used} already pushed at version {version}, this push has {n}"
+                )
+            self._write_locked(rows, version, contributor)
+            self._quota_used[key] = used + n
+            self._counters["push_calls"] += 1
+            self._counters["pushed_rows"] += n
+        return n
+
+    def quota_remaining(self, contributor: int, version: int) -> int | None:
+        """Rows ``contributor`` may still push at ``version`` (``None``: no quota)."""
+        if self.quota_per_version is None:
+            return None
+        with self._lock:
+            return max(0, self.quota_per_version - self._quota_used.get((contributor, version), 0))
+
+    def _validated(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(n, dim) unit-norm rows in the storage dtype on the queue's device, or InvalidPush."""
+        if not isinstance(embeddings, torch.Tensor):
+            raise InvalidPush(f"embeddings must be a tensor, got {type(embeddings).__name__}")
+        if embeddings.dtype not in (torch.float16, torch.float32):
+            raise InvalidPush(f"embeddings dtype {embeddings.dtype} is not float16 or float32")
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.dim:
+            raise InvalidPush(f"embeddings shape {list(embeddings.shape)} is not (n, {self.dim})")
+        if embeddings.shape[0] == 0:
+            raise InvalidPush("push has no rows")
+        if embeddings.shape[0] > self.capacity:
+            raise InvalidPush(
+                f"push of {embeddings.shape[0]} rows exceeds capacity {self.capacity}"
+            )
+        rows = embeddings.detach().to(device=self.device, dtype=torch.float32)
+        norms = torch.linalg.vector_norm(rows, dim=1)
+        # One test per row catches them all: a NaN or Inf makes the norm NaN or Inf,
+        # and a zero vector is 1 away from unit norm (the tolerance is below 1).
+        bad = ~((norms - 1.0).abs() <= self.norm_tolerance)
+        if bool(bad.any()):
+            raise InvalidPush(self._explain(int(bad.nonzero()[0]), float(norms[bad][0])))
+        return (rows / norms.unsqueeze(1)).to(self.storage_dtype)
+
+    def _explain(self, row: int, norm: float) -> str:
+        if not math.isfinite(norm):
+            return f"row {row} has a NaN or infinite value (or overflows float32)"
+        if norm < _ZERO_NORM:
+            return f"row {row} is a zero vector"
+        return (
+            f"row {row} has norm {norm:.4g}; rows must be unit-norm within "
+            f"{self.norm_tolerance} (normalise before pushing)"
+        )
+
+    def _check_version_locked(self, version: int) -> None:
+        if version > self._version:
+            raise InvalidPush(f"version {version} is ahead of the queue's version {self._version}")
+        if version < self._version - self.max_age:
+            raise InvalidPush(
+                f"version {version} is older than the queue accepts "
+                f"(queue at {self._version}, max_age {self.max_age})"
+            )
+
+    def _write_locked(self, rows: torch.Tensor, version: int, contributor: int) -> None:
+        n = rows.shape[0]
+        first = min(n, self.capacity - self._ptr)  # rows before the end of the buffer
+        for start, part in ((self._ptr, rows[:first]), (0, rows[first:])):
+            stop = start + part.shape[0]
+            self._rows[start:stop] = part
+            self._versions[start:stop] = version
+            self._contributors[start:stop] = contributor
+        overwritten = max(0, self._size + n - self.capacity)
+        self._counters["overwritten_rows"] += overwritten
+        self._size = min(self.capacity, self._size + n)
+        self._ptr = (self._ptr + n) % self.capacity
+
+    # -------------------------------------------------------------------- pull
+
+    def pull(
+        self,
+        n: int,
+        max_age: int | None = None,
+        exclude: int | None = None,
+        policy: str = "uniform",
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample at most ``n`` rows no older than ``max_age``.
+
+        Args:
+            n: most rows returned (fewer when fewer are eligible).
+            max_age: age bound (``None``: the queue's ``max_age``).
+            exclude: leave out this contributor's rows.
+            policy: ``"uniform"`` (without replacement) or ``"recent"`` (latest pushed).
+            generator: RNG for ``"uniform"`` (on the queue's device).
+
+        Returns:
+            ``(rows, versions)``: (m, dim) copies in the storage dtype and their
+            (m,) versions, m <= n, on the queue's device.
+        """
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if max_age is not None and max_age < 0:
+            raise ValueError(f"max_age must be >= 0, got {max_age}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        with self._lock:
+            # index_select / masked_select rather than tensor[index]: several times
+            # faster on CPU, and a pull of thousands of rows is the service's hot path.
+            slots = self._occupied_locked()
+            age_bound = self.max_age if max_age is None else max_age
+            eligible = self._versions.index_select(0, slots) >= self._version - age_bound
+            if exclude is not None:
+                eligible &= self._contributors.index_select(0, slots) != exclude
+            slots = slots.masked_select(eligible)
+            m = min(n, slots.numel())
+            if policy == "recent":
+                chosen = slots[slots.numel() - m :]
+            else:
+                pick = torch.randperm(slots.numel(), generator=generator, device=self.device)[:m]
+                chosen = slots.index_select(0, pick)
+            rows = self._rows.index_select(0, chosen)
+            versions = self._versions.index_select(0, chosen)
+            self._counters["pull_calls"] += 1
+            self._counters["pulled_rows"] += m
+        return rows, versions
+
+    # ------------------------------------------------------------------- stats
+
+    def stats(self) -> dict[str, Any]:
+        """Size, capacity, dim, version, max_age, quota, age histogram and counters.
+
+        ``age_histogram[a]`` is the number of rows of age ``a`` for ``a`` in
+        ``0..max_age``.
+        """
+        with self._lock:
+            ages = self._version - self._versions[self._occupied_locked()]
+            histogram = torch.bincount(ages.clamp(0, self.max_age), minlength=self.max_age + 1)
+            return {
+                "size": self._size,
+                "capacity": self.capacity,
+                "dim": self.dim,
+                "version": self._version,
+                "max_age": self.max_age,
+                "quota_per_version": self.quota_per_version,
+                "age_histogram": histogram.tolist(),
+                "counters": dict(self._counters),
+            }
+
+    # ---------------------------------------------------------------- snapshot
+
+    def snapshot(self, path: str | os.PathLike) -> Path:
+        """Save rows, versions, contributors, quota use and counters to ``path``.
+
+        Writes a temporary file next to ``path``, fsyncs it and renames it over
+        ``path``, so a crash leaves either the old snapshot or the new one.
+        """
+        path = Path(path)
+        with self._lock:
+            slots = self._occupied_locked()
+            state = {
+                "format": SNAPSHOT_FORMAT,
+                "dim": self.dim,
+                "version": self._version,
+                "rows": self._rows[slots].cpu(),
+                "versions": self._versions[slots].cpu(),
+                "contributors": self._contributors[slots].cpu(),
+                "quota_used": torch.tensor(
+                    [[c, v, n] for (c, v), n in self._quota_used.items()], dtype=torch.int64
+                ).reshape(-1, 3),
+                "counters": dict(self._counters),
+            }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".pt.tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        logger.info(
+            "queue snapshot: %d rows at version %d -> %s", slots.numel(), state["version"], path
+        )
+        return path
+
+    def restore(self, path: str | os.PathLike) -> None:
+        """Replace the contents with a snapshot written by :meth:`snapshot`.
+
+        The configuration (capacity, max_age, quota, device, dtype, tolerance) stays this
+        queue's own; rows, versions, quota use and counters come from the file.
+        If the snapshot holds more rows than ``capacity``, the newest are kept;
+        rows older than ``max_age`` are evicted.
+
+        Raises:
+            ValueError: the file is not a queue snapshot or its dim differs.
+        """
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"{path} is not a queue snapshot (format {SNAPSHOT_FORMAT})")
+        if state["dim"] != self.dim:
+            raise ValueError(
+                f"{path} holds rows of dim {state['dim']}, this queue has dim {self.dim}"
+            )
+        rows, versions, contributors = state["rows"], state["versions"], state["contributors"]
+        n = rows.shape[0]
+        if not (
+            rows.shape == (n, self.dim) and versions.shape == (n,) and contributors.shape == (n,)
+        ):
+            raise ValueError(f"{path} has inconsistent row, version and contributor shapes")
+        if n > self.capacity:
+            logger.warning(
+                "snapshot has %d rows, capacity is %d: keeping the newest", n, self.capacity
+            )
+            rows, versions, contributors = (
+                rows[-self.capacity :],
+                versions[-self.capacity :],
+                contributors[-self.capacity :],
+            )
+            n = self.capacity
+        with self._lock:
+            self._rows.zero_()
+            self._rows[:n] = rows.to(self.device, self.storage_dtype)
+            self._versions[:n] = versions.to(self.device)
+            self._contributors[:n] = contributors.to(self.device)
+            self._size = n
+            self._ptr = n % self.capacity
+            self._version = int(state["version"])
+            self._quota_used = {
+                (int(c), int(v)): int(k) for c, v, k in state["quota_used"].tolist()
+            }
+            self._counters.update(
+                {k: int(v) for k, v in state["counters"].items() if k in self._counters}
+            )
+            self._evict_locked()
+        logger.info(
+            "queue restored: %d rows at version %d from %s", self._size, self._version, path
+        )

@@ -1,0 +1,482 @@
+"""The queue's gRPC service on 127.0.0.1: semantics, refusals, auth, threads, TLS, the command."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+import torch.nn.functional as F
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client.stub import QueueClient
+from common.wire import tensor_to_proto
+from proto import negatives_pb2 as pb
+from proto import negatives_pb2_grpc as pb_grpc
+from server.queue import NegativeQueue
+from server.service import SERVICE_NAME, TOKEN_METADATA_KEY, QueueServer, ServerTLS
+
+ROOT = Path(__file__).resolve().parent.parent
+DIM = 8
+TOKENS = {"token-a": 0, "token-b": 1}
+ADMIN = "token-admin"
+MAX_MESSAGE = 256 * 1024
+
+
+def unit(n: int, dim: int = DIM, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, dim, generator=g), dim=1)
+
+
+@pytest.fixture
+def queue() -> NegativeQueue:
+    q = NegativeQueue(64, DIM, max_age=2, quota_per_version=32)
+    q.push(5, unit(6, seed=99), version=0)  # rows of someone else, so the queue is not empty
+    return q
+
+
+@pytest.fixture
+def server(queue):
+    with QueueServer(
+        queue, TOKENS, admin_tokens=[ADMIN], max_message_bytes=MAX_MESSAGE, max_pull=1000
+    ) as srv:
+        yield srv
+
+
+@pytest.fixture
+def raw(server):
+    """A bare generated stub, to send requests the typed client would never build."""
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.NegativeQueueStub(channel)
+
+
+def meta(token: str | None = "token-a"):
+    return () if token is None else ((TOKEN_METADATA_KEY, token),)
+
+
+# ---------------------------------------------------------------- semantics
+
+
+def test_push_pull_stats_round_trip(server, queue):
+    with QueueClient(server.address, "token-a") as client:
+        rows = unit(4, seed=1)
+        assert client.push(rows, version=0, dtype=torch.float32)
+        pulled = client.pull(10, max_age=0, exclude_own=False, dtype=torch.float32, policy="recent")
+        assert pulled.dtype == torch.float32 and pulled.shape == (10, DIM)
+        assert torch.allclose(pulled[-4:], rows)
+        stats = client.stats()
+    assert stats["size"] == 10 and stats["capacity"] == 64 and stats["dim"] == DIM
+    assert stats["age_histogram"] == [10, 0, 0]
+    assert stats["counters"]["pushed_rows"] == 10 and stats["counters"]["pulled_rows"] == 10
+    assert stats["quota_per_version"] == 32
+    assert {k: v for k, v in stats.items() if k != "rejected"} == queue.stats()
+
+
+def test_pull_in_float16_is_close_to_unit_norm(server):
+    with QueueClient(server.address, "token-a") as client:
+        pulled = client.pull(6, max_age=2)
+    assert pulled.shape == (6, DIM) and pulled.dtype == torch.float16
+    assert torch.allclose(pulled.float().norm(dim=1), torch.ones(6), atol=2e-3)
+
+
+def test_float16_storage_serves_float16_and_float32_pulls():
+    queue = NegativeQueue(16, DIM, storage_dtype=torch.float16)
+    rows = unit(4, seed=3)
+    with QueueServer(queue, TOKENS) as srv, QueueClient(srv.address, "token-b") as client:
+        assert client.push(rows, version=0, dtype=torch.float32)
+        for dtype in (torch.float16, torch.float32):
+            pulled = client.pull(4, max_age=0, exclude_own=False, dtype=dtype, policy="recent")
+            assert pulled.dtype == dtype
+            assert torch.allclose(pulled.float(), rows, atol=1e-3)
+
+
+def test_pull_never_returns_the_callers_own_rows(server):
+    mine = unit(5, seed=1)
+    with QueueClient(server.address, "token-a") as a, QueueClient(server.address, "token-b") as b:
+        assert a.push(mine, version=0, dtype=torch.float32)
+        assert b.push(unit(3, seed=2), version=0)
+        for _ in range(10):
+            rows = a.pull(100, max_age=2, dtype=torch.float32)
+            assert rows.shape == (9, DIM)
+            assert torch.cdist(rows, mine).min() > 1e-3
+        assert b.pull(100, max_age=2, exclude_own=False).shape == (14, DIM)
+
+
+def test_pull_respects_max_age_after_advance(server, queue):
+    with QueueClient(server.address, "token-a") as client:
+        queue.advance(1)
+        assert client.push(unit(3, seed=1), version=1)
+        assert client.pull(100, max_age=0, exclude_own=False).shape == (3, DIM)
+        assert client.pull(100, max_age=1, exclude_own=False).shape == (9, DIM)
+        queue.advance(3)  # max_age 2: the rows of version 0 go
+        assert client.pull(100, max_age=5, exclude_own=False).shape == (3, DIM)
+        assert client.stats()["age_histogram"] == [0, 0, 3]
+
+
+def test_versions_come_back_only_when_asked(raw, queue):
+    queue.advance(1)
+    queue.push(0, unit(2), version=1)
+    request = pb.PullRequest(count=100, max_age=2, policy=pb.SAMPLE_POLICY_RECENT)
+    assert list(raw.Pull(request, metadata=meta(), timeout=5).versions) == []
+    request.include_versions = True
+    reply = raw.Pull(request, metadata=meta(), timeout=5)
+    assert list(reply.versions) == [0] * 6 + [1] * 2 and reply.queue_version == 1
+
+
+def test_push_response_reports_the_remaining_quota(raw):
+    request = pb.PushRequest(embeddings=tensor_to_proto(unit(10)), version=0)
+    reply = raw.Push(request, metadata=meta(), timeout=5)
+    assert (reply.accepted, reply.queue_version, reply.quota_remaining) == (10, 0, 22)
+
+
+def test_admin_token_advances_the_queue(server, queue):
+    with QueueClient(server.address, ADMIN) as admin, QueueClient(server.address, "token-a") as a:
+        assert admin.advance(4)
+        assert queue.version == 4 and len(queue) == 0
+        assert not a.advance(5)
+        assert not admin.push(unit(1), version=4)
+    assert queue.version == 4
+
+
+def test_health_service_is_serving_without_a_token(server):
+    with grpc.insecure_channel(server.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAME):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_tokens_can_change_while_serving(server):
+    with QueueClient(server.address, "token-new", retries=0) as client:
+        assert client.stats() is None
+        server.add_token("token-new", 7)
+        assert client.stats() is not None
+        server.set_tokens({"token-a": 0})
+        assert client.stats() is None
+        assert client.counters()["unauthenticated"] == 2
+
+
+def test_bad_token_maps_are_refused(queue):
+    for tokens in ({"": 0}, {"has space": 0}, {"token": -1}, {"token": "0"}):
+        with pytest.raises(ValueError):
+            QueueServer(queue, tokens)
+    with pytest.raises(ValueError, match="both"):
+        QueueServer(queue, {"same": 0}, admin_tokens=["same"])
+
+
+def test_a_second_server_cannot_take_a_bound_port(server, queue):
+    with pytest.raises(OSError):
+        QueueServer(queue, TOKENS, port=server.port).start()
+
+
+# ----------------------------------------------------------- refused requests
+
+
+def _push(embeddings=None, version=0, **tensor):
+    msg = tensor_to_proto(unit(2) if embeddings is None else embeddings)
+    for key, value in tensor.items():
+        if key == "shape":
+            msg.ClearField("shape")
+            msg.shape.extend(value)
+        else:
+            setattr(msg, key, value)
+    return pb.PushRequest(embeddings=msg, version=version)
+
+
+OK = unit(2)
+NAN = torch.cat([OK[:1], torch.full((1, DIM), float("nan"))])
+INF = torch.cat([OK[:1], torch.full((1, DIM), float("inf"))])
+ZERO = torch.cat([OK[:1], torch.zeros(1, DIM)])
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+A = "token-a"
+# name: (method, request, token, expected status)
+BAD_REQUESTS = {
+    "wrong dim": ("Push", _push(unit(2, DIM + 1)), A, INVALID),
+    "NaN": ("Push", _push(NAN), A, INVALID),
+    "Inf": ("Push", _push(INF), A, INVALID),
+    "zero vector": ("Push", _push(ZERO), A, INVALID),
+    "not unit norm": ("Push", _push(OK * 3), A, INVALID),
+    "unspecified dtype": ("Push", _push(dtype=pb.DTYPE_UNSPECIFIED), A, INVALID),
+    "unknown dtype": ("Push", _push(dtype=42), A, INVALID),
+    "float32 bytes labelled float16": ("Push", _push(dtype=pb.DTYPE_FLOAT16), A, INVALID),
+    "shape larger than the bytes": ("Push", _push(shape=[4, DIM]), A, INVALID),
+    "truncated bytes": ("Push", _push(data=tensor_to_proto(OK).data[:-1]), A, INVALID),
+    "negative shape": ("Push", _push(shape=[-2, DIM]), A, INVALID),
+    "no rows": ("Push", _push(torch.empty(0, DIM)), A, INVALID),
+    "version ahead": ("Push", _push(version=1), A, INVALID),
+    "negative version": ("Push", _push(version=-5), A, INVALID),
+    "over quota": ("Push", _push(unit(33)), A, EXHAUSTED),
+    "push with admin token": ("Push", _push(), ADMIN, DENIED),
+    "push without token": ("Push", _push(), None, UNAUTHENTICATED),
+    "push with unknown token": ("Push", _push(), "token-z", UNAUTHENTICATED),
+    "pull without token": ("Pull", pb.PullRequest(count=1), None, UNAUTHENTICATED),
+    "stats with unknown token": ("Stats", pb.StatsRequest(), "nope", UNAUTHENTICATED),
+    "negative count": ("Pull", pb.PullRequest(count=-1), A, INVALID),
+    "huge count": ("Pull", pb.PullRequest(count=2**40), A, INVALID),
+    "negative max_age": ("Pull", pb.PullRequest(count=1, max_age=-1), A, INVALID),
+    "unknown policy": ("Pull", pb.PullRequest(count=1, policy=9), A, INVALID),
+    "unknown reply dtype": ("Pull", pb.PullRequest(count=1, dtype=9), A, INVALID),
+    "advance with contributor token": ("Advance", pb.AdvanceRequest(version=3), A, DENIED),
+    "advance backwards": ("Advance", pb.AdvanceRequest(version=-1), ADMIN, INVALID),
+}
+
+
+def _state(queue: NegativeQueue, path: Path) -> dict:
+    """Everything the queue holds, read without touching its counters."""
+    return torch.load(queue.snapshot(path), weights_only=True)
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def _queue_stats(stub) -> pb.StatsResponse:
+    stats = stub.Stats(pb.StatsRequest(), metadata=meta(), timeout=5)
+    stats.ClearField("rejected")
+    return stats
+
+
+@pytest.mark.parametrize(
+    "method, request_, token, code", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys()
+)
+def test_bad_request_is_refused_and_changes_nothing(
+    raw, queue, tmp_path, method, request_, token, code
+):
+    queue.push(0, unit(30, seed=3), version=0)  # token-a has 2 rows of quota left
+    before, stats_before = _state(queue, tmp_path / "before.pt"), _queue_stats(raw)
+    with pytest.raises(grpc.RpcError) as info:
+        getattr(raw, method)(request_, metadata=meta(token), timeout=5)
+    assert info.value.code() == code, info.value.details()
+    assert info.value.details()
+    _assert_same_state(before, _state(queue, tmp_path / "after.pt"))
+    assert _queue_stats(raw) == stats_before
+    rejected = raw.Stats(pb.StatsRequest(), metadata=meta(), timeout=5).rejected
+    assert rejected[code.name] == 1
+
+
+def test_oversized_message_is_refused_by_the_configured_limit(raw, queue, tmp_path):
+    before = _state(queue, tmp_path / "before.pt")
+    rows = F.normalize(torch.randn(MAX_MESSAGE // (DIM * 4) + 1, DIM), dim=1)
+    with pytest.raises(grpc.RpcError) as info:
+        raw.Push(_push(rows), metadata=meta(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    _assert_same_state(before, _state(queue, tmp_path / "after.pt"))
+
+
+def test_bytes_that_are_no_message_are_invalid_argument(server, queue, tmp_path):
+    before = _state(queue, tmp_path / "before.pt")
+    with grpc.insecure_channel(server.address) as channel:
+        push = channel.unary_unary(f"/{SERVICE_NAME}/Push")
+        with pytest.raises(grpc.RpcError) as info:
+            push(b"\xff\xff\xff\xff not protobuf", metadata=meta(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _assert_same_state(before, _state(queue, tmp_path / "after.pt"))
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+@pytest.mark.timeout(60)
+def test_many_clients_push_and_pull_at_once(queue):
+    threads, rounds, rows_per_push = 16, 15, 4
+    queue = NegativeQueue(4096, DIM, max_age=2)
+    tokens = {f"t{i}": i for i in range(threads)}
+    failures: list[str] = []
+    with QueueServer(queue, tokens, max_workers=8) as srv:
+        shared = QueueClient(srv.address, "t0", timeout=10)
+
+        def work(i: int) -> None:
+            own = QueueClient(srv.address, f"t{i}", timeout=10) if i % 2 else shared
+            for r in range(rounds):
+                if i % 2 and not own.push(unit(rows_per_push, seed=i * 100 + r), version=0):
+                    failures.append(f"push {i}/{r}")
+                rows = own.pull(8, max_age=2)
+                if rows is None or rows.shape[0] > 8:
+                    failures.append(f"pull {i}/{r}")
+            if own is not shared:
+                own.close()
+
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=50)
+        stats = shared.stats()
+        shared.close()
+    assert not failures
+    pushes = (threads // 2) * rounds
+    assert stats["counters"]["push_calls"] == pushes
+    assert stats["size"] == stats["counters"]["pushed_rows"] == pushes * rows_per_push
+    assert stats["counters"]["pull_calls"] == threads * rounds
+    assert stats["rejected"] == {}
+
+
+# ------------------------------------------------------------------------ TLS
+
+
+def _certificates(tmp_path: Path) -> tuple[ServerTLS, bytes]:
+    """A CA and a server certificate for 127.0.0.1 and localhost signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, server_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedcontrast test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = server_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return ServerTLS(cert.public_bytes(pem), key_pem), ca.public_bytes(pem)
+
+
+@pytest.mark.timeout(60)
+def test_tls_round_trip(queue, tmp_path):
+    tls, ca = _certificates(tmp_path)
+    with QueueServer(queue, TOKENS, tls=tls) as srv:
+        with QueueClient(srv.address, "token-a", root_certificates=ca) as client:
+            assert client.push(unit(3, seed=1), version=0)
+            assert client.pull(20, max_age=2).shape == (6, DIM)
+        with QueueClient(srv.address, "token-a", retries=0, timeout=2) as plain:
+            assert plain.pull(1, max_age=2) is None
+        _, other_ca = _certificates(tmp_path)
+        with QueueClient(
+            srv.address, "token-a", root_certificates=other_ca, retries=0, timeout=2
+        ) as wrong:
+            assert wrong.pull(1, max_age=2) is None
+    assert len(queue) == 9
+
+
+# -------------------------------------------------------------------- command
+
+
+def _start_command(args: list[str]) -> tuple[subprocess.Popen, str]:
+    script = (
+        "import sys; from common.cli import build_parser; "
+        "from server.cli import queue_server_command as c; "
+        "args = build_parser({c.name: c}).parse_args(sys.argv[1:]); sys.exit(args._run(args))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, "queue-server", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = process.stdout.readline()
+    if "listening on" not in line:
+        process.kill()
+        raise AssertionError(f"queue-server did not start: {line!r} {process.stderr.read()}")
+    return process, line.split("listening on ", 1)[1].split()[0]
+
+
+def _stop_command(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(timeout=20) == 0, process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.timeout(90)
+def test_queue_server_command_keeps_its_rows_across_a_restart(tmp_path):
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("# queue tokens\ntoken-a 0\ntoken-admin admin  # operator\n")
+    tokens.chmod(0o600)
+    snapshot = tmp_path / "queue.pt"
+    args = [
+        "--insecure",
+        "--dim",
+        str(DIM),
+        "--capacity",
+        "32",
+        "--tokens-file",
+        str(tokens),
+        "--snapshot",
+        str(snapshot),
+    ]
+    process, address = _start_command(args)
+    try:
+        with QueueClient(address, "token-admin", timeout=30) as admin, QueueClient(
+            address, "token-a", timeout=30
+        ) as a:
+            assert admin.advance(1)
+            assert a.push(unit(5), version=1)
+    finally:
+        _stop_command(process)
+    assert snapshot.exists()
+
+    process, address = _start_command(args)
+    try:
+        with QueueClient(address, "token-a", timeout=30) as a:
+            stats = a.stats()
+    finally:
+        _stop_command(process)
+    assert (stats["size"], stats["version"]) == (5, 1)
+
+
+def test_queue_server_command_needs_tls_or_insecure(tmp_path):
+    import argparse
+
+    from common.cli import UsageError
+    from server.cli import queue_server_command, read_tokens_file
+
+    parser = argparse.ArgumentParser()
+    queue_server_command.add_arguments(parser)
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("token-a 0\n")
+    with pytest.raises(UsageError, match="--insecure"):
+        queue_server_command.run(parser.parse_args(["--tokens-file", str(tokens)]))
+    tokens.write_text("token-a zero\n")
+    with pytest.raises(UsageError, match="tokens.txt:1"):
+        read_tokens_file(tokens)

@@ -1,0 +1,254 @@
+"""QueueClient (deadlines, retries, fallback, counters) and GlobalNegatives (refresh, misses)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+import torch
+import torch.nn.functional as F
+
+from client.negatives import NegativeSource
+from client.stub import GlobalNegatives, QueueClient
+from proto import negatives_pb2 as pb
+from server.queue import NegativeQueue
+from server.service import SERVICE_NAME, QueueServer
+
+DIM = 8
+TOKENS = {"token-a": 0, "token-b": 1}
+
+
+def unit(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, DIM, generator=g), dim=1)
+
+
+@pytest.fixture
+def queue() -> NegativeQueue:
+    q = NegativeQueue(64, DIM, max_age=2)
+    q.push(1, unit(10, seed=1), version=0)  # token-b's rows
+    return q
+
+
+@pytest.fixture
+def server(queue):
+    with QueueServer(queue, TOKENS) as srv:
+        yield srv
+
+
+def closed_port() -> int:
+    """A port that was just free on 127.0.0.1 (nothing listens there now)."""
+    with QueueServer(NegativeQueue(1, 1), {}) as srv:
+        return srv.port
+
+
+# ---------------------------------------------------------------- QueueClient
+
+
+def test_pull_counts_hits(server):
+    with QueueClient(server.address, "token-a") as client:
+        assert client.pull(4, max_age=2).shape == (4, DIM)
+        assert client.counters()["hits"] == 1 and client.hits == 1 and client.misses == 0
+        assert client.counters()["rows_pulled"] == 4
+
+
+@pytest.mark.timeout(20)
+def test_unreachable_queue_is_a_counted_miss_after_bounded_retries():
+    client = QueueClient(
+        f"127.0.0.1:{closed_port()}", "token-a", timeout=0.5, retries=2, backoff=0.01
+    )
+    with client:
+        start = time.monotonic()
+        assert client.pull(4, max_age=2) is None
+        assert not client.push(unit(2), version=0)
+        assert client.stats() is None
+        elapsed = time.monotonic() - start
+    counters = client.counters()
+    assert (counters["misses"], counters["push_failures"], counters["retries"]) == (1, 1, 6)
+    assert elapsed < 3 * 3 * 0.5 + 1
+
+
+@pytest.mark.timeout(20)
+def test_retries_reach_a_queue_that_comes_up_late(queue):
+    port = closed_port()
+    client = QueueClient(f"127.0.0.1:{port}", "token-a", timeout=1.0, retries=8, backoff=0.05)
+    server = QueueServer(queue, TOKENS, port=port)
+    starter = threading.Timer(0.3, server.start)
+    starter.start()
+    try:
+        rows = client.pull(3, max_age=2)
+    finally:
+        starter.join()
+        server.stop()
+        client.close()
+    assert rows is not None and rows.shape == (3, DIM)
+    assert client.counters()["retries"] >= 1
+
+
+class _SlowPull:
+    """A NegativeQueue endpoint whose Pull takes longer than any deadline in these tests."""
+
+    def __init__(self):
+        self.calls = 0
+        self.release = threading.Event()
+
+    def __call__(self, request, context):
+        self.calls += 1
+        self.release.wait(2.0)
+        return pb.PullResponse()
+
+
+@pytest.mark.timeout(20)
+def test_every_call_has_a_deadline_and_deadline_errors_are_retried():
+    slow = _SlowPull()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                SERVICE_NAME,
+                {
+                    "Pull": grpc.unary_unary_rpc_method_handler(
+                        slow,
+                        request_deserializer=pb.PullRequest.FromString,
+                        response_serializer=pb.PullResponse.SerializeToString,
+                    )
+                },
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with QueueClient(
+            f"127.0.0.1:{port}", "token-a", timeout=0.2, retries=1, backoff=0.01
+        ) as client:
+            start = time.monotonic()
+            assert client.pull(3, max_age=2) is None
+            elapsed = time.monotonic() - start
+    finally:
+        slow.release.set()
+        server.stop(0).wait()
+    assert slow.calls == 2 and client.counters()["retries"] == 1
+    assert elapsed < 1.5
+
+
+def test_wrong_token_is_not_retried_and_is_logged_as_an_error(server, caplog):
+    with caplog.at_level(logging.ERROR, logger="client.stub"):
+        with QueueClient(server.address, "wrong", retries=3) as client:
+            assert client.pull(4, max_age=2) is None
+    counters = client.counters()
+    assert (counters["unauthenticated"], counters["retries"], counters["misses"]) == (1, 0, 1)
+    assert any("token" in r.message for r in caplog.records if r.levelno == logging.ERROR)
+
+
+@pytest.mark.timeout(20)
+def test_a_queue_that_stays_down_is_logged_once_not_every_step(caplog):
+    with caplog.at_level(logging.DEBUG, logger="client.stub"):
+        with QueueClient(f"127.0.0.1:{closed_port()}", "token-a", retries=0) as client:
+            for _ in range(3):
+                assert client.pull(1, max_age=2) is None
+    levels = [r.levelno for r in caplog.records]
+    assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert client.misses == 3
+
+
+def test_invalid_push_is_not_retried(server):
+    with QueueClient(server.address, "token-a", retries=3) as client:
+        assert not client.push(unit(2) * 5, version=0)
+    counters = client.counters()
+    assert (counters["push_failures"], counters["refused"], counters["retries"]) == (1, 1, 0)
+
+
+def test_push_counts_rows(server, queue):
+    with QueueClient(server.address, "token-a") as client:
+        assert client.push(unit(3), version=0)
+    assert client.counters()["rows_pushed"] == 3 and len(queue) == 13
+
+
+def test_client_rejects_bad_settings():
+    with pytest.raises(ValueError):
+        QueueClient("127.0.0.1:1", "t", timeout=0)
+    with pytest.raises(ValueError):
+        QueueClient("127.0.0.1:1", "t", retries=-1)
+
+
+# ------------------------------------------------------------ GlobalNegatives
+
+
+def test_global_negatives_are_detached_unit_norm_float32(server):
+    with QueueClient(server.address, "token-a") as client:
+        source = GlobalNegatives(client, num_negatives=6, max_age=2)
+        assert isinstance(source, NegativeSource)
+        negatives = source.negatives(step=0, device=torch.device("cpu"))
+    assert negatives.shape == (6, DIM) and negatives.dtype == torch.float32
+    assert not negatives.requires_grad
+    assert torch.allclose(negatives.norm(dim=1), torch.ones(6), atol=1e-6)
+
+
+def test_global_negatives_refresh_every_k_steps_and_cache_between(server):
+    with QueueClient(server.address, "token-a") as client:
+        source = GlobalNegatives(client, num_negatives=4, max_age=2, refresh_every=3)
+        served = [source.negatives(step, "cpu") for step in range(7)]
+        assert client.counters()["hits"] == 3  # steps 0, 3, 6
+        assert served[1] is served[0] and served[2] is served[0]
+        source.negatives(0, "cpu")  # a new epoch starts again at step 0
+        assert client.counters()["hits"] == 4
+    assert source.metrics()["refreshes"] == 4 and source.metrics()["steps_served"] == 8
+
+
+def test_global_negatives_exclude_own_rows(server, queue):
+    mine = unit(20, seed=5)
+    queue.push(0, mine, version=0)
+    with QueueClient(server.address, "token-a") as client:
+        negatives = GlobalNegatives(client, num_negatives=64, max_age=2).negatives(0, "cpu")
+    assert negatives.shape == (10, DIM)
+    assert torch.cdist(negatives, mine).min() > 1e-2
+
+
+@pytest.mark.timeout(20)
+def test_global_negatives_serve_nothing_when_the_queue_is_gone(queue):
+    server = QueueServer(queue, TOKENS)
+    server.start()
+    try:
+        client = QueueClient(server.address, "token-a", timeout=0.5, retries=1, backoff=0.01)
+        source = GlobalNegatives(client, num_negatives=4, max_age=2, refresh_every=2)
+        assert source.negatives(0, "cpu") is not None
+    finally:
+        server.stop(grace=None)
+    assert source.negatives(1, "cpu") is not None  # cached, no call
+    assert source.negatives(2, "cpu") is None
+    assert source.negatives(3, "cpu") is None
+    client.close()
+    metrics = source.metrics()
+    assert (metrics["misses"], metrics["steps_without"], metrics["steps_served"]) == (1, 2, 2)
+    assert client.misses == 1
+
+
+def test_global_negatives_of_an_empty_queue_are_none(server, queue):
+    queue.advance(10)
+    with QueueClient(server.address, "token-a") as client:
+        source = GlobalNegatives(client, num_negatives=4, max_age=2)
+        assert source.negatives(0, "cpu") is None
+    assert source.metrics()["empty_pulls"] == 1 and client.misses == 0
+
+
+def test_observe_is_a_no_op(server):
+    with QueueClient(server.address, "token-a") as client:
+        source = GlobalNegatives(client, num_negatives=4, max_age=2)
+        source.observe(unit(3))
+    assert client.counters()["pushes"] == 0
+
+
+def test_global_negatives_reject_bad_settings(server):
+    with QueueClient(server.address, "token-a") as client:
+        for kwargs in (
+            {"num_negatives": 0, "max_age": 1},
+            {"num_negatives": 1, "max_age": -1},
+            {"num_negatives": 1, "max_age": 1, "refresh_every": 0},
+        ):
+            with pytest.raises(ValueError):
+                GlobalNegatives(client, **kwargs)

@@ -1,0 +1,75 @@
+"""`fedcontrast train-local` as a user runs it: run directory, errors without tracebacks."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from common.checkpoint import load_encoder
+
+
+def fedcontrast(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(300)
+def test_train_local_writes_a_complete_run_directory(tmp_path):
+    out = tmp_path / "run"
+    r = fedcontrast("train-local", "--dataset", "digits", "--epochs", "2", "--width", "8",
+                    "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    for name in ("config.json", "versions.json", "metrics.csv", "metrics.jsonl", "encoder.pt",
+                 "summary.json", "curves.png"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["trained"]) == set(summary["random_init"])
+    assert "linear_probe_backbone" in summary["trained"]
+    model = load_encoder(out)
+    assert model.embedding_dim == 128
+    # the saved config re-runs as it is
+    r2 = fedcontrast("train-local", "--config", str(out), "--epochs", "1", "--out",
+                     str(tmp_path / "rerun"), "--quiet")
+    assert r2.returncode == 0, r2.stderr
+    cfg2 = json.loads((tmp_path / "rerun" / "config.json").read_text())["config"]
+    assert (cfg2["width"], cfg2["epochs"]) == (8, 1)
+
+
+def _bad_npz(path):
+    np.savez(path, x_train=np.zeros((4, 8, 8), np.uint8))  # y_train, x_test, y_test missing
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "imagenet"], "digits"),
+        (["--dataset", "/nonexistent/data.npz"], "no such file"),
+        (["--temperature", "0"], "--temperature"),
+        (["--batch-size", "-1"], "--batch-size"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
+def test_bad_arguments_exit_nonzero_with_one_line(tmp_path, args, message):
+    r = fedcontrast("train-local", *args, "--out", str(tmp_path / "x"), "--quiet", timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_malformed_npz_is_one_line(tmp_path):
+    r = fedcontrast("train-local", "--dataset", _bad_npz(tmp_path / "bad.npz"), "--out",
+                    str(tmp_path / "x"), "--quiet", timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "y_train" in r.stderr
+
+
+def test_version_and_help():
+    r = fedcontrast("--version")
+    assert r.returncode == 0 and r.stdout.startswith("fedcontrast ")
+    r = fedcontrast("train-local", "--help")
+    assert r.returncode == 0 and "--device" in r.stdout and "--dataset" in r.stdout
