@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import time
 from pathlib import Path
@@ -20,8 +21,8 @@ from rich.table import Table
 
 from client.negatives import LocalQueue
 from client.trainer import ContrastiveTrainer, augment_params, cosine_lr
-from common.checkpoint import encoder_spec, save_encoder
-from common.cli import Command
+from common.checkpoint import encoder_spec, load_encoder, read_checkpoint, save_encoder
+from common.cli import Command, UsageError
 from common.config import (
     TrainConfig,
     add_config_arguments,
@@ -134,6 +135,58 @@ def _summary_table(summary: dict[str, Any]) -> Table:
         table.add_row(key, f"{value:.4f}", f"{summary['random_init'][key]:.4f}")
     table.add_row("knn_raw_pixels", f"{summary['raw_pixel_knn']:.4f}", "")
     return table
+
+
+def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path, metavar="RUN_DIR",
+                        help="a run directory (its encoder.pt) or an encoder checkpoint file")
+    parser.add_argument("--dataset", default=None,
+                        help="dataset to evaluate on (default: the run's own, from config.json)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the views")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    if not args.run.exists():
+        raise UsageError(f"no run directory or encoder checkpoint at {args.run}")
+    run_dir = args.run if args.run.is_dir() else args.run.parent
+    base = read_config_values(run_dir)[1] if (run_dir / "config.json").exists() else {}
+    dataset = args.dataset or base.get("dataset")
+    if not dataset:
+        raise UsageError(f"{run_dir} has no config.json: say which data with --dataset")
+    cfg = TrainConfig(**{k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__})
+    device = resolve_device(args.device)
+    data = load_dataset(dataset, seed=args.seed)
+    model = load_encoder(args.run, device=device)
+    if model.in_channels != data.in_channels:
+        raise UsageError(f"the encoder takes {model.in_channels}-channel images, {dataset} has "
+                         f"{data.in_channels}")
+    torch.manual_seed(cfg.seed)  # the run's own initialisation, for a like-for-like baseline
+    random_init = build_encoder(read_checkpoint(args.run)["spec"]["encoder"],
+                                in_channels=model.in_channels, embedding_dim=model.embedding_dim,
+                                norm=cfg.norm, width=cfg.width)
+    kw = dict(device=device, augment=augment_params(cfg), seed=args.seed, linear_probe=True)
+    summary = {"dataset": data.name, "trained": evaluate_encoder(model, data, **kw),
+               "random_init": evaluate_encoder(random_init, data, **kw),
+               "raw_pixel_knn": raw_pixel_knn(data)}
+    Console().print(_summary_table(summary))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+evaluate_command = Command(
+    name="evaluate",
+    help="kNN and linear probe of a saved encoder on a labelled dataset",
+    description=(
+        "Evaluate a trained encoder (a run directory of train-local, server or simulate, or an "
+        "encoder.pt) on held-out data: kNN, linear probe, instance retrieval, alignment and "
+        "uniformity at the backbone and the head, beside the same architecture at random init."
+    ),
+    add_arguments=_add_evaluate_arguments,
+    run=_evaluate,
+)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -73,3 +73,18 @@ def test_version_and_help():
     assert r.returncode == 0 and r.stdout.startswith("fedcontrast ")
     r = fedcontrast("train-local", "--help")
     assert r.returncode == 0 and "--device" in r.stdout and "--dataset" in r.stdout
+
+
+@pytest.mark.timeout(300)
+def test_evaluate_a_saved_run_reports_probes_beside_random_init(tmp_path):
+    out = tmp_path / "run"
+    assert fedcontrast("train-local", "--epochs", "1", "--width", "8", "--out", str(out),
+                       "--quiet").returncode == 0
+    r = fedcontrast("evaluate", str(out), "--json", str(tmp_path / "eval.json"))
+    assert r.returncode == 0, r.stderr
+    figures = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("knn_backbone", "linear_probe_backbone", "retrieval_head", "uniformity_head"):
+        assert 0 <= figures["trained"][key] <= 1 or key.startswith("uniformity")
+        assert key in figures["random_init"]
+    r = fedcontrast("evaluate", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "no run directory" in r.stderr

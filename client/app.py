@@ -1,0 +1,239 @@
+"""The ClientApp: one round of local contrastive training against the global queue.
+
+A thin adapter (see ``server/strategy.py`` for the message contract): it reads the
+settings from the run config, the node's data and identity from the node config,
+and calls :func:`train_round`, which is plain torch plus the queue stub.
+
+Node config keys:
+
+- ``partition-id`` and ``num-partitions``: this node's share of the run's built-in
+  dataset (``--dataset``), split with ``--partitioner`` and ``--seed``, so every
+  node computes the same split on its own;
+- ``data-path``: a local ``.npz`` file (see :mod:`common.datasets`) used instead;
+- ``client-id``: stable identity (default ``partition-<id>``), names the state
+  directory;
+- ``state-dir``: where the client's state lives (see :mod:`client.state`).
+
+A node with bad data or configuration raises: Flower returns the error to the
+server, which logs it and goes on with the other nodes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.state import StateDir, check_client_id, default_state_dir
+from client.stub import GlobalNegatives, QueueClient
+from client.trainer import ContrastiveTrainer, augment_params
+from common.augment import Augmenter
+from common.config import FedConfig, from_run_config, resolve_device
+from common.datasets import load_dataset
+from common.encoders import ContrastiveModel, build_encoder
+from common.evaluation import paired_views
+from common.metrics import alignment, uniformity
+from common.partition import partition
+
+logger = logging.getLogger(__name__)
+
+app = ClientApp()
+
+#: Local examples whose views measure the local model's alignment and uniformity.
+GEOMETRY_SAMPLE = 512
+#: Rows per Push call (well under the service's message limit at any embedding size).
+PUSH_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What the node config says about this node."""
+
+    client_id: str
+    state_dir: Path
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    data_path: str | None = None
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
+        data_path = node_config.get("data-path") or None
+        pid, parts = node_config.get("partition-id"), node_config.get("num-partitions")
+        if data_path is None:
+            if pid is None or parts is None:
+                raise ValueError(
+                    "node config needs partition-id and num-partitions (a share of the run's "
+                    "dataset) or data-path (a local .npz file)"
+                )
+            pid, parts = int(pid), int(parts)
+            if parts < 1 or not 0 <= pid < parts:
+                raise ValueError(
+                    f"node config partition-id {pid} must be in [0, num-partitions {parts})"
+                )
+        client_id = check_client_id(str(node_config.get("client-id") or f"partition-{pid}"))
+        state_dir = node_config.get("state-dir")
+        return cls(
+            client_id=client_id,
+            state_dir=Path(str(state_dir)) if state_dir else default_state_dir(client_id),
+            partition_id=None if pid is None else int(pid),
+            num_partitions=None if parts is None else int(parts),
+            data_path=None if data_path is None else str(data_path),
+        )
+
+
+def local_images(cfg: FedConfig, node: NodeSettings) -> torch.Tensor:
+    """This node's training images (N, C, H, W): its file, or its partition of the dataset."""
+    if node.data_path is not None:
+        if not node.data_path.endswith(".npz"):
+            raise ValueError(f"node config data-path {node.data_path!r} must be an .npz file")
+        return load_dataset(node.data_path, seed=cfg.seed).x_train
+    data = load_dataset(cfg.dataset, seed=cfg.seed)
+    kw: dict[str, Any] = {}
+    if cfg.partitioner == "dirichlet":
+        kw["alpha"] = cfg.dirichlet_alpha
+    elif cfg.partitioner == "shards":
+        kw["classes_per_partition"] = cfg.classes_per_client
+    parts = partition(data.y_train.numpy(), node.num_partitions, cfg.partitioner, cfg.seed, **kw)
+    return data.x_train[torch.as_tensor(parts[node.partition_id], dtype=torch.long)]
+
+
+def build_model(cfg: FedConfig, in_channels: int, state: Mapping[str, torch.Tensor]) -> ContrastiveModel:
+    """The run's encoder holding the received global weights."""
+    model = build_encoder(cfg.encoder, in_channels=in_channels, embedding_dim=cfg.embedding_dim,
+                          norm=cfg.norm, width=cfg.width)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"the server's weights do not fit this node's {cfg.encoder} encoder for "
+            f"{in_channels}-channel images: {exc}"
+        ) from exc
+    return model
+
+
+@torch.no_grad()
+def push_keys(
+    client: QueueClient,
+    global_model: ContrastiveModel,
+    x: torch.Tensor,
+    cfg: FedConfig,
+    version: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> None:
+    """Push keys of a random ``push_fraction`` of ``x``, made by the round's global encoder.
+
+    Keys are embeddings of one augmented view, as the keys of the local loss are;
+    every row carries ``version``, the round whose encoder computed it.
+    """
+    n = round(cfg.push_fraction * x.shape[0])
+    if n == 0:
+        return
+    chosen = torch.randperm(x.shape[0], generator=generator)[:n]
+    augment = Augmenter(augment_params(cfg))
+    global_model.eval()
+    chunk = min(PUSH_CHUNK, cfg.queue_capacity)
+    for start in range(0, n, chunk):
+        view = augment(x[chosen[start:start + chunk]], generator).to(device)
+        client.push(global_model(view).cpu(), version)  # rows: n x D, unit-norm
+
+
+@torch.no_grad()
+def local_geometry(model: ContrastiveModel, x: torch.Tensor, cfg: FedConfig,
+                   device: torch.device) -> tuple[float, float]:
+    """Alignment and uniformity (Wang & Isola 2020) of ``model`` on views of local data."""
+    model.eval()
+    v1, v2 = paired_views(x, augment_params(cfg), cfg.seed, max_items=GEOMETRY_SAMPLE)
+    z1, z2 = model(v1.to(device)).cpu(), model(v2.to(device)).cpu()
+    return alignment(z1, z2), uniformity(z1)
+
+
+def train_round(
+    cfg: FedConfig,
+    x: torch.Tensor,
+    global_state: Mapping[str, torch.Tensor],
+    *,
+    lr: float,
+    queue_address: str,
+    queue_token: str,
+    queue_version: int,
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
+    """Train ``local_epochs`` on ``x`` from the global weights; push keys; return weights and metrics.
+
+    The query model starts at the global weights; the key model is the global model
+    itself (``frozen``), a momentum copy of it (``ema``), or the query model
+    (``shared``). Negatives come from the global queue when ``global_negatives > 0``;
+    a step whose pull fails uses the local negatives and is counted as a miss.
+    """
+    if x.shape[0] < 2:
+        raise ValueError(f"this node has {x.shape[0]} training example(s); contrastive training needs 2 or more")
+    device = resolve_device(cfg.device)
+    generator = torch.Generator().manual_seed(seed)
+    model = build_model(cfg, x.shape[1], global_state)
+    global_model = copy.deepcopy(model).requires_grad_(False).eval().to(device)
+    client = QueueClient(queue_address, queue_token)
+    try:
+        sources = ([GlobalNegatives(client, cfg.global_negatives, cfg.max_age, cfg.refresh_every)]
+                   if cfg.global_negatives > 0 else [])
+        trainer = ContrastiveTrainer(
+            model, cfg, device=device, sources=sources,
+            key_model=global_model if cfg.key_mode == "frozen" else None,
+            lr_schedule=lambda _step: lr, generator=generator,
+        )
+        epochs = [trainer.train_epoch(x) for _ in range(cfg.local_epochs)]
+        if cfg.push_fraction > 0:
+            push_keys(client, global_model, x, cfg, queue_version, generator, device)
+        counters = client.counters()
+    finally:
+        client.close()
+    align, uniform = local_geometry(model, x, cfg, device)
+    steps = sum(e.steps for e in epochs)
+    metrics: dict[str, float | int] = {
+        "num-examples": int(x.shape[0]),
+        "train-loss": float(epochs[-1].loss),
+        "global-hits": int(counters["hits"]),
+        "global-misses": int(counters["misses"]),
+        "pushed-rows": int(counters["rows_pushed"]),
+        "push-failures": int(counters["push_failures"]),
+        "negatives-per-step": float(sum(e.mean_negatives * e.steps for e in epochs) / max(1, steps)),
+        "alignment": float(align),
+        "uniformity": float(uniform),
+        "epsilon": -1.0,  # no privacy accounting yet
+    }
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return state, metrics
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Flower's entry point for a TRAIN message (contract in ``server/strategy.py``)."""
+    cfg = from_run_config(FedConfig, context.run_config)
+    node = NodeSettings.from_node_config(context.node_config)
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    state_dir = StateDir(node.state_dir, node.client_id)
+    state = state_dir.load()
+    x = local_images(cfg, node)
+    weights, metrics = train_round(
+        cfg, x, msg.content["arrays"].to_torch_state_dict(),
+        lr=float(config["lr"]),
+        queue_address=str(config["queue-address"]),
+        queue_token=str(config["queue-token"]),
+        queue_version=int(config["queue-version"]),
+        seed=state.seed(cfg.seed),
+    )
+    state.record_round(context.run_id, server_round)
+    state_dir.save(state)
+    logger.info("client %s round %d: loss %.4f, %d rows pushed, %d queue misses",
+                node.client_id, server_round, metrics["train-loss"], metrics["pushed-rows"],
+                metrics["global-misses"])
+    content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,136 @@
+"""``fedcontrast client``: one Flower SuperNode that trains FedContrast on this machine's data.
+
+Runs ``flower-supernode`` with the node config the ClientApp reads (see
+:mod:`client.app`): ``partition-id``/``num-partitions`` or ``data-path``,
+``client-id`` and an absolute ``state-dir``. The SuperNode gets its own
+``FLWR_HOME`` (inside the state directory unless ``--flwr-home`` says otherwise)
+and its own ClientAppIo port, so several clients can share a host. Ctrl-C and
+SIGTERM stop the SuperNode and every ClientApp it started; the command exits
+with the SuperNode's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from client.state import check_client_id, default_state_dir
+from common.cli import Command, UsageError
+from common.flower_env import ProcessTree, flower_env, free_port, toml_value
+
+logger = logging.getLogger(__name__)
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--superlink", required=True, metavar="HOST:PORT",
+                        help="the SuperLink to connect to (what `fedcontrast server` listens on)")
+    data = parser.add_argument_group("data (a share of the run's dataset, or a local file)")
+    data.add_argument("--partition-id", type=int, default=None, help="this node's partition")
+    data.add_argument("--num-partitions", type=int, default=None, help="partitions of the dataset")
+    data.add_argument("--data-path", type=Path, default=None,
+                      help="a local .npz file with x_train (used instead of a partition)")
+    ident = parser.add_argument_group("identity")
+    ident.add_argument("--client-id", default=None,
+                       help="stable name of this client (default: partition-ID)")
+    ident.add_argument("--state-dir", type=Path, default=None,
+                       help="where the client keeps its state (default: $FLWR_HOME/fedcontrast/"
+                            "clients/ID or ~/.fedcontrast/clients/ID)")
+    sec = parser.add_argument_group("connection")
+    sec.add_argument("--insecure", action="store_true", help="no TLS (loopback and tests only)")
+    sec.add_argument("--root-certificates", type=Path, default=None,
+                     help="CA certificate (PEM) that signed the SuperLink's certificate")
+    sec.add_argument("--auth-supernode-private-key", type=Path, default=None,
+                     help="this node's private key, when the SuperLink authenticates nodes")
+    sec.add_argument("--auth-supernode-public-key", type=Path, default=None,
+                     help="this node's public key, when the SuperLink authenticates nodes")
+    sec.add_argument("--port", type=int, default=0,
+                     help="the SuperNode's local ClientAppIo port (0: a free one)")
+    sec.add_argument("--flwr-home", type=Path, default=None,
+                     help="the SuperNode's FLWR_HOME (default: STATE_DIR/flwr-home)")
+
+
+def node_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The node config the ClientApp reads, with absolute paths."""
+    values: dict[str, Any] = {}
+    if args.data_path is not None:
+        path = args.data_path.expanduser().resolve()
+        if not path.is_file():
+            raise UsageError(f"--data-path {args.data_path}: no such file")
+        values["data-path"] = str(path)
+    elif args.partition_id is None or args.num_partitions is None:
+        raise UsageError("give --partition-id and --num-partitions, or --data-path")
+    if args.partition_id is not None or args.num_partitions is not None:
+        if args.partition_id is None or args.num_partitions is None:
+            raise UsageError("--partition-id and --num-partitions go together")
+        if args.num_partitions < 1 or not 0 <= args.partition_id < args.num_partitions:
+            raise UsageError(f"--partition-id must be in [0, --num-partitions {args.num_partitions})")
+        values.update({"partition-id": args.partition_id, "num-partitions": args.num_partitions})
+    client_id = args.client_id or (f"partition-{args.partition_id}" if args.partition_id is not None
+                                   else None)
+    if client_id is None:
+        raise UsageError("--client-id is required with --data-path (it names the client's state)")
+    values["client-id"] = check_client_id(client_id)
+    state_dir = (args.state_dir.expanduser().resolve() if args.state_dir
+                 else default_state_dir(client_id).resolve())
+    values["state-dir"] = str(state_dir)
+    for key, value in values.items():
+        # Flower parses `k="v"` pairs with a regex that cannot skip an escaped quote.
+        if isinstance(value, str) and '"' in value:
+            raise UsageError(f"{key} {value!r} may not contain a double quote")
+    return values
+
+
+def supernode_command(args: argparse.Namespace, config: dict[str, Any], port: int) -> list[str]:
+    cmd = ["flower-supernode", "--superlink", args.superlink, "--port", str(port),
+           "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in config.items())]
+    if args.insecure:
+        if args.root_certificates:
+            raise UsageError("--insecure and --root-certificates exclude each other")
+        cmd.append("--insecure")
+    elif args.root_certificates:
+        if not args.root_certificates.is_file():
+            raise UsageError(f"--root-certificates {args.root_certificates}: no such file")
+        cmd += ["--root-certificates", str(args.root_certificates.resolve())]
+    else:
+        raise UsageError("give --root-certificates (TLS) or --insecure (loopback and tests only)")
+    keys = (args.auth_supernode_private_key, args.auth_supernode_public_key)
+    if any(keys):
+        if not all(keys):
+            raise UsageError("--auth-supernode-private-key and --auth-supernode-public-key go together")
+        cmd += ["--auth-supernode-private-key", str(keys[0].resolve()),
+                "--auth-supernode-public-key", str(keys[1].resolve())]
+    return cmd
+
+
+def _raise_on_sigterm(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run_node(args: argparse.Namespace) -> int:
+    config = node_config(args)
+    state_dir = Path(config["state-dir"])
+    home = (args.flwr_home.expanduser().resolve() if args.flwr_home else state_dir / "flwr-home")
+    home.mkdir(parents=True, exist_ok=True)
+    cmd = supernode_command(args, config, args.port or free_port())
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    tree = ProcessTree()
+    try:
+        node = tree.start(cmd, env=flower_env(home), cwd=home)
+        logger.info("client %s: SuperNode (pid %d) connecting to %s; state in %s",
+                    config["client-id"], node.pid, args.superlink, state_dir)
+        return node.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        tree.stop()
+
+
+client_command = Command(
+    name="client",
+    help="join a federation: a Flower SuperNode training on this machine's data",
+    description=__doc__.split("\n\n")[1].replace("\n", " "),
+    add_arguments=_add_arguments,
+    run=run_node,
+)

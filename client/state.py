@@ -1,0 +1,116 @@
+"""A client's state directory: what must outlive one ClientApp process and one run.
+
+Flower starts a fresh ClientApp process for every message, and ``context.state``
+lasts one run only. What a client must remember longer (how many rounds it has
+trained, hence where its random stream continues; later its privacy accountant)
+lives in a directory named after its stable ``client-id``:
+
+- node config ``state-dir`` when given (an absolute path is best; a relative one is
+  taken from the SuperNode's working directory);
+- otherwise ``$FLWR_HOME/fedcontrast/clients/<client-id>`` when ``FLWR_HOME`` is set
+  (``fedcontrast client`` gives each SuperNode its own);
+- otherwise ``~/.fedcontrast/clients/<client-id>``.
+
+The directory holds ``state.json``, written atomically (temp file + rename): a crash
+leaves the previous state, never half of one. One SuperNode runs one ClientApp at a
+time, so there is one writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "state.json"
+STATE_FORMAT = "fedcontrast-client-state/1"
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_client_id(client_id: str) -> str:
+    """``client_id`` if it is a safe directory name; ValueError otherwise."""
+    if not isinstance(client_id, str) or not _CLIENT_ID.match(client_id):
+        raise ValueError(
+            f"client-id {client_id!r} must be 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return client_id
+
+
+def default_state_dir(client_id: str, env: Mapping[str, str] | None = None) -> Path:
+    """Where ``client_id`` keeps its state when the node config names no ``state-dir``."""
+    env = os.environ if env is None else env
+    check_client_id(client_id)
+    if env.get("FLWR_HOME"):
+        return Path(env["FLWR_HOME"]).expanduser() / "fedcontrast" / "clients" / client_id
+    return Path.home() / ".fedcontrast" / "clients" / client_id
+
+
+@dataclass
+class ClientState:
+    """Counters of one client, across processes and runs.
+
+    Attributes:
+        client_id: the stable identity the directory is named for.
+        rounds_trained: rounds this client has trained, over all runs.
+        runs: run id (as a string) -> the last round trained in that run.
+    """
+
+    client_id: str
+    rounds_trained: int = 0
+    runs: dict[str, int] = field(default_factory=dict)
+
+    def seed(self, base_seed: int) -> int:
+        """Seed of this round's random stream: distinct per client and per round trained."""
+        return (base_seed * 1_000_003 + zlib.crc32(self.client_id.encode()) * 7919
+                + self.rounds_trained) % 2**63
+
+    def record_round(self, run_id: int, server_round: int) -> None:
+        self.rounds_trained += 1
+        self.runs[str(run_id)] = server_round
+
+
+class StateDir:
+    """The state directory of one client (created on first save)."""
+
+    def __init__(self, path: str | Path, client_id: str) -> None:
+        self.path = Path(path).expanduser()
+        self.client_id = check_client_id(client_id)
+
+    @property
+    def file(self) -> Path:
+        return self.path / STATE_FILE
+
+    def load(self) -> ClientState:
+        """The saved state, or a fresh one when there is none yet."""
+        if not self.file.exists():
+            return ClientState(self.client_id)
+        try:
+            payload: dict[str, Any] = json.loads(self.file.read_text())
+            if payload.get("format") != STATE_FORMAT:
+                raise ValueError(f"format {payload.get('format')!r}, expected {STATE_FORMAT!r}")
+            state = ClientState(
+                client_id=str(payload["client_id"]),
+                rounds_trained=int(payload["rounds_trained"]),
+                runs={str(k): int(v) for k, v in dict(payload.get("runs", {})).items()},
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{self.file} is not a FedContrast client state ({exc})") from exc
+        if state.client_id != self.client_id:
+            raise ValueError(
+                f"{self.file} belongs to client {state.client_id!r}, not {self.client_id!r}: "
+                "give each client its own state-dir"
+            )
+        return state
+
+    def save(self, state: ClientState) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"format": STATE_FORMAT, **asdict(state)}, indent=2) + "\n")
+        os.replace(tmp, self.file)
+        return self.file

@@ -1,0 +1,200 @@
+"""The ServerApp: the queue service for the run's lifetime, and the round driver.
+
+Run config: every :class:`~common.config.FedConfig` key, plus
+
+- ``run-dir``: absolute path of the run directory to write (required);
+- ``resume``: ``""``, or a run directory to continue: its ``encoder.pt`` (weights and
+  last round), ``queue.pt`` (the queue) and metrics; numbering continues with the
+  next round, up to ``rounds``.
+
+Run directory (see :mod:`common.rundir`)::
+
+    config.json  versions.json  metrics.csv  metrics.jsonl  (one row per round)
+    encoder.pt   (every round; common.checkpoint format with "round")
+    queue.pt     (NegativeQueue.snapshot, every round)
+    summary.json curves.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from client.trainer import augment_params
+from common.checkpoint import encoder_spec, read_checkpoint, save_encoder
+from common.config import FedConfig, from_run_config, resolve_device
+from common.datasets import Dataset, load_dataset
+from common.encoders import ContrastiveModel, build_encoder
+from common.evaluation import evaluate_encoder
+from common.flower_env import route_logs_to_flower
+from common.rundir import RunDir
+from server.queue import NegativeQueue
+from server.service import QueueServer
+from server.strategy import PLOTTED, NodeTokens, RoundDriver, build_strategy
+
+logger = logging.getLogger(__name__)
+
+#: Run-config keys of the app besides FedConfig's (pyproject [tool.flwr.app.config]).
+EXTRA_RUN_CONFIG = {"run-dir": "", "resume": ""}
+QUEUE_SNAPSHOT = "queue.pt"
+
+app = ServerApp()
+
+#: The queue and its service, from the lifespan to main (same process, one run).
+_service: dict[str, Any] = {}
+
+
+@app.lifespan()
+def lifespan(context: Context) -> Iterator[None]:
+    """Serve the negative queue before the first round; stop it after the last, also on failure."""
+    route_logs_to_flower()
+    cfg = from_run_config(FedConfig, context.run_config)
+    queue = NegativeQueue(cfg.queue_capacity, cfg.embedding_dim, max_age=cfg.max_age)
+    server = QueueServer(queue, {}, host=cfg.queue_host, port=cfg.queue_port)
+    server.start()
+    _service.update(queue=queue, server=server)
+    try:
+        yield
+    finally:
+        # Flower runs this after main() returns or raises (it never throws into the generator).
+        server.stop()
+        _service.clear()
+
+
+def run_dir_path(run_config: Mapping[str, Any], key: str = "run-dir") -> Path | None:
+    """The absolute directory named by ``key`` (None when empty); ValueError when relative."""
+    value = str(run_config.get(key, "") or "")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        raise ValueError(
+            f"run config {key}={value!r} must be an absolute path: the ServerApp runs in "
+            "another working directory (fedcontrast server makes --out absolute)"
+        )
+    return path
+
+
+def server_dataset(cfg: FedConfig) -> Dataset:
+    """The labelled data the server builds the encoder for and evaluates it on."""
+    try:
+        return load_dataset(cfg.dataset, seed=cfg.seed)
+    except ValueError as exc:
+        raise ValueError(
+            f"the server needs --dataset {cfg.dataset!r} to shape the encoder and evaluate it: {exc}"
+        ) from exc
+
+
+class _Model:
+    """The global encoder as a torch module: checkpoints and evaluation."""
+
+    def __init__(self, cfg: FedConfig, data: Dataset, run_dir: RunDir) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.run_dir = run_dir
+        self.device = resolve_device(cfg.device)
+        self.spec = encoder_spec(cfg.encoder, data.in_channels, cfg.embedding_dim, cfg.norm, cfg.width)
+        torch.manual_seed(cfg.seed)
+        self.module: ContrastiveModel = build_encoder(
+            cfg.encoder, in_channels=data.in_channels, embedding_dim=cfg.embedding_dim,
+            norm=cfg.norm, width=cfg.width,
+        )
+        self.tokens: NodeTokens | None = None
+
+    def load(self, arrays: ArrayRecord) -> ContrastiveModel:
+        self.module.load_state_dict(arrays.to_torch_state_dict())
+        return self.module
+
+    def save(self, arrays: ArrayRecord, rnd: int) -> None:
+        next_slot = self.tokens.next_slot if self.tokens else 0
+        save_encoder(self.load(arrays), self.spec, self.run_dir.file("encoder.pt"),
+                     round=rnd, next_slot=next_slot)
+
+    def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
+        return evaluate_encoder(self.load(arrays).to(self.device), self.data, device=self.device,
+                                augment=augment_params(self.cfg), seed=self.cfg.seed)
+
+
+def _resume(source: Path, run_dir: RunDir, model: _Model, queue: NegativeQueue) -> tuple[int, int]:
+    """Load weights, queue and metrics of ``source``; return (last round done, next free slot)."""
+    payload = read_checkpoint(source / "encoder.pt")
+    if payload["spec"] != model.spec:
+        raise ValueError(
+            f"cannot resume {source}: its encoder {payload['spec']} differs from this run's "
+            f"{model.spec} (use the settings in {source / 'config.json'})"
+        )
+    model.module.load_state_dict(payload["state_dict"])
+    last = int(payload.get("round", 0))
+    if (source / QUEUE_SNAPSHOT).exists():
+        queue.restore(source / QUEUE_SNAPSHOT)
+    if source.resolve() == run_dir.path:
+        run_dir.truncate_metrics(lambda row: int(row.get("round", 0)) <= last)
+    else:
+        for row in RunDir(source).read_metrics():
+            if int(row.get("round", 0)) <= last:
+                run_dir.append_metrics(row)
+    logger.info("resuming %s after round %d", source, last)
+    return last, int(payload.get("next_slot", 0))
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Rounds ``1..rounds`` (or the rest of a resumed run), writing the run directory."""
+    route_logs_to_flower()
+    cfg = from_run_config(FedConfig, context.run_config)
+    out = run_dir_path(context.run_config)
+    if out is None:
+        raise ValueError("run config run-dir is required: the absolute path of the run directory")
+    resume = run_dir_path(context.run_config, "resume")
+    queue: NegativeQueue = _service["queue"]
+    server: QueueServer = _service["server"]
+
+    run_dir = RunDir(out)
+    if resume is None and run_dir.read_metrics():
+        raise ValueError(f"{run_dir.path} already holds a run: resume it or choose another run-dir")
+    run_dir.write_config(cfg)
+    run_dir.write_versions(run_id=context.run_id, resumed_from=str(resume) if resume else None)
+    model = _Model(cfg, server_dataset(cfg), run_dir)
+    last_done, first_slot = (_resume(resume, run_dir, model, queue) if resume else (0, 0))
+    tokens = NodeTokens(server.add_token, first_slot=first_slot)
+    model.tokens = tokens
+    driver = RoundDriver(
+        grid, build_strategy(cfg), cfg, queue=queue, tokens=tokens, queue_address=server.address,
+        run_dir=run_dir, save_checkpoint=model.save, evaluate=model.evaluate,
+    )
+    logger.info("run %d: rounds %d..%d, queue at %s, run directory %s",
+                context.run_id, last_done + 1, cfg.rounds, server.address, run_dir.path)
+    start = time.monotonic()
+    summary: dict[str, Any] = {"run_id": context.run_id, "status": "running"}
+    arrays = ArrayRecord(model.module.state_dict())
+    try:
+        arrays = driver.run(arrays, last_done + 1, cfg.rounds)
+        summary["status"] = "stopped early: " + driver.stopped_early if driver.stopped_early else "completed"
+    except Exception as exc:
+        summary["status"] = f"failed: {type(exc).__name__}: {exc}"
+        raise
+    finally:
+        rows = run_dir.read_metrics()
+        summary.update({
+            "rounds": cfg.rounds,
+            "first_round": last_done + 1,
+            "last_round": rows[-1]["round"] if rows else last_done,
+            "counted_rounds": sum(int(r.get("counted", 0)) for r in rows),
+            "wall_time_s": time.monotonic() - start,
+            "final_eval": driver.last_eval,
+            "queue": queue.stats(),
+            "contributors": {str(slot): {"pushed_rows": driver.pushed_by_slot.get(slot, 0)}
+                             for slot in sorted(tokens.slots.values())},
+        })
+        run_dir.write_json("summary.json", summary)
+        run_dir.plot("round", PLOTTED, title=f"FedContrast on {cfg.dataset}")
+    logger.info("run %d %s: %s", context.run_id, summary["status"],
+                json.dumps({k: summary[k] for k in ("last_round", "counted_rounds", "final_eval")}))

@@ -1,0 +1,288 @@
+"""``fedcontrast server``: start a SuperLink, run FedContrast on it, report, clean up.
+
+What it does, in order:
+
+1. starts ``flower-superlink`` (TLS with ``--ssl-*`` files, ``--insecure`` only when
+   asked; node authentication with ``--auth-list-public-keys``), unless
+   ``--superlink`` names one that is already running;
+2. writes a private ``FLWR_HOME/config.toml`` naming that SuperLink (without it
+   ``flwr`` would write a default that starts a local SuperLink of its own);
+3. submits the app (this repository: ``pyproject.toml`` with ``[tool.flwr.app]``)
+   with ``flwr run APP_DIR fedcontrast --stream --run-config FILE``, the run config
+   holding every setting plus the absolute run directory;
+4. prints one line per finished round from ``RUN_DIR/metrics.jsonl`` (the ServerApp's
+   own output reaches us only through Flower's log stream, kept in
+   ``RUN_DIR/server.log``);
+5. checks the run's final status with ``flwr ls`` (``flwr run`` exits 0 even when
+   the ServerApp failed), prints the run directory;
+6. stops every process it started, on success, failure, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import server
+from common.cli import Command, UsageError
+from common.config import (
+    FedConfig,
+    add_config_arguments,
+    from_args,
+    read_config_values,
+    to_run_config,
+)
+from common.flower_env import (
+    ProcessTree,
+    flower_env,
+    toml_value,
+    wait_for_port,
+    write_superlink_config,
+)
+
+logger = logging.getLogger(__name__)
+
+CONNECTION = "fedcontrast"
+_RUN_ID = re.compile(r"(?:Successfully started run|run_id `?)\s*(\d+)")
+
+
+def app_dir() -> Path:
+    """The Flower app directory: the repository root holding ``server/``."""
+    root = Path(server.__file__).resolve().parents[1]
+    pyproject = root / "pyproject.toml"
+    try:
+        has_app = "app" in tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        has_app = False
+    if not has_app:
+        raise UsageError(
+            f"{root} has no pyproject.toml with [tool.flwr.app]: run from a source checkout "
+            "of FedContrast (pip install -e .), not from an installed wheel"
+        )
+    return root
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", type=Path, default=None,
+                     help="run directory (default: --resume's directory, or runs/fed-DATASET-TIME)")
+    run.add_argument("--resume", type=Path, default=None,
+                     help="continue this run directory up to --rounds; its config.json is the base")
+    run.add_argument("--config", type=Path, default=None,
+                     help="start from a saved config.json (or a run directory); flags override it")
+    run.add_argument("--timeout", type=float, default=None,
+                     help="stop the run after this many seconds (default: no limit)")
+    link = parser.add_argument_group("superlink")
+    link.add_argument("--host", default="127.0.0.1",
+                      help="address the SuperLink listens on (SuperNodes and flwr connect here)")
+    link.add_argument("--port", type=int, default=9092, help="the SuperLink's port")
+    link.add_argument("--superlink", default=None, metavar="HOST:PORT",
+                      help="use this running SuperLink instead of starting one")
+    link.add_argument("--insecure", action="store_true",
+                      help="no TLS and no node authentication (loopback and tests only)")
+    link.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (PEM) of the SuperLink's certificate")
+    link.add_argument("--ssl-certfile", type=Path, help="the SuperLink's certificate (PEM)")
+    link.add_argument("--ssl-keyfile", type=Path, help="the SuperLink's private key (PEM)")
+    link.add_argument("--auth-list-public-keys", type=Path,
+                      help="CSV of the SuperNodes' public keys: only they may connect")
+    link.add_argument("--flwr-home", type=Path, default=None,
+                      help="Flower's working directory (default: a temporary one, removed at exit)")
+    add_config_arguments(parser, FedConfig)
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple[FedConfig, Path, Path | None]:
+    """The run's config, its absolute run directory and the run to resume (or None)."""
+    resume = args.resume.expanduser().resolve() if args.resume else None
+    if resume is not None and not (resume / "encoder.pt").exists():
+        raise UsageError(f"--resume {args.resume}: no encoder.pt there (not a FedContrast run directory)")
+    source = args.config or resume
+    base = read_config_values(source)[1] if source else None
+    cfg = from_args(FedConfig, args, base=base)
+    out = args.out or resume or Path("runs") / f"fed-{Path(cfg.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg, out.expanduser().resolve(), resume
+
+
+def superlink_command(args: argparse.Namespace) -> list[str]:
+    """``flower-superlink`` with the transport security the arguments ask for."""
+    cmd = ["flower-superlink", "--disable-runtime-dependency-installation",
+           "--host", args.host, "--port", str(args.port)]
+    tls = [args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile]
+    if args.insecure:
+        if any(tls) or args.auth_list_public_keys:
+            raise UsageError("--insecure cannot be combined with --ssl-* or --auth-list-public-keys")
+        return cmd + ["--insecure"]
+    if not all(tls):
+        raise UsageError(
+            "give --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile for TLS, "
+            "or --insecure for a loopback or test deployment"
+        )
+    for path in tls:
+        if not path.is_file():
+            raise UsageError(f"no such file: {path}")
+    cmd += ["--ssl-ca-certfile", str(tls[0].resolve()), "--ssl-certfile", str(tls[1].resolve()),
+            "--ssl-keyfile", str(tls[2].resolve())]
+    if args.auth_list_public_keys:
+        cmd += ["--enable-supernode-auth", "--auth-list-public-keys",
+                str(args.auth_list_public_keys.resolve())]
+    return cmd
+
+
+def write_run_config(path: Path, cfg: FedConfig, out: Path, resume: Path | None) -> Path:
+    """The run config as a TOML file (paths with spaces or quotes survive, unlike ``k=v`` text)."""
+    values: dict[str, Any] = {**to_run_config(cfg), "run-dir": str(out), "resume": str(resume or "")}
+    path.write_text("".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in values.items()))
+    return path
+
+
+def _pump(stream, log_path: Path, found: dict[str, str], echo: bool) -> None:
+    """Copy ``flwr run``'s output to the log; note the run id."""
+    with log_path.open("a") as log:
+        for raw in stream:
+            line = raw.decode(errors="replace")
+            log.write(line)
+            log.flush()
+            if "run_id" not in found and (m := _RUN_ID.search(line)):
+                found["run_id"] = m.group(1)
+            if echo:
+                sys.stderr.write(line)
+
+
+def _progress(row: dict[str, Any], rounds: int) -> str:
+    parts = [f"round {row['round']}/{rounds}"]
+    if not row.get("counted", 1):
+        parts.append("NOT COUNTED")
+    for key, label in (("replied", "nodes"), ("train_loss", "loss"), ("global_hits", "queue hits"),
+                       ("global_misses", "misses"), ("pushed_rows", "pushed"),
+                       ("knn_backbone", "kNN"), ("uniformity_head", "uniformity")):
+        if key in row:
+            value = row[key]
+            parts.append(f"{label} {value:.4g}" if isinstance(value, float) else f"{label} {value}")
+    if "round_seconds" in row:
+        parts.append(f"{row['round_seconds']:.1f} s")
+    return "  ".join(parts)
+
+
+def run_status(env: dict[str, str], run_id: str) -> str:
+    """The run's status from the SuperLink (``finished:completed``, ``finished:failed``, ...)."""
+    out = subprocess.run(["flwr", "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    try:
+        return str(json.loads(out.stdout)["runs"][0]["status"])
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+        return f"unknown (flwr ls said: {(out.stdout + out.stderr).strip()[-300:]})"
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _raise_on_sigterm(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def deploy(args: argparse.Namespace) -> int:
+    """Run one FedContrast federation; 0 when the run completed."""
+    cfg, out, resume = resolve_settings(args)
+    root = app_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    home = (args.flwr_home.expanduser().resolve() if args.flwr_home
+            else Path(tempfile.mkdtemp(prefix="fedcontrast-flwr-")))
+    env = flower_env(home)
+    tree = ProcessTree()
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        if args.superlink:
+            if not (args.insecure or args.ssl_ca_certfile):
+                raise UsageError("with --superlink give --ssl-ca-certfile (TLS) or --insecure")
+            address = args.superlink
+            certificates = None if args.insecure else args.ssl_ca_certfile
+        else:
+            cmd = superlink_command(args)
+            link = tree.start(cmd, env=env, log=out / "superlink.log", cwd=home)
+            connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+            address = f"{connect_host}:{args.port}"
+            if not wait_for_port(connect_host, args.port, timeout=60) or link.poll() is not None:
+                raise UsageError(f"the SuperLink did not start on {address}:\n{_tail(out / 'superlink.log')}")
+            certificates = None if args.insecure else args.ssl_ca_certfile
+            logger.info("SuperLink listening on %s (log: %s)", address, out / "superlink.log")
+        write_superlink_config(home, CONNECTION, address, root_certificates=certificates)
+        config_file = write_run_config(home / "run-config.toml", cfg, out, resume)
+        flwr = tree.start(["flwr", "run", str(root), CONNECTION, "--stream", "--run-config", str(config_file)],
+                          env=env, cwd=home, stdout=subprocess.PIPE)
+        found: dict[str, str] = {}
+        pump = threading.Thread(target=_pump, args=(flwr.stdout, out / "server.log", found,
+                                                    logger.isEnabledFor(logging.DEBUG)), daemon=True)
+        pump.start()
+        logger.info("run directory %s; rounds %d (progress below, full log in server.log)", out, cfg.rounds)
+        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        shown = len(_read_rows(out)) if resume else 0
+        while flwr.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise UsageError(f"the run did not finish within --timeout {args.timeout:.0f} s")
+            shown = _show_new_rows(out, shown, cfg.rounds)
+            time.sleep(1.0)
+        pump.join(timeout=10)
+        _show_new_rows(out, shown, cfg.rounds)
+        if "run_id" not in found:
+            raise UsageError(f"flwr run did not start a run:\n{_tail(out / 'server.log')}")
+        status = run_status(env, found["run_id"])
+        if status != "finished:completed":
+            print(f"run {found['run_id']} ended {status}; last lines of {out / 'server.log'}:\n"
+                  f"{_tail(out / 'server.log')}", file=sys.stderr)
+            print(f"run directory: {out}")
+            return 1
+        print(f"run directory: {out}")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        tree.stop()
+        if not args.flwr_home:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def _read_rows(out: Path) -> list[dict[str, Any]]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a row being written right now
+            break
+    return rows
+
+
+def _show_new_rows(out: Path, shown: int, rounds: int) -> int:
+    rows = _read_rows(out)
+    for row in rows[shown:]:
+        print(_progress(row, rounds), flush=True)
+    return max(shown, len(rows))
+
+
+server_command = Command(
+    name="server",
+    help="run a federation: a Flower SuperLink and the FedContrast ServerApp",
+    description=(
+        "Start a Flower SuperLink (or use --superlink), run FedContrast on the SuperNodes "
+        "that connect to it (start them with `fedcontrast client`), show per-round "
+        "progress and write the run directory."
+    ),
+    add_arguments=_add_arguments,
+    run=deploy,
+)

@@ -1,0 +1,398 @@
+"""The round driver: FedContrast's own round loop around a Flower strategy.
+
+Flower's ``Strategy.start`` cannot begin at an arbitrary round, hands every node
+the same config record, and samples nodes by waiting forever for its minimums.
+:class:`RoundDriver` therefore drives the rounds itself and uses the wrapped
+strategy for what it is good at: sampling (``configure_train``) and combining
+weights (``aggregate_train``: FedAvg, FedTrimmedAvg, FedMedian, Krum).
+
+Message contract (one TRAIN message per sampled node and round r)
+-----------------------------------------------------------------
+
+Server to node, a RecordDict built anew for every node (``configure_train``
+shares one record among its messages, and each node's token is its own)::
+
+    "arrays": ArrayRecord   the global encoder's state_dict (version r - 1 of the weights)
+    "config": ConfigRecord
+        "server-round"   int    r
+        "lr"             float  the round's learning rate (cosine over the run's rounds)
+        "queue-address"  str    host:port of the negative queue service
+        "queue-token"    str    this node's queue token (one per node id per run)
+        "queue-version"  int    r: the version every row pushed this round must carry
+        (+ whatever the wrapped strategy's configure_train adds, e.g. FedProx's mu)
+
+Node to server, the reply::
+
+    "arrays":  ArrayRecord   the locally trained weights (same keys and shapes)
+    "metrics": MetricRecord  exactly the keys of REPLY_METRIC_KEYS, on every reply
+
+A reply with an error (the ClientApp raised), a missing record, another key set,
+other array shapes or a non-finite value is dropped and logged with its reason;
+the round goes on with the others. A round counts when at least ``min_nodes``
+valid replies arrived; otherwise the global weights stay as they were.
+
+Aggregation of the metrics: weighted means (by ``num-examples``) from the
+wrapped strategy for losses and geometry, sums for counts (:data:`SUMMED_KEYS`),
+the maximum for privacy spent (:data:`MAX_KEYS`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
+
+from client.trainer import cosine_lr
+from common.config import FedConfig
+from common.rundir import RunDir
+from server.queue import NegativeQueue
+
+logger = logging.getLogger(__name__)
+
+TRAIN_CONFIG_KEYS = ("server-round", "lr", "queue-address", "queue-token", "queue-version")
+REPLY_METRIC_KEYS = (
+    "num-examples", "train-loss", "global-hits", "global-misses", "pushed-rows",
+    "push-failures", "negatives-per-step", "alignment", "uniformity", "epsilon",
+)
+WEIGHT_KEY = "num-examples"
+SUMMED_KEYS = ("num-examples", "global-hits", "global-misses", "pushed-rows", "push-failures")
+MAX_KEYS = ("epsilon",)
+#: Round-row keys plotted in curves.png.
+PLOTTED = ("train_loss", "knn_backbone", "uniformity_head", "alignment_head", "uniformity",
+           "global_hits", "global_misses", "pushed_rows", "queue_size")
+
+
+def build_strategy(cfg: FedConfig) -> FedAvg:
+    """The Flower strategy named by ``cfg.aggregation``.
+
+    Its node minimums are 1: the driver waits for ``cfg.min_nodes`` itself, with a
+    deadline, and hands the strategy only nodes that are online (Flower's
+    ``sample_nodes`` would otherwise wait forever for its minimums).
+    """
+    common: dict[str, Any] = {
+        "fraction_train": cfg.fraction_train, "min_train_nodes": 1, "min_available_nodes": 1,
+        "min_evaluate_nodes": 1, "weighted_by_key": WEIGHT_KEY,
+    }
+    if cfg.aggregation == "fedavg":
+        return FedAvg(**common)
+    if cfg.aggregation == "fedtrimmedavg":
+        return FedTrimmedAvg(**common, beta=cfg.trim_beta)
+    if cfg.aggregation == "fedmedian":
+        return FedMedian(**common)
+    if cfg.aggregation == "krum":
+        return Krum(**common, num_malicious_nodes=cfg.krum_f)
+    raise ValueError(f"unknown aggregation {cfg.aggregation!r}")
+
+
+class NotEnoughNodes(RuntimeError):
+    """Fewer than ``min_nodes`` nodes were online when the wait for them ended."""
+
+
+class NodeTokens:
+    """One queue token and one contributor slot per Flower node id, for one run.
+
+    A restarted SuperNode gets a new node id, hence a new token and slot: a token
+    never outlives the process it was handed to by more than the run.
+
+    Args:
+        register: hands a new ``(token, slot)`` to the queue service
+            (``QueueServer.add_token``).
+        first_slot: the first slot to give out (above the slots of a restored queue).
+    """
+
+    def __init__(self, register: Callable[[str, int], None], first_slot: int = 0) -> None:
+        self._register = register
+        self._tokens: dict[int, str] = {}
+        self.slots: dict[int, int] = {}
+        self.next_slot = first_slot
+
+    def token_for(self, node_id: int) -> str:
+        if node_id not in self._tokens:
+            token = secrets.token_urlsafe(32)
+            self._register(token, self.next_slot)
+            self._tokens[node_id] = token
+            self.slots[node_id] = self.next_slot
+            self.next_slot += 1
+        return self._tokens[node_id]
+
+
+class _OnlineNodes:
+    """The grid as the strategy's sampler sees it: a fixed list of online node ids."""
+
+    def __init__(self, grid: Grid, node_ids: Sequence[int]) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def check_reply(msg: Message, reference: ArrayRecord) -> str | None:
+    """Why ``msg`` cannot be aggregated against the global ``reference``; None if it can."""
+    if msg.has_error():
+        return f"client error: {msg.error.reason}"
+    content = msg.content
+    if set(content.keys()) != {"arrays", "metrics"}:
+        return f"records {sorted(content.keys())}, expected ['arrays', 'metrics']"
+    arrays, metrics = content["arrays"], content["metrics"]
+    if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, MetricRecord):
+        return "'arrays' must be an ArrayRecord and 'metrics' a MetricRecord"
+    if set(metrics.keys()) != set(REPLY_METRIC_KEYS):
+        return f"metric keys {sorted(metrics.keys())}, expected {sorted(REPLY_METRIC_KEYS)}"
+    values = [metrics[k] for k in REPLY_METRIC_KEYS]
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        return "a metric is not a finite number"
+    if metrics[WEIGHT_KEY] <= 0:
+        return f"{WEIGHT_KEY} must be positive, got {metrics[WEIGHT_KEY]}"
+    if list(arrays.keys()) != list(reference.keys()):
+        return "array keys differ from the global model's"
+    for key in reference.keys():
+        mine, ref = arrays[key], reference[key]
+        if tuple(mine.shape) != tuple(ref.shape) or mine.dtype != ref.dtype:
+            return f"array {key!r} is {mine.dtype}{list(mine.shape)}, expected {ref.dtype}{list(ref.shape)}"
+        if not np.isfinite(mine.numpy()).all():
+            return f"array {key!r} has a NaN or infinite value"
+    return None
+
+
+def combine_metrics(contents: Sequence[RecordDict], means: MetricRecord | None) -> dict[str, float | int]:
+    """Round metrics from valid replies: the strategy's weighted ``means``, sums, maxima."""
+    out: dict[str, float] = {}
+    for key in REPLY_METRIC_KEYS:
+        values = [c["metrics"][key] for c in contents]
+        if key in SUMMED_KEYS:
+            out[key] = sum(values)
+        elif key in MAX_KEYS:
+            out[key] = float(max(values))
+        elif means is not None and key in means:
+            out[key] = float(means[key])
+        else:  # a strategy that selects (Krum) still reports; fall back to the plain mean
+            out[key] = float(sum(values) / len(values))
+    return out
+
+
+def collapse_suspected(uniformity: float, bound: float, losses: Sequence[float]) -> bool:
+    """Uniformity above ``bound`` while the training loss still falls: a sign of collapse.
+
+    A collapsing encoder lowers the InfoNCE loss against stale negatives by moving every
+    embedding to one place; the loss alone looks healthy (see DESIGN.md, evidence).
+    ``losses`` are the counted rounds' training losses, oldest first.
+    """
+    return uniformity > bound and len(losses) >= 2 and losses[-1] < losses[-2]
+
+
+def row_key(key: str) -> str:
+    """Metric key as written to the run directory (``train-loss`` -> ``train_loss``)."""
+    return key.replace("-", "_")
+
+
+@dataclass
+class RoundResult:
+    """What one round produced."""
+
+    round: int
+    arrays: ArrayRecord
+    counted: bool
+    row: dict[str, Any]
+    pushed_by_node: dict[int, int] = field(default_factory=dict)
+
+
+class RoundDriver:
+    """Runs rounds ``first..last`` over a Flower grid, writing the run directory as it goes.
+
+    Args:
+        grid: Flower's grid (the ServerApp's, or a fake in unit tests).
+        strategy: the Flower strategy that samples and aggregates (:func:`build_strategy`).
+        cfg: the run's settings (rounds, min_nodes, timeouts, eval and collapse settings).
+        queue: the global negative queue, advanced to round r before round r.
+        tokens: the run's per-node queue tokens.
+        queue_address: ``host:port`` that nodes connect to.
+        run_dir: where metrics, checkpoints and the queue snapshot go.
+        save_checkpoint: ``(arrays, round)`` -> writes ``encoder.pt``.
+        evaluate: ``arrays`` -> server-side eval metrics; ``None`` when the server has
+            no labelled data.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        strategy: FedAvg,
+        cfg: FedConfig,
+        *,
+        queue: NegativeQueue,
+        tokens: NodeTokens,
+        queue_address: str,
+        run_dir: RunDir,
+        save_checkpoint: Callable[[ArrayRecord, int], None],
+        evaluate: Callable[[ArrayRecord], dict[str, float]] | None = None,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.grid = grid
+        self.strategy = strategy
+        self.cfg = cfg
+        self.queue = queue
+        self.tokens = tokens
+        self.queue_address = queue_address
+        self.run_dir = run_dir
+        self.save_checkpoint = save_checkpoint
+        self.evaluate = evaluate
+        self.poll_interval = poll_interval
+        self.lr_at = cosine_lr(cfg.lr, cfg.rounds)
+        self.losses: list[float] = []
+        self.pushed_by_slot: dict[int, int] = {}
+        self.last_eval: dict[str, float] = {}
+        self.stopped_early: str | None = None
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, arrays: ArrayRecord, first_round: int, last_round: int) -> ArrayRecord:
+        """Rounds ``first_round..last_round`` (inclusive); returns the final global weights."""
+        for rnd in range(first_round, last_round + 1):
+            result = self.run_round(rnd, arrays, final=rnd == last_round)
+            arrays = result.arrays
+            if self.stopped_early:
+                break
+        return arrays
+
+    def run_round(self, rnd: int, arrays: ArrayRecord, *, final: bool = False) -> RoundResult:
+        """One round: sample, send, screen, aggregate, evaluate, write."""
+        start = time.monotonic()
+        online = self.wait_for_nodes()
+        self.queue.advance(rnd)
+        lr = self.lr_at(rnd - 1)
+        messages = self.messages_for(rnd, arrays, lr, online)
+        logger.info("round %d: sending to %d of %d online nodes (lr %.4g)",
+                    rnd, len(messages), len(online), lr)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+
+        valid: list[Message] = []
+        failed = dropped = 0
+        for msg in replies:
+            reason = check_reply(msg, arrays)
+            if reason is None:
+                valid.append(msg)
+            else:
+                failed += msg.has_error()
+                dropped += not msg.has_error()
+                logger.warning("round %d: reply from node %d not used: %s",
+                               rnd, msg.metadata.src_node_id, reason)
+        answered = {m.metadata.src_node_id for m in replies}
+        missing = sorted(m.metadata.dst_node_id for m in messages
+                         if m.metadata.dst_node_id not in answered)
+        if missing:
+            logger.warning("round %d: no reply within %.0f s from nodes %s",
+                           rnd, self.cfg.round_timeout, missing)
+
+        contents = [m.content for m in valid]
+        pushed = {m.metadata.src_node_id: int(m.content["metrics"]["pushed-rows"]) for m in valid}
+        new_arrays, means = None, None
+        if len(valid) >= self.cfg.min_nodes:
+            try:
+                new_arrays, means = self.strategy.aggregate_train(rnd, valid)
+            except (InconsistentMessageReplies, AggregationError, ValueError) as exc:
+                logger.error("round %d: aggregation failed, weights unchanged: %s", rnd, exc)
+        else:
+            logger.warning("round %d: %d valid replies, fewer than --min-nodes %d: not counted",
+                           rnd, len(valid), self.cfg.min_nodes)
+        counted = new_arrays is not None
+        if counted:
+            arrays = new_arrays
+        for node_id, rows in pushed.items():
+            slot = self.tokens.slots.get(node_id)
+            if slot is not None:
+                self.pushed_by_slot[slot] = self.pushed_by_slot.get(slot, 0) + rows
+
+        row: dict[str, Any] = {
+            "round": rnd, "counted": int(counted), "lr": lr, "sampled": len(messages),
+            "replied": len(valid), "failed": failed, "dropped": dropped, "timed_out": len(missing),
+        }
+        metrics = combine_metrics(contents, means) if contents else {}
+        row.update({row_key(k): v for k, v in metrics.items()})
+        if counted:
+            self.losses.append(float(metrics["train-loss"]))
+        stats = self.queue.stats()
+        row.update({"queue_size": stats["size"], "queue_version": stats["version"],
+                    "queue_pushed_rows_total": stats["counters"]["pushed_rows"],
+                    "queue_pulled_rows_total": stats["counters"]["pulled_rows"]})
+
+        if self.evaluate is not None and (final or (self.cfg.eval_every and rnd % self.cfg.eval_every == 0)):
+            self.last_eval = self.evaluate(arrays)
+            row.update(self.last_eval)
+            self._collapse_guard(rnd, row)
+        row["round_seconds"] = time.monotonic() - start
+
+        self.run_dir.append_metrics(row)
+        self.save_checkpoint(arrays, rnd)
+        self.queue.snapshot(self.run_dir.file("queue.pt"))
+        logger.info("round %d done in %.1f s: %s", rnd, row["round_seconds"],
+                    ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                              if k in ("train_loss", "global_hits", "pushed_rows", "knn_backbone")))
+        return RoundResult(rnd, arrays, counted, row, pushed)
+
+    # ------------------------------------------------------------------ pieces
+
+    def wait_for_nodes(self) -> list[int]:
+        """Online node ids once at least ``min_nodes`` are connected; NotEnoughNodes after the deadline."""
+        deadline = time.monotonic() + self.cfg.wait_nodes_timeout
+        while True:
+            online = sorted(self.grid.get_node_ids())
+            if len(online) >= self.cfg.min_nodes:
+                return online
+            if time.monotonic() >= deadline:
+                raise NotEnoughNodes(
+                    f"{len(online)} node(s) online after waiting {self.cfg.wait_nodes_timeout:.0f} s, "
+                    f"--min-nodes is {self.cfg.min_nodes}: start more clients or lower --min-nodes"
+                )
+            logger.info("waiting for nodes: %d of %d online", len(online), self.cfg.min_nodes)
+            time.sleep(self.poll_interval)
+
+    def messages_for(self, rnd: int, arrays: ArrayRecord, lr: float, online: Sequence[int]) -> list[Message]:
+        """One TRAIN message per node the strategy samples, each with its own RecordDict."""
+        sampled = self.strategy.configure_train(
+            rnd, arrays, ConfigRecord({"lr": lr}), _OnlineNodes(self.grid, online)
+        )
+        messages = []
+        for template in sampled:
+            node_id = template.metadata.dst_node_id
+            config = ConfigRecord(dict(template.content["config"]))
+            config.update({
+                "server-round": rnd, "lr": lr, "queue-address": self.queue_address,
+                "queue-token": self.tokens.token_for(node_id), "queue-version": rnd,
+            })
+            messages.append(Message(
+                content=RecordDict({"arrays": arrays, "config": config}),
+                dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(rnd),
+                # A message a node has not picked up by the deadline expires rather
+                # than being trained on late, against a newer queue.
+                ttl=self.cfg.round_timeout + 10.0,
+            ))
+        return messages
+
+    def _collapse_guard(self, rnd: int, row: dict[str, Any]) -> None:
+        uniformity = row.get("uniformity_head")
+        if uniformity is None:
+            return
+        suspected = collapse_suspected(float(uniformity), self.cfg.collapse_uniformity, self.losses)
+        row["collapse_warning"] = int(suspected)
+        if suspected:
+            logger.warning(
+                "round %d: possible collapse: eval uniformity %.3f is above %.3f while the "
+                "training loss fell (%.4f -> %.4f)%s", rnd, uniformity, self.cfg.collapse_uniformity,
+                self.losses[-2], self.losses[-1],
+                "; stopping (--stop-on-collapse)" if self.cfg.stop_on_collapse else "",
+            )
+            if self.cfg.stop_on_collapse:
+                self.stopped_early = f"collapse suspected at round {rnd}"

@@ -1,0 +1,179 @@
+"""The ClientApp's train function against a real queue service on loopback (no Flower processes)."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client import app as client_app
+from client.app import NodeSettings
+from client.state import StateDir, default_state_dir
+from client.stub import QueueClient
+from common.config import FedConfig, to_run_config
+from common.encoders import build_encoder
+from common.flower_env import free_port
+from common.wire import TOKEN_METADATA_KEY
+from proto import negatives_pb2 as pb
+from proto import negatives_pb2_grpc as pb_grpc
+from server.queue import NegativeQueue
+from server.service import QueueServer
+from server.strategy import REPLY_METRIC_KEYS, check_reply
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
+CFG = FedConfig(width=8, embedding_dim=16, batch_size=32, global_negatives=64, push_fraction=0.5,
+                device="cpu", seed=3)
+TOKEN = "node-token-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two shared cores: one torch thread per test process is several times faster.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def images(tmp_path):
+    """A small local .npz: (N, 8, 8) uint8 images, the node's private data."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(96, 8, 8), dtype=np.uint8)
+    y = rng.integers(0, 3, size=96)
+    path = tmp_path / "local.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=x[:16], y_test=y[:16])
+    return path, torch.from_numpy(x).float().div(255.0)
+
+
+@pytest.fixture
+def queue_server():
+    queue = NegativeQueue(1024, CFG.embedding_dim, max_age=CFG.max_age)
+    queue.advance(1)
+    with QueueServer(queue, {TOKEN: 0}) as server:
+        yield queue, server
+
+
+def train_message(address: str, token: str = TOKEN, rnd: int = 1) -> Message:
+    model = build_encoder("cnn", in_channels=1, embedding_dim=CFG.embedding_dim, width=CFG.width)
+    config = ConfigRecord({"server-round": rnd, "lr": 1e-3, "queue-address": address,
+                           "queue-token": token, "queue-version": rnd})
+    return Message(content=RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}),
+                   dst_node_id=7, message_type=MessageType.TRAIN)
+
+
+def context(node_config: dict, cfg: FedConfig = CFG) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                   run_config=to_run_config(cfg))
+
+
+def node_config(path, tmp_path) -> dict:
+    return {"data-path": str(path), "client-id": "alice", "state-dir": str(tmp_path / "state")}
+
+
+def contains(haystack: np.ndarray, needle: np.ndarray) -> bool:
+    """Whether ``needle`` appears as a contiguous run in the flattened ``haystack``."""
+    flat, n = haystack.ravel().astype(np.float64), needle.size
+    if flat.size < n:
+        return False
+    windows = np.lib.stride_tricks.sliding_window_view(flat, n)
+    return bool(np.isclose(windows, needle.ravel(), atol=1e-6).all(axis=1).any())
+
+
+def test_reply_follows_the_contract_and_pushes_reach_the_queue(images, queue_server, tmp_path):
+    path, _ = images
+    queue, server = queue_server
+    msg = train_message(server.address)
+    reply = client_app.train(msg, context(node_config(path, tmp_path)))
+    assert check_reply(reply, msg.content["arrays"]) is None
+    m = reply.content["metrics"]
+    assert m["num-examples"] == 96 and m["global-hits"] > 0 and m["global-misses"] == 0
+    assert m["pushed-rows"] == 48 and m["push-failures"] == 0 and m["epsilon"] == -1.0
+    assert len(queue) == 48 and queue.stats()["age_histogram"][0] == 48  # pushed at version 1
+
+
+def test_unreachable_queue_trains_on_local_negatives_and_reports_misses(images, tmp_path):
+    path, _ = images
+    msg = train_message(f"127.0.0.1:{free_port()}")  # nothing listens there
+    reply = client_app.train(msg, context(node_config(path, tmp_path)))
+    assert check_reply(reply, msg.content["arrays"]) is None
+    m = reply.content["metrics"]
+    assert m["global-hits"] == 0 and m["global-misses"] > 0
+    assert m["push-failures"] == 1 and m["pushed-rows"] == 0
+    assert np.isfinite(m["train-loss"])
+
+
+def test_wrong_token_is_refused_unauthenticated(queue_server):
+    _queue, server = queue_server
+    with QueueClient(server.address, "not-a-token-of-this-run", retries=0) as client:
+        assert client.pull(8, max_age=2) is None
+        assert client.counters()["unauthenticated"] == 1
+    with grpc.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.NegativeQueueStub(channel).Pull(
+                pb.PullRequest(count=1), timeout=5,
+                metadata=((TOKEN_METADATA_KEY, "forged"),))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_nothing_on_the_wire_contains_a_local_example(images, queue_server, tmp_path):
+    path, x = images
+    queue, server = queue_server
+    msg = train_message(server.address)
+    reply = client_app.train(msg, context(node_config(path, tmp_path)))
+
+    # The reply: exactly the whitelisted records and keys, no config echoed back.
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    assert set(reply.content["metrics"].keys()) == set(REPLY_METRIC_KEYS)
+    assert list(reply.content["arrays"].keys()) == list(msg.content["arrays"].keys())
+    assert TOKEN not in repr(reply.content)
+    samples = x.reshape(len(x), -1).numpy()  # 96 x 64, as the model sees them
+    for key, array in reply.content["arrays"].items():
+        values = array.numpy()
+        for sample in samples:
+            assert not contains(values, sample), f"{key} holds a local example"
+
+    # The pushed rows: unit-norm embeddings, not images.
+    rows, _versions = queue.pull(1024, max_age=2)
+    assert rows.shape == (48, CFG.embedding_dim)
+    assert torch.allclose(rows.float().norm(dim=1), torch.ones(48), atol=1e-3)
+    for row in rows.float().numpy():
+        assert not any(contains(row, s[: CFG.embedding_dim]) for s in samples)
+
+
+def test_state_survives_processes_and_moves_the_random_stream(images, queue_server, tmp_path):
+    path, _ = images
+    _queue, server = queue_server
+    cfg = FedConfig(**{**CFG.__dict__, "push_fraction": 0.0, "global_negatives": 0})
+    first = client_app.train(train_message(server.address), context(node_config(path, tmp_path), cfg))
+    second = client_app.train(train_message(server.address), context(node_config(path, tmp_path), cfg))
+    state = StateDir(tmp_path / "state", "alice").load()
+    assert state.rounds_trained == 2 and state.runs == {"1": 1}
+    # same start weights, same data: only the per-round random stream differs
+    a, b = first.content["arrays"]["head.net.0.weight"], second.content["arrays"]["head.net.0.weight"]
+    assert not np.allclose(a.numpy(), b.numpy())
+
+
+def test_bad_data_raises_a_clear_error(queue_server, tmp_path):
+    _queue, server = queue_server
+    config = {"data-path": str(tmp_path / "missing.npz"), "client-id": "bob",
+              "state-dir": str(tmp_path / "s")}
+    with pytest.raises(ValueError, match="missing.npz"):
+        client_app.train(train_message(server.address), context(config))
+
+
+def test_node_settings_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    node = NodeSettings.from_node_config({"partition-id": 1, "num-partitions": 3})
+    assert node.client_id == "partition-1"
+    assert node.state_dir == tmp_path / "fedcontrast" / "clients" / "partition-1"
+    assert default_state_dir("c", env={}).parts[-3:] == (".fedcontrast", "clients", "c")
+    with pytest.raises(ValueError, match="partition-id"):
+        NodeSettings.from_node_config({"client-id": "x"})
+    with pytest.raises(ValueError, match="partition-id 3"):
+        NodeSettings.from_node_config({"partition-id": 3, "num-partitions": 3})
+    with pytest.raises(ValueError, match="client-id"):
+        NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 1, "client-id": "../x"})

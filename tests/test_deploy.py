@@ -1,0 +1,89 @@
+"""The `fedcontrast server` and `fedcontrast client` commands' own logic (no processes)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from flwr.common.config import parse_config_args
+
+from client.node import _add_arguments as client_arguments
+from client.node import node_config, supernode_command
+from common.cli import UsageError
+from common.config import FedConfig, from_run_config
+from server.deploy import _add_arguments as server_arguments
+from server.deploy import app_dir, resolve_settings, superlink_command, write_run_config
+
+
+def server_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    server_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def client_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    client_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_app_dir_is_the_repository_with_the_flower_app():
+    assert (app_dir() / "server" / "app.py").exists()
+
+
+def test_superlink_needs_tls_files_or_an_explicit_insecure(tmp_path):
+    with pytest.raises(UsageError, match="--insecure"):
+        superlink_command(server_args())
+    assert "--insecure" in superlink_command(server_args("--insecure"))
+    files = []
+    for name in ("ca.pem", "cert.pem", "key.pem", "keys.csv"):
+        (tmp_path / name).write_text("x")
+        files.append(str(tmp_path / name))
+    cmd = superlink_command(server_args("--ssl-ca-certfile", files[0], "--ssl-certfile", files[1],
+                                        "--ssl-keyfile", files[2], "--auth-list-public-keys", files[3]))
+    assert "--insecure" not in cmd and "--enable-supernode-auth" in cmd
+    assert cmd[cmd.index("--ssl-certfile") + 1] == files[1]
+
+
+def test_run_config_file_round_trips_through_flower(tmp_path):
+    args = server_args("--out", "relative/run dir", "--rounds", "3", "--dataset", 'we"ird.npz')
+    cfg, out, resume = resolve_settings(args)
+    assert out.is_absolute() and resume is None
+    path = write_run_config(tmp_path / "rc.toml", cfg, out, resume)
+    parsed = parse_config_args([str(path)])
+    assert from_run_config(FedConfig, parsed) == cfg
+    assert parsed["run-dir"] == str(out) and parsed["resume"] == ""
+
+
+def test_resume_needs_a_run_directory(tmp_path):
+    with pytest.raises(UsageError, match="encoder.pt"):
+        resolve_settings(server_args("--resume", str(tmp_path)))
+
+
+def test_node_config_is_absolute_and_quoted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = client_args("--superlink", "127.0.0.1:9092", "--insecure", "--partition-id", "1",
+                       "--num-partitions", "2", "--state-dir", "st")
+    config = node_config(args)
+    assert config == {"partition-id": 1, "num-partitions": 2, "client-id": "partition-1",
+                      "state-dir": str(tmp_path / "st")}
+    cmd = supernode_command(args, config, 9999)
+    text = cmd[cmd.index("--node-config") + 1]
+    assert parse_config_args([text]) == config  # what the SuperNode will read
+
+
+def test_node_config_refuses_what_flower_cannot_carry(tmp_path):
+    with pytest.raises(UsageError, match="--data-path"):
+        node_config(client_args("--superlink", "h:1", "--insecure"))
+    with pytest.raises(UsageError, match="client-id"):
+        data = tmp_path / "d.npz"
+        data.write_bytes(b"")
+        node_config(client_args("--superlink", "h:1", "--data-path", str(data)))
+    with pytest.raises(UsageError, match="--root-certificates"):
+        args = client_args("--superlink", "h:1", "--partition-id", "0", "--num-partitions", "1")
+        supernode_command(args, node_config(args), 1)
+    bad = Path(tmp_path / 'a"b')
+    with pytest.raises(UsageError, match="double quote"):
+        node_config(client_args("--superlink", "h:1", "--partition-id", "0", "--num-partitions", "1",
+                                "--state-dir", str(bad)))

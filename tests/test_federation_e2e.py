@@ -1,0 +1,175 @@
+"""End to end: a real SuperLink and two real SuperNodes on loopback, runs submitted by `fedcontrast server`.
+
+One deployment serves every scenario (each Flower message starts a ClientApp process
+that imports torch: rounds cost 15-30 s on two shared cores). The scenarios run in
+file order; the last one kills a SuperNode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.checkpoint import read_checkpoint
+from common.config import FedConfig, load_config
+from common.flower_env import ProcessTree, flower_env, free_port, wait_for_port
+
+pytestmark = pytest.mark.e2e
+
+FEDCONTRAST = str(Path(sys.executable).parent / "fedcontrast")
+SMALL = ["--rounds", "2", "--batch-size", "64", "--global-negatives", "256", "--width", "8",
+         "--embedding-dim", "16", "--eval-every", "0", "--device", "cpu", "--min-nodes", "2",
+         "--round-timeout", "90", "--wait-nodes-timeout", "60"]
+
+
+class Deployment:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tree = ProcessTree()
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        # One thread per torch process: the cores are shared by every process here.
+        self.env = {**flower_env(root / "link-home"), "OMP_NUM_THREADS": "1"}
+        self.clients: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        self.tree.start(["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+                         "--host", "127.0.0.1", "--port", str(self.port)],
+                        env=self.env, log=self.root / "superlink.log", cwd=self.root)
+        assert wait_for_port("127.0.0.1", self.port, timeout=60), self.log("superlink.log")
+        for i in range(2):
+            self.clients.append(self.tree.start(
+                [FEDCONTRAST, "client", "--superlink", self.address, "--insecure",
+                 "--partition-id", str(i), "--num-partitions", "2", "--client-id", f"c{i}",
+                 "--state-dir", str(self.root / f"state{i}"), "--flwr-home", str(self.root / f"home{i}")],
+                env=self.env, log=self.root / f"client{i}.log", cwd=self.root))
+
+    def server(self, out: Path, *args: str) -> subprocess.Popen:
+        """`fedcontrast server` against this SuperLink, started in the background."""
+        return self.tree.start(
+            [FEDCONTRAST, "server", "--superlink", self.address, "--insecure", "--out", str(out),
+             "--flwr-home", str(self.root / "server-home"), *args],
+            env=self.env, log=self.root / f"server-{out.name}.log", cwd=self.root)
+
+    def run_server(self, out: Path, *args: str, timeout: float) -> int:
+        proc = self.server(out, *args)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.tree.stop(roots=[proc])
+            pytest.fail(f"fedcontrast server did not finish in {timeout} s:\n{self.log(f'server-{out.name}.log')}")
+
+    def log(self, name: str) -> str:
+        path = self.root / name
+        return path.read_text(errors="replace")[-4000:] if path.exists() else f"(no {name})"
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    d = Deployment(tmp_path_factory.mktemp("federation"))
+    try:
+        d.start()
+        yield d
+    finally:
+        d.tree.stop()
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def initial_weights(cfg: FedConfig) -> dict[str, torch.Tensor]:
+    from common.encoders import build_encoder
+
+    torch.manual_seed(cfg.seed)
+    return build_encoder(cfg.encoder, in_channels=1, embedding_dim=cfg.embedding_dim, norm=cfg.norm,
+                         width=cfg.width).state_dict()
+
+
+@pytest.mark.timeout(240)
+def test_two_clients_two_rounds(deployment):
+    run = deployment.root / "run-a"
+    rc = deployment.run_server(run, *SMALL, timeout=220)
+    assert rc == 0, deployment.log("server-run-a.log") + (run / "server.log").read_text()[-3000:]
+
+    for name in ("config.json", "versions.json", "metrics.csv", "metrics.jsonl", "encoder.pt",
+                 "queue.pt", "summary.json", "curves.png"):
+        assert (run / name).exists(), name
+    cfg = load_config(run)
+    assert isinstance(cfg, FedConfig) and cfg.rounds == 2 and cfg.width == 8  # re-runnable
+
+    table = rows(run)
+    assert [r["round"] for r in table] == [1, 2]
+    assert all(r["counted"] == 1 and r["replied"] == 2 for r in table)
+    assert all(r["global_hits"] > 0 for r in table)  # both clients pulled from the queue
+    assert table[-1]["negatives_per_step"] > 0  # round 2 trained on round 1's rows
+    assert "knn_backbone" in table[-1] and "knn_backbone" not in table[0]  # eval at the end only
+
+    checkpoint = read_checkpoint(run / "encoder.pt")
+    assert checkpoint["round"] == 2
+    start = initial_weights(cfg)
+    assert any(not torch.equal(start[k], v) for k, v in checkpoint["state_dict"].items())
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["counted_rounds"] == 2
+    pushed = {slot: c["pushed_rows"] for slot, c in summary["contributors"].items()}
+    assert len(pushed) == 2 and all(n > 0 for n in pushed.values())
+    snapshot = torch.load(run / "queue.pt", weights_only=True)
+    assert set(snapshot["contributors"].tolist()) == {0, 1}  # rows from both nodes
+
+    for i in range(2):
+        state = json.loads((deployment.root / f"state{i}" / "state.json").read_text())
+        assert state["client_id"] == f"c{i}" and state["rounds_trained"] >= 2
+
+
+@pytest.mark.timeout(180)
+def test_resume_continues_numbering(deployment):
+    run = deployment.root / "run-a"
+    if not (run / "encoder.pt").exists():
+        pytest.skip("needs the run of test_two_clients_two_rounds")
+    rc = deployment.run_server(run, "--resume", str(run), "--rounds", "3", timeout=160)
+    assert rc == 0, (run / "server.log").read_text()[-3000:]
+    table = rows(run)
+    assert [r["round"] for r in table] == [1, 2, 3]
+    assert table[-1]["counted"] == 1
+    assert read_checkpoint(run / "encoder.pt")["round"] == 3
+    assert load_config(run).rounds == 3
+    assert json.loads((run / "versions.json").read_text())["resumed_from"] == str(run)
+    # the queue came back from the snapshot: round 3 is served rows of rounds 1 and 2
+    assert table[-1]["queue_version"] == 3 and table[-1]["negatives_per_step"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_server_app_is_reported(deployment):
+    # `flwr run` exits 0 whatever the ServerApp did; the command must check the status.
+    run = deployment.root / "run-bad"
+    rc = deployment.run_server(run, *SMALL, "--dataset", "/nonexistent/data.npz", timeout=100)
+    assert rc == 1
+    assert "finished:failed" in deployment.log("server-run-bad.log")
+    assert "nonexistent/data.npz" in (run / "server.log").read_text()
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_client_does_not_stop_the_run(deployment):
+    run = deployment.root / "run-kill"
+    proc = deployment.server(run, *SMALL[:-6], "--min-nodes", "1", "--round-timeout", "45",
+                             "--wait-nodes-timeout", "60")
+    deadline = time.monotonic() + 150
+    while not ((run / "metrics.jsonl").exists() and rows(run)):
+        assert proc.poll() is None, deployment.log("server-run-kill.log")
+        assert time.monotonic() < deadline, "round 1 did not finish"
+        time.sleep(0.5)
+    deployment.tree.kill(deployment.clients[1])  # SuperNode and its ClientApp, no goodbye
+    assert proc.wait(timeout=200) == 0, (run / "server.log").read_text()[-3000:]
+    table = rows(run)
+    assert [r["round"] for r in table] == [1, 2]
+    assert table[1]["counted"] == 1 and table[1]["replied"] == 1
+    assert table[1]["timed_out"] + table[1]["failed"] == 1
+    assert os.path.exists(run / "summary.json")

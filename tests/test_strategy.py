@@ -1,0 +1,235 @@
+"""The round driver's own logic, over a fake grid whose nodes are plain functions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
+
+from common.config import FedConfig
+from common.rundir import RunDir
+from server.queue import NegativeQueue
+from server.strategy import (
+    REPLY_METRIC_KEYS,
+    TRAIN_CONFIG_KEYS,
+    NodeTokens,
+    NotEnoughNodes,
+    RoundDriver,
+    build_strategy,
+    collapse_suspected,
+)
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
+Node = Callable[[Message], Message | None]
+
+
+class FakeGrid:
+    """Nodes are functions from the TRAIN message to the reply (None: no reply)."""
+
+    def __init__(self, nodes: dict[int, Node]) -> None:
+        self.nodes = nodes
+        self.sent: list[list[Message]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.sent.append(messages)
+        replies = [self.nodes[m.metadata.dst_node_id](m) for m in messages]
+        return [r for r in replies if r is not None]
+
+
+def metrics(**overrides: float) -> dict[str, float]:
+    base = {k: 0 for k in REPLY_METRIC_KEYS}
+    base.update({"num-examples": 10, "train-loss": 1.0, "epsilon": -1.0})
+    base.update(overrides)
+    return base
+
+
+def honest(offset: float = 0.0, **m: float) -> Node:
+    """A node that adds ``offset`` to every weight and reports ``m``."""
+
+    def node(msg: Message) -> Message:
+        state = {k: v + offset for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics(**m))})
+        return Message(content=content, reply_to=msg)
+
+    return node
+
+
+def failing(reason: str) -> Node:
+    return lambda msg: Message(Error(code=0, reason=reason), reply_to=msg)
+
+
+def initial() -> ArrayRecord:
+    return ArrayRecord({"w": torch.zeros(4), "b": torch.zeros(2, 2)})
+
+
+def make_driver(tmp_path, grid, *, cfg: FedConfig | None = None, evaluate=None, strategy=None):
+    cfg = cfg or FedConfig(min_nodes=1, rounds=3, wait_nodes_timeout=0.3, eval_every=0)
+    registered: dict[str, int] = {}
+    saved: list[int] = []
+    driver = RoundDriver(
+        grid, strategy or build_strategy(cfg), cfg, queue=NegativeQueue(16, 4),
+        tokens=NodeTokens(lambda token, slot: registered.__setitem__(token, slot)),
+        queue_address="127.0.0.1:1", run_dir=RunDir(tmp_path),
+        save_checkpoint=lambda arrays, rnd: saved.append(rnd), evaluate=evaluate, poll_interval=0.05,
+    )
+    return driver, registered, saved
+
+
+def test_each_node_gets_its_own_config_record_and_token(tmp_path):
+    grid = FakeGrid({11: honest(), 22: honest(), 33: honest()})
+    driver, registered, _ = make_driver(tmp_path, grid)
+    driver.run(initial(), 1, 2)
+    first, second = grid.sent
+    configs = [m.content["config"] for m in first]
+    assert len({id(c) for c in configs}) == 3 and len({id(m.content) for m in first}) == 3
+    for config in configs:
+        assert set(TRAIN_CONFIG_KEYS) <= set(config.keys())
+        assert config["server-round"] == 1 and config["queue-version"] == 1
+    tokens = {m.metadata.dst_node_id: m.content["config"]["queue-token"] for m in first}
+    assert len(set(tokens.values())) == 3
+    assert sorted(registered.values()) == [0, 1, 2]  # one contributor slot per node
+    # the same node keeps its token for the whole run
+    assert {m.metadata.dst_node_id: m.content["config"]["queue-token"] for m in second} == tokens
+    assert [m.content["config"]["server-round"] for m in second] == [2, 2, 2]
+
+
+def test_rounds_start_anywhere_and_advance_the_queue(tmp_path):
+    grid = FakeGrid({1: honest(1.0)})
+    driver, _, saved = make_driver(tmp_path, grid)
+    arrays = driver.run(initial(), 5, 6)
+    assert [r["round"] for r in RunDir(tmp_path).read_metrics()] == [5, 6]
+    assert saved == [5, 6]
+    assert driver.queue.version == 6
+    assert (tmp_path / "queue.pt").exists()
+    assert np.allclose(arrays["w"].numpy(), 2.0)  # two rounds of +1
+
+
+def test_error_replies_are_dropped_and_the_round_goes_on(tmp_path, caplog):
+    grid = FakeGrid({1: honest(1.0), 2: failing("bad data: no such file x.npz")})
+    driver, _, _ = make_driver(tmp_path, grid)
+    result = driver.run_round(1, initial())
+    assert result.counted
+    assert np.allclose(result.arrays["w"].numpy(), 1.0)
+    assert result.row["failed"] == 1 and result.row["replied"] == 1
+    assert "bad data: no such file x.npz" in caplog.text
+
+
+@pytest.mark.parametrize("bad", ["missing-metric", "extra-record", "nan", "shape"])
+def test_malformed_replies_are_dropped_not_fatal(tmp_path, bad):
+    def node(msg: Message) -> Message:
+        state = msg.content["arrays"].to_torch_state_dict()
+        m = metrics()
+        records = {}
+        if bad == "missing-metric":
+            del m["epsilon"]
+        elif bad == "extra-record":
+            records["extra"] = MetricRecord({"x": 1.0})
+        elif bad == "nan":
+            state["w"][0] = math.nan
+        elif bad == "shape":
+            state["w"] = torch.zeros(5)
+        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(m), **records})
+        return Message(content=content, reply_to=msg)
+
+    grid = FakeGrid({1: honest(1.0), 2: node})
+    driver, _, _ = make_driver(tmp_path, grid)
+    result = driver.run_round(1, initial())
+    assert result.counted and result.row["dropped"] == 1
+    assert np.allclose(result.arrays["w"].numpy(), 1.0)
+
+
+def test_metrics_are_weighted_means_sums_and_maxima(tmp_path):
+    grid = FakeGrid({
+        1: honest(**{"num-examples": 30, "train-loss": 1.0, "pushed-rows": 5, "global-misses": 1,
+                     "epsilon": 0.5}),
+        2: honest(**{"num-examples": 10, "train-loss": 3.0, "pushed-rows": 7, "global-misses": 2,
+                     "epsilon": 2.0}),
+    })
+    driver, _, _ = make_driver(tmp_path, grid)
+    row = driver.run_round(1, initial()).row
+    assert row["train_loss"] == pytest.approx(1.5)  # (30 * 1 + 10 * 3) / 40
+    assert row["num_examples"] == 40 and row["pushed_rows"] == 12 and row["global_misses"] == 3
+    assert row["epsilon"] == 2.0
+    slots = driver.tokens.slots  # node id -> slot, in the order the strategy sampled them
+    assert driver.pushed_by_slot == {slots[1]: 5, slots[2]: 7}
+
+
+def test_a_round_with_fewer_than_min_nodes_replies_does_not_count(tmp_path):
+    cfg = FedConfig(min_nodes=2, rounds=1, wait_nodes_timeout=0.3, eval_every=0)
+    grid = FakeGrid({1: honest(1.0), 2: lambda msg: None})  # node 2 times out
+    driver, _, saved = make_driver(tmp_path, grid, cfg=cfg)
+    result = driver.run_round(1, initial())
+    assert not result.counted and result.row["timed_out"] == 1
+    assert np.allclose(result.arrays["w"].numpy(), 0.0)  # weights unchanged
+    assert saved == [1]  # still checkpointed, so a resume starts after it
+
+
+def test_waiting_for_nodes_ends_at_the_deadline(tmp_path):
+    cfg = FedConfig(min_nodes=3, rounds=1, wait_nodes_timeout=0.2, eval_every=0)
+    driver, _, _ = make_driver(tmp_path, FakeGrid({1: honest()}), cfg=cfg)
+    with pytest.raises(NotEnoughNodes, match="1 node"):
+        driver.run(initial(), 1, 1)
+
+
+def test_fraction_train_samples_from_online_nodes_only(tmp_path):
+    cfg = FedConfig(min_nodes=1, rounds=1, fraction_train=0.5, wait_nodes_timeout=0.3, eval_every=0)
+    grid = FakeGrid({i: honest() for i in range(1, 5)})
+    driver, _, _ = make_driver(tmp_path, grid, cfg=cfg)
+    driver.run_round(1, initial())
+    assert len(grid.sent[0]) == 2
+
+
+def test_collapse_rule():
+    assert collapse_suspected(-0.01, -0.1, [3.0, 2.0])
+    assert not collapse_suspected(-0.01, -0.1, [2.0, 3.0])  # loss rising: not the silent kind
+    assert not collapse_suspected(-1.5, -0.1, [3.0, 2.0])  # uniform enough
+    assert not collapse_suspected(-0.01, -0.1, [2.0])  # no trend yet
+
+
+def test_collapse_guard_stops_the_run_when_asked(tmp_path):
+    cfg = FedConfig(min_nodes=1, rounds=5, wait_nodes_timeout=0.3, eval_every=1,
+                    collapse_uniformity=-0.1, stop_on_collapse=True)
+    losses = iter([3.0, 2.0, 1.0, 0.5, 0.2])
+
+    def node(msg):
+        return honest(**{"train-loss": next(losses)})(msg)
+
+    driver, _, _ = make_driver(tmp_path, FakeGrid({1: node}), cfg=cfg,
+                               evaluate=lambda arrays: {"uniformity_head": -0.01})
+    driver.run(initial(), 1, 5)
+    rows = RunDir(tmp_path).read_metrics()
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[-1]["collapse_warning"] == 1 and "round 2" in driver.stopped_early
+
+
+@pytest.mark.parametrize("aggregation,cls", [("fedavg", FedAvg), ("fedtrimmedavg", FedTrimmedAvg),
+                                             ("fedmedian", FedMedian), ("krum", Krum)])
+def test_build_strategy(aggregation, cls):
+    strategy = build_strategy(FedConfig(aggregation=aggregation, trim_beta=0.3, krum_f=1))
+    assert type(strategy) is cls
+    assert strategy.min_available_nodes == 1  # the driver waits for min_nodes itself
+
+
+@pytest.mark.parametrize("aggregation", ["fedmedian", "fedtrimmedavg", "krum"])
+def test_robust_aggregation_limits_one_poisoned_client(tmp_path, aggregation):
+    cfg = FedConfig(min_nodes=1, rounds=1, wait_nodes_timeout=0.3, eval_every=0,
+                    aggregation=aggregation, trim_beta=0.2, krum_f=1)
+    honest_offsets = [0.9, 1.0, 1.0, 1.1]
+    nodes = {i + 1: honest(o) for i, o in enumerate(honest_offsets)}
+    nodes[99] = honest(1000.0)  # poisoned: a huge update
+    robust, _, _ = make_driver(tmp_path / "robust", FakeGrid(nodes), cfg=cfg)
+    plain, _, _ = make_driver(tmp_path / "plain", FakeGrid(nodes))
+    w_robust = robust.run_round(1, initial()).arrays["w"].numpy()
+    w_plain = plain.run_round(1, initial()).arrays["w"].numpy()
+    assert np.all(np.abs(w_plain - 1.0) > 100)  # FedAvg is dragged away
+    assert np.all(np.abs(w_robust - 1.0) <= 0.1)  # the robust rule stays with the honest nodes
