@@ -24,7 +24,7 @@ import grpc
 import torch
 import torch.nn.functional as F
 
-from common.wire import TOKEN_METADATA_KEY, proto_to_tensor, tensor_to_proto, wire_dtype
+from common.wire import TOKEN_METADATA_KEY, parse_with_tensor, serialize_with_tensor, wire_dtype
 from proto import negatives_pb2 as pb
 from proto import negatives_pb2_grpc as pb_grpc
 
@@ -95,6 +95,19 @@ class QueueClient:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.NegativeQueueStub(self._channel)
+        # Push and Pull move bytes that are mostly one tensor: they skip the generated
+        # (de)serialisers and go through common.wire, which copies the tensor once.
+        service = f"/{pb.DESCRIPTOR.services_by_name['NegativeQueue'].full_name}"
+        self._push_bytes = self._channel.unary_unary(
+            f"{service}/Push",
+            request_serializer=None,
+            response_deserializer=pb.PushResponse.FromString,
+        )
+        self._pull_bytes = self._channel.unary_unary(
+            f"{service}/Pull",
+            request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=None,
+        )
         self._metadata = ((TOKEN_METADATA_KEY, token),)
         self._lock = threading.Lock()
         self._counters = dict.fromkeys(_COUNTERS, 0)
@@ -106,9 +119,10 @@ class QueueClient:
         self, embeddings: torch.Tensor, version: int, dtype: torch.dtype = torch.float16
     ) -> bool:
         """Push (n, dim) unit-norm rows computed at encoder ``version``; True if accepted."""
-        request = pb.PushRequest(version=version)
-        tensor_to_proto(embeddings, dtype, out=request.embeddings)
-        reply = self._call("Push", self._stub.Push, request)
+        request = serialize_with_tensor(
+            pb.PushRequest(version=version), "embeddings", embeddings, dtype
+        )
+        reply = self._call("Push", self._push_bytes, request)
         with self._lock:
             if reply is None:
                 self._counters["push_failures"] += 1
@@ -144,11 +158,11 @@ class QueueClient:
             dtype=wire_dtype(dtype),
             policy=_POLICIES[policy],
         )
-        reply = self._call("Pull", self._stub.Pull, request)
+        reply = self._call("Pull", self._pull_bytes, request)
         rows = None
         if reply is not None:
             try:
-                rows = proto_to_tensor(reply.embeddings)
+                _, rows = parse_with_tensor(pb.PullResponse, reply, "embeddings")
                 if rows.dtype != dtype or rows.dim() != 2 or rows.shape[0] > n:
                     raise ValueError(
                         f"reply of {rows.dtype} {list(rows.shape)} for a pull of {n} {dtype} rows"

@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.wire import TOKEN_METADATA_KEY, proto_to_tensor, tensor_to_proto, torch_dtype
+from common.wire import TOKEN_METADATA_KEY, proto_to_tensor, serialize_with_tensor, torch_dtype
 from proto import negatives_pb2 as pb
 from proto import negatives_pb2_grpc as pb_grpc
 from server.queue import NegativeQueue, QuotaExceeded
@@ -143,6 +144,7 @@ class _AuthInterceptor(grpc.ServerInterceptor):
                 lambda request, context: context.abort(grpc.StatusCode.UNAUTHENTICATED, detail)
             )
         behavior, parse = handler.unary_unary, handler.request_deserializer
+        serialize = handler.response_serializer
         rejections = self._rejections
 
         # Parse here rather than in gRPC, so that bytes that are no protobuf of the
@@ -162,8 +164,13 @@ class _AuthInterceptor(grpc.ServerInterceptor):
                 _CALLER.reset(reset)
 
         return grpc.unary_unary_rpc_method_handler(
-            authenticated, response_serializer=handler.response_serializer
+            authenticated, response_serializer=partial(_serialized, serialize)
         )
+
+
+def _serialized(serialize: Callable[[Any], bytes], reply: Any) -> bytes:
+    """A reply in wire form: Pull answers bytes already (see ``NegativeQueueServicer.Pull``)."""
+    return reply if isinstance(reply, bytes) else serialize(reply)
 
 
 class NegativeQueueServicer(pb_grpc.NegativeQueueServicer):
@@ -199,7 +206,14 @@ class NegativeQueueServicer(pb_grpc.NegativeQueueServicer):
             quota_remaining=-1 if remaining is None else remaining,
         )
 
-    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> pb.PullResponse:
+    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> bytes:
+        """Sampled rows, as a ``PullResponse`` already serialised.
+
+        The rows go from the queue's gather into the reply's bytes in one copy
+        (``serialize_with_tensor``); building a ``PullResponse`` and letting gRPC
+        serialise it would copy them three more times. The auth interceptor, which
+        wraps every method of this service, sends the bytes as they are.
+        """
         caller = _CALLER.get()
         problem = None
         if not 0 <= request.count <= self._max_pull:
@@ -227,8 +241,7 @@ class NegativeQueueServicer(pb_grpc.NegativeQueueServicer):
         reply = pb.PullResponse(queue_version=self._queue.version)
         if request.include_versions:
             reply.versions.extend(versions.tolist())
-        tensor_to_proto(rows, dtype, out=reply.embeddings)
-        return reply
+        return serialize_with_tensor(reply, "embeddings", rows, dtype)
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         stats = self._queue.stats()
@@ -323,6 +336,9 @@ class QueueServer:
         self._tokens_lock = threading.Lock()
         self._tokens: dict[str, int] = {}
         self._admin_tokens: frozenset[str] = frozenset()
+        # token -> caller, rebuilt on every change and replaced whole, so that the
+        # per-call lookup is one dict read without the lock.
+        self._callers: dict[str, _Caller] = {}
         self.set_tokens(tokens, admin_tokens=admin_tokens)
         self._rejections = _Rejections()
         self._server: grpc.Server | None = None
@@ -349,6 +365,7 @@ class QueueServer:
             self._tokens = checked
             if admins is not None:
                 self._admin_tokens = admins
+            self._rebuild_callers_locked()
 
     def add_token(self, token: str, contributor: int) -> None:
         """Let ``token`` act as ``contributor`` from the next call on."""
@@ -358,15 +375,15 @@ class QueueServer:
             if token in self._admin_tokens:
                 raise ValueError("a token cannot be both an admin token and a contributor token")
             self._tokens = {**self._tokens, token: contributor}
+            self._rebuild_callers_locked()
+
+    def _rebuild_callers_locked(self) -> None:
+        callers = {t: _Caller(contributor=c, admin=False) for t, c in self._tokens.items()}
+        callers.update(dict.fromkeys(self._admin_tokens, _Caller(contributor=None, admin=True)))
+        self._callers = callers
 
     def _resolve(self, token: str | None) -> _Caller | None:
-        if token is None:
-            return None
-        with self._tokens_lock:
-            if token in self._admin_tokens:
-                return _Caller(contributor=None, admin=True)
-            contributor = self._tokens.get(token)
-        return None if contributor is None else _Caller(contributor=contributor, admin=False)
+        return None if token is None else self._callers.get(token)
 
     # --------------------------------------------------------------- lifecycle
 

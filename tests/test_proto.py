@@ -11,7 +11,7 @@ import pytest
 import torch
 from google.protobuf import descriptor_pb2
 
-from common.wire import proto_to_tensor, tensor_to_proto
+from common.wire import parse_with_tensor, proto_to_tensor, serialize_with_tensor, tensor_to_proto
 from proto import negatives_pb2 as pb
 from proto import negatives_pb2_grpc as pb_grpc
 
@@ -172,3 +172,72 @@ BAD_TENSORS = {
 def test_malformed_tensor_is_refused_with_a_clear_message(msg, message):
     with pytest.raises(ValueError, match=message):
         proto_to_tensor(msg, expected_dim=3)
+
+
+# ------------------------------------------- one-copy (de)serialisation of Push and Pull
+
+
+def _pull_reply(t: torch.Tensor, dtype: torch.dtype) -> pb.PullResponse:
+    reply = pb.PullResponse(queue_version=7, versions=[3, 4, 5][: t.shape[0]])
+    tensor_to_proto(t, dtype, out=reply.embeddings)
+    return reply
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [0, 3])
+def test_serialize_with_tensor_writes_the_message_protobuf_reads(dtype, rows):
+    t = torch.randn(rows, 4)
+    raw = serialize_with_tensor(
+        pb.PullResponse(queue_version=7, versions=[3, 4, 5][:rows]), "embeddings", t, dtype
+    )
+    assert pb.PullResponse.FromString(raw) == _pull_reply(t, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [0, 3])
+def test_parse_with_tensor_reads_what_protobuf_writes(dtype, rows):
+    t = torch.randn(rows, 4)
+    reply, back = parse_with_tensor(
+        pb.PullResponse, _pull_reply(t, dtype).SerializeToString(), "embeddings", expected_dim=4
+    )
+    assert back.dtype == dtype and torch.equal(back, t.to(dtype))
+    assert (reply.queue_version, list(reply.versions)) == (7, [3, 4, 5][:rows])
+    assert list(reply.embeddings.shape) == [rows, 4] and reply.embeddings.data == b""
+
+
+def test_parse_with_tensor_merges_repeated_fields_as_protobuf_does():
+    first, second = _pull_reply(torch.zeros(2, 4), torch.float32), pb.PullResponse()
+    second.embeddings.data = torch.ones(2, 4).numpy().tobytes()  # the last data wins
+    second.queue_version = 9
+    raw = first.SerializeToString() + second.SerializeToString()
+    reply, back = parse_with_tensor(pb.PullResponse, raw, "embeddings")
+    assert torch.equal(back, proto_to_tensor(pb.PullResponse.FromString(raw).embeddings))
+    assert torch.equal(back, torch.ones(2, 4)) and reply.queue_version == 9
+
+
+def test_parse_with_tensor_returns_a_writable_copy():
+    raw = _pull_reply(torch.ones(2, 4), torch.float16).SerializeToString()
+    _, back = parse_with_tensor(pb.PullResponse, raw, "embeddings")
+    back.mul_(2)
+    assert torch.equal(parse_with_tensor(pb.PullResponse, raw, "embeddings")[1], back / 2)
+
+
+GOOD = _pull_reply(torch.ones(2, 3), torch.float32).SerializeToString()
+BAD_MESSAGES = {
+    "truncated": (GOOD[:-1], "truncated"),
+    "field longer than the message": (b"\x0a\x05\x08\x01", "truncated"),
+    "unfinished varint": (b"\x18\xff", "varint"),
+    "group wire type": (b"\x0b", "wire type"),
+    "field number 0": (b"\x00\x01", "valid PullResponse"),
+    "tensor bytes of the wrong length": (
+        pb.PullResponse(embeddings=_msg(data=bytes(23))).SerializeToString(),
+        "needs 24 bytes",
+    ),
+    "no tensor": (b"", "not supported"),
+}
+
+
+@pytest.mark.parametrize("raw, message", BAD_MESSAGES.values(), ids=BAD_MESSAGES.keys())
+def test_parse_with_tensor_refuses_malformed_bytes(raw, message):
+    with pytest.raises(ValueError, match=message):
+        parse_with_tensor(pb.PullResponse, raw, "embeddings", expected_dim=3)

@@ -146,6 +146,25 @@ def test_uniform_policy_samples_every_row_about_equally():
     assert bool(((hits - 500).abs() < 100).all()), hits
 
 
+def test_uniform_pull_draws_from_exactly_the_live_rows_after_wrap_and_eviction():
+    queue = NegativeQueue(8, DIM, max_age=1)
+    for version in range(3):  # 5 rows per version into 8 slots: the ring wraps, advance evicts
+        queue.advance(version)
+        queue.push(version, unit(5, seed=version), version=version)
+    for _ in range(2):
+        live, live_versions = contents(queue)
+        for exclude in (None, 2):
+            expected = live if exclude is None else live[live_versions != 2]
+            for _ in range(20):
+                rows, _ = queue.pull(8, exclude=exclude)
+                assert rows.shape == expected.shape
+                if len(expected):  # the same set of rows
+                    assert torch.cdist(rows, expected).min(dim=1).values.max() < 1e-6
+                    assert torch.cdist(expected, rows).min(dim=1).values.max() < 1e-6
+        queue.advance(3)  # drops the version-1 rows that survived the wrap
+    assert len(queue) == 5
+
+
 def test_pull_rejects_bad_arguments():
     queue = NegativeQueue(4, DIM)
     with pytest.raises(ValueError):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.stub import QueueClient
-from common.wire import tensor_to_proto
+from common.wire import proto_to_tensor, tensor_to_proto
 from proto import negatives_pb2 as pb
 from proto import negatives_pb2_grpc as pb_grpc
 from server.queue import NegativeQueue
@@ -129,6 +129,15 @@ def test_versions_come_back_only_when_asked(raw, queue):
     request.include_versions = True
     reply = raw.Pull(request, metadata=meta(), timeout=5)
     assert list(reply.versions) == [0] * 6 + [1] * 2 and reply.queue_version == 1
+
+
+@pytest.mark.parametrize("dtype", [pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16])
+def test_pull_reply_is_plain_protobuf_to_any_client(raw, queue, dtype):
+    request = pb.PullRequest(count=100, max_age=2, dtype=dtype, policy=pb.SAMPLE_POLICY_RECENT)
+    reply = raw.Pull(request, metadata=meta(), timeout=5)  # parsed by the generated class
+    rows = proto_to_tensor(reply.embeddings, expected_dim=DIM)
+    assert rows.dtype == (torch.float32 if dtype == pb.DTYPE_FLOAT32 else torch.float16)
+    assert torch.allclose(rows.float(), queue.pull(6, policy="recent")[0], atol=1e-3)
 
 
 def test_push_response_reports_the_remaining_quota(raw):
