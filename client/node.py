@@ -42,10 +42,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     sec.add_argument("--insecure", action="store_true", help="no TLS (loopback and tests only)")
     sec.add_argument("--root-certificates", type=Path, default=None,
                      help="CA certificate (PEM) that signed the SuperLink's certificate")
-    sec.add_argument("--auth-supernode-private-key", type=Path, default=None,
-                     help="this node's private key, when the SuperLink authenticates nodes")
-    sec.add_argument("--auth-supernode-public-key", type=Path, default=None,
-                     help="this node's public key, when the SuperLink authenticates nodes")
+    sec.add_argument("--auth-supernode-private-key", type=Path, default=None, metavar="KEY",
+                     help="this node's OpenSSH ECDSA private key, when the SuperLink authenticates "
+                          "nodes (`ssh-keygen -t ecdsa -b 384 -N '' -f KEY`; the server registers "
+                          "KEY.pub). Needs TLS")
     sec.add_argument("--port", type=int, default=0,
                      help="the SuperNode's local ClientAppIo port (0: a free one)")
     sec.add_argument("--flwr-home", type=Path, default=None,
@@ -84,6 +84,7 @@ def node_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def supernode_command(args: argparse.Namespace, config: dict[str, Any], port: int) -> list[str]:
+    """``flower-supernode`` with the node config, transport security and node key asked for."""
     cmd = ["flower-supernode", "--superlink", args.superlink, "--port", str(port),
            "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in config.items())]
     if args.insecure:
@@ -96,12 +97,15 @@ def supernode_command(args: argparse.Namespace, config: dict[str, Any], port: in
         cmd += ["--root-certificates", str(args.root_certificates.resolve())]
     else:
         raise UsageError("give --root-certificates (TLS) or --insecure (loopback and tests only)")
-    keys = (args.auth_supernode_private_key, args.auth_supernode_public_key)
-    if any(keys):
-        if not all(keys):
-            raise UsageError("--auth-supernode-private-key and --auth-supernode-public-key go together")
-        cmd += ["--auth-supernode-private-key", str(keys[0].resolve()),
-                "--auth-supernode-public-key", str(keys[1].resolve())]
+    key = args.auth_supernode_private_key
+    if key is not None:
+        # Flower 1.41 derives the public key from the private one (its
+        # --auth-supernode-public-key is deprecated) and authenticates nodes only over TLS.
+        if args.insecure:
+            raise UsageError("--auth-supernode-private-key needs TLS: give --root-certificates, not --insecure")
+        if not key.is_file():
+            raise UsageError(f"--auth-supernode-private-key {key}: no such file")
+        cmd += ["--auth-supernode-private-key", str(key.resolve())]
     return cmd
 
 
@@ -121,7 +125,13 @@ def run_node(args: argparse.Namespace) -> int:
         node = tree.start(cmd, env=flower_env(home), cwd=home)
         logger.info("client %s: SuperNode (pid %d) connecting to %s; state in %s",
                     config["client-id"], node.pid, args.superlink, state_dir)
-        return node.wait()
+        status = node.wait()
+        if status != 0 and args.auth_supernode_private_key is not None:
+            logger.error("the SuperNode exited with status %d; if it could not activate, the "
+                         "SuperLink does not know this node's public key: have the server register "
+                         "it (`fedcontrast server --auth-list-public-keys`), then start the client",
+                         status)
+        return status
     finally:
         signal.signal(signal.SIGTERM, previous)
         tree.stop()

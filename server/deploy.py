@@ -3,10 +3,11 @@
 What it does, in order:
 
 1. starts ``flower-superlink`` (TLS with ``--ssl-*`` files, ``--insecure`` only when
-   asked; node authentication with ``--auth-list-public-keys``), unless
+   asked; ``--enable-supernode-auth`` with ``--auth-list-public-keys``), unless
    ``--superlink`` names one that is already running;
 2. writes a private ``FLWR_HOME/config.toml`` naming that SuperLink (without it
-   ``flwr`` would write a default that starts a local SuperLink of its own);
+   ``flwr`` would write a default that starts a local SuperLink of its own), and
+   registers the ``--auth-list-public-keys`` with ``flwr supernode register``;
 3. submits the app (this repository: ``pyproject.toml`` with ``[tool.flwr.app]``)
    with ``flwr run APP_DIR fedcontrast --stream --run-config FILE``, the run config
    holding every setting plus the absolute run directory;
@@ -95,8 +96,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     link.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (PEM) of the SuperLink's certificate")
     link.add_argument("--ssl-certfile", type=Path, help="the SuperLink's certificate (PEM)")
     link.add_argument("--ssl-keyfile", type=Path, help="the SuperLink's private key (PEM)")
-    link.add_argument("--auth-list-public-keys", type=Path,
-                      help="CSV of the SuperNodes' public keys: only they may connect")
+    link.add_argument("--auth-list-public-keys", type=Path, nargs="+", metavar="FILE",
+                      help="authenticate SuperNodes (needs TLS): only nodes holding these keys may "
+                           "join. Each FILE holds OpenSSH ECDSA public keys (`ssh-keygen -t ecdsa "
+                           "-b 384` writes KEY.pub), one or several separated by commas or newlines. "
+                           "They are registered once the SuperLink is up: start the clients after "
+                           "the server logs that the keys are registered")
     link.add_argument("--flwr-home", type=Path, default=None,
                       help="Flower's working directory (default: a temporary one, removed at exit)")
     add_config_arguments(parser, FedConfig)
@@ -119,8 +124,9 @@ def superlink_command(args: argparse.Namespace) -> list[str]:
     cmd = ["flower-superlink", "--disable-runtime-dependency-installation",
            "--host", args.host, "--port", str(args.port)]
     tls = [args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile]
+    node_keys = args.auth_list_public_keys or []
     if args.insecure:
-        if any(tls) or args.auth_list_public_keys:
+        if any(tls) or node_keys:
             raise UsageError("--insecure cannot be combined with --ssl-* or --auth-list-public-keys")
         return cmd + ["--insecure"]
     if not all(tls):
@@ -128,20 +134,82 @@ def superlink_command(args: argparse.Namespace) -> list[str]:
             "give --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile for TLS, "
             "or --insecure for a loopback or test deployment"
         )
-    for path in tls:
+    for path in [*tls, *node_keys]:
         if not path.is_file():
             raise UsageError(f"no such file: {path}")
     cmd += ["--ssl-ca-certfile", str(tls[0].resolve()), "--ssl-certfile", str(tls[1].resolve()),
             "--ssl-keyfile", str(tls[2].resolve())]
-    if args.auth_list_public_keys:
-        cmd += ["--enable-supernode-auth", "--auth-list-public-keys",
-                str(args.auth_list_public_keys.resolve())]
+    if node_keys:
+        # Flower 1.41 refuses its former --auth-list-public-keys: keys are registered
+        # through the Control API once the SuperLink runs (register_supernodes).
+        cmd.append("--enable-supernode-auth")
     return cmd
 
 
-def write_run_config(path: Path, cfg: FedConfig, out: Path, resume: Path | None) -> Path:
+def read_public_keys(paths: list[Path]) -> list[str]:
+    """The OpenSSH public keys in ``paths``, separated by commas or newlines in each file.
+
+    A ``.pub`` file from ``ssh-keygen`` holds one; the CSV that Flower's former
+    ``--auth-list-public-keys`` read holds several.
+    """
+    keys: list[str] = []
+    for path in paths:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise UsageError(f"--auth-list-public-keys {path}: cannot read it ({exc.strerror})") from exc
+        found = [entry.strip() for entry in re.split(r"[,\n]", text) if entry.strip()]
+        if not found:
+            raise UsageError(f"--auth-list-public-keys {path}: no public key in it")
+        keys += found
+    return keys
+
+
+def register_supernodes(args: argparse.Namespace, env: dict[str, str], home: Path) -> None:
+    """Register ``--auth-list-public-keys`` with the SuperLink named in ``home``'s config.
+
+    Flower 1.41 admits a SuperNode to a SuperLink started with ``--enable-supernode-auth``
+    only when its public key was registered through the Control API (``flwr supernode
+    register``); a SuperNode whose key is not registered yet exits. A key registered
+    before (a running ``--superlink``) is accepted as it is.
+    """
+    if not args.auth_list_public_keys:
+        return
+    if args.insecure:
+        raise UsageError("--auth-list-public-keys needs TLS: give --ssl-ca-certfile instead of --insecure")
+    folder = home / "supernode-keys"
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = read_public_keys(args.auth_list_public_keys)
+    for i, key in enumerate(keys):
+        label = " ".join(key.split()[2:]) or f"#{i + 1} (...{key[-12:]})"  # its comment, if any
+        path = folder / f"supernode-{i}.pub"
+        path.write_text(key + "\n")
+        try:
+            out = subprocess.run(["flwr", "supernode", "register", str(path), CONNECTION, "--format", "json"],
+                                 env=env, cwd=home, capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired as exc:
+            raise UsageError("the SuperLink did not answer `flwr supernode register` within 60 s") from exc
+        try:
+            reply = json.loads(out.stdout)
+        except json.JSONDecodeError:
+            reply = {}
+        # `flwr supernode register --format json` exits 0 also when it failed.
+        error = str(reply.get("error-message", "") or (out.stdout + out.stderr)).strip()
+        if reply.get("success"):
+            logger.info("registered SuperNode key %s: node id %s", label, reply.get("node-id"))
+        elif "already in use" in error:
+            logger.info("SuperNode key %s was registered already", label)
+        else:
+            raise UsageError(f"could not register SuperNode key {label} from --auth-list-public-keys "
+                             f"(OpenSSH ECDSA public keys on a NIST curve are accepted): {error[-600:]}")
+    logger.info("%d SuperNode keys registered: SuperNodes holding them may connect now", len(keys))
+
+
+def write_run_config(path: Path, cfg: FedConfig, out: Path, resume: Path | None,
+                     extra: dict[str, Any] | None = None) -> Path:
     """The run config as a TOML file (paths with spaces or quotes survive, unlike ``k=v`` text)."""
-    values: dict[str, Any] = {**to_run_config(cfg), "run-dir": str(out), "resume": str(resume or "")}
+    values: dict[str, Any] = {**to_run_config(cfg), "run-dir": str(out), "resume": str(resume or ""),
+                              **(extra or {})}
     path.write_text("".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in values.items()))
     return path
 
@@ -184,7 +252,7 @@ def run_status(env: dict[str, str], run_id: str) -> str:
         return f"unknown (flwr ls said: {(out.stdout + out.stderr).strip()[-300:]})"
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def log_tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -198,10 +266,11 @@ def _raise_on_sigterm(_signum: int, _frame: Any) -> None:
 def deploy(args: argparse.Namespace) -> int:
     """Run one FedContrast federation; 0 when the run completed."""
     cfg, out, resume = resolve_settings(args)
-    root = app_dir()
+    app_dir()  # fail before starting anything when this is no source checkout
     out.mkdir(parents=True, exist_ok=True)
     home = (args.flwr_home.expanduser().resolve() if args.flwr_home
             else Path(tempfile.mkdtemp(prefix="fedcontrast-flwr-")))
+    home.mkdir(parents=True, exist_ok=True)  # the SuperLink starts in it
     env = flower_env(home)
     tree = ProcessTree()
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
@@ -217,42 +286,64 @@ def deploy(args: argparse.Namespace) -> int:
             connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
             address = f"{connect_host}:{args.port}"
             if not wait_for_port(connect_host, args.port, timeout=60) or link.poll() is not None:
-                raise UsageError(f"the SuperLink did not start on {address}:\n{_tail(out / 'superlink.log')}")
+                raise UsageError(f"the SuperLink did not start on {address}:\n{log_tail(out / 'superlink.log')}")
             certificates = None if args.insecure else args.ssl_ca_certfile
             logger.info("SuperLink listening on %s (log: %s)", address, out / "superlink.log")
         write_superlink_config(home, CONNECTION, address, root_certificates=certificates)
-        config_file = write_run_config(home / "run-config.toml", cfg, out, resume)
-        flwr = tree.start(["flwr", "run", str(root), CONNECTION, "--stream", "--run-config", str(config_file)],
-                          env=env, cwd=home, stdout=subprocess.PIPE)
-        found: dict[str, str] = {}
-        pump = threading.Thread(target=_pump, args=(flwr.stdout, out / "server.log", found,
-                                                    logger.isEnabledFor(logging.DEBUG)), daemon=True)
-        pump.start()
-        logger.info("run directory %s; rounds %d (progress below, full log in server.log)", out, cfg.rounds)
-        deadline = None if args.timeout is None else time.monotonic() + args.timeout
-        shown = len(_read_rows(out)) if resume else 0
-        while flwr.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise UsageError(f"the run did not finish within --timeout {args.timeout:.0f} s")
-            shown = _show_new_rows(out, shown, cfg.rounds)
-            time.sleep(1.0)
-        pump.join(timeout=10)
-        _show_new_rows(out, shown, cfg.rounds)
-        if "run_id" not in found:
-            raise UsageError(f"flwr run did not start a run:\n{_tail(out / 'server.log')}")
-        status = run_status(env, found["run_id"])
-        if status != "finished:completed":
-            print(f"run {found['run_id']} ended {status}; last lines of {out / 'server.log'}:\n"
-                  f"{_tail(out / 'server.log')}", file=sys.stderr)
-            print(f"run directory: {out}")
-            return 1
-        print(f"run directory: {out}")
-        return 0
+        register_supernodes(args, env, home)
+        return follow_run(tree, env, home, cfg, out, resume, timeout=args.timeout)
     finally:
         signal.signal(signal.SIGTERM, previous)
         tree.stop()
         if not args.flwr_home:
             shutil.rmtree(home, ignore_errors=True)
+
+
+def follow_run(
+    tree: ProcessTree,
+    env: dict[str, str],
+    home: Path,
+    cfg: FedConfig,
+    out: Path,
+    resume: Path | None,
+    *,
+    timeout: float | None = None,
+    flwr_args: list[str] | None = None,
+    extra_run_config: dict[str, Any] | None = None,
+) -> int:
+    """Submit FedContrast to the SuperLink of ``home``'s config, show progress, return 0 on success.
+
+    ``flwr_args`` go to ``flwr run`` (simulation passes ``--federation-config``);
+    ``extra_run_config`` adds run-config keys of the apps beside the config's own.
+    """
+    config_file = write_run_config(home / "run-config.toml", cfg, out, resume, extra_run_config)
+    flwr = tree.start(["flwr", "run", str(app_dir()), CONNECTION, "--stream",
+                       "--run-config", str(config_file), *(flwr_args or [])],
+                      env=env, cwd=home, stdout=subprocess.PIPE)
+    found: dict[str, str] = {}
+    pump = threading.Thread(target=_pump, args=(flwr.stdout, out / "server.log", found,
+                                                logger.isEnabledFor(logging.DEBUG)), daemon=True)
+    pump.start()
+    logger.info("run directory %s; rounds %d (progress below, full log in server.log)", out, cfg.rounds)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    shown = len(_read_rows(out)) if resume else 0
+    while flwr.poll() is None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise UsageError(f"the run did not finish within --timeout {timeout:.0f} s")
+        shown = _show_new_rows(out, shown, cfg.rounds)
+        time.sleep(1.0)
+    pump.join(timeout=10)
+    _show_new_rows(out, shown, cfg.rounds)
+    if "run_id" not in found:
+        raise UsageError(f"flwr run did not start a run:\n{log_tail(out / 'server.log')}")
+    status = run_status(env, found["run_id"])
+    if status != "finished:completed":
+        print(f"run {found['run_id']} ended {status}; last lines of {out / 'server.log'}:\n"
+              f"{log_tail(out / 'server.log')}", file=sys.stderr)
+        print(f"run directory: {out}")
+        return 1
+    print(f"run directory: {out}")
+    return 0
 
 
 def _read_rows(out: Path) -> list[dict[str, Any]]:
