@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 .PHONY: help setup demo test lint bench proto clean
 
 help:
-	@echo "make demo   set up .venv if needed, then run the main job on the embedded digits data"
+	@echo "make demo   set up .venv if needed, then simulate a 10-client federation on the embedded digits data"
 	@echo "make test   set up .venv if needed, then run the whole test suite"
 	@echo "make setup  create .venv: torch==2.13.0 when no torch is present, then the project [dev]"
 	@echo "make lint   ruff over the project"
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/fedcontrast train-local --dataset digits --out runs/quickstart
+	$(BIN)/fedcontrast simulate --dataset digits --timeout 1800
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

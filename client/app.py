@@ -16,6 +16,11 @@ Node config keys:
 
 A node with bad data or configuration raises: Flower returns the error to the
 server, which logs it and goes on with the other nodes.
+
+With ``--dp true`` (see :mod:`client.privacy`) the round's releases are recorded in the
+client's accountant, and saved, before training starts; the reply's ``epsilon`` is the
+client's epsilon with them, and the statistics of local data that the accountant does
+not cover (:data:`client.privacy.WITHHELD_UNDER_DP`) are sent as 0.
 """
 
 from __future__ import annotations
@@ -31,6 +36,15 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.privacy import (
+    DPSGD,
+    WITHHELD_UNDER_DP,
+    RoundPrivacy,
+    noisy_rows,
+    plan_round,
+    poisson_sample,
+    secret_generator,
+)
 from client.state import StateDir, check_client_id, default_state_dir
 from client.stub import GlobalNegatives, QueueClient
 from client.trainer import ContrastiveTrainer, augment_params
@@ -127,22 +141,35 @@ def push_keys(
     version: int,
     generator: torch.Generator,
     device: torch.device,
+    dp_generator: torch.Generator | None = None,
 ) -> None:
     """Push keys of a random ``push_fraction`` of ``x``, made by the round's global encoder.
 
     Keys are embeddings of one augmented view, as the keys of the local loss are;
     every row carries ``version``, the round whose encoder computed it.
+
+    Under DP (``cfg.dp``) the pushed examples are a Poisson sample at rate
+    ``push_fraction`` drawn from ``dp_generator`` (secret), and with ``push_noise > 0``
+    every row is released as ``normalize(row + N(0, push_noise^2 I))``.
     """
-    n = round(cfg.push_fraction * x.shape[0])
+    if cfg.dp:
+        if dp_generator is None:
+            raise ValueError("push_keys with --dp true needs the secret dp_generator")
+        chosen = poisson_sample(x.shape[0], cfg.push_fraction, dp_generator)
+    else:
+        chosen = torch.randperm(x.shape[0], generator=generator)[:round(cfg.push_fraction * x.shape[0])]
+    n = chosen.numel()
     if n == 0:
         return
-    chosen = torch.randperm(x.shape[0], generator=generator)[:n]
     augment = Augmenter(augment_params(cfg))
     global_model.eval()
     chunk = min(PUSH_CHUNK, cfg.queue_capacity)
     for start in range(0, n, chunk):
         view = augment(x[chosen[start:start + chunk]], generator).to(device)
-        client.push(global_model(view).cpu(), version)  # rows: n x D, unit-norm
+        rows = global_model(view).cpu()  # n x D, unit-norm
+        if cfg.dp and cfg.push_noise > 0:
+            rows = noisy_rows(rows, cfg.push_noise, dp_generator)
+        client.push(rows, version)
 
 
 @torch.no_grad()
@@ -165,6 +192,7 @@ def train_round(
     queue_token: str,
     queue_version: int,
     seed: int,
+    privacy: RoundPrivacy | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
     """Train ``local_epochs`` on ``x`` from the global weights; push keys; return weights and metrics.
 
@@ -172,29 +200,54 @@ def train_round(
     itself (``frozen``), a momentum copy of it (``ema``), or the query model
     (``shared``). Negatives come from the global queue when ``global_negatives > 0``;
     a step whose pull fails uses the local negatives and is counted as a miss.
+
+    With ``cfg.dp``, ``privacy`` is the round's plan (:func:`client.privacy.plan_round`,
+    already recorded in the accountant): training is DP-SGD at its noise, and pulls
+    leave out this client's own rows unless its pushes are noised.
     """
     if x.shape[0] < 2:
         raise ValueError(f"this node has {x.shape[0]} training example(s); contrastive training needs 2 or more")
+    if cfg.dp and privacy is None:
+        raise ValueError("--dp true: train_round needs the round's privacy plan "
+                         "(client.privacy.plan_round), recorded before training")
     device = resolve_device(cfg.device)
     generator = torch.Generator().manual_seed(seed)
     model = build_model(cfg, x.shape[1], global_state)
     global_model = copy.deepcopy(model).requires_grad_(False).eval().to(device)
+    dp_generator = secret_generator() if cfg.dp else None
+    dp = None
+    if privacy is not None:
+        dp = DPSGD(noise_multiplier=privacy.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+                   num_examples=x.shape[0], batch_size=cfg.batch_size,
+                   own_rows_noised=privacy.pushes_accounted, generator=dp_generator)
+        if (dp.sample_rate, dp.steps_per_epoch * cfg.local_epochs) != (privacy.sample_rate, privacy.steps):
+            raise ValueError(f"the round's privacy plan {privacy} does not fit {x.shape[0]} examples")
     client = QueueClient(queue_address, queue_token)
     try:
-        sources = ([GlobalNegatives(client, cfg.global_negatives, cfg.max_age, cfg.refresh_every)]
+        # Own rows come back only when they were released with noise and accounted
+        # (config validation refuses --pull-scope all/own under DP without push noise).
+        exclude_own = cfg.pull_scope == "others" or (privacy is not None
+                                                     and not privacy.pushes_accounted)
+        max_age = cfg.max_age if privacy is None else privacy.pull_max_age
+        sources = ([GlobalNegatives(client, cfg.global_negatives, max_age, cfg.refresh_every,
+                                    exclude_own=exclude_own, only_own=cfg.pull_scope == "own")]
                    if cfg.global_negatives > 0 else [])
         trainer = ContrastiveTrainer(
             model, cfg, device=device, sources=sources,
             key_model=global_model if cfg.key_mode == "frozen" else None,
-            lr_schedule=lambda _step: lr, generator=generator,
+            lr_schedule=lambda _step: lr, generator=generator, dp=dp,
         )
-        epochs = [trainer.train_epoch(x) for _ in range(cfg.local_epochs)]
+        try:
+            epochs = [trainer.train_epoch(x) for _ in range(cfg.local_epochs)]
+        finally:
+            if dp is not None:
+                dp.detach()
         if cfg.push_fraction > 0:
-            push_keys(client, global_model, x, cfg, queue_version, generator, device)
+            push_keys(client, global_model, x, cfg, queue_version, generator, device, dp_generator)
         counters = client.counters()
     finally:
         client.close()
-    align, uniform = local_geometry(model, x, cfg, device)
+    align, uniform = (0.0, 0.0) if cfg.dp else local_geometry(model, x, cfg, device)
     steps = sum(e.steps for e in epochs)
     metrics: dict[str, float | int] = {
         "num-examples": int(x.shape[0]),
@@ -206,8 +259,10 @@ def train_round(
         "negatives-per-step": float(sum(e.mean_negatives * e.steps for e in epochs) / max(1, steps)),
         "alignment": float(align),
         "uniformity": float(uniform),
-        "epsilon": -1.0,  # no privacy accounting yet
+        "epsilon": -1.0 if privacy is None else float(privacy.epsilon),  # -1: no accounting
     }
+    if cfg.dp:
+        metrics.update(dict.fromkeys(WITHHELD_UNDER_DP, 0.0))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return state, metrics
 
@@ -222,6 +277,12 @@ def train(msg: Message, context: Context) -> Message:
     state_dir = StateDir(node.state_dir, node.client_id)
     state = state_dir.load()
     x = local_images(cfg, node)
+    privacy = None
+    if cfg.dp:
+        privacy = plan_round(cfg, state, x.shape[0], server_round,
+                             queue_token=str(config["queue-token"]),
+                             queue_version=int(config["queue-version"]))
+        state_dir.save(state)  # the round's releases are on disk before any is made
     weights, metrics = train_round(
         cfg, x, msg.content["arrays"].to_torch_state_dict(),
         lr=float(config["lr"]),
@@ -229,11 +290,12 @@ def train(msg: Message, context: Context) -> Message:
         queue_token=str(config["queue-token"]),
         queue_version=int(config["queue-version"]),
         seed=state.seed(cfg.seed),
+        privacy=privacy,
     )
     state.record_round(context.run_id, server_round)
     state_dir.save(state)
-    logger.info("client %s round %d: loss %.4f, %d rows pushed, %d queue misses",
+    logger.info("client %s round %d: loss %.4f, %d rows pushed, %d queue misses, epsilon %.4g",
                 node.client_id, server_round, metrics["train-loss"], metrics["pushed-rows"],
-                metrics["global-misses"])
+                metrics["global-misses"], metrics["epsilon"])
     content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

@@ -126,7 +126,7 @@ def train_local(cfg: TrainConfig, out: Path, *, quiet: bool = False,
     return summary
 
 
-def _summary_table(summary: dict[str, Any]) -> Table:
+def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"held-out {summary['dataset']}: trained vs random-init encoder")
     table.add_column("metric")
     table.add_column("trained", justify="right")
@@ -147,30 +147,42 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    if not args.run.exists():
-        raise UsageError(f"no run directory or encoder checkpoint at {args.run}")
-    run_dir = args.run if args.run.is_dir() else args.run.parent
+def evaluate_run(run: Path, dataset: str | None = None, *, seed: int = 0,
+                 device: str = "auto") -> dict[str, Any]:
+    """Held-out figures of a run's encoder beside the same architecture at random init.
+
+    ``run`` is a run directory (its ``encoder.pt`` and ``config.json``) or a checkpoint;
+    ``dataset`` defaults to the run's own. Returns ``{"dataset", "trained",
+    "random_init", "raw_pixel_knn"}`` with kNN, linear probe, retrieval, alignment and
+    uniformity at the backbone and the head.
+    """
+    if not run.exists():
+        raise UsageError(f"no run directory or encoder checkpoint at {run}")
+    run_dir = run if run.is_dir() else run.parent
     base = read_config_values(run_dir)[1] if (run_dir / "config.json").exists() else {}
-    dataset = args.dataset or base.get("dataset")
+    dataset = dataset or base.get("dataset")
     if not dataset:
         raise UsageError(f"{run_dir} has no config.json: say which data with --dataset")
     cfg = TrainConfig(**{k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__})
-    device = resolve_device(args.device)
-    data = load_dataset(dataset, seed=args.seed)
-    model = load_encoder(args.run, device=device)
+    torch_device = resolve_device(device)
+    data = load_dataset(dataset, seed=seed)
+    model = load_encoder(run, device=torch_device)
     if model.in_channels != data.in_channels:
         raise UsageError(f"the encoder takes {model.in_channels}-channel images, {dataset} has "
                          f"{data.in_channels}")
     torch.manual_seed(cfg.seed)  # the run's own initialisation, for a like-for-like baseline
-    random_init = build_encoder(read_checkpoint(args.run)["spec"]["encoder"],
+    random_init = build_encoder(read_checkpoint(run)["spec"]["encoder"],
                                 in_channels=model.in_channels, embedding_dim=model.embedding_dim,
                                 norm=cfg.norm, width=cfg.width)
-    kw = dict(device=device, augment=augment_params(cfg), seed=args.seed, linear_probe=True)
-    summary = {"dataset": data.name, "trained": evaluate_encoder(model, data, **kw),
-               "random_init": evaluate_encoder(random_init, data, **kw),
-               "raw_pixel_knn": raw_pixel_knn(data)}
-    Console().print(_summary_table(summary))
+    kw = dict(device=torch_device, augment=augment_params(cfg), seed=seed, linear_probe=True)
+    return {"dataset": data.name, "trained": evaluate_encoder(model, data, **kw),
+            "random_init": evaluate_encoder(random_init, data, **kw),
+            "raw_pixel_knn": raw_pixel_knn(data)}
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    summary = evaluate_run(args.run, args.dataset, seed=args.seed, device=args.device)
+    Console().print(summary_table(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
@@ -195,7 +207,7 @@ def _run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"train-local-{Path(cfg.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     console = Console(stderr=True)
     summary = train_local(cfg, out, quiet=args.quiet, console=console)
-    Console().print(_summary_table(summary))
+    Console().print(summary_table(summary))
     print(f"run directory: {Path(out).resolve()}")
     return 0
 

@@ -2,8 +2,9 @@
 
 Flower starts a fresh ClientApp process for every message, and ``context.state``
 lasts one run only. What a client must remember longer (how many rounds it has
-trained, hence where its random stream continues; later its privacy accountant)
-lives in a directory named after its stable ``client-id``:
+trained, hence where its random stream continues; its privacy accountant, which must
+compose every release of its data over rounds, restarts and runs) lives in a directory
+named after its stable ``client-id``:
 
 - node config ``state-dir`` when given (an absolute path is best; a relative one is
   taken from the SuperNode's working directory);
@@ -13,7 +14,9 @@ lives in a directory named after its stable ``client-id``:
 
 The directory holds ``state.json``, written atomically (temp file + rename): a crash
 leaves the previous state, never half of one. One SuperNode runs one ClientApp at a
-time, so there is one writer.
+time, so there is one writer. Format 2 added the privacy fields (accountant, noise
+calibration, un-noised pushes); a format-1 file reads as a client that has released
+nothing under DP.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ import os
 import re
 import zlib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.accounting import NoiseCalibration, PrivacyAccountant
+
 STATE_FILE = "state.json"
-STATE_FORMAT = "fedcontrast-client-state/1"
+STATE_FORMAT = "fedcontrast-client-state/2"
+_READABLE_FORMATS = ("fedcontrast-client-state/1", STATE_FORMAT)
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -59,11 +65,20 @@ class ClientState:
         client_id: the stable identity the directory is named for.
         rounds_trained: rounds this client has trained, over all runs.
         runs: run id (as a string) -> the last round trained in that run.
+        accountant: every DP-SGD step and push release of this client's data, over
+            all runs (see :mod:`common.accounting`).
+        calibration: the DP-SGD noise derived from ``--target-epsilon`` and the plan it
+            was derived for; ``None`` until one is derived.
+        unnoised_pushes: queue-token digest -> the latest version at which this client
+            pushed rows without noise under DP (see :func:`client.privacy.plan_round`).
     """
 
     client_id: str
     rounds_trained: int = 0
     runs: dict[str, int] = field(default_factory=dict)
+    accountant: PrivacyAccountant = field(default_factory=PrivacyAccountant)
+    calibration: NoiseCalibration | None = None
+    unnoised_pushes: dict[str, int] = field(default_factory=dict)
 
     def seed(self, base_seed: int) -> int:
         """Seed of this round's random stream: distinct per client and per round trained."""
@@ -92,12 +107,19 @@ class StateDir:
             return ClientState(self.client_id)
         try:
             payload: dict[str, Any] = json.loads(self.file.read_text())
-            if payload.get("format") != STATE_FORMAT:
+            if payload.get("format") not in _READABLE_FORMATS:
                 raise ValueError(f"format {payload.get('format')!r}, expected {STATE_FORMAT!r}")
+            accountant = payload.get("accountant")
+            calibration = payload.get("calibration")
             state = ClientState(
                 client_id=str(payload["client_id"]),
                 rounds_trained=int(payload["rounds_trained"]),
                 runs={str(k): int(v) for k, v in dict(payload.get("runs", {})).items()},
+                accountant=(PrivacyAccountant() if accountant is None
+                            else PrivacyAccountant.from_state_dict(accountant)),
+                calibration=None if calibration is None else NoiseCalibration.from_dict(calibration),
+                unnoised_pushes={str(k): int(v) for k, v
+                                 in dict(payload.get("unnoised_pushes", {})).items()},
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{self.file} is not a FedContrast client state ({exc})") from exc
@@ -111,6 +133,13 @@ class StateDir:
     def save(self, state: ClientState) -> Path:
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"format": STATE_FORMAT, **asdict(state)}, indent=2) + "\n")
+        payload = {
+            "format": STATE_FORMAT, "client_id": state.client_id,
+            "rounds_trained": state.rounds_trained, "runs": state.runs,
+            "accountant": state.accountant.state_dict(),
+            "calibration": None if state.calibration is None else state.calibration.as_dict(),
+            "unnoised_pushes": state.unnoised_pushes,
+        }
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
         os.replace(tmp, self.file)
         return self.file

@@ -138,10 +138,13 @@ class QueueClient:
         exclude_own: bool = True,
         dtype: torch.dtype = torch.float16,
         policy: str = "uniform",
+        only_own: bool = False,
     ) -> torch.Tensor | None:
         """Up to ``n`` rows no older than ``max_age`` (``None``: the server's bound).
 
         Args:
+            exclude_own: leave out the rows this node pushed.
+            only_own: only the rows this node pushed (give ``exclude_own=False``).
             dtype: precision on the wire and of the result (float16 halves the bytes).
             policy: ``"uniform"`` or ``"recent"``.
 
@@ -155,6 +158,7 @@ class QueueClient:
             count=n,
             max_age=max_age,
             exclude_own=exclude_own,
+            only_own=only_own,
             dtype=wire_dtype(dtype),
             policy=_POLICIES[policy],
         )
@@ -306,6 +310,8 @@ class GlobalNegatives:
         refresh_every: pull every this many steps; serve the cache in between.
         exclude_own: leave out rows this node pushed (needed under DP when own
             rows were pushed without noise).
+        only_own: pull only rows this node pushed (a per-client queue; the ``fedmoco``
+            baseline of ``fedcontrast compare``); excludes ``exclude_own``.
     """
 
     def __init__(
@@ -315,7 +321,10 @@ class GlobalNegatives:
         max_age: int,
         refresh_every: int = 1,
         exclude_own: bool = True,
+        only_own: bool = False,
     ) -> None:
+        if exclude_own and only_own:
+            raise ValueError("exclude_own and only_own cannot both be set")
         if num_negatives <= 0:
             raise ValueError(f"num_negatives must be positive, got {num_negatives}")
         if max_age < 0:
@@ -327,6 +336,7 @@ class GlobalNegatives:
         self.max_age = max_age
         self.refresh_every = refresh_every
         self.exclude_own = exclude_own
+        self.only_own = only_own
         self._cache: torch.Tensor | None = None  # K x D, unit-norm float32
         self._last_refresh: int | None = None
         self._metrics = dict.fromkeys(
@@ -358,7 +368,8 @@ class GlobalNegatives:
     def _refresh(self, step: int) -> None:
         self._last_refresh = step
         self._metrics["refreshes"] += 1
-        rows = self.client.pull(self.num_negatives, self.max_age, exclude_own=self.exclude_own)
+        rows = self.client.pull(self.num_negatives, self.max_age, exclude_own=self.exclude_own,
+                                only_own=self.only_own)
         if rows is None:
             self._metrics["misses"] += 1
             self._cache = None

@@ -10,6 +10,9 @@ negatives. Key modes:
 - ``ema``: a momentum copy, updated after every step (MoCo, He et al. 2020).
 - ``frozen``: a copy fixed for the trainer's lifetime (in federation: the global
   encoder received this round, so keys and pushed rows share one version).
+
+With a :class:`client.privacy.DPSGD`, steps are DP-SGD steps: Poisson-sampled
+batches, per-example clipping and Gaussian noise (see :mod:`client.privacy`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from client.negatives import NegativeSource
+from client.privacy import DPSGD, check_private_training
 from common.augment import Augmenter, AugmentParams
 from common.config import TrainConfig
 from common.encoders import ContrastiveModel
@@ -92,6 +96,10 @@ class ContrastiveTrainer:
         lr_schedule: maps the trainer's global step to a learning rate (constant
             ``cfg.lr`` when not given).
         generator: the CPU generator that draws views and batch order.
+        optimizer: the optimiser (:func:`make_optimizer` of ``cfg`` when not given).
+        dp: train with DP-SGD: batches by Poisson sampling, per-example clipping and
+            noise. Refused (``ValueError``) with in-batch negatives, a shared key, a
+            model with BatchNorm, or a source of this client's own un-noised keys.
     """
 
     def __init__(
@@ -105,6 +113,7 @@ class ContrastiveTrainer:
         lr_schedule: Callable[[int], float] | None = None,
         generator: torch.Generator | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        dp: DPSGD | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = device
@@ -117,6 +126,10 @@ class ContrastiveTrainer:
             self.key_model.requires_grad_(False)
             self.key_model.eval()
         self.optimizer = optimizer if optimizer is not None else make_optimizer(self.model, cfg)
+        self.dp = dp
+        if dp is not None:
+            check_private_training(cfg, self.model, self.sources, dp.own_rows_noised)
+            self.optimizer = dp.attach(self.model, self.optimizer)
         self.lr_schedule = lr_schedule or (lambda _step: cfg.lr)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
         self.augment = Augmenter(augment_params(cfg))
@@ -142,6 +155,14 @@ class ContrastiveTrainer:
         """Per-example loss on a batch ``x`` (N, C, H, W); returns (loss (N,), keys of view 2)."""
         v1 = self.augment(x, self.generator)
         v2 = self.augment(x, self.generator)
+        return self.view_loss(v1, v2, negatives)
+
+    def view_loss(self, v1: Tensor, v2: Tensor, negatives: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Per-example loss of two views (N, C, H, W) of a batch; returns (loss (N,), keys of v2).
+
+        With ``symmetric``, the trainable model runs on both views: two forward passes
+        whose per-example gradients add up (what DP-SGD clips is their sum per example).
+        """
         q1 = self.model(v1)  # N x D
         k2 = self._keys(v2)  # N x D
         loss = info_nce(q1, k2, negatives, self.cfg.temperature, in_batch=self.cfg.in_batch)
@@ -153,10 +174,18 @@ class ContrastiveTrainer:
         return loss, k2.detach()
 
     def train_step(self, x: Tensor) -> tuple[float, int, bool]:
-        """One optimiser step on the batch; returns (mean loss, negatives used, had source rows)."""
+        """One optimiser step on the batch; returns (mean loss, negatives used, had source rows).
+
+        Under DP-SGD an empty batch (a Poisson draw of no example) is a noise-only step.
+        """
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_schedule(self.step)
+        if self.dp is not None and x.shape[0] == 0:
+            self.dp.noise_only_step()
+            self._momentum_update()
+            self.step += 1
+            return 0.0, 0, False
         negatives, had_rows = self._bank()
         if negatives is None and not self.cfg.in_batch and x.shape[0] > 0:
             # No in-batch negatives and every source empty (round 1 of a fresh queue,
@@ -170,7 +199,10 @@ class ContrastiveTrainer:
         loss, keys = self.loss_on(x, negatives)
         mean = loss.mean()
         self.optimizer.zero_grad(set_to_none=True)
-        mean.backward()
+        if self.dp is not None:
+            self.dp.backward(mean)
+        else:
+            mean.backward()
         self.optimizer.step()
         self._momentum_update()
         for s in self.sources:
@@ -191,13 +223,20 @@ class ContrastiveTrainer:
 
     def train_epoch(self, x: Tensor, on_step: StepCallback | None = None) -> EpochStats:
         """One shuffled pass over ``x`` (N, C, H, W) in batches; the last short batch is dropped
-        when it would hold fewer than 2 examples (InfoNCE needs a batch to contrast)."""
+        when it would hold fewer than 2 examples (InfoNCE needs a batch to contrast).
+
+        Under DP-SGD: ``dp.steps_per_epoch`` Poisson-sampled batches instead, every one a
+        step, empty or not (the accountant counts them all).
+        """
         n = x.shape[0]
-        order = torch.randperm(n, generator=self.generator)
-        bs = self.cfg.batch_size
-        batches = [order[i : i + bs] for i in range(0, n, bs)]
-        if len(batches) > 1 and len(batches[-1]) < 2:
-            batches.pop()
+        if self.dp is not None:
+            batches = self.dp.batches(n)
+        else:
+            order = torch.randperm(n, generator=self.generator)
+            bs = self.cfg.batch_size
+            batches = [order[i : i + bs] for i in range(0, n, bs)]
+            if len(batches) > 1 and len(batches[-1]) < 2:
+                batches.pop()
         total_loss, total_neg, empty, seen = 0.0, 0, 0, 0
         for i, idx in enumerate(batches):
             loss, k, had_rows = self.train_step(x[idx])
@@ -207,7 +246,7 @@ class ContrastiveTrainer:
                 )
             total_loss += loss * len(idx)
             total_neg += k
-            empty += int(bool(self.sources) and not had_rows)
+            empty += int(bool(self.sources) and not had_rows and len(idx) > 0)
             seen += len(idx)
             if on_step is not None:
                 on_step(i + 1, len(batches), loss)

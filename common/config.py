@@ -18,7 +18,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -95,21 +95,19 @@ class FedConfig(TrainConfig):
     partitioner: str = _f("iid", "how data is split across clients", ("iid", "dirichlet", "shards"))
     dirichlet_alpha: float = _f(0.5, "Dirichlet concentration (partitioner dirichlet)")
     classes_per_client: int = _f(2, "classes per client (partitioner shards)")
-    global_negatives: int = _f(1024, "negatives pulled from the global queue per step (0: none)")
+    global_negatives: int = _f(64, "negatives pulled from the global queue per step (0: none)")
     queue_capacity: int = _f(4096, "rows held by the global queue")
-    max_age: int = _f(2, "rows older than this many rounds are evicted and never pulled")
+    max_age: int = _f(1, "rows older than this many rounds are evicted and never pulled")
     push_fraction: float = _f(0.2, "fraction of local examples whose keys are pushed per round")
     refresh_every: int = _f(1, "pull fresh global negatives every N steps")
+    pull_scope: str = _f(
+        "others",
+        "whose rows a client pulls: others (never its own), all, or own (only its own: a "
+        "per-client queue, the fedmoco baseline)",
+        ("others", "all", "own"),
+    )
     queue_port: int = _f(0, "port of the queue service (0: a free one)")
     queue_host: str = _f("127.0.0.1", "address the queue service binds and advertises")
-    # Federation needs keys from the round's global encoder: every pushed row and every
-    # positive key of a round then share one encoder version (see client.trainer).
-    key_mode: str = _f(
-        "frozen",
-        "shared: one network, gradients through both views (SimCLR); "
-        "ema: momentum key encoder (MoCo); frozen: key encoder fixed at the round's global model",
-        KEY_MODES,
-    )
     wait_nodes_timeout: float = _f(
         120.0, "seconds to wait for --min-nodes nodes to be online before a round starts"
     )
@@ -122,6 +120,27 @@ class FedConfig(TrainConfig):
         "while the training loss falls",
     )
     stop_on_collapse: bool = _f(False, "end the run early when collapse is suspected")
+    # privacy (example-level DP per client: DP-SGD through Opacus, noisy pushes, one
+    # RDP accountant per client composing both; see README, threat model)
+    dp: bool = _f(False, "train with DP-SGD (per-example clipping, Gaussian noise, Poisson sampling)")
+    max_grad_norm: float = _f(1.0, "per-example gradient clipping norm C (dp)")
+    noise_multiplier: float = _f(
+        0.0, "DP-SGD noise std over C (dp; 0: derive it from --target-epsilon)"
+    )
+    target_epsilon: float = _f(
+        0.0,
+        "epsilon the client's whole planned run (DP-SGD steps and push releases, every "
+        "round it could be sampled in) must not exceed; sets the noise (dp; 0: none)",
+    )
+    delta: float = _f(1e-5, "delta of the reported (epsilon, delta) (dp)")
+    push_noise: float = _f(
+        0.0,
+        "Gaussian noise std added to each pushed unit-norm row before renormalising "
+        "(dp; 0: pushes are not covered by the privacy accounting)",
+    )
+    epsilon_budget: float = _f(
+        0.0, "stop the run once the largest client epsilon reaches this (dp; 0: no limit)"
+    )
 
 
 _SCALARS = (bool, int, float, str)
@@ -306,6 +325,55 @@ def validate(cfg: TrainConfig) -> None:
         need(math.isfinite(cfg.collapse_uniformity), "collapse_uniformity", "must be finite")
         need(cfg.in_batch or cfg.queue_size > 0 or cfg.global_negatives > 0, "in_batch",
              "is off with no local queue and no global negatives: there would be no negatives")
+        _validate_privacy(cfg, need)
+
+
+#: Why each setting below is refused with DP-SGD (shared with :mod:`client.privacy`).
+DP_REFUSED = {
+    "in_batch": "in-batch negatives couple the examples of a batch, so per-example clipping "
+                "no longer bounds one example's influence: set --in-batch false",
+    "norm": "BatchNorm mixes the examples of a batch (its statistics leak them) and Opacus "
+            "cannot compute per-example gradients through it: use --norm group, layer or instance",
+    "queue_size": "the local queue holds un-noised keys of this client's own data, which as "
+                  "negatives would couple examples like in-batch negatives: set --queue-size 0 "
+                  "(global negatives, noised own pushes and random rows remain)",
+    "key_mode": "the positive key must be a detached constant for the loss to be per-example: "
+                "use --key-mode frozen or ema",
+}
+
+
+def _validate_privacy(cfg: FedConfig, need: Callable[[bool, str, str], None]) -> None:
+    """Ranges of the privacy settings and the combinations DP-SGD cannot make private."""
+    need(math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm > 0, "max_grad_norm",
+         "must be positive")
+    need(math.isfinite(cfg.noise_multiplier) and cfg.noise_multiplier >= 0, "noise_multiplier",
+         "must be zero or more")
+    need(math.isfinite(cfg.target_epsilon) and cfg.target_epsilon >= 0, "target_epsilon",
+         "must be zero or more")
+    need(0 < cfg.delta < 1, "delta", "must be in (0, 1)")
+    need(math.isfinite(cfg.push_noise) and cfg.push_noise >= 0, "push_noise", "must be zero or more")
+    need(math.isfinite(cfg.epsilon_budget) and cfg.epsilon_budget >= 0, "epsilon_budget",
+         "must be zero or more")
+    if not cfg.dp:
+        for name in ("noise_multiplier", "target_epsilon", "push_noise", "epsilon_budget"):
+            need(getattr(cfg, name) == 0, name,
+                 "needs --dp true: without DP-SGD the weights sent to the server are not "
+                 "private, so noise or a budget would protect nothing; enable --dp or set it to 0")
+        return
+    need(not cfg.in_batch, "in_batch", "with --dp true: " + DP_REFUSED["in_batch"])
+    need(cfg.norm != "batch", "norm", "with --dp true: " + DP_REFUSED["norm"])
+    need(cfg.queue_size == 0, "queue_size", "with --dp true: " + DP_REFUSED["queue_size"])
+    need(cfg.key_mode != "shared", "key_mode", "with --dp true: " + DP_REFUSED["key_mode"])
+    need(cfg.pull_scope == "others" or cfg.push_noise > 0, "pull_scope",
+         f"{cfg.pull_scope!r} with --dp true and --push-noise 0 would return this client's "
+         "own un-noised rows as negatives, coupling its examples: use --pull-scope others "
+         "or noise the pushes")
+    need(cfg.noise_multiplier > 0 or cfg.target_epsilon > 0, "noise_multiplier",
+         "is 0 with --dp true and no --target-epsilon: give the DP-SGD noise, or a target "
+         "epsilon to derive it from")
+    need(cfg.noise_multiplier == 0 or cfg.target_epsilon == 0, "target_epsilon",
+         "and --noise-multiplier are both set: give one (the noise, or the target it is "
+         "derived from)")
 
 
 def resolve_device(spec: str) -> Any:

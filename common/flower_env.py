@@ -239,4 +239,7 @@ def route_logs_to_flower(names: Sequence[str] = ("common", "client", "server")) 
         if not ours.handlers:
             for handler in flower.handlers:
                 ours.addHandler(handler)
+            # Flower's handlers show it once; the simulation engine also gives the root
+            # logger a handler, which would print every line a second time.
+            ours.propagate = not flower.handlers
         ours.setLevel(logging.INFO)

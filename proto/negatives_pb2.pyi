@@ -54,20 +54,22 @@ class PushResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ..., queue_version: _Optional[int] = ..., quota_remaining: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("count", "max_age", "exclude_own", "dtype", "policy", "include_versions")
+    __slots__ = ("count", "max_age", "exclude_own", "dtype", "policy", "include_versions", "only_own")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     MAX_AGE_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_OWN_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ONLY_OWN_FIELD_NUMBER: _ClassVar[int]
     count: int
     max_age: int
     exclude_own: bool
     dtype: DType
     policy: SamplePolicy
     include_versions: bool
-    def __init__(self, count: _Optional[int] = ..., max_age: _Optional[int] = ..., exclude_own: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ..., policy: _Optional[_Union[SamplePolicy, str]] = ..., include_versions: _Optional[bool] = ...) -> None: ...
+    only_own: bool
+    def __init__(self, count: _Optional[int] = ..., max_age: _Optional[int] = ..., exclude_own: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ..., policy: _Optional[_Union[SamplePolicy, str]] = ..., include_versions: _Optional[bool] = ..., only_own: _Optional[bool] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("embeddings", "versions", "queue_version")

@@ -296,6 +296,7 @@ class NegativeQueue:
         exclude: int | None = None,
         policy: str = "uniform",
         generator: torch.Generator | None = None,
+        only: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample at most ``n`` rows no older than ``max_age``.
 
@@ -303,6 +304,7 @@ class NegativeQueue:
             n: most rows returned (fewer when fewer are eligible).
             max_age: age bound (``None``: the queue's ``max_age``).
             exclude: leave out this contributor's rows.
+            only: return only this contributor's rows (not together with ``exclude``).
             policy: ``"uniform"`` (without replacement) or ``"recent"`` (latest pushed).
             generator: RNG for ``"uniform"`` (on the queue's device).
 
@@ -316,6 +318,8 @@ class NegativeQueue:
             raise ValueError(f"max_age must be >= 0, got {max_age}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if exclude is not None and only is not None:
+            raise ValueError("exclude and only cannot be combined")
         age_bound = self.max_age if max_age is None else max_age
         # index_select / masked_select / narrow rather than tensor[index]: several times
         # faster on CPU, and a pull of thousands of rows is the service's hot path.
@@ -326,10 +330,12 @@ class NegativeQueue:
                 eligible = self._versions.index_select(0, slots) >= oldest
                 if exclude is not None:
                     eligible &= self._contributors.index_select(0, slots) != exclude
+                if only is not None:
+                    eligible &= self._contributors.index_select(0, slots) == only
                 slots = slots.masked_select(eligible)
                 chosen = slots[slots.numel() - min(n, slots.numel()) :]
             else:
-                chosen = self._sample_locked(n, oldest, exclude, generator)
+                chosen = self._sample_locked(n, oldest, exclude, generator, only)
             rows = self._rows.index_select(0, chosen)
             versions = self._versions.index_select(0, chosen)
             self._counters["pull_calls"] += 1
@@ -337,7 +343,12 @@ class NegativeQueue:
         return rows, versions
 
     def _sample_locked(
-        self, n: int, oldest: int, exclude: int | None, generator: torch.Generator | None
+        self,
+        n: int,
+        oldest: int,
+        exclude: int | None,
+        generator: torch.Generator | None,
+        only: int | None = None,
     ) -> torch.Tensor:
         """Slots of at most ``n`` eligible rows, uniformly without replacement."""
         size = self._size
@@ -345,6 +356,8 @@ class NegativeQueue:
         eligible = self._versions.narrow(0, 0, size) >= oldest
         if exclude is not None:
             eligible &= self._contributors.narrow(0, 0, size) != exclude
+        if only is not None:
+            eligible &= self._contributors.narrow(0, 0, size) == only
         count = int(eligible.sum())
         # int32 indices: a faster permutation and gather than int64 ones.
         pick = torch.randperm(count, generator=generator, device=self.device, dtype=torch.int32)

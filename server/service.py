@@ -227,6 +227,8 @@ class NegativeQueueServicer(pb_grpc.NegativeQueueServicer):
             pb.DTYPE_FLOAT16,
         ):
             problem = f"reply dtype {request.dtype} is not DTYPE_FLOAT32 or DTYPE_FLOAT16"
+        elif request.exclude_own and request.only_own:
+            problem = "exclude_own and only_own cannot both be set"
         if problem:
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         dtype = (
@@ -237,6 +239,7 @@ class NegativeQueueServicer(pb_grpc.NegativeQueueServicer):
             max_age=request.max_age if request.HasField("max_age") else None,
             exclude=caller.contributor if request.exclude_own else None,
             policy=_POLICIES[request.policy],
+            only=caller.contributor if request.only_own else None,
         )
         reply = pb.PullResponse(queue_version=self._queue.version)
         if request.include_versions:

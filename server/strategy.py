@@ -34,6 +34,13 @@ valid replies arrived; otherwise the global weights stay as they were.
 Aggregation of the metrics: weighted means (by ``num-examples``) from the
 wrapped strategy for losses and geometry, sums for counts (:data:`SUMMED_KEYS`),
 the maximum for privacy spent (:data:`MAX_KEYS`).
+
+Privacy in the round rows (``--dp true``): ``epsilon`` is the largest epsilon a client
+reported this round, ``epsilon_max`` the largest over every client seen so far in the
+run (a resumed run continues from its rows), ``pushes_private`` is 0 when pushed rows
+are not noised and so not covered by any epsilon. Statistics that DP clients withhold
+(:data:`client.privacy.WITHHELD_UNDER_DP`) are left out of the rows. With
+``--epsilon-budget``, the round whose ``epsilon_max`` reaches it is the last.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 
+from client.privacy import WITHHELD_UNDER_DP
 from client.trainer import cosine_lr
 from common.config import FedConfig
 from common.rundir import RunDir
@@ -255,6 +263,12 @@ class RoundDriver:
         self.pushed_by_slot: dict[int, int] = {}
         self.last_eval: dict[str, float] = {}
         self.stopped_early: str | None = None
+        # Clients' epsilons only grow, so the largest ever reported is the largest now.
+        self.epsilon_max = max((float(r.get("epsilon_max", r.get("epsilon", -1.0)))
+                                for r in run_dir.read_metrics()), default=-1.0)
+        if cfg.dp and cfg.push_fraction > 0 and cfg.push_noise == 0:
+            logger.warning("--dp true with --push-noise 0: pushed rows are un-noised embeddings of "
+                           "the clients' data and are NOT covered by the reported epsilon")
 
     # ------------------------------------------------------------------ the loop
 
@@ -320,9 +334,12 @@ class RoundDriver:
             "replied": len(valid), "failed": failed, "dropped": dropped, "timed_out": len(missing),
         }
         metrics = combine_metrics(contents, means) if contents else {}
+        if self.cfg.dp:
+            metrics = {k: v for k, v in metrics.items() if k not in WITHHELD_UNDER_DP}
         row.update({row_key(k): v for k, v in metrics.items()})
-        if counted:
+        if counted and "train-loss" in metrics:
             self.losses.append(float(metrics["train-loss"]))
+        self._privacy(rnd, row, metrics)
         stats = self.queue.stats()
         row.update({"queue_size": stats["size"], "queue_version": stats["version"],
                     "queue_pushed_rows_total": stats["counters"]["pushed_rows"],
@@ -380,6 +397,19 @@ class RoundDriver:
                 ttl=self.cfg.round_timeout + 10.0,
             ))
         return messages
+
+    def _privacy(self, rnd: int, row: dict[str, Any], metrics: dict[str, float | int]) -> None:
+        """Running maximum epsilon, the pushes flag, and the budget stop."""
+        if "epsilon" in metrics:
+            self.epsilon_max = max(self.epsilon_max, float(metrics["epsilon"]))
+        row["epsilon_max"] = self.epsilon_max
+        row["pushes_private"] = int(self.cfg.dp and (self.cfg.push_noise > 0
+                                                     or self.cfg.push_fraction == 0))
+        budget = self.cfg.epsilon_budget
+        if budget > 0 and self.epsilon_max >= budget:
+            self.stopped_early = (f"privacy budget reached at round {rnd}: epsilon "
+                                  f"{self.epsilon_max:.4g} >= --epsilon-budget {budget:g}")
+            logger.warning("round %d: %s; stopping", rnd, self.stopped_early)
 
     def _collapse_guard(self, rnd: int, row: dict[str, Any]) -> None:
         uniformity = row.get("uniformity_head")

@@ -6,9 +6,12 @@ import grpc
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from opacus.accountants import RDPAccountant
 
 from client import app as client_app
+from client import trainer as trainer_module
 from client.app import NodeSettings
 from client.state import StateDir, default_state_dir
 from client.stub import QueueClient
@@ -65,8 +68,8 @@ def train_message(address: str, token: str = TOKEN, rnd: int = 1) -> Message:
                    dst_node_id=7, message_type=MessageType.TRAIN)
 
 
-def context(node_config: dict, cfg: FedConfig = CFG) -> Context:
-    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+def context(node_config: dict, cfg: FedConfig = CFG, run_id: int = 1) -> Context:
+    return Context(run_id=run_id, node_id=7, node_config=node_config, state=RecordDict(),
                    run_config=to_run_config(cfg))
 
 
@@ -177,3 +180,125 @@ def test_node_settings_defaults(monkeypatch, tmp_path):
         NodeSettings.from_node_config({"partition-id": 3, "num-partitions": 3})
     with pytest.raises(ValueError, match="client-id"):
         NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 1, "client-id": "../x"})
+
+
+# -- differential privacy -------------------------------------------------------------
+
+#: 96 examples, batch 32: 3 Poisson steps per epoch at q = 1/3; pushes at rate 0.5.
+DP = FedConfig(**{**CFG.__dict__, "in_batch": False, "key_mode": "frozen", "dp": True,
+                  "noise_multiplier": 1.0, "push_noise": 2.0})
+
+
+def opacus_epsilon(rounds: int, cfg: FedConfig = DP, sigma: float | None = None) -> float:
+    """Epsilon after ``rounds`` rounds, computed step by step with Opacus's own accountant."""
+    accountant = RDPAccountant()
+    for _ in range(rounds):
+        for _ in range(cfg.local_epochs * 3):
+            accountant.step(noise_multiplier=sigma or cfg.noise_multiplier, sample_rate=1 / 3)
+        if cfg.push_noise > 0:
+            accountant.step(noise_multiplier=cfg.push_noise / 2, sample_rate=cfg.push_fraction)
+    return accountant.get_epsilon(cfg.delta)
+
+
+def test_epsilon_carries_on_across_rounds_restarts_and_a_resumed_run(images, queue_server, tmp_path):
+    path, _ = images
+    queue, server = queue_server
+    node = node_config(path, tmp_path)
+    epsilons = []
+    # Every call is a fresh ClientApp, as Flower starts one per message: what carries on
+    # is the state directory. Round 3 comes from a resumed server run (a new run id).
+    for run_id, rnd in [(1, 1), (1, 2), (2, 3)]:
+        queue.advance(rnd)
+        msg = train_message(server.address, rnd=rnd)
+        reply = client_app.train(msg, context(node, DP, run_id=run_id))
+        assert check_reply(reply, msg.content["arrays"]) is None
+        epsilons.append(reply.content["metrics"]["epsilon"])
+    assert epsilons == pytest.approx([opacus_epsilon(r) for r in (1, 2, 3)], rel=1e-9)
+    assert 0 < epsilons[0] < epsilons[1] < epsilons[2]
+    state = StateDir(tmp_path / "state", "alice").load()
+    assert state.runs == {"1": 2, "2": 3}
+    assert state.accountant.epsilon(DP.delta) == pytest.approx(epsilons[-1])
+
+
+def test_a_round_is_accounted_before_anything_is_released(images, queue_server, tmp_path):
+    path, _ = images
+    _queue, server = queue_server
+    msg = train_message(server.address)
+    msg.content["arrays"] = ArrayRecord({"not-the-encoder": torch.zeros(3)})  # fails in training
+    with pytest.raises(ValueError, match="do not fit"):
+        client_app.train(msg, context(node_config(path, tmp_path), DP))
+    state = StateDir(tmp_path / "state", "alice").load()
+    assert state.rounds_trained == 0  # the round failed ...
+    assert state.accountant.epsilon(DP.delta) == pytest.approx(opacus_epsilon(1))  # ... counted
+
+
+def test_noise_derived_from_the_target_stays_fixed_and_meets_it(images, queue_server, tmp_path):
+    path, _ = images
+    queue, server = queue_server
+    cfg = FedConfig(**{**DP.__dict__, "noise_multiplier": 0.0, "target_epsilon": 4.0, "rounds": 2,
+                       "push_noise": 6.0})
+    node = node_config(path, tmp_path)
+    sigmas, epsilons = [], []
+    for rnd in (1, 2):
+        queue.advance(rnd)
+        reply = client_app.train(train_message(server.address, rnd=rnd), context(node, cfg))
+        epsilons.append(reply.content["metrics"]["epsilon"])
+        sigmas.append(StateDir(tmp_path / "state", "alice").load().calibration.noise_multiplier)
+    assert sigmas[0] == sigmas[1]
+    assert epsilons[1] == pytest.approx(opacus_epsilon(2, cfg, sigma=sigmas[0]), rel=1e-9)
+    assert 0.99 * 4.0 <= epsilons[1] <= 4.0  # the whole planned run, both rounds, meets it
+
+
+def test_unnoised_pushes_are_flagged_and_local_statistics_withheld(images, queue_server,
+                                                                   tmp_path, caplog):
+    path, _ = images
+    _queue, server = queue_server
+    cfg = FedConfig(**{**DP.__dict__, "push_noise": 0.0})
+    reply = client_app.train(train_message(server.address), context(node_config(path, tmp_path), cfg))
+    m = reply.content["metrics"]
+    assert m["train-loss"] == m["alignment"] == m["uniformity"] == 0.0
+    assert m["pushed-rows"] > 0
+    assert m["epsilon"] == pytest.approx(opacus_epsilon(1, cfg))  # DP-SGD only
+    assert "pushes are NOT covered by differential privacy" in caplog.text
+
+
+def _max_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((F.normalize(a.float(), dim=1) @ F.normalize(b.float(), dim=1).T).max())
+
+
+@pytest.mark.parametrize("push_noise, restarted, own_rows_reach_the_loss", [
+    (0.0, False, False),
+    (0.0, True, False),  # a new token, hence slot: exclude_own alone would miss its old rows
+    (2.0, False, True),  # noised and accounted rows may come back (with --pull-scope all)
+])
+def test_under_dp_no_unnoised_own_row_reaches_the_loss(images, tmp_path, monkeypatch, push_noise,
+                                                       restarted, own_rows_reach_the_loss):
+    path, _ = images
+    bob_token, restarted_token = "bob-token-0123456789", "restarted-token-0123456789"
+    cfg = FedConfig(**{**DP.__dict__, "push_noise": push_noise, "max_age": 2,
+                       "pull_scope": "all" if push_noise > 0 else "others"})
+    node = node_config(path, tmp_path)
+    queue = NegativeQueue(1024, CFG.embedding_dim, max_age=cfg.max_age)
+    queue.advance(1)
+    with QueueServer(queue, {TOKEN: 0, bob_token: 1, restarted_token: 2}) as server:
+        client_app.train(train_message(server.address, rnd=1), context(node, cfg))
+        queue.advance(2)
+        with QueueClient(server.address, bob_token) as bob:
+            assert bob.push(F.normalize(torch.randn(40, CFG.embedding_dim), dim=1), 2)
+        own, _ = queue.pull(1024, exclude=1)  # what alice pushed in round 1
+        others, _ = queue.pull(1024, exclude=0)
+        assert len(own) > 0 and len(others) == 40
+
+        seen: list[torch.Tensor] = []
+        info_nce = trainer_module.info_nce
+
+        def recording(query, positive_key, negatives=None, *args, **kwargs):
+            seen.append(negatives.detach().clone())
+            return info_nce(query, positive_key, negatives, *args, **kwargs)
+
+        monkeypatch.setattr(trainer_module, "info_nce", recording)
+        token = restarted_token if restarted else TOKEN
+        client_app.train(train_message(server.address, token=token, rnd=2), context(node, cfg))
+    negatives = torch.cat(seen)  # every row any loss of round 2 contrasted against
+    assert _max_cosine(negatives, others) > 0.999  # bob's rows did reach the loss
+    assert (_max_cosine(negatives, own) > 0.999) == own_rows_reach_the_loss

@@ -357,3 +357,16 @@ def test_queue_on_cuda_round_trip(tmp_path):
     restored = NegativeQueue(16, DIM, device="cuda")
     restored.restore(queue.snapshot(tmp_path / "q.pt"))
     assert len(restored) == 3
+
+
+def test_only_returns_the_contributors_own_rows_and_never_with_exclude():
+    queue = NegativeQueue(64, 4, max_age=3)
+    mine = torch.nn.functional.normalize(torch.ones(5, 4), dim=1)
+    theirs = torch.nn.functional.normalize(-torch.ones(7, 4), dim=1)
+    queue.push(1, mine, 0)
+    queue.push(2, theirs, 0)
+    for policy in ("uniform", "recent"):
+        rows, _ = queue.pull(100, only=1, policy=policy)
+        assert rows.shape[0] == 5 and bool((rows.float() @ mine[0] > 0.99).all())
+    with pytest.raises(ValueError, match="cannot be combined"):
+        queue.pull(3, exclude=1, only=1)

@@ -108,6 +108,8 @@ def test_pull_never_returns_the_callers_own_rows(server):
             assert rows.shape == (9, DIM)
             assert torch.cdist(rows, mine).min() > 1e-3
         assert b.pull(100, max_age=2, exclude_own=False).shape == (14, DIM)
+        own = a.pull(100, max_age=2, exclude_own=False, only_own=True, dtype=torch.float32)
+        assert own.shape == (5, DIM) and torch.cdist(own, mine).min(dim=1).values.max() < 1e-6
 
 
 def test_pull_respects_max_age_after_advance(server, queue):
@@ -236,6 +238,8 @@ BAD_REQUESTS = {
     "negative max_age": ("Pull", pb.PullRequest(count=1, max_age=-1), A, INVALID),
     "unknown policy": ("Pull", pb.PullRequest(count=1, policy=9), A, INVALID),
     "unknown reply dtype": ("Pull", pb.PullRequest(count=1, dtype=9), A, INVALID),
+    "exclude_own with only_own": ("Pull", pb.PullRequest(count=1, exclude_own=True, only_own=True),
+                                  A, INVALID),
     "advance with contributor token": ("Advance", pb.AdvanceRequest(version=3), A, DENIED),
     "advance backwards": ("Advance", pb.AdvanceRequest(version=-1), ADMIN, INVALID),
 }

@@ -233,3 +233,60 @@ def test_robust_aggregation_limits_one_poisoned_client(tmp_path, aggregation):
     w_plain = plain.run_round(1, initial()).arrays["w"].numpy()
     assert np.all(np.abs(w_plain - 1.0) > 100)  # FedAvg is dragged away
     assert np.all(np.abs(w_robust - 1.0) <= 0.1)  # the robust rule stays with the honest nodes
+
+
+def dp_config(**overrides) -> FedConfig:
+    values = dict(min_nodes=1, rounds=5, wait_nodes_timeout=0.3, eval_every=0, dp=True,
+                  in_batch=False, key_mode="frozen", noise_multiplier=1.0, push_noise=1.0)
+    values.update(overrides)
+    return FedConfig(**values)
+
+
+def reporting(epsilons: list[float]) -> Node:
+    """A node whose reported epsilon follows ``epsilons``, round by round."""
+    it = iter(epsilons)
+    return lambda msg: honest(epsilon=next(it))(msg)
+
+
+def test_epsilon_max_is_the_largest_over_every_client_so_far(tmp_path):
+    # Node 2 is sampled only in round 1 (it then stops answering): its epsilon still counts.
+    grid = FakeGrid({1: reporting([0.5, 1.0, 1.5]), 2: reporting([2.0])})
+    driver, _, _ = make_driver(tmp_path, grid, cfg=dp_config())
+    driver.run_round(1, initial())
+    del grid.nodes[2]
+    driver.run(initial(), 2, 3)
+    rows = RunDir(tmp_path).read_metrics()
+    assert [r["epsilon"] for r in rows] == [2.0, 1.0, 1.5]
+    assert [r["epsilon_max"] for r in rows] == [2.0, 2.0, 2.0]
+
+
+def test_epsilon_max_continues_from_the_rows_of_a_resumed_run(tmp_path):
+    RunDir(tmp_path).append_metrics({"round": 1, "epsilon": 3.0, "epsilon_max": 3.0})
+    driver, _, _ = make_driver(tmp_path, FakeGrid({1: reporting([1.0])}), cfg=dp_config())
+    assert driver.run_round(2, initial()).row["epsilon_max"] == 3.0
+
+
+def test_the_run_stops_at_the_round_that_reaches_the_epsilon_budget(tmp_path):
+    grid = FakeGrid({1: reporting([0.8, 1.5, 2.2, 3.0, 4.0])})
+    driver, _, _ = make_driver(tmp_path, grid, cfg=dp_config(epsilon_budget=2.0))
+    driver.run(initial(), 1, 5)
+    assert [r["round"] for r in RunDir(tmp_path).read_metrics()] == [1, 2, 3]
+    assert "privacy budget reached at round 3" in driver.stopped_early
+
+
+@pytest.mark.parametrize("push_noise, private", [(0.0, 0), (1.0, 1)])
+def test_rows_say_whether_pushes_are_private_and_omit_withheld_statistics(tmp_path, push_noise,
+                                                                          private, caplog):
+    driver, _, _ = make_driver(tmp_path, FakeGrid({1: reporting([1.0])}),
+                               cfg=dp_config(push_noise=push_noise))
+    row = driver.run_round(1, initial()).row
+    assert row["pushes_private"] == private
+    assert not {"train_loss", "alignment", "uniformity"} & set(row)
+    assert ("NOT covered by the reported epsilon" in caplog.text) == (not private)
+
+
+def test_without_dp_rows_say_no_accounting(tmp_path):
+    driver, _, _ = make_driver(tmp_path, FakeGrid({1: honest()}))
+    row = driver.run_round(1, initial()).row
+    assert (row["epsilon"], row["epsilon_max"], row["pushes_private"]) == (-1.0, -1.0, 0)
+    assert "train_loss" in row

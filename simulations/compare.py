@@ -1,0 +1,362 @@
+"""``fedcontrast compare``: the methods side by side on the same data, partition, encoder and budget.
+
+Methods (``--methods``, all by default):
+
+- ``local``: each client trains alone on its partition; the figures are the mean over
+  clients of each client's encoder.
+- ``fedavg``: FedAvg with in-batch negatives only (FedSimCLR): shared key encoder,
+  no queue.
+- ``fedmoco``: the FedContrast settings (key encoder, number of negatives, pushes,
+  ages), but every client pulls only the rows it pushed itself: a per-client queue.
+  The difference to ``fedcontrast`` is the sharing alone.
+- ``fedcontrast``: negatives pulled from the global queue (the settings as given).
+- ``centralized``: all training data in one place (the upper bound), SimCLR as fedavg.
+
+Fairness: every method uses the same batch size, views, optimiser, learning rate and
+per-round cosine schedule, and the same number of sample-epochs: a federated run
+trains ``fraction_train x local_epochs`` epochs of the data per round for ``rounds``
+rounds; ``local`` and ``centralized`` train as many steps per round-equivalent on
+their data. The federated methods run through ``simulate`` (Flower's simulation
+engine and the real queue service); ``local`` and ``centralized`` run in this
+process. Every encoder is evaluated the same way on the held-out split (kNN and a
+linear probe on backbone features, alignment and uniformity of the head).
+
+Writes ``OUT/compare.md`` (the table), ``OUT/compare.json``, ``OUT/compare.png``
+(kNN accuracy per round for each method) and one run directory per method and seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from client.app import NodeSettings, local_images
+from client.cli import build_model
+from client.trainer import ContrastiveTrainer, augment_params, cosine_lr
+from common.checkpoint import encoder_spec, load_encoder, save_encoder
+from common.cli import Command, UsageError
+from common.config import FedConfig, add_config_arguments, resolve_device
+from common.datasets import Dataset, load_dataset
+from common.encoders import ContrastiveModel
+from common.evaluation import evaluate_encoder
+from common.rundir import RunDir
+from simulations.simulate import (
+    SIMULATION_DEFAULTS,
+    Simulation,
+    add_simulation_arguments,
+    resolve,
+    simulate,
+)
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("local", "fedavg", "fedmoco", "fedcontrast", "centralized")
+FEDERATED = ("fedavg", "fedmoco", "fedcontrast")
+#: SimCLR: one network for both views, in-batch negatives, no queue (fedavg, local, centralized).
+SIMCLR = {"global_negatives": 0, "push_fraction": 0.0, "in_batch": True, "key_mode": "shared",
+          "queue_size": 0}
+#: The table's columns: (result key, header).
+COLUMNS = (("linear_probe_backbone", "linear probe"), ("knn_backbone", "kNN"),
+           ("alignment_head", "alignment"), ("uniformity_head", "uniformity"),
+           ("wall_time_s", "wall time (s)"))
+
+
+def method_config(method: str, base: FedConfig) -> FedConfig:
+    """The settings of ``method``, derived from the FedContrast settings ``base``."""
+    if method == "fedcontrast":
+        return base
+    if method == "fedmoco":
+        return replace(base, pull_scope="own")
+    if method in ("fedavg", "local", "centralized"):
+        return replace(base, **SIMCLR)
+    raise UsageError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+
+
+def steps_per_round(cfg: FedConfig, n_examples: int) -> int:
+    """Optimiser steps one round-equivalent buys on ``n_examples``: fraction x local epochs."""
+    return max(1, math.ceil(cfg.fraction_train * cfg.local_epochs * n_examples / cfg.batch_size))
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    """Endless shuffled passes over range(n), in batches (a last batch of 1 is dropped)."""
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            if len(idx) >= 2:
+                yield idx
+
+
+def train_in_process(
+    cfg: FedConfig,
+    x: torch.Tensor,
+    data: Dataset,
+    *,
+    on_eval: Callable[[int, ContrastiveModel], None] | None = None,
+) -> ContrastiveModel:
+    """Train on ``x`` for ``cfg.rounds`` round-equivalents (the per-round cosine schedule)."""
+    device = resolve_device(cfg.device)
+    model, _spec = build_model(cfg, data)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    lr_at = cosine_lr(cfg.lr, cfg.rounds)
+    state = {"round": 1}
+    trainer = ContrastiveTrainer(model, cfg, device=device, generator=generator,
+                                 lr_schedule=lambda _step: lr_at(state["round"] - 1))
+    per_round = steps_per_round(cfg, x.shape[0])
+    batches = _batches(x.shape[0], cfg.batch_size, generator)
+    for rnd in range(1, cfg.rounds + 1):
+        state["round"] = rnd
+        for _ in range(per_round):
+            loss, _k, _had = trainer.train_step(x[next(batches)])
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} in round {rnd}: lower --lr")
+        if on_eval is not None and cfg.eval_every and (rnd % cfg.eval_every == 0 or rnd == cfg.rounds):
+            on_eval(rnd, trainer.model)
+    return trainer.model
+
+
+def _final_eval(model: ContrastiveModel, cfg: FedConfig, data: Dataset) -> dict[str, float]:
+    device = resolve_device(cfg.device)
+    return evaluate_encoder(model.to(device), data, device=device, augment=augment_params(cfg),
+                            seed=cfg.seed, linear_probe=True)
+
+
+def _knn(model: ContrastiveModel, cfg: FedConfig, data: Dataset) -> float:
+    device = resolve_device(cfg.device)
+    out = evaluate_encoder(model.to(device), data, device=device, augment=augment_params(cfg),
+                           seed=cfg.seed, layers=("backbone",))
+    return out["knn_backbone"]
+
+
+def run_in_process(method: str, cfg: FedConfig, sim: Simulation, data: Dataset,
+                   out: Path) -> dict[str, Any]:
+    """``local`` or ``centralized``: train here, write a run directory, return the figures."""
+    run = RunDir(out)
+    run.write_config(cfg)
+    run.write_versions(method=method)
+    start = time.perf_counter()
+    if method == "centralized":
+        shares = [data.x_train]
+    else:
+        shares = [local_images(cfg, NodeSettings(client_id=f"partition-{i}", state_dir=out,
+                                                 partition_id=i, num_partitions=sim.num_clients))
+                  for i in range(sim.num_clients)]
+    curves: dict[int, list[float]] = {}
+    finals: list[dict[str, float]] = []
+    for i, x in enumerate(shares):
+        if x.shape[0] < 2:
+            logger.warning("%s: client %d has %d example(s); left out", method, i, x.shape[0])
+            continue
+        model = train_in_process(
+            replace(cfg, seed=cfg.seed + i), x, data,
+            on_eval=lambda rnd, m: curves.setdefault(rnd, []).append(_knn(m, cfg, data)),
+        )
+        finals.append(_final_eval(model, cfg, data))
+        if method == "centralized":
+            spec = encoder_spec(cfg.encoder, data.in_channels, cfg.embedding_dim, cfg.norm, cfg.width)
+            save_encoder(model, spec, run.file("encoder.pt"), round=cfg.rounds)
+    for rnd in sorted(curves):
+        run.append_metrics({"round": rnd, "knn_backbone": statistics.fmean(curves[rnd])})
+    result = {key: statistics.fmean(f[key] for f in finals) for key in finals[0]}
+    result["wall_time_s"] = time.perf_counter() - start
+    result["clients_averaged"] = len(finals)
+    run.write_json("summary.json", {"method": method, "final_eval": result})
+    return result
+
+
+def run_federated(method: str, cfg: FedConfig, sim: Simulation, data: Dataset, out: Path,
+                  timeout: float | None) -> dict[str, Any]:
+    """A federated method through ``simulate``; its final encoder evaluated like the others."""
+    start = time.perf_counter()
+    status = simulate(cfg, sim, out, timeout=timeout)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise UsageError(f"{method}: the simulation failed; see {out / 'server.log'}")
+    result = _final_eval(load_encoder(out / "encoder.pt"), cfg, data)
+    result["wall_time_s"] = wall
+    return result
+
+
+def random_init_figures(cfg: FedConfig, data: Dataset) -> dict[str, float]:
+    model, _spec = build_model(cfg, data)
+    return _final_eval(model, cfg, data)
+
+
+def _curve(out: Path) -> list[tuple[int, float]]:
+    rows = RunDir(out).read_metrics()
+    return [(int(r["round"]), float(r["knn_backbone"])) for r in rows
+            if isinstance(r.get("knn_backbone"), (int, float)) and math.isfinite(r["knn_backbone"])]
+
+
+def compare(
+    base: FedConfig,
+    sim: Simulation,
+    out: Path,
+    *,
+    methods: Sequence[str] = METHODS,
+    seeds: Sequence[int] = (0,),
+    timeout: float | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run every method for every seed into ``out``; write and return the comparison."""
+    console = console or Console(stderr=True)
+    out = out.expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    configs = {m: method_config(m, base) for m in methods}  # refuse bad names before any work
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    curves: dict[str, list[list[tuple[int, float]]]] = {m: [] for m in methods}
+    baseline: list[dict[str, float]] = []
+    for seed in seeds:
+        data = load_dataset(base.dataset, seed=seed)
+        baseline.append(random_init_figures(replace(base, seed=seed), data))
+        for method in methods:
+            cfg = replace(configs[method], seed=seed)
+            run_out = out / f"{method}-seed{seed}"
+            console.print(f"[bold]{method}[/bold] seed {seed} -> {run_out}")
+            if method in FEDERATED:
+                result = run_federated(method, cfg, sim, data, run_out, timeout)
+            else:
+                result = run_in_process(method, cfg, sim, data, run_out)
+            results[method].append(result)
+            curves[method].append(_curve(run_out))
+            console.print(f"  linear probe {result['linear_probe_backbone']:.4f}  "
+                          f"kNN {result['knn_backbone']:.4f}  {result['wall_time_s']:.0f} s")
+    report = {
+        "settings": asdict(base),
+        "simulation": sim.as_dict(),
+        "seeds": list(seeds),
+        "budget": {"rounds": base.rounds, "local_epochs": base.local_epochs,
+                   "fraction_train": base.fraction_train,
+                   "sample_epochs": base.rounds * base.local_epochs * base.fraction_train},
+        "random_init": baseline,
+        "results": results,
+    }
+    (out / "compare.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "compare.md").write_text(markdown_table(report) + "\n")
+    plot_curves(curves, out / "compare.png", title=f"{Path(base.dataset).stem}: kNN per round")
+    return report
+
+
+def _cell(values: Sequence[float], digits: int = 4) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}g}"
+    return f"{statistics.fmean(values):.{digits}g} ± {(max(values) - min(values)) / 2:.2g}"
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """Mean over seeds ± half the seed-to-seed range, one row per method."""
+    seeds = report["seeds"]
+    head = "| method | " + " | ".join(h for _k, h in COLUMNS) + " |"
+    lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
+    rows = [("random init", report["random_init"])] + list(report["results"].items())
+    for name, runs in rows:
+        cells = [_cell([r[k] for r in runs]) if all(k in r for r in runs) else "" for k, _h in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    b = report["budget"]
+    lines += ["", f"Seeds {', '.join(map(str, seeds))} (± is half the range over seeds). Budget per "
+              f"method: {b['sample_epochs']:g} sample-epochs ({b['rounds']} rounds x "
+              f"{b['local_epochs']} local epochs x {b['fraction_train']:g} of the clients). "
+              "Linear probe and kNN on backbone features of the held-out split; alignment and "
+              "uniformity of the head."]
+    return "\n".join(lines)
+
+
+def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: Path, title: str) -> Path | None:
+    """kNN accuracy per round, one line per method (mean over seeds at the rounds all seeds have)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn = 0
+    for method, per_seed in curves.items():
+        common = sorted(set.intersection(*[{r for r, _v in c} for c in per_seed])) if per_seed else []
+        if not common:
+            continue
+        means = [statistics.fmean(dict(c)[r] for c in per_seed) for r in common]
+        ax.plot(common, means, marker="o", ms=3, label=method)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("round (or round-equivalent of the same sample-epochs)")
+    ax.set_ylabel("kNN accuracy (backbone)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def parse_list(text: str, item: Callable[[str], Any], flag: str) -> list[Any]:
+    try:
+        values = [item(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UsageError(f"{flag} {text!r}: {exc}") from exc
+    if not values:
+        raise UsageError(f"{flag} is empty")
+    return values
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    run = parser.add_argument_group("comparison")
+    run.add_argument("--out", type=Path, default=None,
+                     help="directory for the table, plot and one run per method and seed "
+                          "(default: runs/compare-DATASET-TIME)")
+    run.add_argument("--methods", default=",".join(METHODS),
+                     help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
+    run.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1 (default: 0)")
+    run.add_argument("--config", type=Path, default=None,
+                     help="start from a saved config.json (or a run directory); flags override it")
+    add_simulation_arguments(parser)
+    add_config_arguments(parser, FedConfig, defaults=SIMULATION_DEFAULTS)
+
+
+def _run(args: argparse.Namespace) -> int:
+    methods = parse_list(args.methods, str, "--methods")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise UsageError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    seeds = parse_list(args.seeds, int, "--seeds")
+    cfg, sim = resolve(args)
+    out = args.out or Path("runs") / f"compare-{Path(cfg.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    report = compare(cfg, sim, out, methods=methods, seeds=seeds, timeout=args.timeout)
+    table = Table(title=f"{Path(cfg.dataset).stem}: methods side by side (seeds {args.seeds})")
+    table.add_column("method")
+    for _key, header in COLUMNS:
+        table.add_column(header, justify="right")
+    for name, runs in [("random init", report["random_init"]), *report["results"].items()]:
+        table.add_row(name, *[_cell([r[k] for r in runs]) if all(k in r for r in runs) else ""
+                              for k, _h in COLUMNS])
+    Console().print(table)
+    print(f"comparison: {Path(out).resolve() / 'compare.md'}")
+    return 0
+
+
+compare_command = Command(
+    name="compare",
+    help="run local, fedavg, fedmoco, fedcontrast and centralized side by side",
+    description=(
+        "Train every method on the same data, partition, encoder and number of sample-epochs "
+        "(federated ones through the simulation engine), then write a Markdown table "
+        "(linear probe, kNN, alignment, uniformity, wall time; mean and spread over --seeds) "
+        "and a plot of kNN accuracy per round."
+    ),
+    add_arguments=_add_arguments,
+    run=_run,
+)

@@ -1,0 +1,219 @@
+"""``fedcontrast simulate``: a whole federation on one host, through Flower's simulation engine.
+
+The same ServerApp and ClientApp as a deployment (``fedcontrast server`` /
+``fedcontrast client``), the same gRPC negative queue (on 127.0.0.1), the same run
+directory. What differs is who runs the ClientApps: a SuperLink started with
+``--simulation`` hands every message to Flower's simulation engine, which runs
+``--num-clients`` virtual SuperNodes in Ray actors with ``--client-cpus`` CPUs and
+``--client-gpus`` (a fraction: 0.25 lets four clients share one GPU) each. Only
+the clients sampled in a round (``--fraction-train``) train and hold a model.
+
+Every virtual client reads its share of ``--dataset`` from the node config Flower
+gives it (``partition-id``/``num-partitions``, split with ``--partitioner``).
+Client state (round counters, privacy accountants) lives under
+``RUN_DIR/flower-home/fedcontrast/clients/partition-ID``, so ``--resume`` carries it on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from client.cli import evaluate_run, summary_table
+from common.cli import Command, UsageError
+from common.config import FedConfig, add_config_arguments, from_args, read_config_values
+from common.flower_env import (
+    ProcessTree,
+    flower_env,
+    free_port,
+    wait_for_port,
+    write_superlink_config,
+)
+from server.deploy import CONNECTION, app_dir, follow_run, log_tail
+from simulations.scenario import load_scenario, scenario_names
+
+logger = logging.getLogger(__name__)
+
+#: The simulation's own defaults where they differ from FedConfig's. Ten clients of
+#: ~145 digits each need small batches and several local epochs to learn within 10
+#: rounds (at batch 128 and 2 local epochs the encoder barely moved).
+SIMULATION_DEFAULTS: dict[str, Any] = {"rounds": 10, "local_epochs": 5, "batch_size": 32, "min_nodes": 1}
+
+
+def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the simulated federation (shared by ``simulate``, ``compare`` and ``privacy``)."""
+    sim = parser.add_argument_group("simulation")
+    sim.add_argument("--scenario", default=None, metavar="NAME|FILE",
+                     help=f"start from a scenario: a TOML file or one of {', '.join(scenario_names())} "
+                          "(flags override it)")
+    sim.add_argument("--num-clients", type=int, default=None,
+                     help="virtual clients, each one partition of --dataset (default: 10)")
+    sim.add_argument("--client-cpus", type=int, default=None,
+                     help="CPU cores reserved per virtual client; clients running at once = "
+                          "cores / this (default: 1)")
+    sim.add_argument("--client-gpus", type=float, default=None,
+                     help="GPU share per virtual client, e.g. 0.25: four clients per GPU "
+                          "(default: 0, CPU only)")
+    sim.add_argument("--timeout", type=float, default=None,
+                     help="stop the simulation after this many seconds (default: no limit)")
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", type=Path, default=None,
+                     help="run directory (default: --resume's directory, or runs/sim-DATASET-TIME)")
+    run.add_argument("--resume", type=Path, default=None,
+                     help="continue this simulation's run directory up to --rounds")
+    run.add_argument("--config", type=Path, default=None,
+                     help="start from a saved config.json (or a run directory); flags override it")
+    add_simulation_arguments(parser)
+    add_config_arguments(parser, FedConfig, defaults=SIMULATION_DEFAULTS)
+
+
+class Simulation:
+    """What a simulated federation needs besides the FedConfig: clients and their resources."""
+
+    def __init__(self, num_clients: int = 10, client_cpus: int = 1, client_gpus: float = 0.0) -> None:
+        if num_clients < 1:
+            raise UsageError(f"--num-clients must be at least 1, got {num_clients}")
+        if client_cpus < 1:
+            raise UsageError(f"--client-cpus must be a whole number of cores >= 1, got {client_cpus}")
+        if not 0.0 <= client_gpus <= 1.0:
+            raise UsageError(f"--client-gpus is a share of one GPU in [0, 1], got {client_gpus}")
+        self.num_clients = num_clients
+        self.client_cpus = client_cpus
+        self.client_gpus = client_gpus
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"num_clients": self.num_clients, "client_cpus": self.client_cpus,
+                "client_gpus": float(self.client_gpus)}
+
+    def federation_config(self) -> str:
+        return (f"num-supernodes={self.num_clients} client-resources-num-cpus={self.client_cpus} "
+                f"client-resources-num-gpus={float(self.client_gpus)}")
+
+    def check_resources(self, cfg: FedConfig) -> None:
+        """Refuse what the engine would otherwise turn into a hang or a silent CPU run."""
+        cores = os.cpu_count() or 1
+        if self.client_cpus > cores:
+            raise UsageError(f"--client-cpus {self.client_cpus} exceeds this machine's {cores} cores: "
+                             "no client could ever be scheduled")
+        if self.client_gpus > 0:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UsageError("--client-gpus needs a CUDA GPU, and torch sees none here "
+                                 "(use --client-gpus 0)")
+            if cfg.device == "cpu":
+                raise UsageError("--client-gpus with --device cpu reserves GPUs nobody uses")
+        elif cfg.device.startswith("cuda"):
+            raise UsageError(f"--device {cfg.device} needs --client-gpus > 0: Ray hides GPUs from "
+                             "clients that reserved none")
+        sampled = max(1, round(cfg.fraction_train * self.num_clients))
+        if cfg.min_nodes > sampled:
+            raise UsageError(
+                f"--min-nodes {cfg.min_nodes} can never be met: --fraction-train "
+                f"{cfg.fraction_train} samples {sampled} of {self.num_clients} clients per round"
+            )
+
+
+def resolve(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> tuple[FedConfig, Simulation]:
+    """Config and simulation from defaults < scenario < saved config < flags."""
+    base: dict[str, Any] = {**SIMULATION_DEFAULTS, **(defaults or {})}
+    sim_values: dict[str, Any] = {}
+    if args.scenario:
+        scenario = load_scenario(args.scenario)
+        base.update(scenario.settings)
+        sim_values.update(scenario.simulation)
+    source = getattr(args, "config", None) or getattr(args, "resume", None)
+    if source:
+        base.update(read_config_values(source)[1])
+        saved = Path(source) / "simulation.json" if Path(source).is_dir() else None
+        if saved is not None and saved.exists():
+            sim_values.update(json.loads(saved.read_text()))
+    for name in ("num_clients", "client_cpus", "client_gpus"):
+        if getattr(args, name, None) is not None:
+            sim_values[name] = getattr(args, name)
+    try:
+        cfg = from_args(FedConfig, args, base=base)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return cfg, Simulation(**sim_values)
+
+
+def simulate(
+    cfg: FedConfig,
+    sim: Simulation,
+    out: Path,
+    *,
+    resume: Path | None = None,
+    timeout: float | None = None,
+) -> int:
+    """Run one simulated federation into ``out``; 0 when the run completed."""
+    sim.check_resources(cfg)
+    app_dir()
+    out = out.expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "simulation.json").write_text(json.dumps(sim.as_dict(), indent=2) + "\n")
+    # Kept with the run: the virtual clients' state directories live in it (see module doc).
+    home = out / "flower-home"
+    home.mkdir(exist_ok=True)
+    env = flower_env(home)
+    env.setdefault("RAY_DEDUP_LOGS", "0")
+    tree = ProcessTree()
+    port = free_port()
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        link = tree.start(["flower-superlink", "--simulation", "--insecure",
+                           "--disable-runtime-dependency-installation",
+                           "--host", "127.0.0.1", "--port", str(port)],
+                          env=env, log=out / "superlink.log", cwd=home)
+        if not wait_for_port("127.0.0.1", port, timeout=60) or link.poll() is not None:
+            raise UsageError(f"the simulation SuperLink did not start:\n{log_tail(out / 'superlink.log')}")
+        write_superlink_config(home, CONNECTION, f"127.0.0.1:{port}")
+        logger.info("simulating %d clients (%d CPU, %.2g GPU each); Ray starts in ~10-40 s",
+                    sim.num_clients, sim.client_cpus, sim.client_gpus)
+        return follow_run(tree, env, home, cfg, out, resume, timeout=timeout,
+                          flwr_args=["--federation-config", sim.federation_config()])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        tree.stop()
+
+
+def _raise_on_sigterm(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _run(args: argparse.Namespace) -> int:
+    resume = args.resume.expanduser().resolve() if args.resume else None
+    if resume is not None and not (resume / "encoder.pt").exists():
+        raise UsageError(f"--resume {args.resume}: no encoder.pt there (not a FedContrast run directory)")
+    cfg, sim = resolve(args)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or resume or Path("runs") / f"sim-{Path(cfg.dataset).stem}-{stamp}"
+    status = simulate(cfg, sim, out, resume=resume, timeout=args.timeout)
+    if status == 0:
+        summary = evaluate_run(out.expanduser().resolve(), device=cfg.device)
+        Console().print(summary_table(summary))
+    return status
+
+
+simulate_command = Command(
+    name="simulate",
+    help="run a whole federation on this machine (Flower's simulation engine)",
+    description=(
+        "Simulate --num-clients FedContrast clients on one host with Flower's simulation "
+        "engine (Ray): per-client CPU and fractional GPU resources, the real gRPC negative "
+        "queue on 127.0.0.1, per-round progress, and the same run directory as a deployment."
+    ),
+    add_arguments=_add_arguments,
+    run=_run,
+)
