@@ -9,10 +9,16 @@ Node config keys:
 - ``partition-id`` and ``num-partitions``: this node's share of the run's built-in
   dataset (``--dataset``), split with ``--partitioner`` and ``--seed``, so every
   node computes the same split on its own;
-- ``data-path``: a local ``.npz`` file (see :mod:`common.datasets`) used instead;
+- ``data-path``: a local ``.npz`` file, or a dataset plug-in ``package.module:name[:ARG]``
+  (see :mod:`common.datasets`), used instead;
 - ``client-id``: stable identity (default ``partition-<id>``), names the state
   directory;
-- ``state-dir``: where the client's state lives (see :mod:`client.state`).
+- ``state-dir``: where the client's state lives (see :mod:`client.state`);
+- ``queue-root-certificates``: absolute path of the PEM CA that verifies the negative
+  queue's TLS certificate (``fedcontrast client --root-certificates CA`` sets it to
+  that CA). A node holding one talks to the queue over TLS only, and one without it
+  only without TLS: the round fails with an error saying which side to change when
+  the TRAIN message's ``queue-tls`` disagrees.
 
 A node with bad data or configuration raises: Flower returns the error to the
 server, which logs it and goes on with the other nodes.
@@ -47,8 +53,8 @@ from client.privacy import (
 )
 from client.state import StateDir, check_client_id, default_state_dir
 from client.stub import GlobalNegatives, QueueClient
-from client.trainer import ContrastiveTrainer, augment_params
-from common.augment import Augmenter
+from client.trainer import ContrastiveTrainer
+from common import plugins
 from common.config import FedConfig, from_run_config, resolve_device
 from common.datasets import load_dataset
 from common.encoders import ContrastiveModel, build_encoder
@@ -75,6 +81,7 @@ class NodeSettings:
     partition_id: int | None = None
     num_partitions: int | None = None
     data_path: str | None = None
+    queue_root_certificates: Path | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -93,20 +100,56 @@ class NodeSettings:
                 )
         client_id = check_client_id(str(node_config.get("client-id") or f"partition-{pid}"))
         state_dir = node_config.get("state-dir")
+        queue_ca = str(node_config.get("queue-root-certificates") or "")
+        if queue_ca and not Path(queue_ca).is_absolute():
+            raise ValueError(f"node config queue-root-certificates {queue_ca!r} must be an "
+                             "absolute path (fedcontrast client makes it absolute)")
         return cls(
             client_id=client_id,
             state_dir=Path(str(state_dir)) if state_dir else default_state_dir(client_id),
             partition_id=None if pid is None else int(pid),
             num_partitions=None if parts is None else int(parts),
             data_path=None if data_path is None else str(data_path),
+            queue_root_certificates=Path(queue_ca) if queue_ca else None,
         )
 
 
+def queue_root_certificates(node: NodeSettings, queue_tls: bool) -> bytes | None:
+    """The PEM CA to verify the queue with when the server says it is TLS; None when it is not.
+
+    Raises ValueError when the server and the node disagree: a TLS queue and no CA in the
+    node config, or a CA (the node trusts the queue over TLS only) and an insecure queue.
+    """
+    ca = node.queue_root_certificates
+    if queue_tls and ca is None:
+        raise ValueError(
+            "the server serves the negative queue with TLS, but this node has no CA to verify "
+            "it: start the client with --root-certificates CA (or set node config "
+            "queue-root-certificates to the CA's absolute path)"
+        )
+    if not queue_tls and ca is not None:
+        raise ValueError(
+            f"this node trusts the negative queue over TLS only (node config "
+            f"queue-root-certificates {ca}), but the server serves it without TLS, so its "
+            "token and embeddings would cross the network in clear: run `fedcontrast server` "
+            "with --ssl-certfile/--ssl-keyfile (or --queue-ssl-*), or start this client "
+            "with --insecure on a trusted network"
+        )
+    if ca is None:
+        return None
+    try:
+        return ca.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"node config queue-root-certificates {ca}: cannot read it "
+                         f"({exc.strerror})") from exc
+
+
 def local_images(cfg: FedConfig, node: NodeSettings) -> torch.Tensor:
-    """This node's training images (N, C, H, W): its file, or its partition of the dataset."""
+    """This node's training items (N, C, ...): its own data, or its partition of the dataset."""
     if node.data_path is not None:
-        if not node.data_path.endswith(".npz"):
-            raise ValueError(f"node config data-path {node.data_path!r} must be an .npz file")
+        if not node.data_path.endswith(".npz") and plugins.parse("dataset", node.data_path) is None:
+            raise ValueError(f"node config data-path {node.data_path!r} must be an .npz file or "
+                             "a dataset plug-in package.module:name[:ARG]")
         return load_dataset(node.data_path, seed=cfg.seed).x_train
     data = load_dataset(cfg.dataset, seed=cfg.seed)
     kw: dict[str, Any] = {}
@@ -127,7 +170,7 @@ def build_model(cfg: FedConfig, in_channels: int, state: Mapping[str, torch.Tens
     except RuntimeError as exc:
         raise ValueError(
             f"the server's weights do not fit this node's {cfg.encoder} encoder for "
-            f"{in_channels}-channel images: {exc}"
+            f"{in_channels}-channel items: {exc}"
         ) from exc
     return model
 
@@ -161,7 +204,7 @@ def push_keys(
     n = chosen.numel()
     if n == 0:
         return
-    augment = Augmenter(augment_params(cfg))
+    augment = plugins.make_views(cfg)
     global_model.eval()
     chunk = min(PUSH_CHUNK, cfg.queue_capacity)
     for start in range(0, n, chunk):
@@ -177,7 +220,7 @@ def local_geometry(model: ContrastiveModel, x: torch.Tensor, cfg: FedConfig,
                    device: torch.device) -> tuple[float, float]:
     """Alignment and uniformity (Wang & Isola 2020) of ``model`` on views of local data."""
     model.eval()
-    v1, v2 = paired_views(x, augment_params(cfg), cfg.seed, max_items=GEOMETRY_SAMPLE)
+    v1, v2 = paired_views(x, plugins.make_views(cfg), cfg.seed, max_items=GEOMETRY_SAMPLE)
     z1, z2 = model(v1.to(device)).cpu(), model(v2.to(device)).cpu()
     return alignment(z1, z2), uniformity(z1)
 
@@ -193,6 +236,7 @@ def train_round(
     queue_version: int,
     seed: int,
     privacy: RoundPrivacy | None = None,
+    queue_root_certificates: bytes | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
     """Train ``local_epochs`` on ``x`` from the global weights; push keys; return weights and metrics.
 
@@ -204,6 +248,9 @@ def train_round(
     With ``cfg.dp``, ``privacy`` is the round's plan (:func:`client.privacy.plan_round`,
     already recorded in the accountant): training is DP-SGD at its noise, and pulls
     leave out this client's own rows unless its pushes are noised.
+
+    ``queue_root_certificates`` (PEM) connects to the queue over TLS, verified by that CA;
+    ``None`` connects without TLS.
     """
     if x.shape[0] < 2:
         raise ValueError(f"this node has {x.shape[0]} training example(s); contrastive training needs 2 or more")
@@ -222,7 +269,7 @@ def train_round(
                    own_rows_noised=privacy.pushes_accounted, generator=dp_generator)
         if (dp.sample_rate, dp.steps_per_epoch * cfg.local_epochs) != (privacy.sample_rate, privacy.steps):
             raise ValueError(f"the round's privacy plan {privacy} does not fit {x.shape[0]} examples")
-    client = QueueClient(queue_address, queue_token)
+    client = QueueClient(queue_address, queue_token, root_certificates=queue_root_certificates)
     try:
         # Own rows come back only when they were released with noise and accounted
         # (config validation refuses --pull-scope all/own under DP without push noise).
@@ -230,7 +277,8 @@ def train_round(
                                                      and not privacy.pushes_accounted)
         max_age = cfg.max_age if privacy is None else privacy.pull_max_age
         sources = ([GlobalNegatives(client, cfg.global_negatives, max_age, cfg.refresh_every,
-                                    exclude_own=exclude_own, only_own=cfg.pull_scope == "own")]
+                                    exclude_own=exclude_own, only_own=cfg.pull_scope == "own",
+                                    policy=cfg.pull_policy, with_ages=cfg.staleness_gamma < 1)]
                    if cfg.global_negatives > 0 else [])
         trainer = ContrastiveTrainer(
             model, cfg, device=device, sources=sources,
@@ -274,6 +322,8 @@ def train(msg: Message, context: Context) -> Message:
     node = NodeSettings.from_node_config(context.node_config)
     config = msg.content["config"]
     server_round = int(config["server-round"])
+    # Before anything is planned or recorded: a mismatch fails the round, releasing nothing.
+    queue_ca = queue_root_certificates(node, bool(config.get("queue-tls", False)))
     state_dir = StateDir(node.state_dir, node.client_id)
     state = state_dir.load()
     x = local_images(cfg, node)
@@ -291,6 +341,7 @@ def train(msg: Message, context: Context) -> Message:
         queue_version=int(config["queue-version"]),
         seed=state.seed(cfg.seed),
         privacy=privacy,
+        queue_root_certificates=queue_ca,
     )
     state.record_round(context.run_id, server_round)
     state_dir.save(state)

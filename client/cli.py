@@ -20,10 +20,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from client.negatives import LocalQueue
-from client.trainer import ContrastiveTrainer, augment_params, cosine_lr
+from client.trainer import ContrastiveTrainer, cosine_lr
 from common.checkpoint import encoder_spec, load_encoder, read_checkpoint, save_encoder
 from common.cli import Command, UsageError
 from common.config import (
+    FedConfig,
     TrainConfig,
     add_config_arguments,
     from_args,
@@ -33,6 +34,7 @@ from common.config import (
 from common.datasets import Dataset, load_dataset
 from common.encoders import ContrastiveModel, build_encoder
 from common.evaluation import evaluate_encoder, raw_pixel_knn
+from common.plugins import make_views
 from common.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -70,10 +72,10 @@ def train_local(cfg: TrainConfig, out: Path, *, quiet: bool = False,
     run.write_versions(device=str(device))
     model, spec = build_model(cfg, data)
     random_init = copy.deepcopy(model).eval()
-    aug = augment_params(cfg)
+    views = make_views(cfg)
 
     def evaluate(m: ContrastiveModel, final: bool = False) -> dict[str, float]:
-        return evaluate_encoder(m, data, device=device, augment=aug, seed=cfg.seed,
+        return evaluate_encoder(m, data, device=device, views=views, seed=cfg.seed,
                                 linear_probe=final)
 
     steps_per_epoch = max(1, -(-len(data.x_train) // cfg.batch_size))
@@ -142,46 +144,55 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a run directory (its encoder.pt) or an encoder checkpoint file")
     parser.add_argument("--dataset", default=None,
                         help="dataset to evaluate on (default: the run's own, from config.json)")
+    parser.add_argument("--views", default=None,
+                        help="view generator of the retrieval and alignment pairs (default: the "
+                             "run's own, from config.json)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the views")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
 
 
 def evaluate_run(run: Path, dataset: str | None = None, *, seed: int = 0,
-                 device: str = "auto") -> dict[str, Any]:
+                 device: str = "auto", views: str | None = None) -> dict[str, Any]:
     """Held-out figures of a run's encoder beside the same architecture at random init.
 
     ``run`` is a run directory (its ``encoder.pt`` and ``config.json``) or a checkpoint;
-    ``dataset`` defaults to the run's own. Returns ``{"dataset", "trained",
+    ``dataset`` and ``views`` default to the run's own. Returns ``{"dataset", "trained",
     "random_init", "raw_pixel_knn"}`` with kNN, linear probe, retrieval, alignment and
     uniformity at the backbone and the head.
     """
     if not run.exists():
         raise UsageError(f"no run directory or encoder checkpoint at {run}")
     run_dir = run if run.is_dir() else run.parent
-    base = read_config_values(run_dir)[1] if (run_dir / "config.json").exists() else {}
+    kind, base = (read_config_values(run_dir) if (run_dir / "config.json").exists()
+                  else (TrainConfig.__name__, {}))
     dataset = dataset or base.get("dataset")
     if not dataset:
         raise UsageError(f"{run_dir} has no config.json: say which data with --dataset")
-    cfg = TrainConfig(**{k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__})
+    # A federated run's settings hold as a FedConfig only (--in-batch false with global
+    # negatives, as under DP, is no valid local training).
+    cls = FedConfig if kind == FedConfig.__name__ else TrainConfig
+    known = {k: v for k, v in base.items() if k in cls.__dataclass_fields__}
+    cfg = cls(**{**known, **({"views": views} if views else {})})
     torch_device = resolve_device(device)
     data = load_dataset(dataset, seed=seed)
     model = load_encoder(run, device=torch_device)
     if model.in_channels != data.in_channels:
-        raise UsageError(f"the encoder takes {model.in_channels}-channel images, {dataset} has "
+        raise UsageError(f"the encoder takes {model.in_channels}-channel items, {dataset} has "
                          f"{data.in_channels}")
     torch.manual_seed(cfg.seed)  # the run's own initialisation, for a like-for-like baseline
     random_init = build_encoder(read_checkpoint(run)["spec"]["encoder"],
                                 in_channels=model.in_channels, embedding_dim=model.embedding_dim,
                                 norm=cfg.norm, width=cfg.width)
-    kw = dict(device=torch_device, augment=augment_params(cfg), seed=seed, linear_probe=True)
+    kw = dict(device=torch_device, views=make_views(cfg), seed=seed, linear_probe=True)
     return {"dataset": data.name, "trained": evaluate_encoder(model, data, **kw),
             "random_init": evaluate_encoder(random_init, data, **kw),
             "raw_pixel_knn": raw_pixel_knn(data)}
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    summary = evaluate_run(args.run, args.dataset, seed=args.seed, device=args.device)
+    summary = evaluate_run(args.run, args.dataset, seed=args.seed, device=args.device,
+                           views=args.views)
     Console().print(summary_table(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")

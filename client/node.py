@@ -2,11 +2,12 @@
 
 Runs ``flower-supernode`` with the node config the ClientApp reads (see
 :mod:`client.app`): ``partition-id``/``num-partitions`` or ``data-path``,
-``client-id`` and an absolute ``state-dir``. The SuperNode gets its own
-``FLWR_HOME`` (inside the state directory unless ``--flwr-home`` says otherwise)
-and its own ClientAppIo port, so several clients can share a host. Ctrl-C and
-SIGTERM stop the SuperNode and every ClientApp it started; the command exits
-with the SuperNode's status.
+``client-id``, an absolute ``state-dir`` and, with ``--root-certificates``,
+``queue-root-certificates`` (the same CA verifies the negative queue's TLS). The
+SuperNode gets its own ``FLWR_HOME`` (inside the state directory unless
+``--flwr-home`` says otherwise) and its own ClientAppIo port, so several clients can
+share a host. Ctrl-C and SIGTERM stop the SuperNode and every ClientApp it started;
+the command exits with the SuperNode's status.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     sec = parser.add_argument_group("connection")
     sec.add_argument("--insecure", action="store_true", help="no TLS (loopback and tests only)")
     sec.add_argument("--root-certificates", type=Path, default=None,
-                     help="CA certificate (PEM) that signed the SuperLink's certificate")
+                     help="CA certificate (PEM) that signed the SuperLink's certificate; it also "
+                          "verifies the negative queue, which is then reached over TLS only")
     sec.add_argument("--auth-supernode-private-key", type=Path, default=None, metavar="KEY",
                      help="this node's OpenSSH ECDSA private key, when the SuperLink authenticates "
                           "nodes (`ssh-keygen -t ecdsa -b 384 -N '' -f KEY`; the server registers "
@@ -76,6 +78,8 @@ def node_config(args: argparse.Namespace) -> dict[str, Any]:
     state_dir = (args.state_dir.expanduser().resolve() if args.state_dir
                  else default_state_dir(client_id).resolve())
     values["state-dir"] = str(state_dir)
+    if args.root_certificates is not None and not args.insecure:
+        values["queue-root-certificates"] = str(args.root_certificates.expanduser().resolve())
     for key, value in values.items():
         # Flower parses `k="v"` pairs with a regex that cannot skip an escaped quote.
         if isinstance(value, str) and '"' in value:

@@ -34,7 +34,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20
 TRANSIENT_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
 )
-_POLICIES = {"uniform": pb.SAMPLE_POLICY_UNIFORM, "recent": pb.SAMPLE_POLICY_RECENT}
+_POLICIES = {
+    "uniform": pb.SAMPLE_POLICY_UNIFORM,
+    "recent": pb.SAMPLE_POLICY_RECENT,
+    "stratified": pb.SAMPLE_POLICY_STRATIFIED,
+}
 _COUNTERS = (
     "hits",
     "misses",
@@ -146,12 +150,41 @@ class QueueClient:
             exclude_own: leave out the rows this node pushed.
             only_own: only the rows this node pushed (give ``exclude_own=False``).
             dtype: precision on the wire and of the result (float16 halves the bytes).
-            policy: ``"uniform"`` or ``"recent"``.
+            policy: ``"uniform"``, ``"recent"`` or ``"stratified"`` (by age).
 
         Returns:
             (m, dim) CPU tensor of ``dtype``, m <= n (possibly 0), or ``None`` when
             the queue could not be reached or refused the call (counted as a miss).
         """
+        pulled = self._pull(n, max_age, exclude_own, dtype, policy, only_own, with_ages=False)
+        return None if pulled is None else pulled[0]
+
+    def pull_with_ages(
+        self,
+        n: int,
+        max_age: int | None,
+        exclude_own: bool = True,
+        dtype: torch.dtype = torch.float16,
+        policy: str = "uniform",
+        only_own: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`pull`, also returning each row's age in rounds (queue version - row version).
+
+        Returns:
+            ``(rows, ages)``: (m, dim) as :meth:`pull` and (m,) int64 ages >= 0, or ``None``.
+        """
+        return self._pull(n, max_age, exclude_own, dtype, policy, only_own, with_ages=True)
+
+    def _pull(
+        self,
+        n: int,
+        max_age: int | None,
+        exclude_own: bool,
+        dtype: torch.dtype,
+        policy: str,
+        only_own: bool,
+        with_ages: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         if policy not in _POLICIES:
             raise ValueError(f"policy must be one of {sorted(_POLICIES)}, got {policy!r}")
         request = pb.PullRequest(
@@ -161,26 +194,36 @@ class QueueClient:
             only_own=only_own,
             dtype=wire_dtype(dtype),
             policy=_POLICIES[policy],
+            include_versions=with_ages,
         )
         reply = self._call("Pull", self._pull_bytes, request)
-        rows = None
+        pulled = None
         if reply is not None:
             try:
-                _, rows = parse_with_tensor(pb.PullResponse, reply, "embeddings")
+                message, rows = parse_with_tensor(pb.PullResponse, reply, "embeddings")
                 if rows.dtype != dtype or rows.dim() != 2 or rows.shape[0] > n:
                     raise ValueError(
                         f"reply of {rows.dtype} {list(rows.shape)} for a pull of {n} {dtype} rows"
                     )
+                ages = None
+                if with_ages:
+                    ages = message.queue_version - torch.tensor(list(message.versions),
+                                                                 dtype=torch.int64)  # m
+                    if ages.shape != (rows.shape[0],) or bool((ages < 0).any()):
+                        raise ValueError(
+                            f"reply has {len(message.versions)} versions (queue at "
+                            f"{message.queue_version}) for {rows.shape[0]} rows"
+                        )
+                pulled = rows, ages
             except ValueError as exc:
                 logger.error("queue %s sent a malformed Pull reply: %s", self.address, exc)
-                rows = None
         with self._lock:
-            if rows is None:
+            if pulled is None:
                 self._counters["misses"] += 1
             else:
                 self._counters["hits"] += 1
-                self._counters["rows_pulled"] += rows.shape[0]
-        return rows
+                self._counters["rows_pulled"] += pulled[0].shape[0]
+        return pulled
 
     def stats(self) -> dict[str, Any] | None:
         """The queue's statistics (same keys as ``NegativeQueue.stats()`` plus ``rejected``)."""
@@ -312,6 +355,9 @@ class GlobalNegatives:
             rows were pushed without noise).
         only_own: pull only rows this node pushed (a per-client queue; the ``fedmoco``
             baseline of ``fedcontrast compare``); excludes ``exclude_own``.
+        policy: how the queue samples (``"uniform"``, ``"recent"``, ``"stratified"``).
+        with_ages: also pull each row's age, served by :meth:`ages` (for staleness
+            weighting in the loss).
     """
 
     def __init__(
@@ -322,9 +368,13 @@ class GlobalNegatives:
         refresh_every: int = 1,
         exclude_own: bool = True,
         only_own: bool = False,
+        policy: str = "uniform",
+        with_ages: bool = False,
     ) -> None:
         if exclude_own and only_own:
             raise ValueError("exclude_own and only_own cannot both be set")
+        if policy not in _POLICIES:
+            raise ValueError(f"policy must be one of {sorted(_POLICIES)}, got {policy!r}")
         if num_negatives <= 0:
             raise ValueError(f"num_negatives must be positive, got {num_negatives}")
         if max_age < 0:
@@ -337,7 +387,10 @@ class GlobalNegatives:
         self.refresh_every = refresh_every
         self.exclude_own = exclude_own
         self.only_own = only_own
+        self.policy = policy
+        self.with_ages = with_ages
         self._cache: torch.Tensor | None = None  # K x D, unit-norm float32
+        self._ages: torch.Tensor | None = None  # K, int64 rounds (with_ages)
         self._last_refresh: int | None = None
         self._metrics = dict.fromkeys(
             ("refreshes", "misses", "empty_pulls", "steps_served", "steps_without"), 0
@@ -354,6 +407,11 @@ class GlobalNegatives:
         self._metrics["steps_served"] += 1
         return self._cache
 
+    def ages(self) -> torch.Tensor | None:
+        """(K,) int64 ages in rounds of the rows :meth:`negatives` serves (``with_ages``),
+        else ``None``."""
+        return self._ages if self._cache is not None else None
+
     def observe(self, keys: torch.Tensor) -> None:
         """Nothing to do: the ClientApp pushes keys at the end of the round."""
 
@@ -368,8 +426,12 @@ class GlobalNegatives:
     def _refresh(self, step: int) -> None:
         self._last_refresh = step
         self._metrics["refreshes"] += 1
-        rows = self.client.pull(self.num_negatives, self.max_age, exclude_own=self.exclude_own,
-                                only_own=self.only_own)
+        how = {"exclude_own": self.exclude_own, "only_own": self.only_own, "policy": self.policy}
+        if self.with_ages:
+            pulled = self.client.pull_with_ages(self.num_negatives, self.max_age, **how)
+            rows, self._ages = (None, None) if pulled is None else pulled
+        else:
+            rows, self._ages = self.client.pull(self.num_negatives, self.max_age, **how), None
         if rows is None:
             self._metrics["misses"] += 1
             self._cache = None

@@ -26,31 +26,33 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from client.negatives import NegativeSource
+from client.negatives import AgedNegativeSource, NegativeSource
 from client.privacy import DPSGD, check_private_training
-from common.augment import Augmenter, AugmentParams
-from common.config import TrainConfig
+from common.config import FedConfig, TrainConfig
 from common.encoders import ContrastiveModel
-from common.loss import info_nce
+from common.loss import NegativeOptions, info_nce, staleness_log_weights
+from common.plugins import make_views
 
 logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int, float], None]
 
 
-def augment_params(cfg: TrainConfig) -> AugmentParams:
-    """The view distribution a config asks for."""
-    return AugmentParams(
-        crop_scale=(cfg.crop_scale_min, 1.0),
-        jitter_strength=cfg.jitter_strength,
-        blur_p=cfg.blur_p,
-    )
-
-
 def cosine_lr(base_lr: float, total_steps: int) -> Callable[[int], float]:
     """Cosine decay from ``base_lr`` to 0 over ``total_steps`` (Loshchilov & Hutter 2017)."""
     total = max(1, total_steps)
     return lambda step: base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+def negative_options(cfg: TrainConfig) -> NegativeOptions:
+    """How the loss treats each query's negatives, as a config asks (see :func:`info_nce`)."""
+    return NegativeOptions(
+        false_negative_mode=cfg.false_negative_mode,
+        false_negative_top_k=cfg.false_negative_top_k,
+        false_negative_threshold=cfg.false_negative_threshold,
+        debias_tau_plus=cfg.debias_tau_plus,
+        hard_negative_beta=cfg.hard_negative_beta,
+    )
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -132,7 +134,10 @@ class ContrastiveTrainer:
             self.optimizer = dp.attach(self.model, self.optimizer)
         self.lr_schedule = lr_schedule or (lambda _step: cfg.lr)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
-        self.augment = Augmenter(augment_params(cfg))
+        self.augment = make_views(cfg)
+        self.loss_options = negative_options(cfg)
+        # Only the global queue's rows have ages; gamma^age weighs them (FedConfig only).
+        self.staleness_gamma = cfg.staleness_gamma if isinstance(cfg, FedConfig) else 1.0
         self.step = 0
 
     # -- one step -------------------------------------------------------------------
@@ -143,34 +148,55 @@ class ContrastiveTrainer:
         with torch.no_grad():
             return self.key_model(view)
 
-    def _bank(self) -> tuple[Tensor | None, bool]:
-        """Concatenate the sources' negatives; also say whether any source had rows."""
-        banks = [b for s in self.sources if (b := s.negatives(self.step, self.device)) is not None]
-        banks = [b for b in banks if b.numel() > 0]
+    def _bank(self) -> tuple[Tensor | None, Tensor | None, bool]:
+        """Concatenate the sources' negatives (K, D); also their log-weights (K,) under
+        staleness weighting (``None`` otherwise), and whether any source had rows."""
+        banks, ages = [], []
+        for s in self.sources:
+            bank = s.negatives(self.step, self.device)
+            if bank is None or bank.numel() == 0:
+                continue
+            banks.append(bank)
+            if self.staleness_gamma < 1:
+                age = s.ages() if isinstance(s, AgedNegativeSource) else None
+                ages.append(torch.zeros(bank.shape[0], dtype=torch.int64) if age is None else age)
         if not banks:
-            return None, False
-        return torch.cat(banks).detach(), True  # K x D, constants for the loss
+            return None, None, False
+        log_weights = (staleness_log_weights(torch.cat(ages), self.staleness_gamma).to(self.device)
+                       if ages else None)  # K
+        return torch.cat(banks).detach(), log_weights, True  # K x D, constants for the loss
 
-    def loss_on(self, x: Tensor, negatives: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Per-example loss on a batch ``x`` (N, C, H, W); returns (loss (N,), keys of view 2)."""
+    def loss_on(
+        self, x: Tensor, negatives: Tensor | None, negative_log_weights: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Per-example loss on a batch ``x`` (N, C, ...); returns (loss (N,), keys of view 2)."""
         v1 = self.augment(x, self.generator)
         v2 = self.augment(x, self.generator)
-        return self.view_loss(v1, v2, negatives)
+        return self.view_loss(v1, v2, negatives, negative_log_weights)
 
-    def view_loss(self, v1: Tensor, v2: Tensor, negatives: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Per-example loss of two views (N, C, H, W) of a batch; returns (loss (N,), keys of v2).
+    def view_loss(
+        self,
+        v1: Tensor,
+        v2: Tensor,
+        negatives: Tensor | None,
+        negative_log_weights: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Per-example loss of two views (N, C, ...) of a batch; returns (loss (N,), keys of v2).
 
-        With ``symmetric``, the trainable model runs on both views: two forward passes
-        whose per-example gradients add up (what DP-SGD clips is their sum per example).
+        ``negatives`` (K, D) enter with ``negative_log_weights`` (K,) and the config's
+        :class:`NegativeOptions`. With ``symmetric``, the trainable model runs on both
+        views: two forward passes whose per-example gradients add up (what DP-SGD clips
+        is their sum per example).
         """
+        loss_kwargs = {"in_batch": self.cfg.in_batch, "options": self.loss_options,
+                       "negative_log_weights": negative_log_weights}
         q1 = self.model(v1)  # N x D
         k2 = self._keys(v2)  # N x D
-        loss = info_nce(q1, k2, negatives, self.cfg.temperature, in_batch=self.cfg.in_batch)
+        loss = info_nce(q1, k2, negatives, self.cfg.temperature, **loss_kwargs)
         if self.cfg.symmetric:
             q2 = self.model(v2) if self.key_model is not None else k2
             k1 = self._keys(v1) if self.key_model is not None else q1
-            loss = 0.5 * (loss + info_nce(q2, k1, negatives, self.cfg.temperature,
-                                          in_batch=self.cfg.in_batch))
+            loss = 0.5 * (loss + info_nce(q2, k1, negatives, self.cfg.temperature, **loss_kwargs))
         return loss, k2.detach()
 
     def train_step(self, x: Tensor) -> tuple[float, int, bool]:
@@ -186,7 +212,7 @@ class ContrastiveTrainer:
             self._momentum_update()
             self.step += 1
             return 0.0, 0, False
-        negatives, had_rows = self._bank()
+        negatives, log_weights, had_rows = self._bank()
         if negatives is None and not self.cfg.in_batch and x.shape[0] > 0:
             # No in-batch negatives and every source empty (round 1 of a fresh queue,
             # an unreachable service): random unit vectors are data-independent
@@ -196,7 +222,7 @@ class ContrastiveTrainer:
                 dim=1,
             ).to(self.device)
         x = x.to(self.device, non_blocking=True)
-        loss, keys = self.loss_on(x, negatives)
+        loss, keys = self.loss_on(x, negatives, log_weights)
         mean = loss.mean()
         self.optimizer.zero_grad(set_to_none=True)
         if self.dp is not None:
@@ -222,7 +248,7 @@ class ContrastiveTrainer:
     # -- epochs ---------------------------------------------------------------------
 
     def train_epoch(self, x: Tensor, on_step: StepCallback | None = None) -> EpochStats:
-        """One shuffled pass over ``x`` (N, C, H, W) in batches; the last short batch is dropped
+        """One shuffled pass over ``x`` (N, C, ...) in batches; the last short batch is dropped
         when it would hold fewer than 2 examples (InfoNCE needs a batch to contrast).
 
         Under DP-SGD: ``dp.steps_per_epoch`` Poisson-sampled batches instead, every one a

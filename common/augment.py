@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from common.config import TrainConfig
 
 # ITU-R BT.601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
@@ -174,7 +178,8 @@ class Augmenter:
         """
         if x.ndim != 4 or not x.is_floating_point():
             raise ValueError(
-                f"expected a float tensor (N, C, H, W), got {x.dtype} of shape {tuple(x.shape)}"
+                f"expected a float tensor (N, C, H, W), got {x.dtype} of shape {tuple(x.shape)} "
+                "(these are image views: for other data choose --views, e.g. dna)"
             )
         if generator is not None and generator.device.type != "cpu":
             raise ValueError(
@@ -270,3 +275,17 @@ class Augmenter:
             hue = torch.remainder(hsv[:, :1] + per_sample(d["hue"]), 1.0)
             y = _hsv_to_rgb(torch.cat((hue, hsv[:, 1:]), dim=1))
         return torch.where(per_sample(d["jitter"]), y, x)
+
+
+def augment_params(cfg: TrainConfig) -> AugmentParams:
+    """The view distribution a config asks for."""
+    return AugmentParams(
+        crop_scale=(cfg.crop_scale_min, 1.0),
+        jitter_strength=cfg.jitter_strength,
+        blur_p=cfg.blur_p,
+    )
+
+
+def image_views(cfg: TrainConfig) -> Augmenter:
+    """The built-in ``images`` views (a :class:`~common.plugins.ViewFactory`)."""
+    return Augmenter(augment_params(cfg))

@@ -23,13 +23,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from common import plugins
+
 T = TypeVar("T")
 
-ENCODER_CHOICES = ("cnn", "resnet18")
 NORM_CHOICES = ("group", "instance", "layer", "batch")
 KEY_MODES = ("ema", "frozen", "shared")
 OPTIMIZERS = ("sgd", "adam")
 AGGREGATIONS = ("fedavg", "fedtrimmedavg", "fedmedian", "krum")
+FALSE_NEGATIVE_MODES = ("off", "drop", "positive")
+PULL_POLICIES = ("uniform", "recent", "stratified")
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
@@ -45,10 +48,16 @@ class TrainConfig:
     """Local contrastive training: data, model, views, optimiser, negatives."""
 
     # data
-    dataset: str = _f("digits", "built-in name (digits), a .npz path, or cifar10:FOLDER")
+    dataset: str = _f(
+        "digits",
+        "built-in (digits, synthetic:N, cifar10:FOLDER, dna[:KEY=VALUE,...]), a .npz path, "
+        "or a plug-in package.module:name[:ARG] (see Bring your own data)",
+    )
     seed: int = _f(0, "seed for data split, initialisation, views and sampling")
     # model
-    encoder: str = _f("cnn", "backbone architecture", ENCODER_CHOICES)
+    encoder: str = _f(
+        "cnn", "encoder: built-in (cnn, resnet18, cnn1d) or a plug-in package.module:name"
+    )
     width: int = _f(32, "base channel width of the backbone")
     embedding_dim: int = _f(128, "dimension of the projected, unit-norm embedding")
     norm: str = _f("group", "normalisation layers in the backbone", NORM_CHOICES)
@@ -61,7 +70,12 @@ class TrainConfig:
     weight_decay: float = _f(1e-6, "weight decay")
     temperature: float = _f(0.2, "InfoNCE temperature")
     # views
-    crop_scale_min: float = _f(0.5, "smallest crop area fraction of the random resized crop")
+    views: str = _f(
+        "images", "view generator: built-in (images, dna) or a plug-in package.module:name"
+    )
+    crop_scale_min: float = _f(
+        0.5, "smallest crop fraction kept by the random crop (images: area; dna: length)"
+    )
     jitter_strength: float = _f(0.4, "colour-jitter strength (brightness/contrast for grayscale)")
     blur_p: float = _f(0.0, "probability of Gaussian blur per view")
     # negatives and the key encoder
@@ -75,6 +89,26 @@ class TrainConfig:
     )
     key_momentum: float = _f(0.99, "EMA momentum of the key encoder (key-mode ema)")
     symmetric: bool = _f(True, "average the loss over both view orders")
+    # how each query treats its negatives (common/loss.py; README, "Choosing negatives")
+    false_negative_mode: str = _f(
+        "off",
+        "false-negative cancellation (Huynh et al. 2022): drop each query's suspected false "
+        "negatives from its denominator, or make them extra positives; suspects are picked by "
+        "--false-negative-top-k and/or --false-negative-threshold",
+        FALSE_NEGATIVE_MODES,
+    )
+    false_negative_top_k: int = _f(
+        0, "suspected false negatives: at most the k negatives most similar to the query "
+           "(0: no such bound)")
+    false_negative_threshold: float = _f(
+        1.0, "suspected false negatives: cosine similarity with the query above this, in "
+             "[-1, 1] (1: no such bar; with a top k, both must hold)")
+    debias_tau_plus: float = _f(
+        0.0, "debiased contrastive loss (Chuang et al. 2020): class prior tau+ in [0, 1), the "
+             "expected share of negatives of the query's own class (0: off)")
+    hard_negative_beta: float = _f(
+        0.0, "hard-negative weighting (Robinson et al. 2021): concentration beta >= 0 of the "
+             "importance weights e^(beta x logit) over each query's negatives (0: off)")
     # evaluation and runtime
     eval_every: int = _f(1, "evaluate on held-out data every N epochs (0: only at the end)")
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when present)")
@@ -106,6 +140,15 @@ class FedConfig(TrainConfig):
         "per-client queue, the fedmoco baseline)",
         ("others", "all", "own"),
     )
+    pull_policy: str = _f(
+        "uniform",
+        "how the queue samples a pull among eligible rows: uniform, the most recent, or "
+        "stratified (equal shares per age present, uniform within an age)",
+        PULL_POLICIES,
+    )
+    staleness_gamma: float = _f(
+        1.0, "a global negative of age a rounds enters the loss's denominator with weight "
+             "gamma^a, in (0, 1], on top of --max-age (1: every age alike)")
     queue_port: int = _f(0, "port of the queue service (0: a free one)")
     queue_host: str = _f("127.0.0.1", "address the queue service binds and advertises")
     wait_nodes_timeout: float = _f(
@@ -285,6 +328,8 @@ def validate(cfg: TrainConfig) -> None:
         if "choices" in f.metadata:
             need(getattr(cfg, f.name) in f.metadata["choices"], f.name,
                  "must be one of " + ", ".join(f.metadata["choices"]))
+    for kind in plugins.KINDS:  # imports a plug-in's module, calls nothing
+        plugins.check(kind, getattr(cfg, kind))
     need(math.isfinite(cfg.temperature) and cfg.temperature > 0, "temperature", "must be positive")
     need(cfg.batch_size > 0, "batch_size", "must be positive")
     need(cfg.epochs >= 0, "epochs", "must be zero or more")
@@ -299,6 +344,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.queue_size >= 0, "queue_size", "must be zero or more")
     need(0 <= cfg.key_momentum <= 1, "key_momentum", "must be in [0, 1]")
     need(cfg.eval_every >= 0, "eval_every", "must be zero or more")
+    _validate_negative_options(cfg, need)
     if not isinstance(cfg, FedConfig):
         need(cfg.in_batch or cfg.queue_size > 0, "in_batch",
              "is off and --queue-size is 0: there would be no negatives; enable one")
@@ -325,7 +371,40 @@ def validate(cfg: TrainConfig) -> None:
         need(math.isfinite(cfg.collapse_uniformity), "collapse_uniformity", "must be finite")
         need(cfg.in_batch or cfg.queue_size > 0 or cfg.global_negatives > 0, "in_batch",
              "is off with no local queue and no global negatives: there would be no negatives")
+        need(0 < cfg.staleness_gamma <= 1, "staleness_gamma", "must be in (0, 1]")
+        if cfg.staleness_gamma < 1:
+            need(cfg.global_negatives > 0, "staleness_gamma",
+                 "< 1 weighs global negatives by age, but --global-negatives is 0: set it to 1 "
+                 "or pull global negatives")
+            need(cfg.max_age > 0, "staleness_gamma",
+                 "< 1 with --max-age 0: every pulled row has age 0, so the weight changes "
+                 "nothing; raise --max-age or set it to 1")
         _validate_privacy(cfg, need)
+
+
+def _validate_negative_options(cfg: TrainConfig, need: Callable[[bool, str, str], None]) -> None:
+    """Ranges and combinations of the loss options (the same rules as
+    :class:`common.loss.NegativeOptions`, named by flag)."""
+    k, threshold = cfg.false_negative_top_k, cfg.false_negative_threshold
+    need(k >= 0, "false_negative_top_k", "must be zero or more")
+    need(math.isfinite(threshold) and -1 <= threshold <= 1, "false_negative_threshold",
+         "is a cosine similarity: must be in [-1, 1]")
+    selects = k > 0 or threshold < 1
+    need(cfg.false_negative_mode == "off" or selects, "false_negative_mode",
+         "needs suspects to act on: set --false-negative-top-k > 0 and/or "
+         "--false-negative-threshold < 1")
+    need(cfg.false_negative_mode != "off" or k == 0, "false_negative_top_k",
+         "is set but --false-negative-mode is off: choose drop or positive, or set it to 0")
+    need(cfg.false_negative_mode != "off" or threshold == 1, "false_negative_threshold",
+         "is set but --false-negative-mode is off: choose drop or positive, or set it to 1")
+    need(0 <= cfg.debias_tau_plus < 1, "debias_tau_plus", "must be in [0, 1)")
+    need(math.isfinite(cfg.hard_negative_beta) and cfg.hard_negative_beta >= 0,
+         "hard_negative_beta", "must be zero or more")
+    need(cfg.false_negative_mode != "positive"
+         or (cfg.debias_tau_plus == 0 and cfg.hard_negative_beta == 0), "false_negative_mode",
+         "'positive' gives a query several positives, while --debias-tau-plus and "
+         "--hard-negative-beta estimate a denominator for one positive: use mode drop with "
+         "them, or set them to 0")
 
 
 #: Why each setting below is refused with DP-SGD (shared with :mod:`client.privacy`).

@@ -1,7 +1,9 @@
-"""Image datasets as in-memory tensors: sklearn digits, any ``.npz`` archive, CIFAR-10 batches.
+"""Datasets as in-memory tensors: sklearn digits, any ``.npz`` archive, CIFAR-10 batches, plug-ins.
 
-Nothing here downloads. ``digits`` ships with scikit-learn; every other dataset is a
-file or folder the user already has.
+Nothing here downloads. ``digits`` ships with scikit-learn; generated data (``synthetic``,
+``dna``) is made from the seed; every other dataset is a file or folder the user already
+has. Items are images (N, C, H, W) for the image built-ins and whatever a plug-in makes
+otherwise, e.g. one-hot DNA sequences (N, 4, L) (:mod:`common.dna`).
 
 Spec strings understood by :func:`load_dataset`:
 
@@ -14,6 +16,11 @@ Spec strings understood by :func:`load_dataset`:
 - ``synthetic:N``: N generated 8x8 grayscale training images (and N/5 test images)
   of 10 classes, each a noisy, shifted copy of its class's smooth template. Tiny data
   for scale tests (1,000 clients x 50 examples is ``synthetic:50000``).
+- ``dna`` or ``dna:KEY=VALUE,...``: synthetic genomes (:func:`common.dna.genomes`).
+- ``package.module:name`` or ``package.module:name:ARG``: a plug-in
+  :class:`~common.plugins.DatasetFactory`, called as ``name(ARG, seed=seed)``.
+
+The built-in names resolve through :mod:`common.plugins` like any import path.
 """
 
 from __future__ import annotations
@@ -29,9 +36,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from common import plugins
+
 logger = logging.getLogger(__name__)
 
-BUILTINS = ("digits", "synthetic:N")
+BUILTINS = ("digits", "synthetic:N", "dna[:KEY=VALUE,...]")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_CLASSES = (
@@ -54,13 +63,14 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A labelled image dataset held in memory.
+    """A labelled dataset held in memory.
 
     Attributes:
-        name: where it came from (``digits``, the npz file's stem, ``cifar10``).
-        x_train: (N, C, H, W) float32 in [0, 1].
+        name: where it came from (``digits``, the npz file's stem, ``cifar10``, ``dna``).
+        x_train: (N, C, ...) float32: images (N, C, H, W) in [0, 1] for the image
+            datasets, one-hot sequences (N, 4, L) for ``dna``; a plug-in's own layout.
         y_train: (N,) int64 class indices.
-        x_test: (M, C, H, W) float32 in [0, 1].
+        x_test: (M, C, ...) float32, the item shape of ``x_train``.
         y_test: (M,) int64 class indices.
         class_names: one name per class, in label order.
     """
@@ -82,26 +92,32 @@ class Dataset:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """(H, W)."""
+        """(H, W) of image items."""
+        if self.x_train.ndim != 4:
+            raise AttributeError(f"{self.name} items are {tuple(self.x_train.shape[1:])}, "
+                                 "not images (C, H, W)")
         return int(self.x_train.shape[2]), int(self.x_train.shape[3])
 
 
 def load_dataset(spec: str, *, seed: int = 0) -> Dataset:
-    """Load a dataset by name or path (see the module docstring for the forms of ``spec``).
+    """Load a dataset by name, import path or file path (see the module docstring).
 
     Args:
-        spec: ``digits``, a ``.npz`` path, ``cifar10:<folder>`` or a CIFAR-10 folder path.
-        seed: seeds the train/test split of ``digits`` (files carry their own split).
+        spec: a built-in (``digits``, ``synthetic:N``, ``cifar10:<folder>``, ``dna[:...]``),
+            ``package.module:name[:ARG]`` of a :class:`~common.plugins.DatasetFactory`,
+            a ``.npz`` path or a CIFAR-10 folder path.
+        seed: seeds generated data and the train/test split of ``digits`` (files carry
+            their own split).
 
     Raises:
-        DatasetError: missing file or folder, malformed contents, or an unknown name.
+        DatasetError: missing file or folder, malformed contents, an unknown name, or a
+            plug-in that returns something else than the Dataset contract.
+        PluginError: a plug-in that cannot be imported or called.
     """
-    if spec == "digits":
-        return _load_digits(seed)
-    if spec.startswith("synthetic:"):
-        return _synthetic(spec, seed)
-    if spec.startswith("cifar10:"):
-        return _load_cifar10(Path(spec.removeprefix("cifar10:")))
+    parsed = plugins.parse("dataset", spec)
+    if parsed is not None:
+        factory: plugins.DatasetFactory = plugins.resolve("dataset", spec)
+        return check_dataset(factory(parsed[1], seed=seed), spec)
     path = Path(spec).expanduser()
     if spec.endswith(".npz"):
         if not path.is_file():
@@ -114,9 +130,67 @@ def load_dataset(spec: str, *, seed: int = 0) -> Dataset:
     if "/" in spec or "\\" in spec or spec.startswith("."):
         raise DatasetError(f"no such file or folder: {spec}")
     raise DatasetError(
-        f"unknown dataset {spec!r}: use one of the built-ins ({', '.join(BUILTINS)}), "
-        "a path to an .npz file, or cifar10:<folder with the CIFAR-10 python batches>"
+        f"unknown dataset {spec!r}: use a built-in ({', '.join(BUILTINS)}), a path to an "
+        ".npz file, cifar10:<folder with the CIFAR-10 python batches>, or the import path "
+        "package.module:name[:ARG] of a DatasetFactory (see common/plugins.py)"
     )
+
+
+def check_dataset(ds: object, source: str) -> Dataset:
+    """Hold what a dataset factory returned to the :class:`Dataset` contract.
+
+    Raises:
+        DatasetError: naming ``source`` and the first field that breaks the contract.
+    """
+    if not isinstance(ds, Dataset):
+        raise DatasetError(f"--dataset {source!r} returned a {type(ds).__name__}; a dataset "
+                           "factory returns a common.datasets.Dataset")
+    shapes = {}
+    for split in ("train", "test"):
+        x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
+        if not isinstance(x, Tensor) or x.dtype != torch.float32 or x.ndim < 3:
+            raise DatasetError(
+                f"--dataset {source!r}: x_{split} is {_describe(x)}; expected a float32 tensor "
+                "(N, C, ...) such as images (N, C, H, W) or sequences (N, C, L)")
+        if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != (len(x),):
+            raise DatasetError(
+                f"--dataset {source!r}: y_{split} is {_describe(y)} for {len(x)} items; "
+                "expected int64 labels (N,)")
+        if len(y) and not 0 <= int(y.min()) <= int(y.max()) < len(ds.class_names):
+            raise DatasetError(
+                f"--dataset {source!r}: y_{split} has labels {int(y.min())}..{int(y.max())} for "
+                f"{len(ds.class_names)} class_names; labels must be 0..len(class_names)-1")
+        shapes[split] = tuple(x.shape[1:])
+    if shapes["train"] != shapes["test"]:
+        raise DatasetError(f"--dataset {source!r}: train items are {shapes['train']} but test "
+                           f"items are {shapes['test']}; both splits must share the item shape")
+    return ds
+
+
+def _describe(t: object) -> str:
+    if isinstance(t, Tensor):
+        return f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
+    return f"a {type(t).__name__}"
+
+
+def digits(arg: str, *, seed: int) -> Dataset:
+    """The built-in ``digits``: sklearn's 8x8 handwritten digits, split 80/20 by ``seed``."""
+    if arg:
+        raise DatasetError(f"digits takes no argument, got digits:{arg}")
+    return _load_digits(seed)
+
+
+def synthetic(arg: str, *, seed: int) -> Dataset:
+    """The built-in ``synthetic:N`` (see the module docstring)."""
+    return _synthetic(f"synthetic:{arg}", seed)
+
+
+def cifar10(arg: str, *, seed: int) -> Dataset:
+    """The built-in ``cifar10:FOLDER``: the CIFAR-10 python batches (their own split)."""
+    del seed  # the batches carry their split
+    if not arg:
+        raise DatasetError("cifar10 needs the folder of the python batches: cifar10:FOLDER")
+    return _load_cifar10(Path(arg))
 
 
 SYNTHETIC_MAX = 10_000_000

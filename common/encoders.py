@@ -14,11 +14,12 @@ that DP-SGD's clipping needs (and Opacus refuses it); every layer used by defaul
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from common import plugins
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +35,16 @@ def _group_count(channels: int) -> int:
     return groups
 
 
-def make_norm(kind: str, channels: int) -> nn.Module:
+def make_norm(kind: str, channels: int, dims: int = 2) -> nn.Module:
     """A normalisation layer over ``channels`` feature maps.
 
     Args:
         kind: ``"group"`` (GroupNorm, up to 32 groups of >= 4 channels), ``"batch"``
-            (BatchNorm2d; not usable with DP-SGD), ``"instance"`` (GroupNorm(C, C), i.e.
+            (BatchNorm; not usable with DP-SGD), ``"instance"`` (GroupNorm(C, C), i.e.
             instance norm with a per-channel affine), ``"layer"`` (GroupNorm(1, C)).
-        channels: number of channels C of the (N, C, H, W) input.
+        channels: number of channels C of the (N, C, H, W) or (N, C, L) input.
+        dims: spatial dimensions of the input (2: BatchNorm2d, 1: BatchNorm1d); the
+            GroupNorm kinds take any.
 
     Raises:
         ValueError: unknown ``kind`` or ``channels < 1``.
@@ -51,7 +54,7 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     if kind == "group":
         return nn.GroupNorm(_group_count(channels), channels)
     if kind == "batch":
-        return nn.BatchNorm2d(channels)
+        return nn.BatchNorm1d(channels) if dims == 1 else nn.BatchNorm2d(channels)
     if kind == "instance":
         return nn.GroupNorm(channels, channels, affine=True)
     if kind == "layer":
@@ -202,11 +205,11 @@ class ContrastiveModel(nn.Module):
     """Backbone plus projection head; :meth:`forward` returns unit-norm embeddings.
 
     Args:
-        backbone: maps (N, C, H, W) to (N, F); must have ``in_channels`` and
-            ``feature_dim`` attributes.
+        backbone: maps items (N, C, ...) (images (N, C, H, W), sequences (N, C, L)) to
+            (N, F); must have ``in_channels`` and ``feature_dim`` attributes.
         head: maps (N, F) to (N, D); must have an ``out_dim`` attribute.
-        encoder_name: registry name, recorded for checkpoints and run outputs
-            (defaults to the backbone's class name, lower-cased).
+        encoder_name: the built-in name or import path it was built from, recorded for
+            checkpoints and run outputs (defaults to the backbone's class name, lower-cased).
 
     Attributes:
         in_channels, feature_dim (F), embedding_dim (D), encoder_name.
@@ -236,13 +239,29 @@ class ContrastiveModel(nn.Module):
         return self(x)
 
 
-BackboneFactory = Callable[..., nn.Module]
+def with_projection_head(backbone: nn.Module, embedding_dim: int) -> ContrastiveModel:
+    """``backbone`` (with ``in_channels`` and ``feature_dim``) plus a projection head of
+    hidden width F: what an :class:`~common.plugins.EncoderFactory` usually returns."""
+    if embedding_dim <= 0:
+        raise ValueError(f"embedding_dim must be > 0, got {embedding_dim}")
+    head = ProjectionHead(backbone.feature_dim, backbone.feature_dim, embedding_dim)
+    return ContrastiveModel(backbone, head)
 
-ENCODERS: dict[str, BackboneFactory] = {
-    "cnn": SmallCNN,
-    "resnet18": ResNet18,
-}
-"""Backbone constructors by name; each takes ``(in_channels, *, norm=..., width=...)``."""
+
+def cnn(
+    in_channels: int, *, embedding_dim: int = 128, norm: str = "group", width: int | None = None
+) -> ContrastiveModel:
+    """The built-in ``cnn`` encoder: :class:`SmallCNN` (width 32 by default) with a head."""
+    backbone = SmallCNN(in_channels, norm=norm, **({} if width is None else {"width": width}))
+    return with_projection_head(backbone, embedding_dim)
+
+
+def resnet18(
+    in_channels: int, *, embedding_dim: int = 128, norm: str = "group", width: int | None = None
+) -> ContrastiveModel:
+    """The built-in ``resnet18`` encoder: :class:`ResNet18` (width 64 by default) with a head."""
+    backbone = ResNet18(in_channels, norm=norm, **({} if width is None else {"width": width}))
+    return with_projection_head(backbone, embedding_dim)
 
 
 def build_encoder(
@@ -253,26 +272,38 @@ def build_encoder(
     norm: str = "group",
     width: int | None = None,
 ) -> ContrastiveModel:
-    """Build a registered backbone with a projection head (hidden width = F).
+    """Build the encoder that ``name`` names, a built-in or an import path.
 
     Args:
-        name: a key of :data:`ENCODERS`.
-        in_channels: image channels (1 for digits, 3 for CIFAR-10).
+        name: a built-in (``cnn``, ``resnet18``, ``cnn1d``) or ``package.module:name`` of
+            an :class:`~common.plugins.EncoderFactory`; recorded as ``encoder_name``.
+        in_channels: C of the items (1 for digits, 3 for CIFAR-10, 4 for DNA).
         embedding_dim: D, the length of the normalised embedding.
         norm: backbone normalisation, see :func:`make_norm`.
-        width: backbone base width; the backbone's own default when ``None``.
+        width: backbone base width; the factory's own default when ``None``.
 
     Raises:
         ValueError: unknown name or norm, or ``embedding_dim <= 0``.
+        PluginError: a plug-in that cannot be resolved or returns something else than a
+            ContrastiveModel of ``in_channels`` and ``embedding_dim``.
     """
-    if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}: choose one of {', '.join(sorted(ENCODERS))}")
     if embedding_dim <= 0:
         raise ValueError(f"embedding_dim must be > 0, got {embedding_dim}")
-    kwargs = {"norm": norm} if width is None else {"norm": norm, "width": width}
-    backbone = ENCODERS[name](in_channels, **kwargs)
-    head = ProjectionHead(backbone.feature_dim, backbone.feature_dim, embedding_dim)
+    factory: plugins.EncoderFactory = plugins.resolve("encoder", name)
+    model = factory(in_channels, embedding_dim=embedding_dim, norm=norm, width=width)
+    if not isinstance(model, ContrastiveModel):
+        raise plugins.PluginError(
+            f"--encoder {name!r} returned a {type(model).__name__}; an EncoderFactory returns "
+            "a common.encoders.ContrastiveModel (wrap a backbone with with_projection_head)"
+        )
+    if (model.in_channels, model.embedding_dim) != (in_channels, embedding_dim):
+        raise plugins.PluginError(
+            f"--encoder {name!r} was asked for in_channels={in_channels}, "
+            f"embedding_dim={embedding_dim} and built in_channels={model.in_channels}, "
+            f"embedding_dim={model.embedding_dim}"
+        )
+    model.encoder_name = name
     logger.debug(
-        "built encoder %s: F=%d D=%d norm=%s", name, backbone.feature_dim, embedding_dim, norm
+        "built encoder %s: F=%d D=%d norm=%s", name, model.feature_dim, embedding_dim, norm
     )
-    return ContrastiveModel(backbone, head, encoder_name=name)
+    return model

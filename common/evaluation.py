@@ -3,14 +3,14 @@
 Two layers are measured: ``backbone`` (the features a downstream user keeps) and
 ``head`` (the unit-norm projection the loss sees). On each layer:
 
-- instance retrieval: top-1 accuracy of finding an image's second augmented view
-  among 256 candidates;
+- instance retrieval: top-1 accuracy of finding an item's second view among 256
+  candidates;
 - alignment and uniformity (Wang & Isola 2020) on those two views;
 - kNN accuracy (cosine, weighted vote) and, on request, linear-probe accuracy, with
   the training split as the labelled bank.
 
-Views are drawn from a fixed seed so that a trained and a random-init encoder are
-compared on the very same pairs.
+Views are the run's own (``--views``, see :mod:`common.plugins`), drawn from a fixed
+seed so that a trained and a random-init encoder are compared on the very same pairs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from common.augment import Augmenter, AugmentParams
 from common.datasets import Dataset
 from common.encoders import ContrastiveModel
 from common.metrics import (
@@ -32,6 +31,7 @@ from common.metrics import (
     linear_probe_accuracy,
     uniformity,
 )
+from common.plugins import ViewFn
 
 LAYERS = ("backbone", "head")
 
@@ -45,13 +45,12 @@ def _layer_fn(model: ContrastiveModel, layer: str) -> Callable[[Tensor], Tensor]
 
 
 def paired_views(
-    x: Tensor, params: AugmentParams, seed: int, max_items: int = 2048
+    x: Tensor, views: ViewFn, seed: int, max_items: int = 2048
 ) -> tuple[Tensor, Tensor]:
-    """Two augmented views of (at most ``max_items``) held-out images, from a fixed seed."""
+    """Two views, each (min(N, max_items), C, ...), of the first items of ``x``, from a fixed seed."""
     g = torch.Generator().manual_seed(seed)
     x = x[:max_items]
-    aug = Augmenter(params)
-    return aug(x, g), aug(x, g)
+    return views(x, g), views(x, g)
 
 
 @torch.no_grad()
@@ -60,15 +59,19 @@ def evaluate_encoder(
     data: Dataset,
     *,
     device: torch.device,
-    augment: AugmentParams,
+    views: ViewFn,
     seed: int = 0,
     layers: Iterable[str] = LAYERS,
     linear_probe: bool = False,
     knn_k: int = 20,
     batch_size: int = 512,
 ) -> dict[str, float]:
-    """Return ``{f"{metric}_{layer}": value}`` for every requested layer."""
-    v1, v2 = paired_views(data.x_test, augment, seed)
+    """Return ``{f"{metric}_{layer}": value}`` for every requested layer.
+
+    ``views`` draws the pairs of retrieval, alignment and uniformity: the run's view
+    function (:func:`common.plugins.make_views`).
+    """
+    v1, v2 = paired_views(data.x_test, views, seed)
     out: dict[str, float] = {}
     for layer in layers:
         fn = _layer_fn(model, layer)
@@ -87,7 +90,8 @@ def evaluate_encoder(
 
 
 def raw_pixel_knn(data: Dataset, k: int = 20) -> float:
-    """kNN accuracy on flattened pixels: what any encoder must beat to be worth its cost."""
+    """kNN accuracy on the flattened raw items (pixels, one-hot bases): what any encoder
+    must beat to be worth its cost."""
     return knn_accuracy(
         data.x_train.flatten(1), data.y_train, data.x_test.flatten(1), data.y_test, k=k
     )

@@ -1,21 +1,112 @@
-"""InfoNCE, per example, with queue negatives and optional in-batch negatives.
+"""InfoNCE, per example, with queue negatives and optional in-batch negatives, and the
+options that change how each query treats its negatives (all off by default).
 
 References:
     Oord, Li & Vinyals 2018, "Representation Learning with Contrastive Predictive Coding"
     (InfoNCE). He et al. 2020, "Momentum Contrast for Unsupervised Visual Representation
     Learning" (MoCo: positives against a queue of negatives). Chen et al. 2020, "A Simple
     Framework for Contrastive Learning of Visual Representations" (SimCLR: NT-Xent with
-    in-batch negatives).
+    in-batch negatives). Huynh et al. 2022, "Boosting Contrastive Self-Supervised Learning
+    with False Negative Cancellation" (WACV; false negatives dropped or attracted).
+    Chuang et al. 2020, "Debiased Contrastive Learning" (NeurIPS; tau+). Robinson et al.
+    2021, "Contrastive Learning with Hard Negative Samples" (ICLR; beta).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from common.config import FALSE_NEGATIVE_MODES
+
 REDUCTIONS = ("mean", "none")
+
+
+@dataclass(frozen=True)
+class NegativeOptions:
+    """How each query's negatives enter :func:`info_nce`; the defaults are plain InfoNCE.
+
+    Attributes:
+        false_negative_mode: ``"off"``; ``"drop"``: the query's suspected false negatives
+            leave its denominator; ``"positive"``: they become extra positives (Huynh et
+            al. 2022, "elimination" and "attraction").
+        false_negative_top_k: suspects are at most the k negatives most similar to the
+            query (0: no such bound).
+        false_negative_threshold: suspects have cosine similarity > this with the query
+            (1.0: no such bar). With both set, a suspect is among the top k *and* above
+            the threshold.
+        debias_tau_plus: tau+ in [0, 1), the prior probability that a negative shares the
+            query's class (Chuang et al. 2020); 0: no debiasing.
+        hard_negative_beta: beta >= 0, concentration of the importance weights on hard
+            negatives (Robinson et al. 2021); 0: uniform.
+
+    Raises:
+        ValueError: at construction, for a value out of range or a combination without a
+            meaning (see the messages).
+    """
+
+    false_negative_mode: str = "off"
+    false_negative_top_k: int = 0
+    false_negative_threshold: float = 1.0
+    debias_tau_plus: float = 0.0
+    hard_negative_beta: float = 0.0
+
+    def __post_init__(self) -> None:
+        mode, k, threshold = (self.false_negative_mode, self.false_negative_top_k,
+                              self.false_negative_threshold)
+        if mode not in FALSE_NEGATIVE_MODES:
+            raise ValueError(f"false_negative_mode must be one of {', '.join(FALSE_NEGATIVE_MODES)}, "
+                             f"got {mode!r}")
+        if k < 0:
+            raise ValueError(f"false_negative_top_k must be >= 0, got {k}")
+        if not -1.0 <= threshold <= 1.0:
+            raise ValueError(f"false_negative_threshold is a cosine in [-1, 1], got {threshold}")
+        selects = k > 0 or threshold < 1.0
+        if (mode == "off") == selects:
+            raise ValueError(
+                "false-negative cancellation needs a mode (drop, positive) together with a top k > 0 "
+                f"and/or a threshold < 1; got mode {mode!r}, top_k {k}, threshold {threshold}"
+            )
+        if not 0.0 <= self.debias_tau_plus < 1.0:
+            raise ValueError(f"debias_tau_plus must be in [0, 1), got {self.debias_tau_plus}")
+        if not (math.isfinite(self.hard_negative_beta) and self.hard_negative_beta >= 0):
+            raise ValueError(f"hard_negative_beta must be a finite number >= 0, "
+                             f"got {self.hard_negative_beta}")
+        if mode == "positive" and self.reweights:
+            raise ValueError(
+                "false_negative_mode 'positive' (several positives per query) cannot be combined "
+                "with debias_tau_plus or hard_negative_beta, whose estimators assume one positive: "
+                "use mode 'drop', or turn the estimator off"
+            )
+
+    @property
+    def reweights(self) -> bool:
+        """Whether the debiased / hard-negative estimator replaces the plain denominator."""
+        return self.debias_tau_plus > 0 or self.hard_negative_beta > 0
+
+    @property
+    def active(self) -> bool:
+        return self.false_negative_mode != "off" or self.reweights
+
+
+def staleness_log_weights(ages: Tensor, gamma: float) -> Tensor:
+    """``log(gamma ** age)`` per negative: a row of age a enters the softmax with weight gamma^a.
+
+    Args:
+        ages: (K,) ages in rounds (queue version - row version), >= 0.
+        gamma: in (0, 1]; 1 weighs every row alike (plain InfoNCE).
+
+    Returns:
+        (K,) float log-weights ``age * log(gamma)``, for ``info_nce(negative_log_weights=)``.
+    """
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    if ages.ndim != 1 or (ages.numel() and int(ages.min()) < 0):
+        raise ValueError(f"ages must be a (K,) tensor of values >= 0, got shape {tuple(ages.shape)}")
+    return ages.to(torch.get_default_dtype()) * math.log(gamma)
 
 
 def _check_temperature(temperature: float) -> None:
@@ -29,27 +120,52 @@ def info_nce(
     negatives: Tensor | None = None,
     temperature: float = 0.2,
     in_batch: bool = False,
+    *,
+    negative_log_weights: Tensor | None = None,
+    options: NegativeOptions | None = None,
 ) -> Tensor:
     """Per-example InfoNCE loss.
 
     For row i with query q_i, positive key k_i and temperature T, the logits are
 
-    - the positive ``<q_i, k_i> / T``;
-    - one per queue negative n_j: ``<q_i, n_j> / T`` (MoCo);
+    - the positive ``p_i = <q_i, k_i> / T``;
+    - one per queue negative n_j: ``s_ij = <q_i, n_j> / T`` (MoCo);
     - with ``in_batch=True``, also ``<q_i, k_j> / T`` and ``<q_i, q_j> / T`` for every
       j != i: the 2N - 2 other views of the batch, as in SimCLR's NT-Xent with q_i as
       anchor. The symmetric SimCLR loss is the mean of ``info_nce(q, k)`` and
       ``info_nce(k, q)``.
 
-    and ``loss_i = -pos_i + logsumexp(logits_i)`` = ``-log(exp(pos_i) / sum exp(logits_i))``.
+    and ``loss_i = -p_i + logsumexp(logits_i)`` = ``-log(exp(p_i) / sum exp(logits_i))``.
 
-    With ``in_batch=False`` and ``positive_key`` and ``negatives`` detached, loss_i depends
-    on query_i alone, which DP-SGD's per-example clipping requires; in-batch negatives
-    couple the examples.
+    The options change this per query i, over its M_i negatives j (queue and in-batch):
+
+    - ``negative_log_weights`` l_j (queue negatives; in-batch ones have 0): negative j
+      enters the denominator with weight w_j = e^{l_j}, i.e. its logit becomes s_ij + l_j.
+      Staleness weighting passes ``a_j log gamma`` (:func:`staleness_log_weights`).
+    - false negatives F_i (:class:`NegativeOptions`; chosen on the cosine <q_i, n_j>,
+      without gradient): ``drop`` removes them from the denominator; ``positive`` makes
+      them positives, ``loss_i = logsumexp(logits_i) - (p_i + sum_{f in F_i} (s_if + l_f))
+      / (1 + |F_i|)`` over the same logits (Huynh et al. 2022, attraction; SupCon's form).
+    - debiasing and hard negatives replace the negatives' sum by an estimator
+      (Chuang et al. 2020's debiased objective, Robinson et al. 2021's hard-negative
+      objective, as their reference code computes them):
+      with hard-negative weights h_ij = M_i e^{beta s_ij} / sum_k e^{beta s_ik} (mean 1
+      over the query's negatives; 1 when beta = 0),
+      ``S_i = sum_j w_j h_ij e^{s_ij}``, ``W_i = sum_j w_j`` (= M_i without staleness),
+      ``Ng_i = max((S_i - tau+ W_i e^{p_i}) / (1 - tau+), W_i e^{-1/T})`` (the clamp at
+      the smallest value a sum of W unit-norm terms can take), and
+      ``loss_i = -log(e^{p_i} / (e^{p_i} + Ng_i))``.
+      Gradients flow through h as in Robinson et al.'s code. ``drop`` may precede it;
+      a query left without negatives has loss 0.
+
+    Every option is computed per query from that query, its key and the negatives, so
+    with ``in_batch=False`` and ``positive_key`` and ``negatives`` detached, loss_i still
+    depends on query_i alone, which DP-SGD's per-example clipping requires; in-batch
+    negatives couple the examples.
 
     Inputs are expected L2-normalised along D (as :class:`common.encoders.ContrastiveModel`
     returns them); they are not renormalised here, so T is the temperature of cosine
-    similarities only if the caller normalised.
+    similarities (and the threshold a cosine) only if the caller normalised.
 
     Args:
         query: (N, D) queries.
@@ -57,13 +173,16 @@ def info_nce(
         negatives: (K, D) negatives shared by all rows, or ``None`` / K = 0 for none.
         temperature: T > 0.
         in_batch: add the batch's other keys and queries as negatives.
+        negative_log_weights: (K,) finite log-weights of the queue negatives, or ``None``
+            (all 0).
+        options: false-negative cancellation, debiasing, hard negatives (``None``: off).
 
     Below T of about 0.023 (logits spanning more than 87) float32 ``exp(x - max)`` yields
     subnormals, which x86 CPUs compute slowly: the result stays exact and finite but the
     step can be several times slower (``bench/loss_bench.py``).
 
     Returns:
-        (N,) per-example losses.
+        (N,) per-example losses. With no option and no weights, exactly the plain loss.
 
     Raises:
         ValueError: T not finite or <= 0, mismatched shapes, or no negatives at all
@@ -85,19 +204,95 @@ def info_nce(
         raise ValueError(
             "no negatives: pass a non-empty negatives tensor (K, D), or in_batch=True with a batch of N >= 2"
         )
+    k = negatives.shape[0] if has_queue else 0
+    if negative_log_weights is not None and (
+        negative_log_weights.shape != (k,) or not torch.isfinite(negative_log_weights).all()
+    ):
+        raise ValueError(
+            f"negative_log_weights must be ({k},) finite values, one per queue negative; got "
+            f"{tuple(negative_log_weights.shape)}"
+        )
 
     pos = (query * positive_key).sum(dim=1) / temperature  # N
-    logits = [pos.unsqueeze(1)]  # N x 1
+    cosines = []  # parts of N x M, -inf where a negative is absent
     if has_queue:
-        logits.append(query @ negatives.T / temperature)  # N x K
+        cosines.append(query @ negatives.T)  # N x K
     if in_batch:
         # -inf, not subtraction of exp(diag), keeps the diagonal out exactly and stably:
         # for k it is the positive (already counted), for q it is q_i with itself.
         diag = torch.eye(n, dtype=torch.bool, device=query.device)
-        logits.append((query @ positive_key.T / temperature).masked_fill(diag, -math.inf))  # N x N
-        logits.append((query @ query.T / temperature).masked_fill(diag, -math.inf))  # N x N
-    all_logits = torch.cat(logits, dim=1)  # N x (1 + K [+ 2N])
-    return torch.logsumexp(all_logits, dim=1) - pos  # N
+        cosines.append((query @ positive_key.T).masked_fill(diag, -math.inf))  # N x N
+        cosines.append((query @ query.T).masked_fill(diag, -math.inf))  # N x N
+    parts = [c / temperature for c in cosines]
+    opts = options or NegativeOptions()
+    if negative_log_weights is None and not opts.active:
+        all_logits = torch.cat([pos.unsqueeze(1), *parts], dim=1)  # N x (1 + K [+ 2N])
+        return torch.logsumexp(all_logits, dim=1) - pos  # N
+
+    logits = torch.cat(parts, dim=1)  # N x M
+    log_w = torch.zeros(1, logits.shape[1], dtype=logits.dtype, device=logits.device)  # 1 x M
+    if negative_log_weights is not None:
+        log_w[0, :k] = negative_log_weights.to(logits)
+    present = torch.isfinite(logits)  # N x M
+    suspects = (
+        _false_negatives(torch.cat(cosines, dim=1).detach(), present, opts)
+        if opts.false_negative_mode != "off" else None
+    )  # N x M
+    if opts.false_negative_mode == "drop":
+        present = present & ~suspects
+    if opts.reweights:
+        return _estimator_loss(pos, logits, log_w, present, temperature, opts)
+    weighted = (logits + log_w).masked_fill(~present, -math.inf)  # N x M, log(w_j e^{s_ij})
+    log_z = torch.logsumexp(torch.cat([pos.unsqueeze(1), weighted], dim=1), dim=1)  # N
+    if opts.false_negative_mode != "positive":
+        return log_z - pos
+    extra = torch.where(suspects, weighted, 0.0).sum(dim=1)  # N: sum of the extra positives
+    return log_z - (pos + extra) / (1 + suspects.sum(dim=1))
+
+
+def _false_negatives(cosines: Tensor, present: Tensor, opts: NegativeOptions) -> Tensor:
+    """(N, M) mask of each query's suspected false negatives among its present negatives."""
+    chosen = present.clone()
+    if opts.false_negative_threshold < 1.0:
+        chosen &= cosines > opts.false_negative_threshold
+    if opts.false_negative_top_k > 0:
+        k = min(opts.false_negative_top_k, cosines.shape[1])
+        top = cosines.masked_fill(~chosen, -math.inf).topk(k, dim=1).indices  # N x k
+        chosen &= torch.zeros_like(chosen).scatter_(1, top, True)
+    return chosen
+
+
+def _row_logsumexp(x: Tensor, mask: Tensor) -> Tensor:
+    """log sum_{j: mask_ij} e^{x_ij} per row (N,); 0 for a row with no entry (callers discard
+    it), so that no gradient meets an all -inf row (whose softmax is NaN)."""
+    empty = ~mask.any(dim=1, keepdim=True)  # N x 1
+    return torch.logsumexp(x.masked_fill(~mask, -math.inf).masked_fill(empty, 0.0), dim=1)
+
+
+def _estimator_loss(pos: Tensor, logits: Tensor, log_w: Tensor, present: Tensor,
+                    temperature: float, opts: NegativeOptions) -> Tensor:
+    """-log(e^p / (e^p + Ng)) with the debiased / hard-negative Ng of :func:`info_nce`; (N,)."""
+    s = logits.masked_fill(~present, 0.0)  # N x M, finite: absent entries are masked below
+    count = present.sum(dim=1)  # N, M_i
+    log_terms = log_w + s  # N x M, log(w_j e^{s_ij})
+    beta = opts.hard_negative_beta
+    if beta > 0:
+        # log h_ij = log M_i + beta s_ij - log sum_k e^{beta s_ik}: weights of mean 1
+        log_terms = (log_terms + beta * s - _row_logsumexp(beta * s, present).unsqueeze(1)
+                     + count.clamp(min=1).to(s).log().unsqueeze(1))
+    log_s = _row_logsumexp(log_terms, present)  # N, log S_i
+    log_mass = _row_logsumexp(log_w.expand_as(s), present)  # N, log W_i
+    tau = opts.debias_tau_plus
+    if tau == 0:
+        debiased = log_s
+    else:
+        # log(S - tau+ W e^p), defined where S > tau+ W e^p: log S + log(1 - e^{gap}), gap < 0.
+        gap = math.log(tau) + log_mass + pos - log_s  # N
+        debiased = log_s + torch.log(-torch.expm1(gap.clamp(max=-1e-30))) - math.log1p(-tau)
+        debiased = torch.where(gap < 0, debiased, -math.inf)
+    log_ng = torch.maximum(debiased, log_mass - 1.0 / temperature)  # the clamp at W e^{-1/T}
+    loss = torch.logaddexp(pos, log_ng) - pos
+    return torch.where(count > 0, loss, 0.0)
 
 
 class InfoNCELoss(nn.Module):
@@ -109,6 +304,8 @@ class InfoNCELoss(nn.Module):
         in_batch: add the batch's other keys and queries as negatives.
         reduction: ``"mean"`` (a scalar) or ``"none"`` (the (N,) per-example losses that
             DP-SGD clips one by one).
+        options: false-negative cancellation, debiasing, hard negatives
+            (:class:`NegativeOptions`, validated at its construction; ``None``: off).
 
     Raises:
         ValueError: at construction, for T not finite or <= 0 or an unknown reduction.
@@ -122,7 +319,11 @@ class InfoNCELoss(nn.Module):
     """
 
     def __init__(
-        self, temperature: float = 0.2, in_batch: bool = False, reduction: str = "mean"
+        self,
+        temperature: float = 0.2,
+        in_batch: bool = False,
+        reduction: str = "mean",
+        options: NegativeOptions | None = None,
     ) -> None:
         super().__init__()
         _check_temperature(temperature)
@@ -133,13 +334,20 @@ class InfoNCELoss(nn.Module):
         self.temperature = temperature
         self.in_batch = in_batch
         self.reduction = reduction
+        self.options = options or NegativeOptions()
 
     def forward(
-        self, query: Tensor, positive_key: Tensor, negatives: Tensor | None = None
+        self,
+        query: Tensor,
+        positive_key: Tensor,
+        negatives: Tensor | None = None,
+        negative_log_weights: Tensor | None = None,
     ) -> Tensor:
-        """(N, D), (N, D), (K, D) or None -> scalar, or (N,) with ``reduction="none"``."""
-        loss = info_nce(query, positive_key, negatives, self.temperature, in_batch=self.in_batch)
+        """(N, D), (N, D), (K, D) or None[, (K,)] -> scalar, or (N,) with ``reduction="none"``."""
+        loss = info_nce(query, positive_key, negatives, self.temperature, in_batch=self.in_batch,
+                        negative_log_weights=negative_log_weights, options=self.options)
         return loss.mean() if self.reduction == "mean" else loss
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, in_batch={self.in_batch}, reduction={self.reduction!r}"
+        return (f"temperature={self.temperature}, in_batch={self.in_batch}, "
+                f"reduction={self.reduction!r}, options={self.options}")

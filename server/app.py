@@ -5,14 +5,21 @@ Run config: every :class:`~common.config.FedConfig` key, plus
 - ``run-dir``: absolute path of the run directory to write (required);
 - ``resume``: ``""``, or a run directory to continue: its ``encoder.pt`` (weights and
   last round), ``queue.pt`` (the queue) and metrics; numbering continues with the
-  next round, up to ``rounds``.
+  next round, up to ``rounds``;
+- ``queue-ssl-certfile`` and ``queue-ssl-keyfile``: absolute paths of the PEM
+  certificate and private key the queue service is served with (TLS; the certificate
+  must name ``queue-host``, the address nodes dial), or both ``""``: an insecure queue,
+  for loopback (simulation, tests). ``fedcontrast server`` sets them to the SuperLink's
+  certificate and key unless ``--insecure``. Every TRAIN message tells the node whether
+  the queue is TLS (``queue-tls``).
 
 Run directory (see :mod:`common.rundir`)::
 
     config.json  versions.json  metrics.csv  metrics.jsonl  (one row per round)
     encoder.pt   (every round; common.checkpoint format with "round")
     queue.pt     (NegativeQueue.snapshot, every round)
-    summary.json curves.png
+    summary.json (status, rounds, final eval, queue, contributors, queue_tls, privacy)
+    curves.png
 """
 
 from __future__ import annotations
@@ -28,22 +35,23 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from client.trainer import augment_params
 from common.checkpoint import encoder_spec, read_checkpoint, save_encoder
 from common.config import FedConfig, from_run_config, resolve_device
 from common.datasets import Dataset, load_dataset
 from common.encoders import ContrastiveModel, build_encoder
 from common.evaluation import evaluate_encoder
 from common.flower_env import route_logs_to_flower
+from common.plugins import make_views
 from common.rundir import RunDir
 from server.queue import NegativeQueue
-from server.service import QueueServer
+from server.service import QueueServer, ServerTLS
 from server.strategy import PLOTTED, NodeTokens, RoundDriver, build_strategy
 
 logger = logging.getLogger(__name__)
 
 #: Run-config keys of the app besides FedConfig's (pyproject [tool.flwr.app.config]).
-EXTRA_RUN_CONFIG = {"run-dir": "", "resume": ""}
+EXTRA_RUN_CONFIG = {"run-dir": "", "resume": "", "queue-ssl-certfile": "",
+                    "queue-ssl-keyfile": ""}
 QUEUE_SNAPSHOT = "queue.pt"
 
 app = ServerApp()
@@ -57,10 +65,11 @@ def lifespan(context: Context) -> Iterator[None]:
     """Serve the negative queue before the first round; stop it after the last, also on failure."""
     route_logs_to_flower()
     cfg = from_run_config(FedConfig, context.run_config)
+    tls = queue_tls(context.run_config)
     queue = NegativeQueue(cfg.queue_capacity, cfg.embedding_dim, max_age=cfg.max_age)
-    server = QueueServer(queue, {}, host=cfg.queue_host, port=cfg.queue_port)
+    server = QueueServer(queue, {}, host=cfg.queue_host, port=cfg.queue_port, tls=tls)
     server.start()
-    _service.update(queue=queue, server=server)
+    _service.update(queue=queue, server=server, tls=tls is not None)
     try:
         yield
     finally:
@@ -69,8 +78,8 @@ def lifespan(context: Context) -> Iterator[None]:
         _service.clear()
 
 
-def run_dir_path(run_config: Mapping[str, Any], key: str = "run-dir") -> Path | None:
-    """The absolute directory named by ``key`` (None when empty); ValueError when relative."""
+def absolute_path(run_config: Mapping[str, Any], key: str) -> Path | None:
+    """The absolute path named by run-config ``key`` (None when empty); ValueError when relative."""
     value = str(run_config.get(key, "") or "")
     if not value:
         return None
@@ -78,9 +87,29 @@ def run_dir_path(run_config: Mapping[str, Any], key: str = "run-dir") -> Path | 
     if not path.is_absolute():
         raise ValueError(
             f"run config {key}={value!r} must be an absolute path: the ServerApp runs in "
-            "another working directory (fedcontrast server makes --out absolute)"
+            "another working directory (fedcontrast server makes its paths absolute)"
         )
     return path
+
+
+def queue_tls(run_config: Mapping[str, Any]) -> ServerTLS | None:
+    """The queue service's certificate and key from the run config; None (insecure) when unset."""
+    cert = absolute_path(run_config, "queue-ssl-certfile")
+    key = absolute_path(run_config, "queue-ssl-keyfile")
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ValueError(
+            "run config queue-ssl-certfile and queue-ssl-keyfile go together: give both to "
+            "serve the queue with TLS, or neither for an insecure queue (loopback only)"
+        )
+    try:
+        return ServerTLS.from_files(cert, key)
+    except OSError as exc:
+        raise ValueError(
+            f"cannot read the queue's TLS file {exc.filename}: {exc.strerror} (run config "
+            "queue-ssl-certfile / queue-ssl-keyfile must be readable where the ServerApp runs)"
+        ) from exc
 
 
 def server_dataset(cfg: FedConfig) -> Dataset:
@@ -120,7 +149,7 @@ class _Model:
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         return evaluate_encoder(self.load(arrays).to(self.device), self.data, device=self.device,
-                                augment=augment_params(self.cfg), seed=self.cfg.seed)
+                                views=make_views(self.cfg), seed=self.cfg.seed)
 
 
 def _resume(source: Path, run_dir: RunDir, model: _Model, queue: NegativeQueue) -> tuple[int, int]:
@@ -150,10 +179,10 @@ def main(grid: Grid, context: Context) -> None:
     """Rounds ``1..rounds`` (or the rest of a resumed run), writing the run directory."""
     route_logs_to_flower()
     cfg = from_run_config(FedConfig, context.run_config)
-    out = run_dir_path(context.run_config)
+    out = absolute_path(context.run_config, "run-dir")
     if out is None:
         raise ValueError("run config run-dir is required: the absolute path of the run directory")
-    resume = run_dir_path(context.run_config, "resume")
+    resume = absolute_path(context.run_config, "resume")
     queue: NegativeQueue = _service["queue"]
     server: QueueServer = _service["server"]
 
@@ -168,10 +197,11 @@ def main(grid: Grid, context: Context) -> None:
     model.tokens = tokens
     driver = RoundDriver(
         grid, build_strategy(cfg), cfg, queue=queue, tokens=tokens, queue_address=server.address,
-        run_dir=run_dir, save_checkpoint=model.save, evaluate=model.evaluate,
+        queue_tls=_service["tls"], run_dir=run_dir, save_checkpoint=model.save, evaluate=model.evaluate,
     )
-    logger.info("run %d: rounds %d..%d, queue at %s, run directory %s",
-                context.run_id, last_done + 1, cfg.rounds, server.address, run_dir.path)
+    logger.info("run %d: rounds %d..%d, queue at %s (%s), run directory %s",
+                context.run_id, last_done + 1, cfg.rounds, server.address,
+                "TLS" if driver.queue_tls else "insecure", run_dir.path)
     start = time.monotonic()
     summary: dict[str, Any] = {"run_id": context.run_id, "status": "running"}
     arrays = ArrayRecord(model.module.state_dict())
@@ -191,8 +221,10 @@ def main(grid: Grid, context: Context) -> None:
             "wall_time_s": time.monotonic() - start,
             "final_eval": driver.last_eval,
             "queue": queue.stats(),
+            "queue_tls": driver.queue_tls,
             "contributors": {str(slot): {"pushed_rows": driver.pushed_by_slot.get(slot, 0)}
                              for slot in sorted(tokens.slots.values())},
+            "privacy": driver.privacy_summary(),
         })
         run_dir.write_json("summary.json", summary)
         run_dir.plot("round", PLOTTED, title=f"FedContrast on {cfg.dataset}")

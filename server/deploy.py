@@ -10,7 +10,9 @@ What it does, in order:
    registers the ``--auth-list-public-keys`` with ``flwr supernode register``;
 3. submits the app (this repository: ``pyproject.toml`` with ``[tool.flwr.app]``)
    with ``flwr run APP_DIR fedcontrast --stream --run-config FILE``, the run config
-   holding every setting plus the absolute run directory;
+   holding every setting plus the absolute run directory and, unless ``--insecure``,
+   the certificate and key the ServerApp serves the negative queue with (TLS, as the
+   SuperLink);
 4. prints one line per finished round from ``RUN_DIR/metrics.jsonl`` (the ServerApp's
    own output reaches us only through Flower's log stream, kept in
    ``RUN_DIR/server.log``);
@@ -94,8 +96,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     link.add_argument("--insecure", action="store_true",
                       help="no TLS and no node authentication (loopback and tests only)")
     link.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (PEM) of the SuperLink's certificate")
-    link.add_argument("--ssl-certfile", type=Path, help="the SuperLink's certificate (PEM)")
-    link.add_argument("--ssl-keyfile", type=Path, help="the SuperLink's private key (PEM)")
+    link.add_argument("--ssl-certfile", type=Path,
+                      help="the SuperLink's certificate (PEM); also the negative queue's unless "
+                           "--queue-ssl-certfile, so it must name --queue-host too (a SAN for "
+                           "that IP or DNS name)")
+    link.add_argument("--ssl-keyfile", type=Path,
+                      help="the SuperLink's private key (PEM); also the negative queue's unless "
+                           "--queue-ssl-keyfile")
     link.add_argument("--auth-list-public-keys", type=Path, nargs="+", metavar="FILE",
                       help="authenticate SuperNodes (needs TLS): only nodes holding these keys may "
                            "join. Each FILE holds OpenSSH ECDSA public keys (`ssh-keygen -t ecdsa "
@@ -104,6 +111,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                            "the server logs that the keys are registered")
     link.add_argument("--flwr-home", type=Path, default=None,
                       help="Flower's working directory (default: a temporary one, removed at exit)")
+    queue = parser.add_argument_group("negative queue (served by the ServerApp)")
+    queue.add_argument("--queue-ssl-certfile", type=Path, default=None,
+                       help="the queue's TLS certificate (PEM), signed by the CA the clients "
+                            "trust, naming --queue-host (default: --ssl-certfile). Read where "
+                            "the ServerApp runs (with --superlink: that machine)")
+    queue.add_argument("--queue-ssl-keyfile", type=Path, default=None,
+                       help="the queue's private key (PEM; default: --ssl-keyfile)")
     add_config_arguments(parser, FedConfig)
 
 
@@ -144,6 +158,34 @@ def superlink_command(args: argparse.Namespace) -> list[str]:
         # through the Control API once the SuperLink runs (register_supernodes).
         cmd.append("--enable-supernode-auth")
     return cmd
+
+
+def queue_tls_run_config(args: argparse.Namespace) -> dict[str, str]:
+    """Run-config keys that serve the ServerApp's negative queue as the SuperLink is served.
+
+    TLS with ``--queue-ssl-*`` or else the SuperLink's ``--ssl-certfile``/``--ssl-keyfile``
+    (absolute paths); both keys empty (an insecure queue) with ``--insecure``. Clients
+    started with ``--root-certificates`` reach the queue over TLS only.
+    """
+    queue_files = [args.queue_ssl_certfile, args.queue_ssl_keyfile]
+    if args.insecure:
+        if any(queue_files):
+            raise UsageError("--insecure cannot be combined with --queue-ssl-certfile or "
+                             "--queue-ssl-keyfile")
+        return {"queue-ssl-certfile": "", "queue-ssl-keyfile": ""}
+    if any(queue_files) and not all(queue_files):
+        raise UsageError("--queue-ssl-certfile and --queue-ssl-keyfile go together")
+    cert, key = queue_files if all(queue_files) else (args.ssl_certfile, args.ssl_keyfile)
+    if cert is None or key is None:
+        raise UsageError(
+            "the negative queue is served with TLS when the SuperLink is: give --ssl-certfile "
+            "and --ssl-keyfile (with --superlink: --queue-ssl-certfile and --queue-ssl-keyfile), "
+            "a certificate naming --queue-host, or --insecure for a loopback or test deployment"
+        )
+    for path in (cert, key):
+        if not path.is_file():
+            raise UsageError(f"no such file: {path}")
+    return {"queue-ssl-certfile": str(cert.resolve()), "queue-ssl-keyfile": str(key.resolve())}
 
 
 def read_public_keys(paths: list[Path]) -> list[str]:
@@ -266,6 +308,7 @@ def _raise_on_sigterm(_signum: int, _frame: Any) -> None:
 def deploy(args: argparse.Namespace) -> int:
     """Run one FedContrast federation; 0 when the run completed."""
     cfg, out, resume = resolve_settings(args)
+    queue_tls = queue_tls_run_config(args)
     app_dir()  # fail before starting anything when this is no source checkout
     out.mkdir(parents=True, exist_ok=True)
     home = (args.flwr_home.expanduser().resolve() if args.flwr_home
@@ -291,7 +334,8 @@ def deploy(args: argparse.Namespace) -> int:
             logger.info("SuperLink listening on %s (log: %s)", address, out / "superlink.log")
         write_superlink_config(home, CONNECTION, address, root_certificates=certificates)
         register_supernodes(args, env, home)
-        return follow_run(tree, env, home, cfg, out, resume, timeout=args.timeout)
+        return follow_run(tree, env, home, cfg, out, resume, timeout=args.timeout,
+                          extra_run_config=queue_tls)
     finally:
         signal.signal(signal.SIGTERM, previous)
         tree.stop()

@@ -32,17 +32,49 @@ import math
 import os
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common.config import PULL_POLICIES
+
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_FORMAT = 1
-POLICIES = ("uniform", "recent")
+#: uniform, recent, stratified (by age): see :meth:`NegativeQueue.pull`.
+POLICIES = PULL_POLICIES
 #: Rows whose norm is below this are zero vectors, whatever the tolerance.
 _ZERO_NORM = 1e-6
+
+
+def stratified_shares(sizes: Sequence[int], n: int) -> list[int]:
+    """How many of ``n`` rows to take from each stratum: equal shares, capped by its size.
+
+    A stratum with fewer rows than its share leaves the rest to the others (water-filling),
+    so ``min(n, sum(sizes))`` rows are taken in all; a remainder that does not divide goes
+    to the first strata in order (the queue lists the newest age first).
+
+    Examples:
+        >>> stratified_shares([10, 10, 10], 7)
+        [3, 2, 2]
+        >>> stratified_shares([1, 10, 10], 9)
+        [1, 4, 4]
+    """
+    if n < 0 or any(s < 0 for s in sizes):
+        raise ValueError(f"n and sizes must be >= 0, got {n} and {list(sizes)}")
+    shares = [0] * len(sizes)
+    remaining = min(n, sum(sizes))
+    open_ = [i for i, s in enumerate(sizes) if s > 0]
+    while remaining > 0:
+        share, extra = divmod(remaining, len(open_))
+        for rank, i in enumerate(open_):
+            got = min(share + (rank < extra), sizes[i] - shares[i])
+            shares[i] += got
+            remaining -= got
+        open_ = [i for i in open_ if shares[i] < sizes[i]]
+    return shares
 
 
 class QueueError(Exception):
@@ -305,8 +337,11 @@ class NegativeQueue:
             max_age: age bound (``None``: the queue's ``max_age``).
             exclude: leave out this contributor's rows.
             only: return only this contributor's rows (not together with ``exclude``).
-            policy: ``"uniform"`` (without replacement) or ``"recent"`` (latest pushed).
-            generator: RNG for ``"uniform"`` (on the queue's device).
+            policy: ``"uniform"`` (without replacement), ``"recent"`` (latest pushed) or
+                ``"stratified"``: equal shares for every age present among the eligible
+                rows (:func:`stratified_shares`, newest age first), uniform without
+                replacement within an age, so rare ages are not drowned by common ones.
+            generator: RNG for ``"uniform"`` and ``"stratified"`` (on the queue's device).
 
         Returns:
             ``(rows, versions)``: (m, dim) copies in the storage dtype and their
@@ -334,6 +369,8 @@ class NegativeQueue:
                     eligible &= self._contributors.index_select(0, slots) == only
                 slots = slots.masked_select(eligible)
                 chosen = slots[slots.numel() - min(n, slots.numel()) :]
+            elif policy == "stratified":
+                chosen = self._stratified_locked(n, oldest, exclude, generator, only)
             else:
                 chosen = self._sample_locked(n, oldest, exclude, generator, only)
             rows = self._rows.index_select(0, chosen)
@@ -352,12 +389,7 @@ class NegativeQueue:
     ) -> torch.Tensor:
         """Slots of at most ``n`` eligible rows, uniformly without replacement."""
         size = self._size
-        # As a set, the occupied slots are 0 .. size-1 (see the module's docstring).
-        eligible = self._versions.narrow(0, 0, size) >= oldest
-        if exclude is not None:
-            eligible &= self._contributors.narrow(0, 0, size) != exclude
-        if only is not None:
-            eligible &= self._contributors.narrow(0, 0, size) == only
+        eligible = self._eligible_locked(oldest, exclude, only)
         count = int(eligible.sum())
         # int32 indices: a faster permutation and gather than int64 ones.
         pick = torch.randperm(count, generator=generator, device=self.device, dtype=torch.int32)
@@ -365,6 +397,38 @@ class NegativeQueue:
         if count == size:  # all eligible (the usual case): the pick is the slots
             return pick
         return eligible.nonzero().squeeze(1).index_select(0, pick)
+
+    def _eligible_locked(self, oldest: int, exclude: int | None, only: int | None) -> torch.Tensor:
+        """(size,) mask of the rows a pull may return, over slots 0 .. size - 1."""
+        size = self._size
+        # As a set, the occupied slots are 0 .. size-1 (see the module's docstring).
+        eligible = self._versions.narrow(0, 0, size) >= oldest
+        if exclude is not None:
+            eligible &= self._contributors.narrow(0, 0, size) != exclude
+        if only is not None:
+            eligible &= self._contributors.narrow(0, 0, size) == only
+        return eligible
+
+    def _stratified_locked(
+        self,
+        n: int,
+        oldest: int,
+        exclude: int | None,
+        generator: torch.Generator | None,
+        only: int | None,
+    ) -> torch.Tensor:
+        """Slots of at most ``n`` eligible rows, equal shares per version present."""
+        slots = self._eligible_locked(oldest, exclude, only).nonzero().squeeze(1)  # m
+        versions = self._versions.index_select(0, slots)  # m
+        present, sizes = torch.unique(versions, return_counts=True)  # ascending versions
+        newest_first = present.flip(0).tolist()
+        parts = []
+        for version, share in zip(newest_first, stratified_shares(sizes.flip(0).tolist(), n),
+                                  strict=True):
+            members = slots.masked_select(versions == version)
+            pick = torch.randperm(members.numel(), generator=generator, device=self.device)
+            parts.append(members.index_select(0, pick.narrow(0, 0, share)))
+        return torch.cat(parts) if parts else slots
 
     # ------------------------------------------------------------------- stats
 

@@ -61,6 +61,7 @@ _POLICIES = {
     pb.SAMPLE_POLICY_UNSPECIFIED: "uniform",
     pb.SAMPLE_POLICY_UNIFORM: "uniform",
     pb.SAMPLE_POLICY_RECENT: "recent",
+    pb.SAMPLE_POLICY_STRATIFIED: "stratified",
 }
 
 

@@ -17,6 +17,11 @@ shares one record among its messages, and each node's token is its own)::
         "server-round"   int    r
         "lr"             float  the round's learning rate (cosine over the run's rounds)
         "queue-address"  str    host:port of the negative queue service
+        "queue-tls"      bool   whether the queue service is served with TLS: the node must
+                                then verify it with the CA of its node config
+                                (``queue-root-certificates``), and must hold no such CA
+                                otherwise (a node trusting the queue over TLS only refuses
+                                an insecure one)
         "queue-token"    str    this node's queue token (one per node id per run)
         "queue-version"  int    r: the version every row pushed this round must carry
         (+ whatever the wrapped strategy's configure_train adds, e.g. FedProx's mu)
@@ -67,7 +72,8 @@ from server.queue import NegativeQueue
 
 logger = logging.getLogger(__name__)
 
-TRAIN_CONFIG_KEYS = ("server-round", "lr", "queue-address", "queue-token", "queue-version")
+TRAIN_CONFIG_KEYS = ("server-round", "lr", "queue-address", "queue-tls", "queue-token",
+                     "queue-version")
 REPLY_METRIC_KEYS = (
     "num-examples", "train-loss", "global-hits", "global-misses", "pushed-rows",
     "push-failures", "negatives-per-step", "alignment", "uniformity", "epsilon",
@@ -202,6 +208,11 @@ def collapse_suspected(uniformity: float, bound: float, losses: Sequence[float])
     return uniformity > bound and len(losses) >= 2 and losses[-1] < losses[-2]
 
 
+def pushes_private(cfg: FedConfig) -> bool:
+    """Whether every pushed row is covered by the clients' epsilon: DP with noised pushes, or none."""
+    return cfg.dp and (cfg.push_noise > 0 or cfg.push_fraction == 0)
+
+
 def row_key(key: str) -> str:
     """Metric key as written to the run directory (``train-loss`` -> ``train_loss``)."""
     return key.replace("-", "_")
@@ -228,6 +239,7 @@ class RoundDriver:
         queue: the global negative queue, advanced to round r before round r.
         tokens: the run's per-node queue tokens.
         queue_address: ``host:port`` that nodes connect to.
+        queue_tls: whether the queue service is served with TLS (told to every node).
         run_dir: where metrics, checkpoints and the queue snapshot go.
         save_checkpoint: ``(arrays, round)`` -> writes ``encoder.pt``.
         evaluate: ``arrays`` -> server-side eval metrics; ``None`` when the server has
@@ -243,6 +255,7 @@ class RoundDriver:
         queue: NegativeQueue,
         tokens: NodeTokens,
         queue_address: str,
+        queue_tls: bool = False,
         run_dir: RunDir,
         save_checkpoint: Callable[[ArrayRecord, int], None],
         evaluate: Callable[[ArrayRecord], dict[str, float]] | None = None,
@@ -254,6 +267,7 @@ class RoundDriver:
         self.queue = queue
         self.tokens = tokens
         self.queue_address = queue_address
+        self.queue_tls = queue_tls
         self.run_dir = run_dir
         self.save_checkpoint = save_checkpoint
         self.evaluate = evaluate
@@ -387,7 +401,8 @@ class RoundDriver:
             config = ConfigRecord(dict(template.content["config"]))
             config.update({
                 "server-round": rnd, "lr": lr, "queue-address": self.queue_address,
-                "queue-token": self.tokens.token_for(node_id), "queue-version": rnd,
+                "queue-tls": self.queue_tls, "queue-token": self.tokens.token_for(node_id),
+                "queue-version": rnd,
             })
             messages.append(Message(
                 content=RecordDict({"arrays": arrays, "config": config}),
@@ -403,13 +418,35 @@ class RoundDriver:
         if "epsilon" in metrics:
             self.epsilon_max = max(self.epsilon_max, float(metrics["epsilon"]))
         row["epsilon_max"] = self.epsilon_max
-        row["pushes_private"] = int(self.cfg.dp and (self.cfg.push_noise > 0
-                                                     or self.cfg.push_fraction == 0))
+        row["pushes_private"] = int(pushes_private(self.cfg))
         budget = self.cfg.epsilon_budget
         if budget > 0 and self.epsilon_max >= budget:
             self.stopped_early = (f"privacy budget reached at round {rnd}: epsilon "
                                   f"{self.epsilon_max:.4g} >= --epsilon-budget {budget:g}")
             logger.warning("round %d: %s; stopping", rnd, self.stopped_early)
+
+    def privacy_summary(self) -> dict[str, Any]:
+        """The run's privacy for ``summary.json``.
+
+        ``dp``; ``delta`` of the epsilons (None without DP); ``epsilon_max``, the largest
+        epsilon any client reported in the run (-1: nothing accounted);
+        ``pushes_private``, whether pushed rows are covered by it; ``epsilon_budget``
+        (0: no limit); ``note``, in plain words what the epsilon does not cover (None when
+        it covers every release).
+        """
+        private = pushes_private(self.cfg)
+        if not self.cfg.dp:
+            note = ("no differential privacy (--dp false): nothing is accounted, and the "
+                    "weights and any pushed rows are released without noise")
+        elif not private:
+            note = ("pushed rows are un-noised embeddings of the clients' data and are NOT "
+                    "covered by epsilon_max, which accounts the DP-SGD steps only "
+                    "(--push-noise > 0 noises the pushes and accounts them)")
+        else:
+            note = None
+        return {"dp": self.cfg.dp, "delta": self.cfg.delta if self.cfg.dp else None,
+                "epsilon_max": self.epsilon_max, "pushes_private": private,
+                "epsilon_budget": self.cfg.epsilon_budget, "note": note}
 
     def _collapse_guard(self, rnd: int, row: dict[str, Any]) -> None:
         uniformity = row.get("uniformity_head")

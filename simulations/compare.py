@@ -44,13 +44,14 @@ from rich.table import Table
 
 from client.app import NodeSettings, local_images
 from client.cli import build_model
-from client.trainer import ContrastiveTrainer, augment_params, cosine_lr
+from client.trainer import ContrastiveTrainer, cosine_lr
 from common.checkpoint import encoder_spec, load_encoder, save_encoder
 from common.cli import Command, UsageError
 from common.config import FedConfig, add_config_arguments, resolve_device
 from common.datasets import Dataset, load_dataset
 from common.encoders import ContrastiveModel
 from common.evaluation import evaluate_encoder
+from common.plugins import make_views
 from common.rundir import RunDir
 from simulations.simulate import (
     SIMULATION_DEFAULTS,
@@ -64,9 +65,10 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("local", "fedavg", "fedmoco", "fedcontrast", "centralized")
 FEDERATED = ("fedavg", "fedmoco", "fedcontrast")
-#: SimCLR: one network for both views, in-batch negatives, no queue (fedavg, local, centralized).
+#: SimCLR: one network for both views, in-batch negatives, no queue (fedavg, local, centralized);
+#: so no queue rows to weigh by age either.
 SIMCLR = {"global_negatives": 0, "push_fraction": 0.0, "in_batch": True, "key_mode": "shared",
-          "queue_size": 0}
+          "queue_size": 0, "staleness_gamma": 1.0}
 #: The table's columns: (result key, header).
 COLUMNS = (("linear_probe_backbone", "linear probe"), ("knn_backbone", "kNN"),
            ("alignment_head", "alignment"), ("uniformity_head", "uniformity"),
@@ -129,13 +131,13 @@ def train_in_process(
 
 def _final_eval(model: ContrastiveModel, cfg: FedConfig, data: Dataset) -> dict[str, float]:
     device = resolve_device(cfg.device)
-    return evaluate_encoder(model.to(device), data, device=device, augment=augment_params(cfg),
+    return evaluate_encoder(model.to(device), data, device=device, views=make_views(cfg),
                             seed=cfg.seed, linear_probe=True)
 
 
 def _knn(model: ContrastiveModel, cfg: FedConfig, data: Dataset) -> float:
     device = resolve_device(cfg.device)
-    out = evaluate_encoder(model.to(device), data, device=device, augment=augment_params(cfg),
+    out = evaluate_encoder(model.to(device), data, device=device, views=make_views(cfg),
                            seed=cfg.seed, layers=("backbone",))
     return out["knn_backbone"]
 

@@ -168,6 +168,32 @@ def test_bad_data_raises_a_clear_error(queue_server, tmp_path):
         client_app.train(train_message(server.address), context(config))
 
 
+def test_a_tls_queue_without_a_ca_fails_the_round_before_anything_is_sent(images, queue_server,
+                                                                         tmp_path):
+    path, _ = images
+    queue, server = queue_server
+    msg = train_message(server.address)
+    msg.content["config"]["queue-tls"] = True
+    with pytest.raises(ValueError, match="--root-certificates"):
+        client_app.train(msg, context(node_config(path, tmp_path)))
+    assert len(queue) == 0
+
+
+def test_a_node_trusting_the_queue_over_tls_refuses_an_insecure_one(images, queue_server, tmp_path):
+    path, _ = images
+    queue, server = queue_server
+    ca = tmp_path / "ca.pem"
+    ca.write_text("the CA of this deployment")
+    node = {**node_config(path, tmp_path), "queue-root-certificates": str(ca)}
+    msg = train_message(server.address)
+    msg.content["config"]["queue-tls"] = False
+    with pytest.raises(ValueError, match="without TLS"):
+        client_app.train(msg, context(node))
+    assert len(queue) == 0  # the token and the embeddings stayed home
+    with pytest.raises(ValueError, match="absolute"):
+        NodeSettings.from_node_config({**node, "queue-root-certificates": "ca.pem"})
+
+
 def test_node_settings_defaults(monkeypatch, tmp_path):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     node = NodeSettings.from_node_config({"partition-id": 1, "num-partitions": 3})

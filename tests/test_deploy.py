@@ -13,7 +13,13 @@ from client.node import node_config, supernode_command
 from common.cli import UsageError
 from common.config import FedConfig, from_run_config
 from server.deploy import _add_arguments as server_arguments
-from server.deploy import app_dir, resolve_settings, superlink_command, write_run_config
+from server.deploy import (
+    app_dir,
+    queue_tls_run_config,
+    resolve_settings,
+    superlink_command,
+    write_run_config,
+)
 
 
 def server_args(*argv: str) -> argparse.Namespace:
@@ -56,6 +62,44 @@ def test_run_config_file_round_trips_through_flower(tmp_path):
     assert parsed["run-dir"] == str(out) and parsed["resume"] == ""
 
 
+def test_the_queue_is_served_with_the_superlinks_tls_unless_told_otherwise(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("ca.pem", "cert.pem", "key.pem", "queue.pem", "queue.key"):
+        (tmp_path / name).write_text("x")
+    tls = ["--ssl-ca-certfile", "ca.pem", "--ssl-certfile", "cert.pem", "--ssl-keyfile", "key.pem"]
+    extra = queue_tls_run_config(server_args(*tls))
+    assert extra == {"queue-ssl-certfile": str(tmp_path / "cert.pem"),
+                     "queue-ssl-keyfile": str(tmp_path / "key.pem")}  # absolute
+    own = ["--queue-ssl-certfile", "queue.pem", "--queue-ssl-keyfile", "queue.key"]
+    assert queue_tls_run_config(server_args(*tls, *own))["queue-ssl-certfile"] == str(
+        tmp_path / "queue.pem")
+    assert queue_tls_run_config(server_args("--superlink", "h:1", "--ssl-ca-certfile", "ca.pem",
+                                            *own))["queue-ssl-keyfile"] == str(tmp_path / "queue.key")
+    assert queue_tls_run_config(server_args("--insecure")) == {"queue-ssl-certfile": "",
+                                                               "queue-ssl-keyfile": ""}
+    cfg, out, resume = resolve_settings(server_args(*tls))
+    parsed = parse_config_args([str(write_run_config(tmp_path / "rc.toml", cfg, out, resume, extra))])
+    assert {k: parsed[k] for k in extra} == extra  # what the ServerApp will read
+
+
+def test_a_tls_deployment_never_serves_the_queue_in_clear(tmp_path):
+    (tmp_path / "ca.pem").write_text("x")
+    with pytest.raises(UsageError, match="--queue-ssl-certfile"):
+        queue_tls_run_config(server_args("--superlink", "h:1", "--ssl-ca-certfile",
+                                         str(tmp_path / "ca.pem")))
+    with pytest.raises(UsageError, match="go together"):
+        queue_tls_run_config(server_args("--superlink", "h:1", "--ssl-ca-certfile",
+                                         str(tmp_path / "ca.pem"), "--queue-ssl-certfile", "c"))
+    with pytest.raises(UsageError, match="--insecure"):
+        queue_tls_run_config(server_args("--insecure", "--queue-ssl-certfile", "c",
+                                         "--queue-ssl-keyfile", "k"))
+    with pytest.raises(UsageError, match="no such file"):
+        queue_tls_run_config(server_args("--superlink", "h:1", "--ssl-ca-certfile",
+                                         str(tmp_path / "ca.pem"), "--queue-ssl-certfile",
+                                         str(tmp_path / "missing.pem"), "--queue-ssl-keyfile",
+                                         str(tmp_path / "ca.pem")))
+
+
 def test_resume_needs_a_run_directory(tmp_path):
     with pytest.raises(UsageError, match="encoder.pt"):
         resolve_settings(server_args("--resume", str(tmp_path)))
@@ -71,6 +115,17 @@ def test_node_config_is_absolute_and_quoted(tmp_path, monkeypatch):
     cmd = supernode_command(args, config, 9999)
     text = cmd[cmd.index("--node-config") + 1]
     assert parse_config_args([text]) == config  # what the SuperNode will read
+
+
+def test_node_config_trusts_the_queue_with_the_superlinks_ca(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ca.pem").write_text("x")
+    args = client_args("--superlink", "h:1", "--root-certificates", "ca.pem", "--partition-id", "0",
+                       "--num-partitions", "1")
+    config = node_config(args)
+    assert config["queue-root-certificates"] == str(tmp_path / "ca.pem")
+    cmd = supernode_command(args, config, 9999)
+    assert parse_config_args([cmd[cmd.index("--node-config") + 1]]) == config
 
 
 def test_node_config_refuses_what_flower_cannot_carry(tmp_path):

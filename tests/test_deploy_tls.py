@@ -14,6 +14,7 @@ import argparse
 import datetime
 import ipaddress
 import json
+import re
 import subprocess
 import sys
 import time
@@ -25,12 +26,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from client.app import NodeSettings, queue_root_certificates
 from client.node import _add_arguments as client_arguments
 from client.node import node_config, supernode_command
+from client.stub import QueueClient
 from common.cli import UsageError
 from common.flower_env import ProcessTree, flower_env, free_port
+from server.app import queue_tls
 from server.deploy import _add_arguments as server_arguments
-from server.deploy import read_public_keys, superlink_command
+from server.deploy import queue_tls_run_config, read_public_keys, superlink_command
+from server.queue import NegativeQueue
+from server.service import QueueServer
 
 FEDCONTRAST = str(Path(sys.executable).parent / "fedcontrast")
 SMALL = ["--rounds", "1", "--batch-size", "64", "--global-negatives", "256", "--width", "8",
@@ -141,6 +147,33 @@ def test_supernode_gets_tls_and_its_private_key_only(credentials):
         supernode_command(insecure, node_config(insecure), 1)
 
 
+def test_queue_tls_flows_from_both_command_lines_to_the_queue_channel(credentials):
+    server = _parse(server_arguments, "--ssl-ca-certfile", str(credentials["ca"]), "--ssl-certfile",
+                    str(credentials["cert"]), "--ssl-keyfile", str(credentials["key"]))
+    tls = queue_tls(queue_tls_run_config(server))  # what the ServerApp serves the queue with
+    client = _parse(client_arguments, "--superlink", "127.0.0.1:9092", "--partition-id", "0",
+                    "--num-partitions", "1", "--root-certificates", str(credentials["ca"]))
+    node = NodeSettings.from_node_config(node_config(client))  # what the ClientApp reads
+    ca = queue_root_certificates(node, queue_tls=True)
+    token = "node-token-0123456789"
+    with QueueServer(NegativeQueue(8, 4), {token: 0}, tls=tls) as queue:
+        with QueueClient(queue.address, token, root_certificates=ca, retries=0) as verified:
+            assert verified.pull(1, max_age=1) is not None
+        with QueueClient(queue.address, token, retries=0) as in_clear:
+            assert in_clear.pull(1, max_age=1) is None  # the queue speaks TLS only
+
+
+def test_the_serverapp_reads_queue_tls_from_absolute_paths_only(credentials):
+    assert queue_tls({"queue-ssl-certfile": "", "queue-ssl-keyfile": ""}) is None
+    with pytest.raises(ValueError, match="go together"):
+        queue_tls({"queue-ssl-certfile": str(credentials["cert"])})
+    with pytest.raises(ValueError, match="absolute"):
+        queue_tls({"queue-ssl-certfile": "cert", "queue-ssl-keyfile": str(credentials["key"])})
+    with pytest.raises(ValueError, match="missing.key"):
+        queue_tls({"queue-ssl-certfile": str(credentials["cert"]),
+                   "queue-ssl-keyfile": str(credentials["key"].parent / "missing.key")})
+
+
 def _log(path: Path) -> str:
     return path.read_text(errors="replace")[-4000:] if path.exists() else f"(no {path.name})"
 
@@ -190,5 +223,12 @@ def test_tls_run_admits_registered_nodes_only(credentials, tmp_path):
         assert [(r["round"], r["counted"], r["replied"]) for r in rows] == [(1, 1, 2)]
         summary = json.loads((run / "summary.json").read_text())
         assert summary["status"] == "completed" and len(summary["contributors"]) == 2
+        # The queue was served with TLS (the SuperLink's certificate) and used: the clients
+        # could only reach it through channels verified with --root-certificates.
+        assert summary["queue_tls"] is True
+        assert re.search(r"queue service listening on 127\.0\.0\.1:\d+ \(TLS\)",
+                         (run / "server.log").read_text(errors="replace"))
+        assert rows[0]["global_hits"] > 0 and rows[0]["pushed_rows"] > 0
+        assert summary["privacy"]["dp"] is False and summary["privacy"]["note"]
     finally:
         tree.stop()

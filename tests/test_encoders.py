@@ -7,13 +7,13 @@ import torch
 from torch import nn
 
 from common.encoders import (
-    ENCODERS,
     ContrastiveModel,
     ProjectionHead,
     SmallCNN,
     build_encoder,
     make_norm,
 )
+from common.plugins import builtin_names
 
 SHAPES = [(1, 8, 8), (3, 32, 32)]
 
@@ -99,7 +99,7 @@ def test_unknown_norm_names_the_choices() -> None:
 
 
 def test_unknown_encoder_names_the_registry() -> None:
-    with pytest.raises(ValueError, match=", ".join(sorted(ENCODERS))):
+    with pytest.raises(ValueError, match=", ".join(builtin_names("encoder"))):
         build_encoder("vit", in_channels=3)
 
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from client.negatives import LocalQueue
 from client.privacy import DPSGD, check_private_training, noisy_rows
 from client.stub import GlobalNegatives, QueueClient
-from client.trainer import ContrastiveTrainer, augment_params
-from common.augment import Augmenter
+from client.trainer import ContrastiveTrainer
+from common.augment import image_views
 from common.config import FedConfig, TrainConfig
 from common.datasets import load_dataset
 from common.encoders import build_encoder
@@ -57,7 +57,7 @@ def test_per_example_gradients_sum_both_forward_passes_of_the_symmetric_loss(dig
     key = copy.deepcopy(model).requires_grad_(False)
     reference = copy.deepcopy(model)
     g = torch.Generator().manual_seed(1)
-    augment = Augmenter(augment_params(CFG))
+    augment = image_views(CFG)
     x = digits.x_train[:n]
     v1, v2 = augment(x, g), augment(x, g)
     negatives = F.normalize(torch.randn(32, CFG.embedding_dim, generator=g), dim=1)

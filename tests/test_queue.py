@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.queue import InvalidPush, NegativeQueue, QueueError, QuotaExceeded
+from server.queue import InvalidPush, NegativeQueue, QueueError, QuotaExceeded, stratified_shares
 
 DIM = 8
 
@@ -144,6 +144,49 @@ def test_uniform_policy_samples_every_row_about_equally():
         pulled, _ = queue.pull(1, generator=generator)
         hits[torch.cdist(pulled, rows).argmin()] += 1
     assert bool(((hits - 500).abs() < 100).all()), hits
+
+
+@pytest.mark.parametrize(("sizes", "n", "shares"), [
+    ([10, 10, 10], 7, [3, 2, 2]),  # the remainder goes to the first (newest) strata
+    ([10, 10, 10], 30, [10, 10, 10]),
+    ([1, 10, 10], 9, [1, 4, 4]),  # a small stratum leaves its share to the others
+    ([2, 0, 50], 40, [2, 0, 38]),
+    ([3, 4], 100, [3, 4]),  # never more than there is
+    ([], 5, []),
+    ([5, 5], 0, [0, 0]),
+])
+def test_stratified_shares_are_equal_and_water_filled(sizes, n, shares):
+    assert stratified_shares(sizes, n) == shares
+
+
+def test_stratified_policy_takes_equal_shares_of_every_age_uniformly_within_one():
+    queue = NegativeQueue(64, DIM, max_age=2)
+    queue.push(0, unit(30, seed=0), version=0)  # age 2: 30 rows
+    queue.advance(1)
+    queue.push(1, unit(5, seed=1), version=1)  # age 1: 5 rows
+    queue.advance(2)
+    queue.push(2, unit(20, seed=2), version=2)  # age 0: 20 rows
+    generator = torch.Generator().manual_seed(0)
+    rows, versions = queue.pull(15, policy="stratified", generator=generator)
+    assert versions.tolist() == [2] * 5 + [1] * 5 + [0] * 5  # newest first
+    assert torch.unique(rows, dim=0).shape[0] == 15  # without replacement
+    _, versions = queue.pull(24, policy="stratified", generator=generator)
+    # age 1 has only 5 rows: ages 0 and 2 share the rest, the odd row to the newest
+    assert torch.bincount(versions).tolist() == [9, 5, 10]
+    _, versions = queue.pull(10, max_age=1, exclude=1, policy="stratified", generator=generator)
+    assert versions.tolist() == [2] * 10  # age bound and exclusion apply before the strata
+    hits = torch.zeros(30)
+    oldest = unit(30, seed=0)
+    for _ in range(600):
+        rows, versions = queue.pull(3, policy="stratified", generator=generator)
+        hits[torch.cdist(rows[versions == 0], oldest).argmin(dim=1)] += 1
+    assert bool(((hits - 20).abs() < 15).all()), hits  # uniform within the age
+
+
+def test_stratified_pull_of_an_empty_queue_is_empty():
+    queue = NegativeQueue(8, DIM)
+    rows, versions = queue.pull(4, policy="stratified")
+    assert rows.shape == (0, DIM) and versions.shape == (0,)
 
 
 def test_uniform_pull_draws_from_exactly_the_live_rows_after_wrap_and_eviction():

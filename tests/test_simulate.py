@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,8 @@ from common.cli import UsageError
 from common.config import FedConfig, read_config_values
 from common.datasets import DatasetError, load_dataset
 from common.flower_env import ProcessTree
+from simulations.compare import SIMCLR, method_config, steps_per_round
+from simulations.privacy import SWEEP_DEFAULTS, parse_epsilon, run_settings
 from simulations.scenario import load_scenario, scenario_names
 from simulations.simulate import Simulation, _add_arguments, resolve
 
@@ -101,46 +105,102 @@ def _run(cmd: list[str], cwd: Path, timeout: float) -> tuple[int, str]:
     return rc, log.read_text(errors="replace")
 
 
+def test_methods_differ_only_in_what_they_are_named_for():
+    base = FedConfig(global_negatives=128, key_mode="ema", in_batch=False, push_fraction=0.3)
+    assert method_config("fedcontrast", base) == base
+    assert method_config("fedmoco", base) == replace(base, pull_scope="own")
+    for method in ("fedavg", "local", "centralized"):  # SimCLR: shared key, in-batch only
+        cfg = method_config(method, base)
+        assert (cfg.global_negatives, cfg.push_fraction, cfg.in_batch, cfg.key_mode) == (
+            0, 0.0, True, "shared")
+        assert replace(cfg, **{k: getattr(base, k) for k in SIMCLR}) == base
+    with pytest.raises(UsageError, match="unknown method"):
+        method_config("fedprox", base)
+
+
+def test_in_process_methods_get_the_federated_sample_epoch_budget():
+    cfg = FedConfig(rounds=4, local_epochs=3, fraction_train=0.5, batch_size=10)
+    assert steps_per_round(cfg, 100) == 15  # 0.5 x 3 epochs of 100 examples at batch 10
+
+
 @pytest.mark.e2e
-@pytest.mark.timeout(420)
-def test_simulate_then_resume(tmp_path):
-    run = tmp_path / "sim"
-    rc, log = _run([FEDCONTRAST, "simulate", "--out", str(run), "--rounds", "2", *TINY], tmp_path, 200)
+@pytest.mark.timeout(900)
+def test_compare_writes_the_table_then_a_federated_method_resumes(tmp_path):
+    # fedavg and fedcontrast run through the same simulate() path as fedmoco (above: only
+    # their settings differ); one federated method keeps the suite's Ray start-ups few.
+    out = tmp_path / "cmp"
+    rc, log = _run([FEDCONTRAST, "compare", "--out", str(out), "--rounds", "2", "--eval-every", "1",
+                    "--methods", "local,fedmoco,centralized", *TINY], tmp_path, 580)
     assert rc == 0, log
+    report = json.loads((out / "compare.json").read_text())
+    assert list(report["results"]) == ["local", "fedmoco", "centralized"]
+    for method, runs in report["results"].items():
+        for key in ("linear_probe_backbone", "knn_backbone", "alignment_head", "wall_time_s"):
+            assert runs[0][key] >= 0.0, (method, key)
+        assert runs[0]["uniformity_head"] <= 0.0
+    assert report["results"]["local"][0]["clients_averaged"] == 3
+    table = (out / "compare.md").read_text()
+    assert table.count("\n| ") == 4 and "| fedmoco |" in table  # random init + 3 methods
+    assert (out / "compare.png").stat().st_size > 0
+    assert read_config_values(out / "fedmoco-seed0")[1]["pull_scope"] == "own"
+    run = out / "fedmoco-seed0"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["round"], r["replied"]) for r in rows] == [(1, 3), (2, 3)]
-    assert rows[1]["global_hits"] > 0 and rows[0]["pushed_rows"] > 0  # the real queue served them
-    assert "round 2/2" in log and "retrieval_head" in log  # progress, then trained vs random init
-    assert json.loads((run / "simulation.json").read_text())["num_clients"] == 3
+    assert [(r["round"], r["counted"], r["replied"]) for r in rows] == [(1, 1, 3), (2, 1, 3)]
+    assert rows[0]["pushed_rows"] > 0 and rows[1]["global_hits"] > 0  # own rows, from the real queue
+
+    # A federated method's run directory is an ordinary simulation: resume it.
     states = sorted((run / "flower-home" / "fedcontrast" / "clients").iterdir())
     assert [s.name for s in states] == ["partition-0", "partition-1", "partition-2"]
-
-    rc, log = _run([FEDCONTRAST, "simulate", "--resume", str(run), "--rounds", "3"], tmp_path, 200)
+    rc, log = _run([FEDCONTRAST, "simulate", "--resume", str(run), "--rounds", "3"], tmp_path, 240)
     assert rc == 0, log
+    assert "round 3/3" in log and "retrieval_head" in log  # progress, then trained vs random init
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [(r["round"], r["counted"], r["replied"]) for r in rows][-1] == (3, 1, 3)
+    assert json.loads((run / "simulation.json").read_text())["num_clients"] == 3
     for state in states:  # client state carried on across the resume
         assert StateDir(state, state.name).load().rounds_trained == 3
 
 
+def test_privacy_sweep_settings_keep_the_federation_and_change_only_privacy():
+    base = resolve(parse_privacy(), defaults=SWEEP_DEFAULTS)[0]
+    private, reference = run_settings(base, 4.0, 4.0), run_settings(base, math.inf, 4.0)
+    assert (private.dp, private.target_epsilon, private.push_noise) == (True, 4.0, 4.0)
+    assert (reference.dp, reference.push_noise, reference.target_epsilon) == (False, 0.0, 0.0)
+    for cfg in (private, reference):  # the same per-example loss in every run
+        assert (cfg.in_batch, cfg.queue_size, cfg.key_mode) == (False, 0, "ema")
+        assert (cfg.rounds, cfg.dataset, cfg.global_negatives) == (base.rounds, base.dataset,
+                                                                    base.global_negatives)
+    with pytest.raises(ValueError, match="positive or inf"):
+        parse_epsilon("0")
+
+
+def parse_privacy(*argv: str) -> argparse.Namespace:
+    from simulations.privacy import _add_arguments as add_privacy
+
+    parser = argparse.ArgumentParser()
+    add_privacy(parser)
+    return parser.parse_args(list(argv))
+
+
 @pytest.mark.e2e
-@pytest.mark.timeout(600)
-def test_compare_runs_every_method_on_one_budget(tmp_path):
-    out = tmp_path / "cmp"
-    rc, log = _run([FEDCONTRAST, "compare", "--out", str(out), "--rounds", "2", "--eval-every", "1",
-                    *TINY], tmp_path, 580)
+@pytest.mark.timeout(900)
+def test_privacy_sweep_reports_epsilon_monotone_in_the_noise(tmp_path):
+    out = tmp_path / "priv"
+    rc, log = _run([FEDCONTRAST, "privacy", "--out", str(out), "--epsilons", "2,8",
+                    "--push-axis-epsilon", "8", "--rounds", "2", *TINY], tmp_path, 880)
     assert rc == 0, log
-    report = json.loads((out / "compare.json").read_text())
-    assert list(report["results"]) == ["local", "fedavg", "fedmoco", "fedcontrast", "centralized"]
-    for method, runs in report["results"].items():
-        for key in ("linear_probe_backbone", "knn_backbone", "alignment_head", "uniformity_head",
-                    "wall_time_s"):
-            assert 0.0 <= runs[0][key] or key == "uniformity_head", (method, key)
-    assert report["results"]["local"][0]["clients_averaged"] == 3
-    table = (out / "compare.md").read_text()
-    assert table.count("\n| ") == 6 and "| fedmoco |" in table  # random init + 5 methods
-    assert (out / "compare.png").stat().st_size > 0
-    assert read_config_values(out / "fedavg-seed0")[1]["global_negatives"] == 0
-    assert read_config_values(out / "fedmoco-seed0")[1]["pull_scope"] == "own"
-    own = [json.loads(x) for x in (out / "fedmoco-seed0" / "metrics.jsonl").read_text().splitlines()]
-    assert own[-1]["global_hits"] > 0  # pulls answered from the client's own rows
+    results = json.loads((out / "privacy.json").read_text())["results"]
+    budget = {r["target_epsilon"]: r for r in results if r["axis"] == "budget"}
+    low, high = budget[2.0], budget[8.0]
+    assert 0 < low["epsilon"] <= 2.0 and 0 < high["epsilon"] <= 8.0
+    assert low["epsilon"] < high["epsilon"]
+    assert min(low["noise_multiplier"]) > max(high["noise_multiplier"])  # more noise, less epsilon
+    assert low["pushes_private"] and high["pushes_private"]
+    unnoised = [r for r in results if r["axis"] == "push axis" and r["push_noise"] == 0]
+    assert len(unnoised) == 1 and not unnoised[0]["pushes_private"]
+    assert unnoised[0]["epsilon"] < high["epsilon"]  # only DP-SGD counted: pushes not covered
+    table = (out / "privacy.md").read_text()
+    assert "| NO |" in table and "not covered" in table
+    assert (out / "privacy.png").stat().st_size > 0
+    for r in results:  # accuracies are reported, not asserted
+        assert 0.0 <= r["linear_probe_backbone"] <= 1.0 and 0.0 <= r["knn_backbone"] <= 1.0

@@ -72,14 +72,15 @@ def initial() -> ArrayRecord:
     return ArrayRecord({"w": torch.zeros(4), "b": torch.zeros(2, 2)})
 
 
-def make_driver(tmp_path, grid, *, cfg: FedConfig | None = None, evaluate=None, strategy=None):
+def make_driver(tmp_path, grid, *, cfg: FedConfig | None = None, evaluate=None, strategy=None,
+                queue_tls: bool = False):
     cfg = cfg or FedConfig(min_nodes=1, rounds=3, wait_nodes_timeout=0.3, eval_every=0)
     registered: dict[str, int] = {}
     saved: list[int] = []
     driver = RoundDriver(
         grid, strategy or build_strategy(cfg), cfg, queue=NegativeQueue(16, 4),
         tokens=NodeTokens(lambda token, slot: registered.__setitem__(token, slot)),
-        queue_address="127.0.0.1:1", run_dir=RunDir(tmp_path),
+        queue_address="127.0.0.1:1", queue_tls=queue_tls, run_dir=RunDir(tmp_path),
         save_checkpoint=lambda arrays, rnd: saved.append(rnd), evaluate=evaluate, poll_interval=0.05,
     )
     return driver, registered, saved
@@ -101,6 +102,14 @@ def test_each_node_gets_its_own_config_record_and_token(tmp_path):
     # the same node keeps its token for the whole run
     assert {m.metadata.dst_node_id: m.content["config"]["queue-token"] for m in second} == tokens
     assert [m.content["config"]["server-round"] for m in second] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_every_node_is_told_whether_the_queue_is_tls(tmp_path, tls):
+    grid = FakeGrid({1: honest(), 2: honest()})
+    driver, _, _ = make_driver(tmp_path, grid, queue_tls=tls)
+    driver.run_round(1, initial())
+    assert [m.content["config"]["queue-tls"] for m in grid.sent[0]] == [tls, tls]
 
 
 def test_rounds_start_anywhere_and_advance_the_queue(tmp_path):
@@ -290,3 +299,27 @@ def test_without_dp_rows_say_no_accounting(tmp_path):
     row = driver.run_round(1, initial()).row
     assert (row["epsilon"], row["epsilon_max"], row["pushes_private"]) == (-1.0, -1.0, 0)
     assert "train_loss" in row
+
+
+@pytest.mark.parametrize("push_noise, private", [(0.0, False), (1.0, True)])
+def test_summary_privacy_block_says_what_epsilon_max_covers(tmp_path, push_noise, private):
+    cfg = dp_config(push_noise=push_noise, delta=1e-6, epsilon_budget=9.0)
+    driver, _, _ = make_driver(tmp_path, FakeGrid({1: reporting([0.7, 1.2])}), cfg=cfg)
+    driver.run(initial(), 1, 2)
+    block = driver.privacy_summary()
+    assert {k: block[k] for k in ("dp", "delta", "epsilon_max", "pushes_private", "epsilon_budget")} \
+        == {"dp": True, "delta": 1e-6, "epsilon_max": 1.2, "pushes_private": private,
+            "epsilon_budget": 9.0}
+    if private:
+        assert block["note"] is None
+    else:
+        assert "NOT covered by epsilon_max" in block["note"] and "--push-noise" in block["note"]
+
+
+def test_summary_privacy_block_without_dp_says_nothing_is_accounted(tmp_path):
+    driver, _, _ = make_driver(tmp_path, FakeGrid({1: honest()}))
+    driver.run_round(1, initial())
+    block = driver.privacy_summary()
+    assert (block["dp"], block["delta"], block["epsilon_max"], block["pushes_private"]) == \
+        (False, None, -1.0, False)
+    assert "no differential privacy" in block["note"]

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from client.negatives import LocalQueue
-from client.trainer import ContrastiveTrainer, augment_params, cosine_lr
+from client.trainer import ContrastiveTrainer, cosine_lr
 from common.config import TrainConfig
 from common.datasets import load_dataset
 from common.encoders import build_encoder
 from common.evaluation import evaluate_encoder
+from common.plugins import make_views
 
 CPU = torch.device("cpu")
 
@@ -41,7 +42,7 @@ def test_training_beats_random_init_on_held_out_retrieval_and_uniformity(digits)
                                  lr_schedule=cosine_lr(cfg.lr, cfg.epochs * 12))
     for _ in range(cfg.epochs):
         trainer.train_epoch(digits.x_train)
-    kw = dict(device=CPU, augment=augment_params(cfg), seed=0, layers=("head",))
+    kw = dict(device=CPU, views=make_views(cfg), seed=0, layers=("head",))
     trained, random_init = evaluate_encoder(model, digits, **kw), evaluate_encoder(init, digits, **kw)
     assert trained["retrieval_head"] > random_init["retrieval_head"] + 0.08
     assert trained["uniformity_head"] < random_init["uniformity_head"] - 0.5
