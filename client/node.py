@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from client.state import check_client_id, default_state_dir
+from common import plugins
 from common.cli import Command, UsageError
 from common.flower_env import ProcessTree, flower_env, free_port, toml_value
 
@@ -31,8 +32,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data (a share of the run's dataset, or a local file)")
     data.add_argument("--partition-id", type=int, default=None, help="this node's partition")
     data.add_argument("--num-partitions", type=int, default=None, help="partitions of the dataset")
-    data.add_argument("--data-path", type=Path, default=None,
-                      help="a local .npz file with x_train (used instead of a partition)")
+    data.add_argument("--data-path", default=None,
+                      help="a local .npz file with x_train, or a dataset plug-in "
+                           "package.module:name[:ARG] (used instead of a partition)")
     ident = parser.add_argument_group("identity")
     ident.add_argument("--client-id", default=None,
                        help="stable name of this client (default: partition-ID)")
@@ -58,10 +60,18 @@ def node_config(args: argparse.Namespace) -> dict[str, Any]:
     """The node config the ClientApp reads, with absolute paths."""
     values: dict[str, Any] = {}
     if args.data_path is not None:
-        path = args.data_path.expanduser().resolve()
-        if not path.is_file():
-            raise UsageError(f"--data-path {args.data_path}: no such file")
-        values["data-path"] = str(path)
+        path = Path(args.data_path).expanduser().resolve()
+        if path.is_file():
+            values["data-path"] = str(path)
+        elif plugins.parse("dataset", args.data_path) is not None:
+            try:
+                plugins.check("dataset", args.data_path)
+            except ValueError as exc:
+                raise UsageError(f"--data-path {args.data_path}: {exc}") from exc
+            values["data-path"] = args.data_path
+        else:
+            raise UsageError(f"--data-path {args.data_path}: no such file, and not a dataset "
+                             "plug-in package.module:name[:ARG]")
     elif args.partition_id is None or args.num_partitions is None:
         raise UsageError("give --partition-id and --num-partitions, or --data-path")
     if args.partition_id is not None or args.num_partitions is not None:

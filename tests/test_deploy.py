@@ -142,3 +142,15 @@ def test_node_config_refuses_what_flower_cannot_carry(tmp_path):
     with pytest.raises(UsageError, match="double quote"):
         node_config(client_args("--superlink", "h:1", "--partition-id", "0", "--num-partitions", "1",
                                 "--state-dir", str(bad)))
+
+
+def test_node_data_may_be_a_dataset_plugin_and_a_wrong_one_is_named():
+    args = client_args("--superlink", "h:1", "--insecure", "--data-path", "common.dna:genomes:n=200",
+                       "--client-id", "lab-a")
+    assert node_config(args)["data-path"] == "common.dna:genomes:n=200"
+    with pytest.raises(UsageError, match="common.dna:nope"):
+        node_config(client_args("--superlink", "h:1", "--insecure", "--data-path", "common.dna:nope",
+                                "--client-id", "lab-a"))
+    with pytest.raises(UsageError, match="no such file"):
+        node_config(client_args("--superlink", "h:1", "--insecure", "--data-path", "missing.npz",
+                                "--client-id", "lab-a"))
