@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench.common import write_result
 from common.config import FedConfig
-from common.flower_env import _proc_table
+from common.flower_env import _proc_table, descendants
 from simulations.simulate import Simulation, simulate
 
 EXAMPLES_PER_CLIENT = 50
@@ -45,14 +45,7 @@ def _rss_bytes(pid: int) -> int:
 def tree_rss(root: int) -> int:
     """Resident memory of ``root``'s descendants and of every process in their sessions."""
     table = _proc_table()
-    keep = {root}
-    changed = True
-    while changed:
-        changed = False
-        for pid, (ppid, _sid) in table.items():
-            if pid not in keep and ppid in keep:
-                keep.add(pid)
-                changed = True
+    keep = descendants({root}, table)
     sessions = {table[p][1] for p in keep if p in table} - {os.getsid(0)}
     keep |= {pid for pid, (_ppid, sid) in table.items() if sid in sessions}
     keep.discard(root)

@@ -119,6 +119,20 @@ def _proc_table() -> dict[int, tuple[int, int]]:
     return table
 
 
+def descendants(roots: set[int], table: dict[int, tuple[int, int]] | None = None) -> set[int]:
+    """``roots`` and every live process below them (``table``: :func:`_proc_table`'s view)."""
+    table = _proc_table() if table is None else table
+    keep = set(roots)
+    changed = True
+    while changed:
+        changed = False
+        for pid, (ppid, _sid) in table.items():
+            if pid not in keep and ppid in keep:
+                keep.add(pid)
+                changed = True
+    return keep
+
+
 def _signal_sessions(sessions: set[int], sig: int) -> None:
     me = os.getpid()
     for pid, (_ppid, sid) in _proc_table().items():
@@ -181,14 +195,7 @@ class ProcessTree:
         """
         roots = self.processes if roots is None else roots
         table = _proc_table()
-        keep = {p.pid for p in roots if p.pid in table}
-        changed = True
-        while changed:
-            changed = False
-            for pid, (ppid, _sid) in table.items():
-                if pid not in keep and ppid in keep:
-                    keep.add(pid)
-                    changed = True
+        keep = descendants({p.pid for p in roots if p.pid in table}, table)
         found = {table[pid][1] for pid in keep} | {p.pid for p in roots}
         # Children were started in new sessions, so ours is never among them; guard anyway
         # so that a mistake cannot signal the caller.
