@@ -301,6 +301,18 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
+def first_error(text: str) -> str | None:
+    """The first ``SomeError: message`` line of a traceback in ``text``."""
+    for line in text.splitlines():
+        match = _ERROR_LINE.match(line)
+        if match:
+            return line.strip()[:300]
+    return None
+
+
+_ERROR_LINE = re.compile(r"^\s*[A-Za-z_.]*(Error|Exception): \S")
+
+
 def _raise_on_sigterm(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -382,8 +394,11 @@ def follow_run(
         raise UsageError(f"flwr run did not start a run:\n{log_tail(out / 'server.log')}")
     status = run_status(env, found["run_id"])
     if status != "finished:completed":
+        cause = first_error(log_tail(out / "server.log", lines=400))
         print(f"run {found['run_id']} ended {status}; last lines of {out / 'server.log'}:\n"
               f"{log_tail(out / 'server.log')}", file=sys.stderr)
+        if cause:
+            print(f"first error in the log: {cause}", file=sys.stderr)
         print(f"run directory: {out}")
         return 1
     print(f"run directory: {out}")

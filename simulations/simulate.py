@@ -12,6 +12,10 @@ Every virtual client reads its share of ``--dataset`` from the node config Flowe
 gives it (``partition-id``/``num-partitions``, split with ``--partitioner``).
 Client state (round counters, privacy accountants) lives under
 ``RUN_DIR/flower-home/fedcontrast/clients/partition-ID``, so ``--resume`` carries it on.
+
+Ray's head gets a fixed 30 s to start, which a loaded machine can miss; when the engine
+fails to start (nothing trained yet), the simulation is started once more on a fresh
+SuperLink, and a failure names the first error in ``server.log``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from common.flower_env import (
     wait_for_port,
     write_superlink_config,
 )
-from server.deploy import CONNECTION, app_dir, follow_run, log_tail
+from server.deploy import CONNECTION, app_dir, first_error, follow_run, log_tail
 from simulations.scenario import load_scenario, scenario_names
 
 logger = logging.getLogger(__name__)
@@ -168,6 +172,46 @@ def simulate(
     home.mkdir(exist_ok=True)
     env = flower_env(home)
     env.setdefault("RAY_DEDUP_LOGS", "0")
+    log = out / "server.log"
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for attempt in range(1, ENGINE_START_ATTEMPTS + 1):
+        log_start = log.stat().st_size if log.exists() else 0
+        left = None if deadline is None else max(1.0, deadline - time.monotonic())
+        status = _simulate_once(cfg, sim, out, home, env, resume=resume, timeout=left)
+        cause = engine_start_failure(log, log_start) if status != 0 else None
+        if cause is None or attempt == ENGINE_START_ATTEMPTS:
+            return status
+        # Nothing trained: Ray's head did not come up (its GCS gets a fixed 30 s to write
+        # its port file, which a loaded machine can miss). A fresh SuperLink and Ray try again.
+        logger.warning("the simulation engine did not start (%s); starting it again (attempt %d of %d)",
+                       cause, attempt + 1, ENGINE_START_ATTEMPTS)
+    return status
+
+
+#: Tries at starting Flower's simulation engine before a simulation is called failed.
+ENGINE_START_ATTEMPTS = 2
+
+
+def engine_start_failure(log: Path, start: int = 0) -> str | None:
+    """Why Ray failed to start in ``log`` after byte ``start``; None when it did not fail so.
+
+    Only the start of the engine is retried: past it, clients have trained and a failure
+    is the run's own.
+    """
+    try:
+        with log.open("rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    if "Simulation Runtime crashed" not in text or "in init_ray" not in text:
+        return None
+    return first_error(text) or "ray.init failed"
+
+
+def _simulate_once(cfg: FedConfig, sim: Simulation, out: Path, home: Path, env: dict[str, str],
+                   *, resume: Path | None, timeout: float | None) -> int:
+    """One SuperLink in simulation mode, one run on it; every process stopped on return."""
     tree = ProcessTree()
     port = free_port()
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)

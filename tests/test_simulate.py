@@ -204,3 +204,63 @@ def test_privacy_sweep_reports_epsilon_monotone_in_the_noise(tmp_path):
     assert (out / "privacy.png").stat().st_size > 0
     for r in results:  # accuracies are reported, not asserted
         assert 0.0 <= r["linear_probe_backbone"] <= 1.0 and 0.0 <= r["knn_backbone"] <= 1.0
+
+
+RAY_START_TIMEOUT = """\
+Successfully started run 42
+ERROR :     An exception occured!! Timed out waiting for file /tmp/ray/session_x/gcs_server_port_ab
+ERROR :     Traceback (most recent call last):
+  File "/x/flwr/server/superlink/fleet/vce/backend/raybackend.py", line 119, in init_ray
+    ray.init(
+  File "python/ray/_raylet.pyx", line 428, in ray._raylet.wait_for_persisted_port
+RuntimeError: Timed out waiting for file /tmp/ray/session_x/gcs_server_port_ab
+
+ERROR :     An exception occurred !! Simulation Runtime crashed.
+"""
+
+CLIENT_APP_FAILED = """\
+Successfully started run 43
+  File "/x/client/app.py", line 80, in train
+ValueError: bad batch
+ERROR :     An exception occurred !! Simulation Runtime crashed.
+"""
+
+
+def test_only_a_failed_engine_start_is_retried(tmp_path):
+    from server.deploy import first_error
+    from simulations.simulate import engine_start_failure
+
+    log = tmp_path / "server.log"
+    log.write_text(CLIENT_APP_FAILED)
+    assert engine_start_failure(log) is None  # clients ran: the run's own failure
+    start = log.stat().st_size
+    log.write_text(CLIENT_APP_FAILED + RAY_START_TIMEOUT)
+    assert engine_start_failure(log, start) == (
+        "RuntimeError: Timed out waiting for file /tmp/ray/session_x/gcs_server_port_ab")
+    assert engine_start_failure(log, log.stat().st_size) is None  # only what came after `start`
+    assert engine_start_failure(tmp_path / "missing.log") is None
+    assert first_error(CLIENT_APP_FAILED) == "ValueError: bad batch"
+    assert first_error("all fine\n") is None
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_simulate_starts_a_failed_engine_once_more_then_names_the_cause(tmp_path):
+    # Ray cannot make its session directory under a plain file: ray.init fails on every
+    # try, which is the path a start-up timeout under load takes (see the test above).
+    not_a_dir = tmp_path / "not-a-dir"
+    not_a_dir.write_text("")
+    out = tmp_path / "run"
+    log = tmp_path / "simulate.log"
+    with ProcessTree() as tree:
+        proc = tree.start([FEDCONTRAST, "simulate", "--dataset", "digits", "--rounds", "1",
+                           "--out", str(out), *TINY], log=log, cwd=tmp_path,
+                          env={**os.environ, "RAY_TMPDIR": str(not_a_dir), "OMP_NUM_THREADS": "1"})
+        rc = proc.wait(timeout=280)
+    text = log.read_text(errors="replace")
+    assert rc == 1, text
+    assert "the simulation engine did not start (NotADirectoryError" in text
+    assert "attempt 2 of 2" in text and "attempt 3" not in text
+    assert (out / "server.log").read_text().count("Successfully started run") == 2
+    assert "first error in the log: NotADirectoryError" in text
+    assert not (out / "metrics.jsonl").exists()
