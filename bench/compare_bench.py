@@ -63,7 +63,10 @@ def main() -> None:
     logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="compare-bench-") as tmp:
         out = args.out or Path(tmp) / "runs"
-        sliced = write_slice(args.data, args.train, args.test, Path(tmp) / "cifar_slice.npz")
+        try:
+            sliced = write_slice(args.data, args.train, args.test, Path(tmp) / "cifar_slice.npz")
+        except DatasetError as exc:
+            raise SystemExit(str(exc)) from exc
         cfg = FedConfig(dataset=str(sliced), rounds=args.rounds, local_epochs=args.local_epochs,
                         width=args.width, batch_size=64, partitioner="dirichlet",
                         dirichlet_alpha=args.alpha, min_nodes=1,

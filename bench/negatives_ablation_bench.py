@@ -1,10 +1,10 @@
 """Ablation of the negative-sampling options (issue #7): each alone, then the best combination.
 
 At half the scale of ``bench.compare_bench`` (the quality benchmark): a stratified slice
-of 2,500 train / 500 test images of the CIFAR-10 benchmark file
-(``../shared/data/cifar10_jpeg.npz``, which a user's checkout does not have: pass
-``--dataset``), 10 clients, Dirichlet alpha 0.1, the same encoder, batch, views and
-budget (10 rounds x 2 local epochs). Rows, each a simulated federation evaluated on the
+of 1,500 train / 300 test images (half the quality benchmark's 3,000 / 600) of the
+CIFAR-10 benchmark file (``../shared/data/cifar10_jpeg.npz``, which a user's checkout does
+not have: pass ``--dataset``), 10 clients, Dirichlet alpha 0.1, the same encoder, batch,
+views and schedule (8 rounds x 2 local epochs, so half the quality benchmark's sample-epochs). Rows, each a simulated federation evaluated on the
 held-out slice (linear probe and kNN on backbone features):
 
 - ``fedavg`` and plain ``fedcontrast`` (the default FedConfig), every seed of ``--seeds``;
@@ -19,8 +19,8 @@ An option "beats the spread" when its gain exceeds plain fedcontrast's seed-to-s
 (max - min over seeds). This benchmark changes no default: it says where a change would
 be supported.
 
-    python -m bench.negatives_ablation_bench [--dataset FILE.npz|digits] [--train-size 2500]
-        [--test-size 500] [--rounds 10] [--local-epochs 2] [--seeds 0 1] [--options NAME ...]
+    python -m bench.negatives_ablation_bench [--dataset FILE.npz|digits] [--train-size 1500]
+        [--test-size 300] [--rounds 8] [--local-epochs 2] [--seeds 0 1] [--options NAME ...]
 
 An ``.npz`` file is sliced (``--train-size``, ``--test-size``, stratified); any other
 dataset spec (``digits`` for a smoke run) is used whole. ``--name`` names the result.
@@ -112,9 +112,9 @@ def main() -> None:
     parser.add_argument("--dataset", default=str(DEFAULT_DATA),
                         help="the CIFAR-10 benchmark .npz (default: %(default)s), another "
                              ".npz, or any other dataset spec, used whole (digits)")
-    parser.add_argument("--train-size", type=int, default=2500)
-    parser.add_argument("--test-size", type=int, default=500)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--train-size", type=int, default=1500)
+    parser.add_argument("--test-size", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=0.1)

@@ -31,7 +31,7 @@ from bench.compare_bench import DEFAULT_DATA, write_slice
 from client.privacy import DPSGD
 from client.trainer import ContrastiveTrainer
 from common.config import FedConfig
-from common.datasets import load_dataset
+from common.datasets import DatasetError, load_dataset
 from common.encoders import build_encoder
 from simulations.privacy import SWEEP_DEFAULTS, markdown_table, sweep
 from simulations.simulate import Simulation
@@ -85,8 +85,11 @@ def main() -> None:
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="privacy-bench-") as tmp:
-        dataset = (args.data if args.data == "digits"
-                   else str(write_slice(Path(args.data), args.train, args.test, Path(tmp) / "slice.npz")))
+        try:
+            dataset = (args.data if args.data == "digits"
+                       else str(write_slice(Path(args.data), args.train, args.test, Path(tmp) / "slice.npz")))
+        except DatasetError as exc:
+            raise SystemExit(str(exc)) from exc
         base = FedConfig(**{**SWEEP_DEFAULTS, "dataset": dataset, "rounds": args.rounds,
                             "local_epochs": args.local_epochs, "width": args.width, "batch_size": 64,
                             "partitioner": "dirichlet", "dirichlet_alpha": args.alpha,
@@ -113,6 +116,15 @@ def main() -> None:
                     eight[0]["linear_probe_backbone"] / ref[0]["linear_probe_backbone"], 3)
                 summary["knn_at_eps8_fraction_of_non_private"] = round(
                     eight[0]["knn_backbone"] / ref[0]["knn_backbone"], 3)
+                # The same over what training added to a random-init encoder: a ratio of 1
+                # means little when neither run is above random init.
+                init = report["random_init"]
+                for key, name in (("linear_probe_backbone", "linear_probe"), ("knn_backbone", "knn")):
+                    summary[f"{name}_random_init"] = round(init[key], 4)
+                    gain = ref[0][key] - init[key]
+                    summary[f"{name}_non_private_gain_over_random_init"] = round(gain, 4)
+                    summary[f"{name}_at_eps8_share_of_non_private_gain"] = (
+                        round((eight[0][key] - init[key]) / gain, 3) if gain > 0 else None)
     headers = ["target ε", "reported ε", "δ", "DP-SGD σ", "push noise", "pushes covered",
                "linear probe", "kNN", "alignment", "uniformity", "wall time (s)"]
     write_result(

@@ -34,7 +34,7 @@ from common.cli import Command, UsageError
 from common.config import FedConfig, add_config_arguments
 from common.datasets import load_dataset
 from common.rundir import RunDir
-from simulations.compare import parse_list, run_federated
+from simulations.compare import parse_list, random_init_figures, run_federated
 from simulations.simulate import SIMULATION_DEFAULTS, Simulation, add_simulation_arguments, resolve
 
 #: What every run of the sweep shares so that DP-SGD applies (see module doc).
@@ -122,10 +122,14 @@ def sweep(
         results.append(result)
         console.print(f"  reported epsilon {result['epsilon']:.4g}  linear probe "
                       f"{result['linear_probe_backbone']:.4f}  kNN {result['knn_backbone']:.4f}")
-    report = {"settings": asdict(base), "simulation": sim.as_dict(), "results": results}
+    # What "no training at all" scores on the same data: accuracy near it is not learned.
+    random_init = random_init_figures(base, load_dataset(base.dataset, seed=base.seed))
+    report = {"settings": asdict(base), "simulation": sim.as_dict(), "results": results,
+              "random_init": random_init}
     (out / "privacy.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "privacy.md").write_text(markdown_table(report) + "\n")
-    plot(results, out / "privacy.png", title=f"{Path(base.dataset).stem}: accuracy against epsilon")
+    plot(results, out / "privacy.png", title=f"{Path(base.dataset).stem}: accuracy against epsilon",
+         random_init=random_init)
     return report
 
 
@@ -146,6 +150,10 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(h for _k, h in COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
     for r in report["results"]:
         lines.append("| " + " | ".join(_fmt(k, r.get(k)) for k, _h in COLUMNS) + " |")
+    if report.get("random_init"):
+        init = {**report["random_init"], "target_epsilon": "random init"}
+        lines.append("| " + " | ".join(_fmt(k, init[k]) if k in init and k != "wall_time_s" else "–"
+                                       for k, _h in COLUMNS) + " |")
     s = report["settings"]
     lines += ["", f"{report['simulation']['num_clients']} clients, {s['rounds']} rounds x "
               f"{s['local_epochs']} local epochs, {s['dataset']}, partitioner {s['partitioner']}, "
@@ -155,11 +163,13 @@ def markdown_table(report: dict[str, Any]) -> str:
               "(Opacus RDP accountant, DP-SGD steps and noised pushes composed; example-level, "
               "replace-one adjacency). DP-SGD σ: range over clients (each derives it from the "
               "target for every round it could be sampled in). Pushes covered NO: pushed rows "
-              "were not noised and are not covered by the reported ε."]
+              "were not noised and are not covered by the reported ε. Random init: the same "
+              "encoder untrained, evaluated the same way (accuracy near it was not learned)."]
     return "\n".join(lines)
 
 
-def plot(results: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+def plot(results: list[dict[str, Any]], path: Path, title: str,
+         random_init: dict[str, float] | None = None) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,6 +187,9 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> Path | None:
                     color=color, label=f"{label} (DP, noised pushes)")
         for r in reference:
             ax.axhline(r[key], color=color, linestyle="--", alpha=0.7, label=f"{label}, no DP")
+        if random_init and key in random_init:
+            ax.axhline(random_init[key], color=color, linestyle=":", alpha=0.7,
+                       label=f"{label}, random init")
         for r in results:
             if r["axis"] == "push axis" and r["push_noise"] == 0:
                 ax.scatter([r["epsilon"]], [r[key]], marker="x", color=color, s=60,

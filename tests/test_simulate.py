@@ -201,6 +201,9 @@ def test_privacy_sweep_reports_epsilon_monotone_in_the_noise(tmp_path):
     assert unnoised[0]["epsilon"] < high["epsilon"]  # only DP-SGD counted: pushes not covered
     table = (out / "privacy.md").read_text()
     assert "| NO |" in table and "not covered" in table
+    assert "| random init | – |" in table  # the untrained reference the accuracies stand against
+    init = json.loads((out / "privacy.json").read_text())["random_init"]
+    assert 0.0 <= init["linear_probe_backbone"] <= 1.0
     assert (out / "privacy.png").stat().st_size > 0
     for r in results:  # accuracies are reported, not asserted
         assert 0.0 <= r["linear_probe_backbone"] <= 1.0 and 0.0 <= r["knn_backbone"] <= 1.0
