@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import write_result
+from bench.common import RESULTS_DIR, write_result
 from common.config import FedConfig
 from common.datasets import DatasetError, load_dataset, subset
 from simulations.compare import METHODS, compare, markdown_table
@@ -74,6 +75,9 @@ def main() -> None:
                         device="cpu", round_timeout=1800, crop_scale_min=0.3, blur_p=0.0)
         report = compare(cfg, Simulation(num_clients=args.clients), out, methods=args.methods,
                          seeds=args.seeds, timeout=6 * 3600)
+        if (out / "compare.png").exists():  # accuracy per round, every method
+            RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / "compare.png", RESULTS_DIR / "compare_bench.png")
     res = report["results"]
 
     def mean(method: str, key: str = "linear_probe_backbone") -> float:
