@@ -247,7 +247,8 @@ def compare(
     }
     (out / "compare.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "compare.md").write_text(markdown_table(report) + "\n")
-    plot_curves(curves, out / "compare.png", title=f"{Path(base.dataset).stem}: kNN per round")
+    plot_curves(curves, out / "compare.png", title=f"{Path(base.dataset).stem}: kNN per round",
+                random_init_knn=statistics.fmean(b["knn_backbone"] for b in baseline))
     return report
 
 
@@ -275,8 +276,10 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: Path, title: str) -> Path | None:
-    """kNN accuracy per round, one line per method (mean over seeds at the rounds all seeds have)."""
+def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: Path, title: str,
+                random_init_knn: float | None = None) -> Path | None:
+    """kNN accuracy per round, one line per method (mean over seeds at the rounds all seeds
+    have), and the random-init encoder's as a dotted line: below it, nothing was learned."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,6 +297,8 @@ def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: Path, ti
     if not drawn:
         plt.close(fig)
         return None
+    if random_init_knn is not None:
+        ax.axhline(random_init_knn, color="grey", linestyle=":", label="random init")
     ax.set_xlabel("round (or round-equivalent of the same sample-epochs)")
     ax.set_ylabel("kNN accuracy (backbone)")
     ax.set_title(title)
