@@ -45,6 +45,14 @@ def write_slice(source: Path, n_train: int, n_test: int, target: Path) -> Path:
     return target
 
 
+def bench_config(dataset: str, args: argparse.Namespace, *, eval_every: int) -> FedConfig:
+    """Plain fedcontrast at this benchmark's settings (the negatives ablation shares them)."""
+    return FedConfig(dataset=dataset, rounds=args.rounds, local_epochs=args.local_epochs,
+                     width=args.width, batch_size=64, partitioner="dirichlet",
+                     dirichlet_alpha=args.alpha, min_nodes=1, eval_every=eval_every,
+                     device="cpu", round_timeout=1800, crop_scale_min=0.3, blur_p=0.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -68,11 +76,7 @@ def main() -> None:
             sliced = write_slice(args.data, args.train, args.test, Path(tmp) / "cifar_slice.npz")
         except DatasetError as exc:
             raise SystemExit(str(exc)) from exc
-        cfg = FedConfig(dataset=str(sliced), rounds=args.rounds, local_epochs=args.local_epochs,
-                        width=args.width, batch_size=64, partitioner="dirichlet",
-                        dirichlet_alpha=args.alpha, min_nodes=1,
-                        eval_every=args.eval_every or max(1, args.rounds // 2),
-                        device="cpu", round_timeout=1800, crop_scale_min=0.3, blur_p=0.0)
+        cfg = bench_config(str(sliced), args, eval_every=args.eval_every or max(1, args.rounds // 2))
         report = compare(cfg, Simulation(num_clients=args.clients), out, methods=args.methods,
                          seeds=args.seeds, timeout=6 * 3600)
         if (out / "compare.png").exists():  # accuracy per round, every method

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import write_result
-from bench.compare_bench import DEFAULT_DATA, write_slice
+from bench.compare_bench import DEFAULT_DATA, bench_config, write_slice
 from common.cli import UsageError
 from common.config import FedConfig
 from common.datasets import DatasetError, load_dataset
@@ -63,14 +63,6 @@ OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "norm batch": ("normalisation", {"norm": "batch"}),
 }
 LP, KNN = "linear_probe_backbone", "knn_backbone"
-
-
-def base_config(dataset: str, args: argparse.Namespace) -> FedConfig:
-    """Plain fedcontrast at the quality benchmark's settings (bench/compare_bench.py)."""
-    return FedConfig(dataset=dataset, rounds=args.rounds, local_epochs=args.local_epochs,
-                     width=args.width, batch_size=64, partitioner="dirichlet",
-                     dirichlet_alpha=args.alpha, min_nodes=1, eval_every=args.rounds,
-                     device="cpu", round_timeout=1800, crop_scale_min=0.3, blur_p=0.0)
 
 
 def best_combination(gains: dict[str, float]) -> dict[str, Any]:
@@ -146,7 +138,7 @@ def main() -> None:
                                    Path(tmp) / "slice.npz")) if sliced else args.dataset
         except DatasetError as exc:
             raise SystemExit(str(exc)) from exc
-        base = base_config(spec, args)
+        base = bench_config(spec, args, eval_every=args.rounds)
         data = {seed: load_dataset(spec, seed=seed) for seed in args.seeds}
 
         def run(label: str, cfg: FedConfig, seeds: list[int]) -> list[dict[str, Any]]:

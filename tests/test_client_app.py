@@ -25,20 +25,11 @@ from server.queue import NegativeQueue
 from server.service import QueueServer
 from server.strategy import REPLY_METRIC_KEYS, check_reply
 
-pytestmark = pytest.mark.usefixtures("flower_task_identity")
+pytestmark = pytest.mark.usefixtures("flower_task_identity", "one_thread")
 
 CFG = FedConfig(width=8, embedding_dim=16, batch_size=32, global_negatives=64, push_fraction=0.5,
                 device="cpu", seed=3)
 TOKEN = "node-token-0123456789"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: one torch thread per test process is several times faster.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture

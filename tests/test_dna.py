@@ -53,13 +53,7 @@ PLUGINS = ["--dataset", "common.dna:genomes", "--encoder", "common.dna:encoder",
            "--views", "common.dna:views"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: one torch thread per test process is several times faster.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def decode(x: torch.Tensor) -> str:

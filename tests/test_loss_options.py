@@ -349,12 +349,7 @@ def _source() -> AgedRows:
     return AgedRows(F.normalize(torch.randn(12, 16, generator=g), dim=1), torch.arange(12) % 3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", DP_OPTIONS)

@@ -104,13 +104,7 @@ def user_plugins(tmp_path_factory):
     sys.modules.pop(USER_MODULE, None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: one torch thread per test process is several times faster.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def user(name: str) -> str:

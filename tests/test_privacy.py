@@ -24,12 +24,7 @@ CFG = FedConfig(width=8, embedding_dim=16, in_batch=False, key_mode="frozen", dp
                 noise_multiplier=1.0, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
