@@ -5,11 +5,13 @@
    gradients, clipping, noise); the ratio is the DP-SGD overhead.
 2. The sweep: the same simulated federation (10 clients, Dirichlet 0.1 by default, a
    stratified slice of the benchmark file about half the quality benchmark's scale) at
-   each target epsilon, plus push noise on/off at epsilon 8. Reported: the table of
-   ``fedcontrast privacy`` and the linear-probe accuracy at epsilon 8 as a fraction of
-   the non-private run.
+   each target epsilon, plus push noise on/off at epsilon 8 and the non-private run with
+   the default loss (in-batch negatives). Reported: the table of ``fedcontrast privacy``
+   and the figures at epsilon 8 as a fraction of each non-private run and as a share of
+   what it gained over the random-init encoder.
 
     python -m bench.privacy_bench [--data PATH.npz] [--train 2500 --test 500 --rounds 5]
+    python -m bench.privacy_bench --data digits     # the same on the embedded digits
     python -m bench.privacy_bench --data digits --steps-only    # the step-time part alone
 """
 
@@ -33,7 +35,7 @@ from client.trainer import ContrastiveTrainer
 from common.config import FedConfig
 from common.datasets import DatasetError, load_dataset
 from common.encoders import build_encoder
-from simulations.privacy import SWEEP_DEFAULTS, markdown_table, sweep
+from simulations.privacy import COLUMNS, SWEEP_DEFAULTS, markdown_table, sweep
 from simulations.simulate import Simulation
 
 
@@ -67,6 +69,29 @@ def step_times(cfg: FedConfig, x: torch.Tensor, blocks: int = 6, per_block: int 
             arms[name].train_step(x[idx])
             times[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def eps8_figures(report: dict) -> dict[str, float | None]:
+    """Epsilon 8 (noised pushes) against each non-private reference: the ratio of the
+    figures, and its share of what the reference gained over the random-init encoder (a
+    ratio near 1 means little when neither run is above random init)."""
+    res, init = report["results"], report["random_init"]
+    eight = [r for r in res if r["target_epsilon"] == 8.0 and r["push_noise"] > 0]
+    refs = {"non_private": [r for r in res if math.isinf(r["target_epsilon"]) and r["axis"] == "budget"],
+            "default_loss": [r for r in res if r["axis"] == "default loss"]}
+    out: dict[str, float | None] = {}
+    for key, name in (("linear_probe_backbone", "linear_probe"), ("knn_backbone", "knn"),
+                      ("retrieval_head", "retrieval")):
+        out[f"{name}_random_init"] = round(init[key], 4)
+        for ref_name, ref in refs.items():
+            if not (ref and eight):
+                continue
+            gain = ref[0][key] - init[key]
+            out[f"{name}_at_eps8_fraction_of_{ref_name}"] = round(eight[0][key] / ref[0][key], 3)
+            out[f"{name}_{ref_name}_gain_over_random_init"] = round(gain, 4)
+            out[f"{name}_at_eps8_share_of_{ref_name}_gain"] = (
+                round((eight[0][key] - init[key]) / gain, 3) if gain > 0 else None)
+    return out
 
 
 def main() -> None:
@@ -105,37 +130,22 @@ def main() -> None:
             epsilons = [float(e) for e in args.epsilons.split(",")]
             report = sweep(replace(base), Simulation(num_clients=args.clients), Path(tmp) / "runs",
                            epsilons=epsilons, push_noise=base.push_noise, push_axis_epsilon=8.0,
-                           timeout=6 * 3600)
+                           default_loss_reference=True, timeout=6 * 3600)
             rows = [[c.strip() for c in line.strip("|").split("|")]
                     for line in markdown_table(report).splitlines()[2:] if line.startswith("| ")]
-            res = report["results"]
-            ref = [r for r in res if math.isinf(r["target_epsilon"])]
-            eight = [r for r in res if r["target_epsilon"] == 8.0 and r["push_noise"] > 0]
-            if ref and eight:
-                summary["linear_probe_at_eps8_fraction_of_non_private"] = round(
-                    eight[0]["linear_probe_backbone"] / ref[0]["linear_probe_backbone"], 3)
-                summary["knn_at_eps8_fraction_of_non_private"] = round(
-                    eight[0]["knn_backbone"] / ref[0]["knn_backbone"], 3)
-                # The same over what training added to a random-init encoder: a ratio of 1
-                # means little when neither run is above random init.
-                init = report["random_init"]
-                for key, name in (("linear_probe_backbone", "linear_probe"), ("knn_backbone", "knn")):
-                    summary[f"{name}_random_init"] = round(init[key], 4)
-                    gain = ref[0][key] - init[key]
-                    summary[f"{name}_non_private_gain_over_random_init"] = round(gain, 4)
-                    summary[f"{name}_at_eps8_share_of_non_private_gain"] = (
-                        round((eight[0][key] - init[key]) / gain, 3) if gain > 0 else None)
-    headers = ["target ε", "reported ε", "δ", "DP-SGD σ", "push noise", "pushes covered",
-               "linear probe", "kNN", "alignment", "uniformity", "wall time (s)"]
+            summary.update(eps8_figures(report))
+    headers = [h for _k, h in COLUMNS]
+    name = "privacy_bench" + ("_digits" if args.data == "digits" else "")
     write_result(
-        "privacy_bench" if not args.steps_only else "privacy_step_time",
+        name if not args.steps_only else "privacy_step_time",
         headers if rows else ["arm", "median ms per step"],
         rows or [["plain", summary["plain_step_ms"]], ["dp-sgd", summary["dp_step_ms"]]],
         summary=summary,
         notes=(f"data {Path(args.data).name} (slice {args.train} train / {args.test} test unless digits), "
                f"{args.clients} clients, Dirichlet {args.alpha}, CNN width {args.width}, batch 64, "
                f"{args.rounds} rounds x {args.local_epochs} local epochs, ema key encoder, "
-               f"{base.global_negatives} global negatives, no in-batch negatives, push fraction "
+               f"{base.global_negatives} global negatives, no in-batch negatives (but in the "
+               "default-loss reference), push fraction "
                f"{base.push_fraction} with push noise {base.push_noise}, delta {base.delta}. Step "
                "time: one torch thread, blocks of 5 steps alternating plain and DP-SGD (noise 1.0, "
                f"clip {base.max_grad_norm}), same batch size and {base.global_negatives} fixed negatives."),

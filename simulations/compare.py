@@ -71,8 +71,8 @@ SIMCLR = {"global_negatives": 0, "push_fraction": 0.0, "in_batch": True, "key_mo
           "queue_size": 0, "staleness_gamma": 1.0}
 #: The table's columns: (result key, header).
 COLUMNS = (("linear_probe_backbone", "linear probe"), ("knn_backbone", "kNN"),
-           ("alignment_head", "alignment"), ("uniformity_head", "uniformity"),
-           ("wall_time_s", "wall time (s)"))
+           ("retrieval_head", "retrieval"), ("alignment_head", "alignment"),
+           ("uniformity_head", "uniformity"), ("wall_time_s", "wall time (s)"))
 
 
 def method_config(method: str, base: FedConfig) -> FedConfig:
@@ -271,8 +271,9 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines += ["", f"Seeds {', '.join(map(str, seeds))} (± is half the range over seeds). Budget per "
               f"method: {b['sample_epochs']:g} sample-epochs ({b['rounds']} rounds x "
               f"{b['local_epochs']} local epochs x {b['fraction_train']:g} of the clients). "
-              "Linear probe and kNN on backbone features of the held-out split; alignment and "
-              "uniformity of the head."]
+              "Linear probe and kNN on backbone features of the held-out split; held-out "
+              "instance retrieval (a view found among 256 candidates by its other view), "
+              "alignment and uniformity of the head."]
     return "\n".join(lines)
 
 

@@ -9,9 +9,12 @@ without DP (no clipping, no noise): the reference. Then a second axis at one bud
 protecting the shared embeddings costs in accuracy (without noise the pushes are not
 covered by the epsilon, and the table says so).
 
-DP-SGD needs a per-example loss, so every run of the sweep (the reference too) trains
-without in-batch negatives, with a detached key encoder (``--key-mode``, default
-``ema``) and global negatives only.
+DP-SGD needs a per-example loss, so every run of the sweep (the ``inf`` reference too)
+trains without in-batch negatives, with a detached key encoder (``--key-mode``, default
+``ema``) and global negatives only. One more non-private run (``--default-loss-reference``,
+on by default) trains with the default loss of ``fedcontrast simulate``, in-batch
+negatives included: the difference between the two references is what giving up
+in-batch negatives costs before any noise is added.
 
 Writes ``OUT/privacy.md`` (the table), ``OUT/privacy.json``, ``OUT/privacy.png``
 (accuracy against epsilon) and one run directory per run.
@@ -45,19 +48,31 @@ PRIVATE_LOSS = {"in_batch": False, "queue_size": 0}
 SWEEP_DEFAULTS: dict[str, Any] = {**SIMULATION_DEFAULTS, **PRIVATE_LOSS, "dp": True,
                                   "target_epsilon": 8.0, "key_mode": "ema", "push_noise": 4.0,
                                   "push_fraction": 0.05, "global_negatives": 256}
+#: The loss settings ``PRIVATE_LOSS`` and the sweep replace, at their FedConfig defaults:
+#: the federation as ``fedcontrast simulate`` trains it (in-batch and global negatives).
+DEFAULT_LOSS = {"in_batch": FedConfig.in_batch, "queue_size": FedConfig.queue_size,
+                "key_mode": FedConfig.key_mode}
 COLUMNS = (("target_epsilon", "target ε"), ("epsilon", "reported ε"), ("delta", "δ"),
            ("noise_multiplier", "DP-SGD σ"), ("push_noise", "push noise"),
-           ("pushes_private", "pushes covered"), ("linear_probe_backbone", "linear probe"),
-           ("knn_backbone", "kNN"), ("alignment_head", "alignment"),
+           ("pushes_private", "pushes covered"), ("negatives", "negatives"),
+           ("linear_probe_backbone", "linear probe"), ("knn_backbone", "kNN"),
+           ("retrieval_head", "retrieval"), ("alignment_head", "alignment"),
            ("uniformity_head", "uniformity"), ("wall_time_s", "wall time (s)"))
 
 
-def run_settings(base: FedConfig, epsilon: float, push_noise: float) -> FedConfig:
-    """The sweep's settings for one (target epsilon, push noise); ``inf`` turns DP off."""
-    cfg = replace(base, **PRIVATE_LOSS)
+def run_settings(base: FedConfig, epsilon: float, push_noise: float, *,
+                 default_loss: bool = False) -> FedConfig:
+    """The sweep's settings for one (target epsilon, push noise); ``inf`` turns DP off.
+
+    ``default_loss`` (with ``inf`` only): the loss ``fedcontrast simulate`` trains with,
+    in-batch negatives included, instead of the per-example loss every other run uses.
+    """
+    if default_loss and not math.isinf(epsilon):
+        raise ValueError("the default loss is not per-example: only the non-private run uses it")
     if math.isinf(epsilon):
-        return replace(cfg, dp=False, target_epsilon=0.0, noise_multiplier=0.0, push_noise=0.0,
-                       epsilon_budget=0.0)
+        return replace(base, **(DEFAULT_LOSS if default_loss else PRIVATE_LOSS), dp=False,
+                       target_epsilon=0.0, noise_multiplier=0.0, push_noise=0.0, epsilon_budget=0.0)
+    cfg = replace(base, **PRIVATE_LOSS)
     return replace(cfg, dp=True, target_epsilon=epsilon, noise_multiplier=0.0,
                    push_noise=push_noise)
 
@@ -73,6 +88,13 @@ def client_noise(run: Path) -> list[float]:
     return out
 
 
+def negatives_label(cfg: FedConfig) -> str:
+    """Where a run's negatives come from, for the table."""
+    sources = (["in-batch"] if cfg.in_batch else []) + (["local queue"] if cfg.queue_size else [])
+    sources += ["global"] if cfg.global_negatives else []
+    return " + ".join(sources) or "random"
+
+
 def one_run(cfg: FedConfig, sim: Simulation, out: Path, timeout: float | None) -> dict[str, Any]:
     data = load_dataset(cfg.dataset, seed=cfg.seed)
     result = run_federated("privacy", cfg, sim, data, out, timeout)
@@ -86,6 +108,7 @@ def one_run(cfg: FedConfig, sim: Simulation, out: Path, timeout: float | None) -
         "noise_multiplier": (min(noise), max(noise)) if noise else (0.0, 0.0),
         "push_noise": cfg.push_noise,
         "pushes_private": bool(last.get("pushes_private", 0)) if cfg.dp else False,
+        "negatives": negatives_label(cfg),
         "rounds_done": int(last.get("round", 0)),
         "run_dir": str(out),
     })
@@ -100,10 +123,12 @@ def sweep(
     epsilons: list[float],
     push_noise: float,
     push_axis_epsilon: float | None,
+    default_loss_reference: bool = False,
     timeout: float | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Run the budget sweep and the push-noise axis into ``out``; write and return the report."""
+    """Run the budget sweep, the push-noise axis and (``default_loss_reference``) the
+    non-private run with the default loss into ``out``; write and return the report."""
     console = console or Console(stderr=True)
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -113,9 +138,12 @@ def sweep(
             plan.append((push_axis_epsilon, push_noise, "push axis"))
         plan.append((push_axis_epsilon, 0.0, "push axis"))
     configs = [(run_settings(base, eps, noise), axis) for eps, noise, axis in plan]  # validate first
+    if default_loss_reference:
+        configs.append((run_settings(base, math.inf, 0.0, default_loss=True), "default loss"))
     results = []
     for cfg, axis in configs:
         name = "eps-inf" if not cfg.dp else f"eps-{cfg.target_epsilon:g}-push-{cfg.push_noise:g}"
+        name += "-default-loss" if axis == "default loss" else ""
         console.print(f"[bold]{name}[/bold] -> {out / name}")
         result = one_run(cfg, sim, out / name, timeout)
         result["axis"] = axis
@@ -161,7 +189,11 @@ def markdown_table(report: dict[str, Any]) -> str:
               f"{s['global_negatives']} global negatives, no in-batch negatives (every row, "
               "the non-private one too). Reported ε: the largest epsilon any client reached "
               "(Opacus RDP accountant, DP-SGD steps and noised pushes composed; example-level, "
-              "replace-one adjacency). DP-SGD σ: range over clients (each derives it from the "
+              "replace-one adjacency). Negatives: where each run's negatives came from; "
+              "in-batch ones couple examples, so only a non-private run may use them (the "
+              "default loss of `fedcontrast simulate`). Retrieval: held-out instance retrieval "
+              "of the head (a view found among 256 candidates by its other view). "
+              "DP-SGD σ: range over clients (each derives it from the "
               "target for every round it could be sampled in). Pushes covered NO: pushed rows "
               "were not noised and are not covered by the reported ε. Random init: the same "
               "encoder untrained, evaluated the same way (accuracy near it was not learned)."]
@@ -186,7 +218,9 @@ def plot(results: list[dict[str, Any]], path: Path, title: str,
             ax.plot([r["epsilon"] for r in budget], [r[key] for r in budget], marker="o",
                     color=color, label=f"{label} (DP, noised pushes)")
         for r in reference:
-            ax.axhline(r[key], color=color, linestyle="--", alpha=0.7, label=f"{label}, no DP")
+            default = r.get("axis") == "default loss"
+            ax.axhline(r[key], color=color, linestyle="-." if default else "--", alpha=0.7,
+                       label=f"{label}, no DP" + (", in-batch negatives" if default else ""))
         if random_init and key in random_init:
             ax.axhline(random_init[key], color=color, linestyle=":", alpha=0.7,
                        label=f"{label}, random init")
@@ -223,6 +257,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--push-axis-epsilon", type=float, default=8.0,
                      help="the budget at which pushes with and without noise are compared "
                           "(default: 8; 0 skips that axis)")
+    run.add_argument("--default-loss-reference", action=argparse.BooleanOptionalAction, default=True,
+                     help="also run the federation without DP and with the default loss "
+                          "(in-batch negatives, as `fedcontrast simulate` trains): what giving up "
+                          "the per-example loss costs on top of the noise (default: on)")
     run.add_argument("--config", type=Path, default=None,
                      help="start from a saved config.json (or a run directory); flags override it")
     add_simulation_arguments(parser)
@@ -238,7 +276,8 @@ def _run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"privacy-{Path(cfg.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     axis = args.push_axis_epsilon if args.push_axis_epsilon > 0 else None
     report = sweep(cfg, sim, out, epsilons=epsilons, push_noise=cfg.push_noise,
-                   push_axis_epsilon=axis, timeout=args.timeout)
+                   push_axis_epsilon=axis, default_loss_reference=args.default_loss_reference,
+                   timeout=args.timeout)
     Console().print(markdown_table(report))
     print(f"privacy sweep: {Path(out).resolve() / 'privacy.md'}")
     return 0

@@ -170,6 +170,11 @@ def test_privacy_sweep_settings_keep_the_federation_and_change_only_privacy():
         assert (cfg.in_batch, cfg.queue_size, cfg.key_mode) == (False, 0, "ema")
         assert (cfg.rounds, cfg.dataset, cfg.global_negatives) == (base.rounds, base.dataset,
                                                                     base.global_negatives)
+    default = run_settings(base, math.inf, 0.0, default_loss=True)  # what simulate trains
+    assert (default.dp, default.in_batch, default.key_mode) == (False, True, "shared")
+    assert (default.rounds, default.global_negatives) == (base.rounds, base.global_negatives)
+    with pytest.raises(ValueError, match="not per-example"):
+        run_settings(base, 8.0, 4.0, default_loss=True)
     with pytest.raises(ValueError, match="positive or inf"):
         parse_epsilon("0")
 
@@ -202,6 +207,11 @@ def test_privacy_sweep_reports_epsilon_monotone_in_the_noise(tmp_path):
     table = (out / "privacy.md").read_text()
     assert "| NO |" in table and "not covered" in table
     assert "| random init | – |" in table  # the untrained reference the accuracies stand against
+    default = [r for r in results if r["axis"] == "default loss"]  # on by default
+    assert len(default) == 1 and math.isinf(default[0]["epsilon"])
+    assert default[0]["negatives"] == "in-batch + global" and "| in-batch + global |" in table
+    assert all(r["negatives"] == "global" for r in results if r["axis"] != "default loss")
+    assert all(0.0 <= r["retrieval_head"] <= 1.0 for r in results)
     init = json.loads((out / "privacy.json").read_text())["random_init"]
     assert 0.0 <= init["linear_probe_backbone"] <= 1.0
     assert (out / "privacy.png").stat().st_size > 0
