@@ -362,7 +362,8 @@ compare_command = Command(
     description=(
         "Train every method on the same data, partition, encoder and number of sample-epochs "
         "(federated ones through the simulation engine), then write a Markdown table "
-        "(linear probe, kNN, alignment, uniformity, wall time; mean and spread over --seeds) "
+        "(linear probe, kNN, retrieval, alignment, uniformity, wall time; mean and spread over "
+        "--seeds) "
         "and a plot of kNN accuracy per round."
     ),
     add_arguments=_add_arguments,

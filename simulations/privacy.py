@@ -288,9 +288,10 @@ privacy_command = Command(
     help="what a privacy budget costs: the same simulated federation at several epsilons",
     description=(
         "Run the same simulated federation at each target epsilon of --epsilons (DP-SGD plus "
-        "noised pushes, one accountant per client; inf = no DP) and, at --push-axis-epsilon, "
-        "with and without push noise; write a table (epsilon, delta, noise multipliers, linear "
-        "probe, kNN, alignment, uniformity) and a plot of accuracy against epsilon."
+        "noised pushes, one accountant per client; inf = no DP), at --push-axis-epsilon "
+        "with and without push noise, and without DP with the default loss (in-batch "
+        "negatives); write a table (epsilon, delta, noise multipliers, negatives, linear "
+        "probe, kNN, retrieval, alignment, uniformity) and a plot of accuracy against epsilon."
     ),
     add_arguments=_add_arguments,
     run=_run,
