@@ -135,7 +135,8 @@ def test_compare_writes_the_table_then_a_federated_method_resumes(tmp_path):
     report = json.loads((out / "compare.json").read_text())
     assert list(report["results"]) == ["local", "fedmoco", "centralized"]
     for method, runs in report["results"].items():
-        for key in ("linear_probe_backbone", "knn_backbone", "alignment_head", "wall_time_s"):
+        for key in ("linear_probe_backbone", "knn_backbone", "retrieval_head", "alignment_head",
+                    "wall_time_s"):
             assert runs[0][key] >= 0.0, (method, key)
         assert runs[0]["uniformity_head"] <= 0.0
     assert report["results"]["local"][0]["clients_averaged"] == 3
