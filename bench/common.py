@@ -7,6 +7,7 @@ table together with the machine, the package versions and the exact command unde
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -19,6 +20,25 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: The CIFAR-10 benchmark file beside the checkout (``../shared/data``); a user's checkout
+#: does not have it, so the benchmarks that default to it also take ``--data``.
+CIFAR_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_jpeg.npz"
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, default: str,
+                       train: int | None = None, test: int | None = None,
+                       accepts: str = "digits, an .npz, a cifar10 folder or a plug-in") -> None:
+    """The benchmarks' one spelling of their data flags: ``--data`` (alias ``--dataset``),
+    and, for those that cut a stratified slice of an ``.npz``, ``--train`` / ``--test``
+    (aliases ``--train-size`` / ``--test-size``)."""
+    parser.add_argument("--data", "--dataset", dest="data", default=default,
+                        help=f"the data: {accepts} (default: %(default)s)")
+    if train is not None:
+        parser.add_argument("--train", "--train-size", dest="train", type=int, default=train,
+                            help="training images in the slice of an .npz (default: %(default)s)")
+    if test is not None:
+        parser.add_argument("--test", "--test-size", dest="test", type=int, default=test,
+                            help="held-out images in the slice of an .npz (default: %(default)s)")
 
 
 def machine_info() -> dict[str, Any]:

@@ -27,13 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS_DIR, write_result
+from bench.common import CIFAR_DATA, RESULTS_DIR, add_data_arguments, write_result
 from common.config import FedConfig
 from common.datasets import DatasetError, load_dataset, subset
 from simulations.compare import COLUMNS, METHODS, compare, markdown_table
 from simulations.simulate import Simulation
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_jpeg.npz"
 
 
 def write_slice(source: Path, n_train: int, n_test: int, target: Path) -> Path:
@@ -78,9 +76,8 @@ def versus(res: dict[str, list[dict]], other: str, key: str = "linear_probe_back
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--train", type=int, default=3000)
-    parser.add_argument("--test", type=int, default=5000)
+    add_data_arguments(parser, str(CIFAR_DATA), train=3000, test=5000,
+                       accepts="an .npz of images with a test split, sliced")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--width", type=int, default=16)
@@ -96,7 +93,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="compare-bench-") as tmp:
         out = args.out or Path(tmp) / "runs"
         try:
-            sliced = write_slice(args.data, args.train, args.test, Path(tmp) / "cifar_slice.npz")
+            sliced = write_slice(Path(args.data), args.train, args.test, Path(tmp) / "cifar_slice.npz")
         except DatasetError as exc:
             raise SystemExit(str(exc)) from exc
         cfg = bench_config(str(sliced), args, eval_every=args.eval_every or max(1, args.rounds // 2))

@@ -19,10 +19,10 @@ An option "beats the spread" when its gain exceeds plain fedcontrast's seed-to-s
 (max - min over seeds). This benchmark changes no default: it says where a change would
 be supported.
 
-    python -m bench.negatives_ablation_bench [--dataset FILE.npz|digits] [--train-size 1500]
-        [--test-size 300] [--rounds 8] [--local-epochs 2] [--seeds 0 1] [--options NAME ...]
+    python -m bench.negatives_ablation_bench [--data FILE.npz|digits] [--train 1500]
+        [--test 300] [--rounds 8] [--local-epochs 2] [--seeds 0 1] [--options NAME ...]
 
-An ``.npz`` file is sliced (``--train-size``, ``--test-size``, stratified); any other
+An ``.npz`` file is sliced (``--train``, ``--test``, stratified); any other
 dataset spec (``digits`` for a smoke run) is used whole. ``--name`` names the result.
 """
 
@@ -37,8 +37,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import write_result
-from bench.compare_bench import DEFAULT_DATA, bench_config, write_slice
+from bench.common import CIFAR_DATA, add_data_arguments, write_result
+from bench.compare_bench import bench_config, write_slice
 from common.cli import UsageError
 from common.config import FedConfig
 from common.datasets import DatasetError, load_dataset
@@ -101,11 +101,8 @@ def _describe(settings: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", default=str(DEFAULT_DATA),
-                        help="the CIFAR-10 benchmark .npz (default: %(default)s), another "
-                             ".npz, or any other dataset spec, used whole (digits)")
-    parser.add_argument("--train-size", type=int, default=1500)
-    parser.add_argument("--test-size", type=int, default=300)
+    add_data_arguments(parser, str(CIFAR_DATA), train=1500, test=300,
+                       accepts="an .npz (sliced) or any other dataset spec (used whole)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--width", type=int, default=16)
@@ -123,19 +120,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
-    sliced = args.dataset.endswith(".npz")
-    if sliced and not Path(args.dataset).is_file():
+    sliced = args.data.endswith(".npz")
+    if sliced and not Path(args.data).is_file():
         raise SystemExit(
-            f"dataset not found: {args.dataset}. This benchmark runs on the CIFAR-10 benchmark "
-            "file, which a user's checkout does not have: pass --dataset PATH.npz (arrays "
+            f"dataset not found: {args.data}. This benchmark runs on the CIFAR-10 benchmark "
+            "file, which a user's checkout does not have: pass --data PATH.npz (arrays "
             "x_train, y_train, x_test, y_test), or --dataset digits for a smoke run"
         )
     sim = Simulation(num_clients=args.clients)
     with tempfile.TemporaryDirectory(prefix="negatives-ablation-") as tmp:
         out = args.out or Path(tmp) / "runs"
         try:
-            spec = str(write_slice(Path(args.dataset), args.train_size, args.test_size,
-                                   Path(tmp) / "slice.npz")) if sliced else args.dataset
+            spec = str(write_slice(Path(args.data), args.train, args.test,
+                                   Path(tmp) / "slice.npz")) if sliced else args.data
         except DatasetError as exc:
             raise SystemExit(str(exc)) from exc
         base = bench_config(spec, args, eval_every=args.rounds)
@@ -202,8 +199,8 @@ def main() -> None:
          "wall time per run (s)"],
         table,
         summary={
-            "dataset": f"{args.dataset} ({args.train_size} train / {args.test_size} test slice)"
-                       if sliced else f"{args.dataset} (whole)",
+            "dataset": f"{args.data} ({args.train} train / {args.test} test slice)"
+                       if sliced else f"{args.data} (whole)",
             "clients": args.clients, "dirichlet_alpha": args.alpha, "rounds": args.rounds,
             "local_epochs": args.local_epochs, "seeds": args.seeds,
             "plain_fedcontrast_seed_range": {k: round(v, 4) for k, v in spread.items()},

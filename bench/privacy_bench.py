@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import write_result
-from bench.compare_bench import DEFAULT_DATA, write_slice
+from bench.common import CIFAR_DATA, add_data_arguments, write_result
+from bench.compare_bench import write_slice
 from client.privacy import DPSGD
 from client.trainer import ContrastiveTrainer
 from common.config import FedConfig
@@ -96,9 +96,8 @@ def eps8_figures(report: dict) -> dict[str, float | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--train", type=int, default=2500)
-    parser.add_argument("--test", type=int, default=500)
+    add_data_arguments(parser, str(CIFAR_DATA), train=2500, test=500,
+                       accepts="digits (used whole) or an .npz, sliced")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--width", type=int, default=16)

@@ -8,7 +8,7 @@ of a with-queue step (time inside the Pull call). Then the push at a round's end
 embedding and pushing ``--push-fraction`` of the local data, against the round's
 training time.
 
-    python -m bench.queue_overhead_bench [--negatives 4096] [--dataset digits] [--steps 60]
+    python -m bench.queue_overhead_bench [--negatives 4096] [--data digits] [--steps 60]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from bench.common import write_result
+from bench.common import add_data_arguments, write_result
 from client.app import push_keys
 from client.stub import GlobalNegatives, QueueClient
 from client.trainer import ContrastiveTrainer
@@ -52,7 +52,7 @@ class TimedSource:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--negatives", type=int, default=4096)
-    parser.add_argument("--dataset", default="digits")
+    add_data_arguments(parser, "digits")
     parser.add_argument("--steps", type=int, default=60, help="steps per arm (in blocks of 10)")
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
@@ -60,7 +60,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = FedConfig(batch_size=args.batch_size, global_negatives=args.negatives,
                     queue_capacity=args.negatives, device="cpu")
-    data = load_dataset(args.dataset)
+    data = load_dataset(args.data)
     x = data.x_train
     queue = NegativeQueue(cfg.queue_capacity, cfg.embedding_dim, max_age=cfg.max_age)
     server = QueueServer(queue, {"bench-token": 0, "other": 1}, port=0)
@@ -118,7 +118,7 @@ def main() -> None:
             "queue_share_of_round": round((pull_share * steps_per_round * q + push_s) / round_s, 3),
             "hits": counters["hits"], "misses": counters["misses"],
         },
-        notes=(f"{args.dataset}, batch {cfg.batch_size}, {cfg.encoder} width {cfg.width}, "
+        notes=(f"{args.data}, batch {cfg.batch_size}, {cfg.encoder} width {cfg.width}, "
                f"embedding {cfg.embedding_dim}, one torch thread, CPU. Arms alternate in blocks of "
                "10 steps on the same model and optimiser; the queue arm pulls fresh rows every "
                f"step (refresh_every {cfg.refresh_every}) from a real QueueServer on 127.0.0.1. "

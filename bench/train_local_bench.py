@@ -18,7 +18,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.common import write_result
+from bench.common import add_data_arguments, write_result
 from client.cli import train_local
 from common.config import TrainConfig
 
@@ -34,13 +34,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=TrainConfig().epochs)
-    parser.add_argument("--dataset", default="digits")
+    add_data_arguments(parser, "digits")
     args = parser.parse_args()
     logging.disable(logging.INFO)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            cfg = TrainConfig(dataset=args.dataset, seed=seed, epochs=args.epochs, eval_every=0)
+            cfg = TrainConfig(dataset=args.data, seed=seed, epochs=args.epochs, eval_every=0)
             runs.append(train_local(cfg, Path(tmp) / f"seed{seed}", quiet=True))
             print(f"seed {seed}: {runs[-1]['wall_time_s']:.0f} s", flush=True)
     rows, margins = [], {}
@@ -60,7 +60,7 @@ def main() -> None:
         ["metric", "better", "trained mean", "trained spread", "random-init mean",
          "random-init spread", "margin (worst trained vs best init)", "margin > spread"],
         rows,
-        summary={"dataset": args.dataset, "seeds": args.seeds, "epochs": args.epochs,
+        summary={"dataset": args.data, "seeds": args.seeds, "epochs": args.epochs,
                  "raw_pixel_knn": round(pixel, 4),
                  "mean_wall_time_s": round(statistics.mean(r["wall_time_s"] for r in runs), 1)},
         notes="spread = max - min over seeds. Same held-out pairs for trained and random init.",
