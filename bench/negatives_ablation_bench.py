@@ -131,7 +131,7 @@ def main() -> None:
         raise SystemExit(
             f"dataset not found: {args.data}. This benchmark runs on the CIFAR-10 benchmark "
             "file, which a user's checkout does not have: pass --data PATH.npz (arrays "
-            "x_train, y_train, x_test, y_test), or --dataset digits for a smoke run"
+            "x_train, y_train, x_test, y_test), or --data digits for a smoke run"
         )
     sim = Simulation(num_clients=args.clients)
     with tempfile.TemporaryDirectory(prefix="negatives-ablation-") as tmp:
