@@ -20,6 +20,10 @@ Node config keys:
   only without TLS: the round fails with an error saying which side to change when
   the TRAIN message's ``queue-tls`` disagrees.
 
+With ``--push-timing before`` the node also answers the round's push-phase QUERY message
+(:func:`push`): it pushes keys of the round's global weights before any node trains,
+and the TRAIN message that follows pushes nothing more.
+
 A node with bad data or configuration raises: Flower returns the error to the
 server, which logs it and goes on with the other nodes.
 
@@ -68,6 +72,8 @@ app = ClientApp()
 
 #: Local examples whose views measure the local model's alignment and uniformity.
 GEOMETRY_SAMPLE = 512
+#: Mixed into the round's seed for the push phase's draws (``--push-timing before``).
+PUSH_PHASE_SEED = 0x5EED_9A5E
 #: Rows per Push call (well under the service's message limit at any embedding size).
 PUSH_CHUNK = 1024
 
@@ -290,7 +296,7 @@ def train_round(
         finally:
             if dp is not None:
                 dp.detach()
-        if cfg.push_fraction > 0:
+        if cfg.push_fraction > 0 and cfg.push_timing == "after":
             push_keys(client, global_model, x, cfg, queue_version, generator, device, dp_generator)
         counters = client.counters()
     finally:
@@ -313,6 +319,58 @@ def train_round(
         metrics.update(dict.fromkeys(WITHHELD_UNDER_DP, 0.0))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return state, metrics
+
+
+def push_round(
+    cfg: FedConfig,
+    x: torch.Tensor,
+    global_state: Mapping[str, torch.Tensor],
+    *,
+    queue_address: str,
+    queue_token: str,
+    queue_version: int,
+    seed: int,
+    queue_root_certificates: bytes | None = None,
+) -> dict[str, int]:
+    """The push phase of ``--push-timing before``: push keys of ``push_fraction`` of ``x``
+    made by the round's global weights, before any node trains; returns the counts.
+
+    Config validation refuses it under ``--dp true``: a round's releases are planned and
+    accounted when the node trains.
+    """
+    device = resolve_device(cfg.device)
+    global_model = build_model(cfg, x.shape[1], global_state).requires_grad_(False).eval().to(device)
+    client = QueueClient(queue_address, queue_token, root_certificates=queue_root_certificates)
+    try:
+        if cfg.push_fraction > 0:
+            push_keys(client, global_model, x, cfg, queue_version, torch.Generator().manual_seed(seed),
+                      device)
+        counters = client.counters()
+    finally:
+        client.close()
+    return {"pushed-rows": int(counters["rows_pushed"]), "push-failures": int(counters["push_failures"])}
+
+
+@app.query()
+def push(msg: Message, context: Context) -> Message:
+    """Flower's entry point for the push phase's QUERY message (``--push-timing before``)."""
+    cfg = from_run_config(FedConfig, context.run_config)
+    node = NodeSettings.from_node_config(context.node_config)
+    config = msg.content["config"]
+    queue_ca = queue_root_certificates(node, bool(config.get("queue-tls", False)))
+    state = StateDir(node.state_dir, node.client_id).load()
+    counts = push_round(
+        cfg, local_images(cfg, node), msg.content["arrays"].to_torch_state_dict(),
+        queue_address=str(config["queue-address"]),
+        queue_token=str(config["queue-token"]),
+        queue_version=int(config["queue-version"]),
+        # A stream of its own: the TRAIN message that follows draws from state.seed itself.
+        seed=state.seed(cfg.seed) ^ PUSH_PHASE_SEED,
+        queue_root_certificates=queue_ca,
+    )
+    logger.info("client %s round %s: push phase, %d rows pushed", node.client_id,
+                config["server-round"], counts["pushed-rows"])
+    return Message(content=RecordDict({"metrics": MetricRecord(counts)}), reply_to=msg)
 
 
 @app.train()

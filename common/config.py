@@ -133,6 +133,14 @@ class FedConfig(TrainConfig):
     queue_capacity: int = _f(4096, "rows held by the global queue")
     max_age: int = _f(1, "rows older than this many rounds are evicted and never pulled")
     push_fraction: float = _f(0.2, "fraction of local examples whose keys are pushed per round")
+    push_timing: str = _f(
+        "after",
+        "when a node pushes the round's keys (made by the round's global encoder either way): "
+        "after its local training, or before: a push phase in which every sampled node "
+        "pushes before any node trains, so every pull of the round can find rows of the "
+        "encoder it starts from (one more message per node and round)",
+        ("after", "before"),
+    )
     refresh_every: int = _f(1, "pull fresh global negatives every N steps")
     pull_scope: str = _f(
         "others",
@@ -443,6 +451,9 @@ def _validate_privacy(cfg: FedConfig, need: Callable[[bool, str, str], None]) ->
     need(cfg.norm != "batch", "norm", "with --dp true: " + DP_REFUSED["norm"])
     need(cfg.queue_size == 0, "queue_size", "with --dp true: " + DP_REFUSED["queue_size"])
     need(cfg.key_mode != "shared", "key_mode", "with --dp true: " + DP_REFUSED["key_mode"])
+    need(cfg.push_timing == "after", "push_timing",
+         "with --dp true: the round's releases are planned and accounted when a node trains, "
+         "so its pushes must come after: use --push-timing after")
     need(cfg.pull_scope == "others" or cfg.push_noise > 0, "pull_scope",
          f"{cfg.pull_scope!r} with --dp true and --push-noise 0 would return this client's "
          "own un-noised rows as negatives, coupling its examples: use --pull-scope others "

@@ -31,6 +31,14 @@ Node to server, the reply::
     "arrays":  ArrayRecord   the locally trained weights (same keys and shapes)
     "metrics": MetricRecord  exactly the keys of REPLY_METRIC_KEYS, on every reply
 
+With ``--push-timing before``, a push phase precedes the TRAIN messages: one QUERY
+message per node about to train, with the same "arrays" and "config"; the node pushes
+keys of those weights (version r) to the queue and replies with a MetricRecord
+"metrics" holding exactly PUSH_REPLY_METRIC_KEYS. Only then are the TRAIN messages
+sent, so every node's pulls can find version-r rows of every other node from its
+first step; its TRAIN reply then reports 0 pushed rows. A failed push phase is logged
+and the node still trains.
+
 A reply with an error (the ClientApp raised), a missing record, another key set,
 other array shapes or a non-finite value is dropped and logged with its reason;
 the round goes on with the others. A round counts when at least ``min_nodes``
@@ -79,6 +87,8 @@ REPLY_METRIC_KEYS = (
     "push-failures", "negatives-per-step", "alignment", "uniformity", "epsilon",
 )
 WEIGHT_KEY = "num-examples"
+#: The reply to a push-phase QUERY (``--push-timing before``): rows pushed, pushes that failed.
+PUSH_REPLY_METRIC_KEYS = ("pushed-rows", "push-failures")
 SUMMED_KEYS = ("num-examples", "global-hits", "global-misses", "pushed-rows", "push-failures")
 MAX_KEYS = ("epsilon",)
 #: Round-row keys plotted in curves.png.
@@ -179,6 +189,18 @@ def check_reply(msg: Message, reference: ArrayRecord) -> str | None:
             return f"array {key!r} is {mine.dtype}{list(mine.shape)}, expected {ref.dtype}{list(ref.shape)}"
         if not np.isfinite(mine.numpy()).all():
             return f"array {key!r} has a NaN or infinite value"
+    return None
+
+
+def check_push_reply(msg: Message) -> str | None:
+    """Why the reply to a push-phase QUERY is unusable; None if it is fine."""
+    if msg.has_error():
+        return f"client error: {msg.error.reason}"
+    metrics = msg.content.get("metrics")
+    if not isinstance(metrics, MetricRecord) or set(metrics.keys()) != set(PUSH_REPLY_METRIC_KEYS):
+        return f"expected a MetricRecord 'metrics' with keys {sorted(PUSH_REPLY_METRIC_KEYS)}"
+    if not all(isinstance(metrics[k], int) and metrics[k] >= 0 for k in PUSH_REPLY_METRIC_KEYS):
+        return "a count is not a non-negative integer"
     return None
 
 
@@ -302,6 +324,8 @@ class RoundDriver:
         self.queue.advance(rnd)
         lr = self.lr_at(rnd - 1)
         messages = self.messages_for(rnd, arrays, lr, online)
+        phase_pushed = (self.push_phase(rnd, messages)
+                        if self.cfg.push_timing == "before" and self.cfg.push_fraction > 0 else {})
         logger.info("round %d: sending to %d of %d online nodes (lr %.4g)",
                     rnd, len(messages), len(online), lr)
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
@@ -325,7 +349,10 @@ class RoundDriver:
                            rnd, self.cfg.round_timeout, missing)
 
         contents = [m.content for m in valid]
-        pushed = {m.metadata.src_node_id: int(m.content["metrics"]["pushed-rows"]) for m in valid}
+        pushed = {node_id: rows for node_id, (rows, _failed) in phase_pushed.items()}
+        for m in valid:
+            node_id = m.metadata.src_node_id
+            pushed[node_id] = pushed.get(node_id, 0) + int(m.content["metrics"]["pushed-rows"])
         new_arrays, means = None, None
         if len(valid) >= self.cfg.min_nodes:
             try:
@@ -351,6 +378,10 @@ class RoundDriver:
         if self.cfg.dp:
             metrics = {k: v for k, v in metrics.items() if k not in WITHHELD_UNDER_DP}
         row.update({row_key(k): v for k, v in metrics.items()})
+        if self.cfg.push_timing == "before":  # the rows came in the push phase, not with the weights
+            for i, key in enumerate(("pushed_rows", "push_failures")):
+                row[key] = int(row.get(key, 0)) + sum(v[i] for v in phase_pushed.values())
+            row["push_phase_replied"] = len(phase_pushed)
         if counted and "train-loss" in metrics:
             self.losses.append(float(metrics["train-loss"]))
         self._privacy(rnd, row, metrics)
@@ -389,6 +420,33 @@ class RoundDriver:
                 )
             logger.info("waiting for nodes: %d of %d online", len(online), self.cfg.min_nodes)
             time.sleep(self.poll_interval)
+
+    def push_phase(self, rnd: int, messages: Sequence[Message]) -> dict[int, tuple[int, int]]:
+        """``--push-timing before``: one QUERY message to every node about to train, each
+        pushing keys of the round's global encoder to the queue (version ``rnd``) before
+        any node trains. Returns (rows pushed, pushes failed) per node id that replied; a
+        node whose push phase fails is logged and still trains (its pulls find the others'
+        rows)."""
+        queries = [Message(
+            content=RecordDict({"arrays": m.content["arrays"], "config": m.content["config"]}),
+            dst_node_id=m.metadata.dst_node_id, message_type=MessageType.QUERY,
+            group_id=f"{rnd}-push", ttl=self.cfg.round_timeout + 10.0,
+        ) for m in messages]
+        start = time.monotonic()
+        replies = list(self.grid.send_and_receive(queries, timeout=self.cfg.round_timeout))
+        pushed: dict[int, tuple[int, int]] = {}
+        for msg in replies:
+            reason = check_push_reply(msg)
+            if reason is None:
+                m = msg.content["metrics"]
+                pushed[msg.metadata.src_node_id] = (int(m["pushed-rows"]), int(m["push-failures"]))
+            else:
+                logger.warning("round %d: push phase of node %d failed: %s",
+                               rnd, msg.metadata.src_node_id, reason)
+        logger.info("round %d: push phase, %d rows from %d of %d nodes in %.1f s", rnd,
+                    sum(r for r, _ in pushed.values()), len(pushed), len(queries),
+                    time.monotonic() - start)
+        return pushed
 
     def messages_for(self, rnd: int, arrays: ArrayRecord, lr: float, online: Sequence[int]) -> list[Message]:
         """One TRAIN message per node the strategy samples, each with its own RecordDict."""

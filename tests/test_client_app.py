@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import grpc
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ from proto import negatives_pb2 as pb
 from proto import negatives_pb2_grpc as pb_grpc
 from server.queue import NegativeQueue
 from server.service import QueueServer
-from server.strategy import REPLY_METRIC_KEYS, check_reply
+from server.strategy import REPLY_METRIC_KEYS, check_push_reply, check_reply
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "one_thread")
 
@@ -319,3 +321,20 @@ def test_under_dp_no_unnoised_own_row_reaches_the_loss(images, tmp_path, monkeyp
     negatives = torch.cat(seen)  # every row any loss of round 2 contrasted against
     assert _max_cosine(negatives, others) > 0.999  # bob's rows did reach the loss
     assert (_max_cosine(negatives, own) > 0.999) == own_rows_reach_the_loss
+
+
+
+def test_push_phase_pushes_the_rounds_keys_and_training_then_pushes_no_more(images, queue_server,
+                                                                           tmp_path):
+    path, _ = images
+    queue, server = queue_server
+    cfg = replace(CFG, push_timing="before")
+    msg = train_message(server.address)
+    query = Message(content=msg.content, dst_node_id=7, message_type=MessageType.QUERY)
+    reply = client_app.push(query, context(node_config(path, tmp_path), cfg))
+    assert check_push_reply(reply) is None
+    assert dict(reply.content["metrics"]) == {"pushed-rows": 48, "push-failures": 0}
+    assert len(queue) == 48 and queue.stats()["age_histogram"][0] == 48  # version 1, before training
+    train = client_app.train(msg, context(node_config(path, tmp_path), cfg))
+    assert check_reply(train, msg.content["arrays"]) is None
+    assert train.content["metrics"]["pushed-rows"] == 0 and len(queue) == 48
