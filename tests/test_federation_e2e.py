@@ -146,6 +146,23 @@ def test_resume_continues_numbering(deployment):
     assert table[-1]["queue_version"] == 3 and table[-1]["negatives_per_step"] > 0
 
 
+@pytest.mark.timeout(200)
+def test_push_phase_reaches_every_node_before_training(deployment):
+    # --push-timing before: a QUERY message per node, answered by the ClientApp's push
+    # handler in the real SuperNode, fills the queue before the TRAIN messages go out.
+    run = deployment.root / "run-push"
+    rc = deployment.run_server(run, "--rounds", "1", *SMALL[2:], "--push-timing", "before",
+                               timeout=180)
+    assert rc == 0, deployment.log("server-run-push.log") + (run / "server.log").read_text()[-3000:]
+    (row,) = rows(run)
+    assert row["push_phase_replied"] == 2 and row["pushed_rows"] > 0 and row["push_failures"] == 0
+    # round 1 of a fresh queue, yet the steps found the other node's rows from the start
+    # (pushed after training, rows of concurrent nodes arrive as both finish)
+    assert row["global_misses"] == 0
+    assert row["negatives_per_step"] > 0.5 * min(256, row["pushed_rows"] / 2)
+    assert row["queue_version"] == 1 and row["queue_size"] == row["pushed_rows"]
+
+
 @pytest.mark.timeout(120)
 def test_a_failed_server_app_is_reported(deployment):
     # `flwr run` exits 0 whatever the ServerApp did; the command must check the status.
