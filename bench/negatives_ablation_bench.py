@@ -12,7 +12,7 @@ held-out slice (linear probe and kNN on backbone features):
 - ``fedcontrast`` with each option alone (:data:`OPTIONS`), the first seed only;
 - the best combination, every seed: per family of options (pull policy, staleness,
   false negatives, debiasing, hard negatives, normalisation, number of queue negatives,
-  key encoder), the single option with
+  key encoder, push timing), the single option with
   the largest linear-probe gain over plain fedcontrast at the same seed if positive, less
   any that cannot be combined (false negatives as positives exclude debiasing and hard
   negatives: the smaller gain gives way); with no positive gain, the best option alone.
@@ -67,6 +67,8 @@ OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "global negatives 512": ("queue negatives", {"global_negatives": 512}),
     "key mode ema": ("key encoder", {"key_mode": "ema"}),
     "key mode frozen": ("key encoder", {"key_mode": "frozen"}),
+    "push before": ("push timing", {"push_timing": "before"}),
+    "push before, max age 0": ("push timing", {"push_timing": "before", "max_age": 0}),
 }
 LP, KNN = "linear_probe_backbone", "knn_backbone"
 
@@ -86,6 +88,10 @@ def best_combination(gains: dict[str, float]) -> dict[str, Any]:
         else:
             for family in ("debiased", "hard negatives"):
                 best.pop(family, None)
+    # Weighing rows by age needs rows of more than one age: max age 0 leaves one.
+    timing = best.get("push timing")
+    if timing and OPTIONS[timing][1].get("max_age") == 0 and "staleness" in best:
+        del best["staleness" if gains[timing] >= gains[best["staleness"]] else "push timing"]
     chosen = list(best.values())
     if not chosen and gains:
         chosen = [max(gains, key=gains.get)]

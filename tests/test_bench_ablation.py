@@ -1,0 +1,25 @@
+"""The negatives ablation's combination rule: whatever options gain, it builds a valid config."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from bench.negatives_ablation_bench import OPTIONS, best_combination
+from common.config import FedConfig
+
+
+@pytest.mark.parametrize("pair", list(itertools.combinations(OPTIONS, 2)))
+def test_every_pair_of_gaining_options_combines_into_a_valid_config(pair):
+    for gains in ({pair[0]: 0.02, pair[1]: 0.01}, {pair[0]: 0.01, pair[1]: 0.02}):
+        settings = best_combination(gains)
+        FedConfig(**settings)  # raises ValueError on an invalid combination
+        assert settings  # at least the larger gain's option survives
+
+
+def test_staleness_gives_way_to_a_larger_gain_from_one_age_only():
+    gains = {"staleness gamma 0.5": 0.01, "push before, max age 0": 0.02}
+    assert best_combination(gains) == OPTIONS["push before, max age 0"][1]
+    gains = {"staleness gamma 0.5": 0.03, "push before, max age 0": 0.02}
+    assert best_combination(gains) == OPTIONS["staleness gamma 0.5"][1]
