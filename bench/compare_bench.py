@@ -23,6 +23,7 @@ import math
 import shutil
 import statistics
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,11 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=0,
                         help="rounds between accuracy curve points (default: rounds // 2)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--hard-negative-beta", type=float, default=0.0,
+                        help="the loss's hard-negative weighting, for every method alike "
+                             "(default: 0, off; see --hard-negative-beta of the settings)")
+    parser.add_argument("--name", default="compare_bench",
+                        help="result name under bench/results/ (default: compare_bench)")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -96,12 +102,13 @@ def main() -> None:
             sliced = write_slice(Path(args.data), args.train, args.test, Path(tmp) / "cifar_slice.npz")
         except DatasetError as exc:
             raise SystemExit(str(exc)) from exc
-        cfg = bench_config(str(sliced), args, eval_every=args.eval_every or max(1, args.rounds // 2))
+        cfg = replace(bench_config(str(sliced), args, eval_every=args.eval_every or max(1, args.rounds // 2)),
+                      hard_negative_beta=args.hard_negative_beta)
         report = compare(cfg, Simulation(num_clients=args.clients), out, methods=args.methods,
                          seeds=args.seeds, timeout=6 * 3600)
         if (out / "compare.png").exists():  # accuracy per round, every method
             RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(out / "compare.png", RESULTS_DIR / "compare_bench.png")
+            shutil.copyfile(out / "compare.png", RESULTS_DIR / f"{args.name}.png")
     res = report["results"]
 
     def mean(method: str, key: str = "linear_probe_backbone") -> float:
@@ -123,7 +130,7 @@ def main() -> None:
     rows = [line.strip("|").split("|") for line in markdown_table(report).splitlines()[2:]
             if line.startswith("| ")]
     write_result(
-        "compare_bench",
+        args.name,
         ["method", *(header for _key, header in COLUMNS)],
         [[c.strip() for c in r] for r in rows],
         summary=summary,
@@ -135,7 +142,8 @@ def main() -> None:
                "kNN (k=20) on backbone features of the held-out slice; retrieval, alignment and "
                "uniformity of the head. 'Clearly above' = above at every seed, by more on average "
                "than either method's seed range. fedcontrast = the default FedConfig (shared key, 64 global negatives from "
-               "other clients, max age 1); fedmoco = the same pulling only its own rows."),
+               "other clients, max age 1); fedmoco = the same pulling only its own rows. "
+               f"Hard-negative beta {args.hard_negative_beta} in every method's loss."),
     )
 
 
