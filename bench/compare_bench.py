@@ -7,6 +7,10 @@ clients, Dirichlet alpha 0.1, for each seed. Reports the table (mean ± half the
 range), and the share of the gap to centralized training that fedcontrast closes over
 fedavg: (fedcontrast - fedavg) / (centralized - fedavg), on linear-probe accuracy.
 
+With ``centralized-skewed`` beside ``centralized`` it also reports their difference per
+seed: what negatives from other clients' data are worth at this partition and budget,
+the most that fedcontrast's sharing can add over fedavg.
+
     python -m bench.compare_bench [--train 3000 --test 5000 --rounds 8 --seeds 0 1 2]
         [--methods M ...] [--hard-negative-beta B] [--name RESULT]
 
@@ -129,6 +133,13 @@ def main() -> None:
             gap = mean("centralized", key) - mean("fedavg", key)
             summary[f"gap_closed_{key}"] = (round((mean("fedcontrast", key) - mean("fedavg", key)) / gap, 3)
                                             if gap else None)
+    if {"centralized", "centralized-skewed"} <= set(res):
+        for key in ("linear_probe_backbone", "knn_backbone"):
+            short = key.removesuffix("_backbone")
+            diffs = [round(a[key] - b[key], 4)
+                     for a, b in zip(res["centralized"], res["centralized-skewed"], strict=True)]
+            summary[f"cross_client_negatives_worth_{short}"] = round(statistics.fmean(diffs), 4)
+            summary[f"cross_client_negatives_worth_{short}_per_seed"] = diffs
     summary["largest_seed_range_linear_probe"] = round(max(seed_range(res[m]) for m in res), 4)
     if "fedcontrast" in res:
         for other in ("fedavg", "fedmoco"):
@@ -154,7 +165,8 @@ def main() -> None:
                "kNN (k=20) on backbone features of the held-out slice; retrieval, alignment and "
                "uniformity of the head. 'Clearly above' = above at every seed, by more on average "
                "than either method's seed range. fedcontrast = the default FedConfig (shared key, 64 global negatives from "
-               "other clients, max age 1); fedmoco = the same pulling only its own rows. "
+               "other clients, max age 1); fedmoco = the same pulling only its own rows; "
+               "centralized-skewed = centralized with every batch from one client's partition. "
                f"Hard-negative beta {args.hard_negative_beta} in every method's loss."),
     )
 

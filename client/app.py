@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -158,13 +159,20 @@ def local_images(cfg: FedConfig, node: NodeSettings) -> torch.Tensor:
                              "a dataset plug-in package.module:name[:ARG]")
         return load_dataset(node.data_path, seed=cfg.seed).x_train
     data = load_dataset(cfg.dataset, seed=cfg.seed)
+    parts = partition_indices(cfg, data.y_train, node.num_partitions)
+    return data.x_train[torch.as_tensor(parts[node.partition_id], dtype=torch.long)]
+
+
+def partition_indices(cfg: FedConfig, labels: torch.Tensor, num_partitions: int) -> list[np.ndarray]:
+    """The run's split of a dataset's (N,) training ``labels`` into ``num_partitions`` index
+    arrays, with ``--partitioner`` and its parameters and ``--seed``: every node computes
+    the same split on its own."""
     kw: dict[str, Any] = {}
     if cfg.partitioner == "dirichlet":
         kw["alpha"] = cfg.dirichlet_alpha
     elif cfg.partitioner == "shards":
         kw["classes_per_partition"] = cfg.classes_per_client
-    parts = partition(data.y_train.numpy(), node.num_partitions, cfg.partitioner, cfg.seed, **kw)
-    return data.x_train[torch.as_tensor(parts[node.partition_id], dtype=torch.long)]
+    return partition(labels.numpy(), num_partitions, cfg.partitioner, cfg.seed, **kw)
 
 
 def build_model(cfg: FedConfig, in_channels: int, state: Mapping[str, torch.Tensor]) -> ContrastiveModel:

@@ -11,15 +11,21 @@ Methods (``--methods``, all by default):
   The difference to ``fedcontrast`` is the sharing alone.
 - ``fedcontrast``: negatives pulled from the global queue (the settings as given).
 - ``centralized``: all training data in one place (the upper bound), SimCLR as fedavg.
+- ``centralized-skewed``: all training data in one place and one model trained step
+  after step, as ``centralized``, but every batch drawn from a single client's
+  partition, so its in-batch negatives are as skewed as a client's. ``centralized``
+  minus ``centralized-skewed`` is what negatives from other clients' data are worth
+  under this partition and budget: the most that sharing negatives can win back
+  (federated averaging itself costs the rest of the gap to ``centralized``).
 
 Fairness: every method uses the same batch size, views, optimiser, learning rate and
 per-round cosine schedule, and the same number of sample-epochs: a federated run
 trains ``fraction_train x local_epochs`` epochs of the data per round for ``rounds``
-rounds; ``local`` and ``centralized`` train as many steps per round-equivalent on
-their data. The federated methods run through ``simulate`` (Flower's simulation
-engine and the real queue service); ``local`` and ``centralized`` run in this
-process. Every encoder is evaluated the same way on the held-out split (kNN and a
-linear probe on backbone features, alignment and uniformity of the head).
+rounds; ``local`` and the centralized methods train as many steps per round-equivalent
+on their data. The federated methods run through ``simulate`` (Flower's simulation
+engine and the real queue service); the others run in this process. Every encoder is
+evaluated the same way on the held-out split (kNN and a linear probe on backbone
+features, alignment and uniformity of the head).
 
 Writes ``OUT/compare.md`` (the table), ``OUT/compare.json``, ``OUT/compare.png``
 (kNN accuracy per round for each method) and one run directory per method and seed.
@@ -33,7 +39,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +48,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from client.app import NodeSettings, local_images
+from client.app import NodeSettings, local_images, partition_indices
 from client.cli import build_model
 from client.trainer import ContrastiveTrainer, cosine_lr
 from common.checkpoint import encoder_spec, load_encoder, save_encoder
@@ -63,9 +69,10 @@ from simulations.simulate import (
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("local", "fedavg", "fedmoco", "fedcontrast", "centralized")
+METHODS = ("local", "fedavg", "fedmoco", "fedcontrast", "centralized", "centralized-skewed")
 FEDERATED = ("fedavg", "fedmoco", "fedcontrast")
-#: SimCLR: one network for both views, in-batch negatives, no queue (fedavg, local, centralized);
+#: SimCLR: one network for both views, in-batch negatives, no queue (fedavg, local and both
+#: centralized methods);
 #: so no queue rows to weigh by age either.
 SIMCLR = {"global_negatives": 0, "push_fraction": 0.0, "in_batch": True, "key_mode": "shared",
           "queue_size": 0, "staleness_gamma": 1.0}
@@ -81,7 +88,7 @@ def method_config(method: str, base: FedConfig) -> FedConfig:
         return base
     if method == "fedmoco":
         return replace(base, pull_scope="own")
-    if method in ("fedavg", "local", "centralized"):
+    if method in ("fedavg", "local", "centralized", "centralized-skewed"):
         return replace(base, **SIMCLR)
     raise UsageError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
 
@@ -91,14 +98,31 @@ def steps_per_round(cfg: FedConfig, n_examples: int) -> int:
     return max(1, math.ceil(cfg.fraction_train * cfg.local_epochs * n_examples / cfg.batch_size))
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator):
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Endless shuffled passes over range(n), in batches (a last batch of 1 is dropped)."""
+    yield from client_batches([torch.arange(n)], batch_size, generator)
+
+
+def client_batches(parts: Sequence[torch.Tensor], batch_size: int,
+                   generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless passes over the indices of every part, each batch from one part only.
+
+    A pass shuffles each part and cuts it into batches of ``batch_size`` (a part's last
+    batch may be shorter; one of a single index is dropped, InfoNCE needs two), then
+    shuffles the order of all the pass's batches: a model trained on them meets the
+    parts interleaved, as centralized training does, but each batch holds one part's data.
+    """
     while True:
-        order = torch.randperm(n, generator=generator)
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            if len(idx) >= 2:
-                yield idx
+        batches = []
+        for part in parts:
+            order = part[torch.randperm(len(part), generator=generator)]
+            batches += [order[i:i + batch_size] for i in range(0, len(order), batch_size)
+                        if len(order[i:i + batch_size]) >= 2]
+        if not batches:
+            raise ValueError("no part holds 2 or more examples: nothing to contrast")
+        if len(parts) > 1:  # one part's batches are in random order already
+            batches = [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
+        yield from batches
 
 
 def train_in_process(
@@ -106,9 +130,14 @@ def train_in_process(
     x: torch.Tensor,
     data: Dataset,
     *,
+    parts: Sequence[torch.Tensor] | None = None,
     on_eval: Callable[[int, ContrastiveModel], None] | None = None,
 ) -> ContrastiveModel:
-    """Train on ``x`` for ``cfg.rounds`` round-equivalents (the per-round cosine schedule)."""
+    """Train on ``x`` for ``cfg.rounds`` round-equivalents (the per-round cosine schedule).
+
+    With ``parts`` (index tensors into ``x``), every batch is drawn from one part
+    (:func:`client_batches`); otherwise from all of ``x``.
+    """
     device = resolve_device(cfg.device)
     model, _spec = build_model(cfg, data)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -117,7 +146,8 @@ def train_in_process(
     trainer = ContrastiveTrainer(model, cfg, device=device, generator=generator,
                                  lr_schedule=lambda _step: lr_at(state["round"] - 1))
     per_round = steps_per_round(cfg, x.shape[0])
-    batches = _batches(x.shape[0], cfg.batch_size, generator)
+    batches = (client_batches(parts, cfg.batch_size, generator) if parts is not None
+               else _batches(x.shape[0], cfg.batch_size, generator))
     for rnd in range(1, cfg.rounds + 1):
         state["round"] = rnd
         for _ in range(per_round):
@@ -144,12 +174,16 @@ def _knn(model: ContrastiveModel, cfg: FedConfig, data: Dataset) -> float:
 
 def run_in_process(method: str, cfg: FedConfig, sim: Simulation, data: Dataset,
                    out: Path) -> dict[str, Any]:
-    """``local`` or ``centralized``: train here, write a run directory, return the figures."""
+    """``local`` or a centralized method: train here, write a run directory, return the figures."""
     run = RunDir(out)
     run.write_config(cfg)
     run.write_versions(method=method)
     start = time.perf_counter()
-    if method == "centralized":
+    parts = None
+    if method == "centralized-skewed":
+        parts = [torch.as_tensor(p, dtype=torch.long)
+                 for p in partition_indices(cfg, data.y_train, sim.num_clients)]
+    if method != "local":
         shares = [data.x_train]
     else:
         shares = [local_images(cfg, NodeSettings(client_id=f"partition-{i}", state_dir=out,
@@ -162,11 +196,11 @@ def run_in_process(method: str, cfg: FedConfig, sim: Simulation, data: Dataset,
             logger.warning("%s: client %d has %d example(s); left out", method, i, x.shape[0])
             continue
         model = train_in_process(
-            replace(cfg, seed=cfg.seed + i), x, data,
+            replace(cfg, seed=cfg.seed + i), x, data, parts=parts,
             on_eval=lambda rnd, m: curves.setdefault(rnd, []).append(_knn(m, cfg, data)),
         )
         finals.append(_final_eval(model, cfg, data))
-        if method == "centralized":
+        if method != "local":
             spec = encoder_spec(cfg.encoder, data.in_channels, cfg.embedding_dim, cfg.norm, cfg.width)
             save_encoder(model, spec, run.file("encoder.pt"), round=cfg.rounds)
     for rnd in sorted(curves):
@@ -358,7 +392,7 @@ def _run(args: argparse.Namespace) -> int:
 
 compare_command = Command(
     name="compare",
-    help="run local, fedavg, fedmoco, fedcontrast and centralized side by side",
+    help="run local, fedavg, fedmoco, fedcontrast and both centralized methods side by side",
     description=(
         "Train every method on the same data, partition, encoder and number of sample-epochs "
         "(federated ones through the simulation engine), then write a Markdown table "

@@ -16,13 +16,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from client.state import StateDir
 from common.cli import UsageError
 from common.config import FedConfig, read_config_values
 from common.datasets import DatasetError, load_dataset
 from common.flower_env import ProcessTree
-from simulations.compare import SIMCLR, method_config, steps_per_round
+from simulations.compare import SIMCLR, _batches, client_batches, method_config, steps_per_round
 from simulations.privacy import SWEEP_DEFAULTS, parse_epsilon, run_settings
 from simulations.scenario import load_scenario, scenario_names
 from simulations.simulate import Simulation, _add_arguments, resolve
@@ -109,13 +110,33 @@ def test_methods_differ_only_in_what_they_are_named_for():
     base = FedConfig(global_negatives=128, key_mode="ema", in_batch=False, push_fraction=0.3)
     assert method_config("fedcontrast", base) == base
     assert method_config("fedmoco", base) == replace(base, pull_scope="own")
-    for method in ("fedavg", "local", "centralized"):  # SimCLR: shared key, in-batch only
+    for method in ("fedavg", "local", "centralized", "centralized-skewed"):  # SimCLR, in-batch only
         cfg = method_config(method, base)
         assert (cfg.global_negatives, cfg.push_fraction, cfg.in_batch, cfg.key_mode) == (
             0, 0.0, True, "shared")
         assert replace(cfg, **{k: getattr(base, k) for k in SIMCLR}) == base
     with pytest.raises(UsageError, match="unknown method"):
         method_config("fedprox", base)
+
+
+def test_client_batches_draw_every_batch_from_one_part_and_cover_each_pass():
+    parts = [torch.arange(0, 10), torch.arange(10, 13), torch.arange(13, 14)]  # 14: alone, left out
+    owner = {int(i): p for p, part in enumerate(parts) for i in part}
+    batches = client_batches(parts, 4, torch.Generator().manual_seed(0))
+    for _ in range(3):  # a pass: 10 -> 4 + 4 + 2, 3 -> 3
+        drawn = [next(batches) for _ in range(4)]
+        assert all(len({owner[int(i)] for i in b}) == 1 for b in drawn)
+        assert sorted(int(i) for b in drawn for i in b) == list(range(13))
+    with pytest.raises(ValueError, match="2 or more"):
+        next(client_batches([torch.arange(1)], 4, torch.Generator()))
+
+
+def test_one_part_batches_are_plain_shuffled_batches():
+    # centralized keeps its random stream: one part is exactly the plain shuffled passes
+    plain, parted = _batches(50, 8, torch.Generator().manual_seed(3)), client_batches(
+        [torch.arange(50)], 8, torch.Generator().manual_seed(3))
+    for _ in range(20):
+        assert torch.equal(next(plain), next(parted))
 
 
 def test_in_process_methods_get_the_federated_sample_epoch_budget():
@@ -130,10 +151,10 @@ def test_compare_writes_the_table_then_a_federated_method_resumes(tmp_path):
     # their settings differ); one federated method keeps the suite's Ray start-ups few.
     out = tmp_path / "cmp"
     rc, log = _run([FEDCONTRAST, "compare", "--out", str(out), "--rounds", "2", "--eval-every", "1",
-                    "--methods", "local,fedmoco,centralized", *TINY], tmp_path, 580)
+                    "--methods", "local,fedmoco,centralized,centralized-skewed", *TINY], tmp_path, 580)
     assert rc == 0, log
     report = json.loads((out / "compare.json").read_text())
-    assert list(report["results"]) == ["local", "fedmoco", "centralized"]
+    assert list(report["results"]) == ["local", "fedmoco", "centralized", "centralized-skewed"]
     for method, runs in report["results"].items():
         for key in ("linear_probe_backbone", "knn_backbone", "retrieval_head", "alignment_head",
                     "wall_time_s"):
@@ -141,7 +162,7 @@ def test_compare_writes_the_table_then_a_federated_method_resumes(tmp_path):
         assert runs[0]["uniformity_head"] <= 0.0
     assert report["results"]["local"][0]["clients_averaged"] == 3
     table = (out / "compare.md").read_text()
-    assert table.count("\n| ") == 4 and "| fedmoco |" in table  # random init + 3 methods
+    assert table.count("\n| ") == 5 and "| centralized-skewed |" in table  # random init + 4 methods
     assert (out / "compare.png").stat().st_size > 0
     assert read_config_values(out / "fedmoco-seed0")[1]["pull_scope"] == "own"
     run = out / "fedmoco-seed0"
