@@ -88,8 +88,9 @@ def versus(res: dict[str, list[dict]], other: str, key: str = "linear_probe_back
             f"fedcontrast_clearly_above_{other}_{short}": bool(min(diffs) > 0 and mean > noise)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """This benchmark's data, budget, encoder, partition and seeds (shared by the benchmarks
+    that run at its settings)."""
     add_data_arguments(parser, str(CIFAR_DATA), train=3000, test=5000,
                        accepts="an .npz of images with a test split, sliced")
     parser.add_argument("--rounds", type=int, default=8)
@@ -98,6 +99,11 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_setting_arguments(parser)
     parser.add_argument("--eval-every", type=int, default=0,
                         help="rounds between accuracy curve points (default: rounds // 2)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))

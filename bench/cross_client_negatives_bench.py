@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from bench.common import CIFAR_DATA, add_data_arguments, write_result
-from bench.compare_bench import bench_config
+from bench.common import write_result
+from bench.compare_bench import add_setting_arguments, bench_config
 from client.app import partition_indices
 from client.cli import build_model
 from client.trainer import ContrastiveTrainer, cosine_lr
@@ -109,17 +109,11 @@ def train(cfg: FedConfig, data: Dataset, arm: str, parts: list[Tensor], extra: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_data_arguments(parser, str(CIFAR_DATA), train=3000, test=5000,
-                       accepts="an .npz of images with a test split, sliced")
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--local-epochs", type=int, default=2)
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=0.1)
-    parser.add_argument("--clients", type=int, default=10)
+    add_setting_arguments(parser)
     parser.add_argument("--extra", type=int, default=64,
                         help="extra negatives per step from other partitions (default: 64)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, metavar="ARM",
+                        help=f"arms to run, quoted (default: all: {', '.join(ARMS)})")
     parser.add_argument("--name", default="cross_client_negatives",
                         help="result name under bench/results/ (default: %(default)s)")
     args = parser.parse_args()
