@@ -9,7 +9,7 @@ fedavg: (fedcontrast - fedavg) / (centralized - fedavg), on linear-probe accurac
 
 With ``centralized-skewed`` beside ``centralized`` it also reports their difference per
 seed: what negatives from other clients' data are worth at this partition and budget,
-the most that fedcontrast's sharing can add over fedavg.
+an estimate of what fedcontrast's sharing can add over fedavg at best.
 
     python -m bench.compare_bench [--train 3000 --test 5000 --rounds 8 --seeds 0 1 2]
         [--methods M ...] [--hard-negative-beta B] [--name RESULT]

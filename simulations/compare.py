@@ -15,7 +15,7 @@ Methods (``--methods``, all by default):
   after step, as ``centralized``, but every batch drawn from a single client's
   partition, so its in-batch negatives are as skewed as a client's. ``centralized``
   minus ``centralized-skewed`` is what negatives from other clients' data are worth
-  under this partition and budget: the most that sharing negatives can win back
+  under this partition and budget: an estimate of what sharing negatives can win back at best
   (federated averaging itself costs the rest of the gap to ``centralized``).
 
 Fairness: every method uses the same batch size, views, optimiser, learning rate and
