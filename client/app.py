@@ -58,8 +58,8 @@ from client.privacy import (
 )
 from client.state import StateDir, check_client_id, default_state_dir
 from client.stub import GlobalNegatives, QueueClient
-from client.trainer import ContrastiveTrainer
-from common import plugins
+from client.trainer import ContrastiveTrainer, make_optimizer
+from common import optim_state, plugins
 from common.config import FedConfig, from_run_config, resolve_device
 from common.datasets import load_dataset
 from common.encoders import ContrastiveModel, build_encoder
@@ -251,6 +251,7 @@ def train_round(
     seed: int,
     privacy: RoundPrivacy | None = None,
     queue_root_certificates: bytes | None = None,
+    optimizer_state: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
     """Train ``local_epochs`` on ``x`` from the global weights; push keys; return weights and metrics.
 
@@ -265,6 +266,11 @@ def train_round(
 
     ``queue_root_certificates`` (PEM) connects to the queue over TLS, verified by that CA;
     ``None`` connects without TLS.
+
+    ``optimizer_state`` (:mod:`common.optim_state`, sent with the weights under
+    ``--optimizer-state federated``): the optimiser continues from it, and the returned
+    state dict then holds the optimiser's state after training beside the weights.
+    ``None``: a fresh optimiser, and weights only.
     """
     if x.shape[0] < 2:
         raise ValueError(f"this node has {x.shape[0]} training example(s); contrastive training needs 2 or more")
@@ -294,10 +300,13 @@ def train_round(
                                     exclude_own=exclude_own, only_own=cfg.pull_scope == "own",
                                     policy=cfg.pull_policy, with_ages=cfg.staleness_gamma < 1)]
                    if cfg.global_negatives > 0 else [])
+        optimizer = make_optimizer(model, cfg)
+        if optimizer_state is not None:
+            optim_state.load_arrays(model, optimizer, cfg, optimizer_state)
         trainer = ContrastiveTrainer(
             model, cfg, device=device, sources=sources,
             key_model=global_model if cfg.key_mode == "frozen" else None,
-            lr_schedule=lambda _step: lr, generator=generator, dp=dp,
+            lr_schedule=lambda _step: lr, generator=generator, optimizer=optimizer, dp=dp,
         )
         try:
             epochs = [trainer.train_epoch(x) for _ in range(cfg.local_epochs)]
@@ -326,6 +335,8 @@ def train_round(
     if cfg.dp:
         metrics.update(dict.fromkeys(WITHHELD_UNDER_DP, 0.0))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if optimizer_state is not None:
+        state.update(optim_state.export_arrays(model, optimizer, cfg))
     return state, metrics
 
 
@@ -367,8 +378,9 @@ def push(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     queue_ca = queue_root_certificates(node, bool(config.get("queue-tls", False)))
     state = StateDir(node.state_dir, node.client_id).load()
+    weights, _optimizer = optim_state.split(msg.content["arrays"].to_torch_state_dict())
     counts = push_round(
-        cfg, local_images(cfg, node), msg.content["arrays"].to_torch_state_dict(),
+        cfg, local_images(cfg, node), weights,
         queue_address=str(config["queue-address"]),
         queue_token=str(config["queue-token"]),
         queue_version=int(config["queue-version"]),
@@ -399,8 +411,9 @@ def train(msg: Message, context: Context) -> Message:
                              queue_token=str(config["queue-token"]),
                              queue_version=int(config["queue-version"]))
         state_dir.save(state)  # the round's releases are on disk before any is made
+    received, optimizer_state = optim_state.split(msg.content["arrays"].to_torch_state_dict())
     weights, metrics = train_round(
-        cfg, x, msg.content["arrays"].to_torch_state_dict(),
+        cfg, x, received,
         lr=float(config["lr"]),
         queue_address=str(config["queue-address"]),
         queue_token=str(config["queue-token"]),
@@ -408,6 +421,9 @@ def train(msg: Message, context: Context) -> Message:
         seed=state.seed(cfg.seed),
         privacy=privacy,
         queue_root_certificates=queue_ca,
+        # The reply carries optimiser state exactly when the message did: its keys
+        # must be those of the server's arrays.
+        optimizer_state=optimizer_state or None,
     )
     state.record_round(context.run_id, server_round)
     state_dir.save(state)

@@ -163,6 +163,14 @@ class FedConfig(TrainConfig):
         120.0, "seconds to wait for --min-nodes nodes to be online before a round starts"
     )
     aggregation: str = _f("fedavg", "how the server combines the clients' weights", AGGREGATIONS)
+    optimizer_state: str = _f(
+        "federated",
+        "the local optimiser's state (Adam's moments, SGD's momentum) across rounds: federated: "
+        "it travels with the weights, is aggregated as they are, and every node's round "
+        "continues from it (messages grow 3x with adam, 2x with sgd); reset: a fresh "
+        "optimiser every round (see common/optim_state.py)",
+        ("federated", "reset"),
+    )
     trim_beta: float = _f(0.2, "fraction trimmed from each tail (aggregation fedtrimmedavg)")
     krum_f: int = _f(0, "number of malicious clients tolerated (aggregation krum)")
     collapse_uniformity: float = _f(

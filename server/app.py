@@ -35,6 +35,7 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from common import optim_state
 from common.checkpoint import encoder_spec, read_checkpoint, save_encoder
 from common.config import FedConfig, from_run_config, resolve_device
 from common.datasets import Dataset, load_dataset
@@ -137,15 +138,24 @@ class _Model:
             norm=cfg.norm, width=cfg.width,
         )
         self.tokens: NodeTokens | None = None
+        # --optimizer-state federated: the nodes' optimiser state, aggregated with the
+        # weights; zeros (a fresh optimiser) until round 1 is aggregated or a resume sets it.
+        self.optimizer_state = (optim_state.initial_arrays(self.module, cfg)
+                                if cfg.optimizer_state == "federated" else {})
+
+    def arrays(self) -> ArrayRecord:
+        """What round 1 (or a resumed run's next round) sends: weights and optimiser state."""
+        return ArrayRecord({**self.module.state_dict(), **self.optimizer_state})
 
     def load(self, arrays: ArrayRecord) -> ContrastiveModel:
-        self.module.load_state_dict(arrays.to_torch_state_dict())
+        weights, self.optimizer_state = optim_state.split(arrays.to_torch_state_dict())
+        self.module.load_state_dict(weights)
         return self.module
 
     def save(self, arrays: ArrayRecord, rnd: int) -> None:
         next_slot = self.tokens.next_slot if self.tokens else 0
         save_encoder(self.load(arrays), self.spec, self.run_dir.file("encoder.pt"),
-                     round=rnd, next_slot=next_slot)
+                     round=rnd, next_slot=next_slot, optimizer_state=self.optimizer_state)
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         return evaluate_encoder(self.load(arrays).to(self.device), self.data, device=self.device,
@@ -161,6 +171,14 @@ def _resume(source: Path, run_dir: RunDir, model: _Model, queue: NegativeQueue) 
             f"{model.spec} (use the settings in {source / 'config.json'})"
         )
     model.module.load_state_dict(payload["state_dict"])
+    saved = dict(payload.get("optimizer_state") or {})
+    if model.optimizer_state:
+        if set(saved) == set(model.optimizer_state) and all(
+                saved[k].shape == v.shape for k, v in model.optimizer_state.items()):
+            model.optimizer_state = saved
+        else:
+            logger.warning("resuming %s: it holds no optimiser state for --optimizer %s; the "
+                           "nodes' optimisers start afresh", source, model.cfg.optimizer)
     last = int(payload.get("round", 0))
     if (source / QUEUE_SNAPSHOT).exists():
         queue.restore(source / QUEUE_SNAPSHOT)
@@ -204,7 +222,7 @@ def main(grid: Grid, context: Context) -> None:
                 "TLS" if driver.queue_tls else "insecure", run_dir.path)
     start = time.monotonic()
     summary: dict[str, Any] = {"run_id": context.run_id, "status": "running"}
-    arrays = ArrayRecord(model.module.state_dict())
+    arrays = model.arrays()
     try:
         arrays = driver.run(arrays, last_done + 1, cfg.rounds)
         summary["status"] = "stopped early: " + driver.stopped_early if driver.stopped_early else "completed"

@@ -17,6 +17,7 @@ from client import trainer as trainer_module
 from client.app import NodeSettings
 from client.state import StateDir, default_state_dir
 from client.stub import QueueClient
+from common import optim_state
 from common.config import FedConfig, to_run_config
 from common.encoders import build_encoder
 from common.flower_env import free_port
@@ -53,11 +54,16 @@ def queue_server():
         yield queue, server
 
 
-def train_message(address: str, token: str = TOKEN, rnd: int = 1) -> Message:
-    model = build_encoder("cnn", in_channels=1, embedding_dim=CFG.embedding_dim, width=CFG.width)
+def train_message(address: str, token: str = TOKEN, rnd: int = 1,
+                  arrays: dict[str, torch.Tensor] | None = None) -> Message:
+    """A TRAIN message as the server sends it; ``arrays``: the global state (new weights
+    without optimiser state when None)."""
+    if arrays is None:
+        model = build_encoder("cnn", in_channels=1, embedding_dim=CFG.embedding_dim, width=CFG.width)
+        arrays = model.state_dict()
     config = ConfigRecord({"server-round": rnd, "lr": 1e-3, "queue-address": address,
                            "queue-token": token, "queue-version": rnd})
-    return Message(content=RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}),
+    return Message(content=RecordDict({"arrays": ArrayRecord(arrays), "config": config}),
                    dst_node_id=7, message_type=MessageType.TRAIN)
 
 
@@ -89,6 +95,33 @@ def test_reply_follows_the_contract_and_pushes_reach_the_queue(images, queue_ser
     assert m["num-examples"] == 96 and m["global-hits"] > 0 and m["global-misses"] == 0
     assert m["pushed-rows"] == 48 and m["push-failures"] == 0 and m["epsilon"] == -1.0
     assert len(queue) == 48 and queue.stats()["age_histogram"][0] == 48  # pushed at version 1
+
+
+def test_optimiser_state_sent_with_the_weights_is_continued_and_sent_back(images, tmp_path):
+    path, x = images
+    cfg = replace(CFG, global_negatives=0, push_fraction=0.0)  # no queue traffic
+    model = build_encoder("cnn", in_channels=1, embedding_dim=cfg.embedding_dim, width=cfg.width)
+    arrays = {**model.state_dict(), **optim_state.initial_arrays(model, cfg)}
+    steps = 3 * cfg.local_epochs  # 96 examples, batch 32
+    for rnd in (1, 2):
+        msg = train_message(f"127.0.0.1:{free_port()}", rnd=rnd, arrays=arrays)
+        reply = client_app.train(msg, context(node_config(path, tmp_path), cfg))
+        assert check_reply(reply, msg.content["arrays"]) is None  # same keys as the server's
+        arrays = reply.content["arrays"].to_torch_state_dict()
+        assert float(arrays[optim_state.STEP_KEY]) == rnd * steps  # round 2 went on counting
+
+    # Zeros are a fresh optimiser; the state after round 2 makes other steps from the same start.
+    weights, state = optim_state.split(arrays)
+    images4d = x.unsqueeze(1)
+    common = dict(lr=1e-3, queue_address=f"127.0.0.1:{free_port()}", queue_token=TOKEN,
+                  queue_version=3, seed=11)
+    fresh, _ = client_app.train_round(cfg, images4d, weights, **common)
+    zero, _ = client_app.train_round(cfg, images4d, weights, **common,
+                                     optimizer_state=optim_state.initial_arrays(model, cfg))
+    continued, _ = client_app.train_round(cfg, images4d, weights, **common, optimizer_state=state)
+    assert set(fresh) == set(weights)  # no state sent, none returned
+    assert all(torch.equal(fresh[k], zero[k]) for k in fresh)
+    assert any(not torch.equal(fresh[k], continued[k]) for k in fresh)
 
 
 def test_unreachable_queue_trains_on_local_negatives_and_reports_misses(images, tmp_path):

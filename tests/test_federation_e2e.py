@@ -116,6 +116,8 @@ def test_two_clients_two_rounds(deployment):
     assert checkpoint["round"] == 2
     start = initial_weights(cfg)
     assert any(not torch.equal(start[k], v) for k, v in checkpoint["state_dict"].items())
+    # --optimizer-state federated (the default): the nodes' Adam state was aggregated too
+    assert float(checkpoint["optimizer_state"]["optimizer.step"]) > 0
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["counted_rounds"] == 2
@@ -134,8 +136,13 @@ def test_resume_continues_numbering(deployment):
     run = deployment.root / "run-a"
     if not (run / "encoder.pt").exists():
         pytest.skip("needs the run of test_two_clients_two_rounds")
+    steps_after_2 = float(read_checkpoint(run / "encoder.pt")["optimizer_state"]["optimizer.step"])
     rc = deployment.run_server(run, "--resume", str(run), "--rounds", "3", timeout=160)
     assert rc == 0, (run / "server.log").read_text()[-3000:]
+    # The optimiser state came back from the checkpoint: round 3 went on counting steps
+    # (every round trains the same nodes on the same data, so the same steps).
+    steps_after_3 = float(read_checkpoint(run / "encoder.pt")["optimizer_state"]["optimizer.step"])
+    assert steps_after_3 == pytest.approx(1.5 * steps_after_2, rel=1e-5)
     table = rows(run)
     assert [r["round"] for r in table] == [1, 2, 3]
     assert table[-1]["counted"] == 1
