@@ -99,9 +99,11 @@ def load_arrays(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainCo
                 raise ValueError(f"optimiser state {slot} of {name} has shape {tuple(value.shape)}, "
                                  f"the parameter {tuple(p.shape)}")
             state[slot] = value.detach().to(p.device, p.dtype).clone()
+            if slot == "exp_avg_sq":  # Adam takes its square root: one bad sender must not
+                state[slot].clamp_(min=0.0)  # turn every node's steps into NaN
         if step is not None:
             # Adam keeps its step count as a float tensor on the CPU (not capturable).
-            state["step"] = torch.tensor(step, dtype=torch.float32)
+            state["step"] = torch.tensor(max(step, 0.0), dtype=torch.float32)
         if state:
             inner.state[p] = state
 

@@ -141,3 +141,16 @@ def test_split_separates_weights_from_state():
     weights, state = optim_state.split({**model.state_dict(), **optim_state.initial_arrays(model, cfg)})
     assert set(weights) == set(model.state_dict())
     assert state and all(k.startswith(optim_state.PREFIX) for k in state)
+
+
+def test_a_negative_second_moment_is_clamped_rather_than_turned_into_nan():
+    cfg = _config("adam")
+    model = _model(cfg)
+    state = optim_state.initial_arrays(model, cfg)
+    for key in state:
+        if key.startswith("optimizer.exp_avg_sq."):
+            state[key] = -torch.ones_like(state[key])  # what an average with a bad sender may hold
+    opt = make_optimizer(model, cfg)
+    optim_state.load_arrays(model, opt, cfg, state)
+    _trainer(model, cfg, opt, seed=3).train_epoch(X)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
