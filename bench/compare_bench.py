@@ -58,6 +58,15 @@ def write_slice(source: Path, n_train: int, n_test: int, target: Path) -> Path:
     return target
 
 
+def slice_or_exit(args: argparse.Namespace, directory: Path) -> Path:
+    """The ``--data`` slice of ``--train`` / ``--test`` images written under ``directory``;
+    exits with the reason when the data is missing or unreadable."""
+    try:
+        return write_slice(Path(args.data), args.train, args.test, directory / "cifar_slice.npz")
+    except DatasetError as exc:
+        raise SystemExit(str(exc)) from exc
+
+
 def bench_config(dataset: str, args: argparse.Namespace, *, eval_every: int) -> FedConfig:
     """Plain fedcontrast at this benchmark's settings (the negatives ablation shares them)."""
     return FedConfig(dataset=dataset, rounds=args.rounds, local_epochs=args.local_epochs,
@@ -117,10 +126,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="compare-bench-") as tmp:
         out = args.out or Path(tmp) / "runs"
-        try:
-            sliced = write_slice(Path(args.data), args.train, args.test, Path(tmp) / "cifar_slice.npz")
-        except DatasetError as exc:
-            raise SystemExit(str(exc)) from exc
+        sliced = slice_or_exit(args, Path(tmp))
         cfg = replace(bench_config(str(sliced), args, eval_every=args.eval_every or max(1, args.rounds // 2)),
                       hard_negative_beta=args.hard_negative_beta)
         report = compare(cfg, Simulation(num_clients=args.clients), out, methods=args.methods,

@@ -20,8 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.common import write_result
-from bench.compare_bench import add_setting_arguments, bench_config, write_slice
-from common.datasets import DatasetError
+from bench.compare_bench import add_setting_arguments, bench_config, slice_or_exit
 from simulations.compare import compare
 from simulations.simulate import Simulation
 
@@ -54,10 +53,7 @@ def main() -> None:
     results: dict[str, dict[str, list[dict]]] = {}
     with tempfile.TemporaryDirectory(prefix="optimizer-state-bench-") as tmp:
         out = args.out or Path(tmp) / "runs"
-        try:
-            sliced = write_slice(Path(args.data), args.train, args.test, Path(tmp) / "cifar_slice.npz")
-        except DatasetError as exc:
-            raise SystemExit(str(exc)) from exc
+        sliced = slice_or_exit(args, Path(tmp))
         base = bench_config(str(sliced), args, eval_every=args.rounds)
         for state in STATES:
             report = compare(replace(base, optimizer_state=state), Simulation(num_clients=args.clients),
