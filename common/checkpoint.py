@@ -2,7 +2,9 @@
 
 A checkpoint is a ``torch.save`` of plain data (no pickled classes): the encoder's
 construction arguments and its ``state_dict``, so :func:`load_encoder` can rebuild
-it with ``weights_only=True`` loading.
+it with ``weights_only=True`` loading. A federated run's checkpoint also holds the
+round, the next queue-token slot and the aggregated optimiser state
+(``optimizer_state``, :mod:`common.optim_state`), which ``--resume`` reads back.
 
 Downstream use::
 

@@ -12,7 +12,9 @@ Message contract (one TRAIN message per sampled node and round r)
 Server to node, a RecordDict built anew for every node (``configure_train``
 shares one record among its messages, and each node's token is its own)::
 
-    "arrays": ArrayRecord   the global encoder's state_dict (version r - 1 of the weights)
+    "arrays": ArrayRecord   the global encoder's state_dict (version r - 1 of the weights),
+                            with --optimizer-state federated also the aggregated optimiser
+                            state under "optimizer.*" keys (common/optim_state.py)
     "config": ConfigRecord
         "server-round"   int    r
         "lr"             float  the round's learning rate (cosine over the run's rounds)
@@ -28,7 +30,8 @@ shares one record among its messages, and each node's token is its own)::
 
 Node to server, the reply::
 
-    "arrays":  ArrayRecord   the locally trained weights (same keys and shapes)
+    "arrays":  ArrayRecord   the locally trained weights, and the optimiser state after
+                             training when the message carried one (same keys and shapes)
     "metrics": MetricRecord  exactly the keys of REPLY_METRIC_KEYS, on every reply
 
 With ``--push-timing before``, a push phase precedes the TRAIN messages: one QUERY
