@@ -65,7 +65,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,10 +74,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
+from flwr.serverapp.strategy.multikrum import select_multikrum
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from client.privacy import WITHHELD_UNDER_DP
 from client.trainer import cosine_lr
 from common.config import FedConfig
+from common.optim_state import PREFIX as OPTIMIZER_PREFIX
 from common.rundir import RunDir
 from server.queue import NegativeQueue
 
@@ -117,8 +120,38 @@ def build_strategy(cfg: FedConfig) -> FedAvg:
     if cfg.aggregation == "fedmedian":
         return FedMedian(**common)
     if cfg.aggregation == "krum":
-        return Krum(**common, num_malicious_nodes=cfg.krum_f)
+        return WeightsKrum(**common, num_malicious_nodes=cfg.krum_f)
     raise ValueError(f"unknown aggregation {cfg.aggregation!r}")
+
+
+class WeightsKrum(Krum):
+    """Krum whose distances between replies count the model weights only.
+
+    With ``--optimizer-state federated`` a reply also carries the node's optimiser state
+    (``optimizer.*`` arrays, :mod:`common.optim_state`). Flower's Krum would measure
+    distances over everything: Adam's step count alone differs between nodes by their
+    number of local steps, and its square dwarfs the weights' distances, so Krum would
+    pick the node with the median data size rather than the one nearest the others.
+    Here the choice is made on the weights; the chosen reply is then taken whole,
+    optimiser state included.
+    """
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [msg.content for msg in valid]
+        weights_only = [RecordDict({
+            "arrays": ArrayRecord({k: v for k, v in c["arrays"].items()
+                                   if not k.startswith(OPTIMIZER_PREFIX)}),
+            "metrics": c["metrics"],
+        }) for c in contents]
+        chosen = select_multikrum(weights_only, num_malicious_nodes=self.num_malicious_nodes,
+                                  num_nodes_to_select=self.num_nodes_to_select)
+        picked = [contents[next(i for i, w in enumerate(weights_only) if w is c)] for c in chosen]
+        return (aggregate_arrayrecords(picked, self.weighted_by_key),
+                self.train_metrics_aggr_fn(picked, self.weighted_by_key))
 
 
 class NotEnoughNodes(RuntimeError):

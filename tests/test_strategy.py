@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, Rec
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 
 from common.config import FedConfig
+from common.optim_state import STEP_KEY
 from common.rundir import RunDir
 from server.queue import NegativeQueue
 from server.strategy import (
@@ -20,6 +21,7 @@ from server.strategy import (
     NodeTokens,
     NotEnoughNodes,
     RoundDriver,
+    WeightsKrum,
     build_strategy,
     collapse_suspected,
 )
@@ -222,7 +224,7 @@ def test_collapse_guard_stops_the_run_when_asked(tmp_path):
 
 
 @pytest.mark.parametrize("aggregation,cls", [("fedavg", FedAvg), ("fedtrimmedavg", FedTrimmedAvg),
-                                             ("fedmedian", FedMedian), ("krum", Krum)])
+                                             ("fedmedian", FedMedian), ("krum", WeightsKrum)])
 def test_build_strategy(aggregation, cls):
     strategy = build_strategy(FedConfig(aggregation=aggregation, trim_beta=0.3, krum_f=1))
     assert type(strategy) is cls
@@ -242,6 +244,40 @@ def test_robust_aggregation_limits_one_poisoned_client(tmp_path, aggregation):
     w_plain = plain.run_round(1, initial()).arrays["w"].numpy()
     assert np.all(np.abs(w_plain - 1.0) > 100)  # FedAvg is dragged away
     assert np.all(np.abs(w_robust - 1.0) <= 0.1)  # the robust rule stays with the honest nodes
+
+
+def stepping(offset: float, step: float) -> Node:
+    """A node that adds ``offset`` to every weight and reports Adam's step count ``step``."""
+
+    def node(msg: Message) -> Message:
+        state = {k: torch.tensor([float(step)]) if k == STEP_KEY else v + offset
+                 for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics())})
+        return Message(content=content, reply_to=msg)
+
+    return node
+
+
+def test_krum_chooses_on_the_weights_not_on_the_optimiser_state(tmp_path):
+    # Honest nodes agree on the weights but took very different numbers of local steps;
+    # the poisoned node's step count sits in the middle of theirs.
+    cfg = FedConfig(min_nodes=1, rounds=1, wait_nodes_timeout=0.3, eval_every=0,
+                    aggregation="krum", krum_f=1)
+    nodes = {1: stepping(0.0, 0), 2: stepping(0.01, 1000), 3: stepping(-0.01, 2000),
+             4: stepping(0.02, 3000), 99: stepping(1.0, 1500)}
+    start = ArrayRecord({"w": torch.zeros(4), "b": torch.zeros(2, 2), STEP_KEY: torch.zeros(1)})
+    ours, _, _ = make_driver(tmp_path / "ours", FakeGrid(nodes), cfg=cfg)
+    flowers, _, _ = make_driver(tmp_path / "flower", FakeGrid(nodes), cfg=cfg,
+                                strategy=Krum(min_train_nodes=1, min_available_nodes=1,
+                                              num_malicious_nodes=1))
+    result = ours.run_round(1, start)
+    assert result.counted
+    chosen = result.arrays
+    assert np.all(np.abs(chosen["w"].numpy()) <= 0.02)  # an honest node's weights
+    assert chosen[STEP_KEY].numpy()[0] in (0, 1000, 2000, 3000)  # taken whole, state included
+    # Flower's Krum, measuring the step counts too, picks the poisoned node
+    result = flowers.run_round(1, start)
+    assert result.counted and np.allclose(result.arrays["w"].numpy(), 1.0)
 
 
 def dp_config(**overrides) -> FedConfig:
