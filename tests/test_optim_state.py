@@ -154,3 +154,49 @@ def test_a_negative_second_moment_is_clamped_rather_than_turned_into_nan():
     optim_state.load_arrays(model, opt, cfg, state)
     _trainer(model, cfg, opt, seed=3).train_epoch(X)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _server_model(tmp_path, name: str, **overrides):
+    """The ServerApp's global model (server.app._Model) for a small digits encoder."""
+    from common.datasets import load_dataset
+    from common.rundir import RunDir
+    from server.app import _Model
+
+    cfg = replace(_config(overrides.pop("optimizer", "adam")), **overrides)
+    return _Model(cfg, load_dataset("digits", seed=0), RunDir(tmp_path / name))
+
+
+@pytest.mark.parametrize("old", [dict(optimizer_state="reset"),  # no state (pre-session-8 runs)
+                                 dict(optimizer="sgd", momentum=0.9)])  # another optimiser's state
+def test_resume_without_matching_state_warns_and_starts_a_fresh_optimiser(tmp_path, caplog, old):
+    from server.app import _resume
+    from server.queue import NegativeQueue
+
+    before = _server_model(tmp_path, "old", **old)
+    with torch.no_grad():
+        next(before.module.head.parameters()).add_(1.0)  # weights to recognise after the resume
+    before.save(before.arrays(), 3)
+    after = _server_model(tmp_path, "new")
+    fresh = optim_state.initial_arrays(after.module, after.cfg)
+    with caplog.at_level("WARNING", logger="server.app"):
+        last, _ = _resume(before.run_dir.path, after.run_dir, after, NegativeQueue(16, 16))
+    assert last == 3
+    assert "optimisers start afresh" in caplog.text
+    assert set(after.optimizer_state) == set(fresh)
+    assert all(torch.equal(after.optimizer_state[k], v) for k, v in fresh.items())
+    assert torch.equal(next(after.module.head.parameters()), next(before.module.head.parameters()))
+
+
+def test_resume_restores_the_optimiser_state_of_the_checkpoint(tmp_path, caplog):
+    from server.app import _resume
+    from server.queue import NegativeQueue
+
+    before = _server_model(tmp_path, "old")
+    state = {k: torch.full_like(v, 0.5) for k, v in before.optimizer_state.items()}
+    before.save(ArrayRecord({**before.module.state_dict(), **state}), 2)
+    after = _server_model(tmp_path, "new")
+    with caplog.at_level("WARNING", logger="server.app"):
+        _resume(before.run_dir.path, after.run_dir, after, NegativeQueue(16, 16))
+    assert "afresh" not in caplog.text
+    assert set(after.optimizer_state) == set(state)
+    assert all(torch.equal(after.optimizer_state[k], v) for k, v in state.items())
