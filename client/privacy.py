@@ -33,17 +33,19 @@ import secrets
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from opacus.grad_sample import GradSampleHooks
-from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 
 from client.negatives import LocalQueue, NegativeSource
 from client.state import ClientState
 from common.accounting import NoiseCalibration, PrivacyPlan, calibrate_noise_multiplier
 from common.config import DP_REFUSED, FedConfig, TrainConfig
+
+if TYPE_CHECKING:  # Opacus (and SciPy under it) loads in seconds: only when DP-SGD is set up
+    from opacus.grad_sample import GradSampleHooks
+    from opacus.optimizers import DPOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ def noisy_rows(rows: Tensor, push_noise: float, generator: torch.Generator) -> T
 
 def check_model(model: nn.Module) -> None:
     """Refuse a model whose per-example gradients Opacus cannot compute (BatchNorm)."""
+    from opacus.validators import ModuleValidator
+
     was_training = model.training
     model.train()
     errors = ModuleValidator.validate(model, strict=False)
@@ -175,6 +179,9 @@ class DPSGD:
 
         The model is hooked in place (its ``state_dict`` keys do not change).
         """
+        from opacus.grad_sample import GradSampleHooks
+        from opacus.optimizers import DPOptimizer
+
         check_model(model)
         device = next(model.parameters()).device
         noise = self.generator

@@ -24,9 +24,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opacus.accountants import RDPAccountant
+if TYPE_CHECKING:  # Opacus (and SciPy under it) loads in seconds: only when epsilon is computed
+    from opacus.accountants import RDPAccountant
 
 ACCOUNTANT_FORMAT = "fedcontrast-accountant/1"
 KINDS = ("dp-sgd", "push")
@@ -112,6 +113,8 @@ class PrivacyAccountant:
 
     def opacus(self) -> RDPAccountant:
         """An Opacus ``RDPAccountant`` holding the same history."""
+        from opacus.accountants import RDPAccountant
+
         accountant = RDPAccountant()
         accountant.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in self._history]
         return accountant

@@ -4,6 +4,8 @@ sampling, noisy pushes, and the guards that refuse what would couple examples.""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -192,3 +194,13 @@ def test_trainer_refuses_batchnorm_in_batch_negatives_and_own_unnoised_rows():
         with pytest.raises(ValueError, match="un-noised keys of its own data"):
             check_private_training(CFG, _model(), [own], own_rows_noised=False)
         check_private_training(CFG, _model(), [own], own_rows_noised=True)  # noised: allowed
+
+
+def test_opacus_is_imported_only_when_dp_is_used():
+    # Opacus and SciPy under it take seconds to import: every command, ClientApp and
+    # --help would pay them. Loading every command and the apps must leave them out.
+    code = ("import sys; from common.cli import discover_commands; discover_commands(); "
+            "import client.app, server.app; print('opacus' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
