@@ -149,7 +149,8 @@ class WeightsKrum(Krum):
         }) for c in contents]
         chosen = select_multikrum(weights_only, num_malicious_nodes=self.num_malicious_nodes,
                                   num_nodes_to_select=self.num_nodes_to_select)
-        picked = [contents[next(i for i, w in enumerate(weights_only) if w is c)] for c in chosen]
+        whole = {id(w): c for w, c in zip(weights_only, contents, strict=True)}
+        picked = [whole[id(w)] for w in chosen]
         return (aggregate_arrayrecords(picked, self.weighted_by_key),
                 self.train_metrics_aggr_fn(picked, self.weighted_by_key))
 
