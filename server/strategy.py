@@ -65,7 +65,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,6 +229,22 @@ def check_reply(msg: Message, reference: ArrayRecord) -> str | None:
     return None
 
 
+def addressees(sent: Sequence[Message]) -> dict[str, int]:
+    """Message id -> destination node, for messages the grid has sent (it sets their ids)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+
+
+def answering_node(reply: Message, addressed: Mapping[str, int]) -> int:
+    """The node ``reply`` answers for: the addressee of the message it replies to.
+
+    Usually the reply's sender. But when a node stops sending heartbeats, the SuperLink
+    answers in its place with a "Node Unavailable" error whose sender is the SuperLink
+    itself; only ``reply_to_message_id`` ties it to the node. Counting it by sender would
+    count that node twice: once failed, once silent.
+    """
+    return addressed.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
 def check_push_reply(msg: Message) -> str | None:
     """Why the reply to a push-phase QUERY is unusable; None if it is fine."""
     if msg.has_error():
@@ -369,6 +385,7 @@ class RoundDriver:
 
         valid: list[Message] = []
         failed = dropped = 0
+        addressed = addressees(messages)
         for msg in replies:
             reason = check_reply(msg, arrays)
             if reason is None:
@@ -376,9 +393,9 @@ class RoundDriver:
             else:
                 failed += msg.has_error()
                 dropped += not msg.has_error()
-                logger.warning("round %d: reply from node %d not used: %s",
-                               rnd, msg.metadata.src_node_id, reason)
-        answered = {m.metadata.src_node_id for m in replies}
+                logger.warning("round %d: reply for node %d not used: %s",
+                               rnd, answering_node(msg, addressed), reason)
+        answered = {answering_node(m, addressed) for m in replies}
         missing = sorted(m.metadata.dst_node_id for m in messages
                          if m.metadata.dst_node_id not in answered)
         if missing:
@@ -479,7 +496,7 @@ class RoundDriver:
                 pushed[msg.metadata.src_node_id] = (int(m["pushed-rows"]), int(m["push-failures"]))
             else:
                 logger.warning("round %d: push phase of node %d failed: %s",
-                               rnd, msg.metadata.src_node_id, reason)
+                               rnd, answering_node(msg, addressees(queries)), reason)
         logger.info("round %d: push phase, %d rows from %d of %d nodes in %.1f s", rnd,
                     sum(r for r, _ in pushed.values()), len(pushed), len(queries),
                     time.monotonic() - start)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -43,6 +44,8 @@ class FakeGrid:
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
+        for m in messages:  # as Flower's grids do when they push a message
+            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         self.sent.append(messages)
         replies = [self.nodes[m.metadata.dst_node_id](m) for m in messages]
         return [r for r in replies if r is not None]
@@ -68,6 +71,14 @@ def honest(offset: float = 0.0, **m: float) -> Node:
 
 def failing(reason: str) -> Node:
     return lambda msg: Message(Error(code=0, reason=reason), reply_to=msg)
+
+
+def unavailable(msg: Message) -> Message:
+    """What the SuperLink returns for a node that stopped sending heartbeats: an error
+    whose sender is the SuperLink (node id 1), tied to the node by reply_to only."""
+    reply = Message(Error(code=5, reason="Error: Node Unavailable"), reply_to=msg)
+    reply.metadata.__dict__["_src_node_id"] = 1
+    return reply
 
 
 def initial() -> ArrayRecord:
@@ -402,3 +413,14 @@ def test_push_timing_after_sends_only_train_messages(tmp_path):
     result = driver.run_round(1, initial())
     assert len(grid.sent) == 1 and grid.sent[0][0].metadata.message_type == MessageType.TRAIN
     assert "push_phase_replied" not in result.row
+
+
+def test_the_superlinks_reply_for_a_dead_node_counts_that_node_once(tmp_path, caplog):
+    grid = FakeGrid({11: honest(), 22: unavailable, 33: lambda msg: None})
+    driver, _, _ = make_driver(tmp_path, grid)
+    with caplog.at_level("WARNING", logger="server.strategy"):
+        result = driver.run_round(1, initial())
+    row = result.row
+    assert (row["sampled"], row["replied"], row["failed"], row["timed_out"]) == (3, 1, 1, 1)
+    assert "reply for node 22 not used" in caplog.text
+    assert "from nodes [33]" in caplog.text  # the silent node, not the dead one again
