@@ -14,7 +14,11 @@ from client.privacy import DPSGD
 from client.trainer import ContrastiveTrainer, make_optimizer
 from common import optim_state
 from common.config import FedConfig
+from common.datasets import load_dataset
 from common.encoders import build_encoder
+from common.rundir import RunDir
+from server.app import _Model, _resume
+from server.queue import NegativeQueue
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -158,10 +162,6 @@ def test_a_negative_second_moment_is_clamped_rather_than_turned_into_nan():
 
 def _server_model(tmp_path, name: str, **overrides):
     """The ServerApp's global model (server.app._Model) for a small digits encoder."""
-    from common.datasets import load_dataset
-    from common.rundir import RunDir
-    from server.app import _Model
-
     cfg = replace(_config(overrides.pop("optimizer", "adam")), **overrides)
     return _Model(cfg, load_dataset("digits", seed=0), RunDir(tmp_path / name))
 
@@ -169,9 +169,6 @@ def _server_model(tmp_path, name: str, **overrides):
 @pytest.mark.parametrize("old", [dict(optimizer_state="reset"),  # no state (pre-session-8 runs)
                                  dict(optimizer="sgd", momentum=0.9)])  # another optimiser's state
 def test_resume_without_matching_state_warns_and_starts_a_fresh_optimiser(tmp_path, caplog, old):
-    from server.app import _resume
-    from server.queue import NegativeQueue
-
     before = _server_model(tmp_path, "old", **old)
     with torch.no_grad():
         next(before.module.head.parameters()).add_(1.0)  # weights to recognise after the resume
@@ -188,9 +185,6 @@ def test_resume_without_matching_state_warns_and_starts_a_fresh_optimiser(tmp_pa
 
 
 def test_resume_restores_the_optimiser_state_of_the_checkpoint(tmp_path, caplog):
-    from server.app import _resume
-    from server.queue import NegativeQueue
-
     before = _server_model(tmp_path, "old")
     state = {k: torch.full_like(v, 0.5) for k, v in before.optimizer_state.items()}
     before.save(ArrayRecord({**before.module.state_dict(), **state}), 2)
