@@ -17,6 +17,7 @@ from server.deploy import (
     app_dir,
     queue_tls_run_config,
     resolve_settings,
+    stage_app,
     superlink_command,
     write_run_config,
 )
@@ -36,6 +37,18 @@ def client_args(*argv: str) -> argparse.Namespace:
 
 def test_app_dir_is_the_repository_with_the_flower_app():
     assert (app_dir() / "server" / "app.py").exists()
+
+
+def test_the_staged_app_builds_the_same_fab_as_the_checkout(tmp_path):
+    from flwr.cli.build import build_fab_from_disk
+
+    dest = tmp_path / "fab-source"
+    dest.mkdir()
+    (dest / "stale.py").write_text("a file from an older staging\n")
+    staged = stage_app(dest)
+    assert not (staged / "stale.py").exists() and not list(staged.rglob("__pycache__"))
+    assert (staged / "server" / "app.py").exists() and (staged / "pyproject.toml").exists()
+    assert build_fab_from_disk(staged) == build_fab_from_disk(app_dir())  # byte for byte
 
 
 def test_superlink_needs_tls_files_or_an_explicit_insecure(tmp_path):
