@@ -344,11 +344,21 @@ def _raise_on_sigterm(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def refuse_finished_rounds(out: Path, resume: Path | None, flag: str = "--out") -> None:
+    """A run directory that already holds rounds takes only ``--resume``: say so before
+    anything starts (the ServerApp would refuse it too, but only once the run is up)."""
+    rows = _read_rows(out)
+    if resume is None and rows:
+        raise UsageError(f"{flag} {out} already holds a run ({len(rows)} rounds in metrics.jsonl): "
+                         f"continue it with --resume {out}, or choose another {flag}")
+
+
 def deploy(args: argparse.Namespace) -> int:
     """Run one FedContrast federation; 0 when the run completed."""
     cfg, out, resume = resolve_settings(args)
     queue_tls = queue_tls_run_config(args)
     app_dir()  # fail before starting anything when this is no source checkout
+    refuse_finished_rounds(out, resume)
     out.mkdir(parents=True, exist_ok=True)
     home = (args.flwr_home.expanduser().resolve() if args.flwr_home
             else Path(tempfile.mkdtemp(prefix="fedcontrast-flwr-")))

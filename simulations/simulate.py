@@ -41,7 +41,14 @@ from common.flower_env import (
     wait_for_port,
     write_superlink_config,
 )
-from server.deploy import CONNECTION, app_dir, first_error, follow_run, log_tail
+from server.deploy import (
+    CONNECTION,
+    app_dir,
+    first_error,
+    follow_run,
+    log_tail,
+    refuse_finished_rounds,
+)
 from simulations.scenario import load_scenario, scenario_names
 
 logger = logging.getLogger(__name__)
@@ -165,6 +172,7 @@ def simulate(
     sim.check_resources(cfg)
     app_dir()
     out = out.expanduser().resolve()
+    refuse_finished_rounds(out, resume)
     out.mkdir(parents=True, exist_ok=True)
     (out / "simulation.json").write_text(json.dumps(sim.as_dict(), indent=2) + "\n")
     # Kept with the run: the virtual clients' state directories live in it (see module doc).

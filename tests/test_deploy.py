@@ -118,6 +118,22 @@ def test_resume_needs_a_run_directory(tmp_path):
         resolve_settings(server_args("--resume", str(tmp_path)))
 
 
+@pytest.mark.parametrize("command", ["server", "simulate"])
+def test_a_run_directory_with_rounds_is_refused_before_anything_starts(tmp_path, capsys, command):
+    from common.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2}\n')
+    (out / "simulation.json").write_text("{}\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    extra = ["--insecure"] if command == "server" else []
+    assert main([command, "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (2 rounds" in err and f"--resume {out}" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written, nothing started
+
+
 def test_node_config_is_absolute_and_quoted(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = client_args("--superlink", "127.0.0.1:9092", "--insecure", "--partition-id", "1",
