@@ -48,14 +48,19 @@ class Command:
     description: str = ""
 
 
-def discover_commands() -> dict[str, Command]:
-    """Load every command registered under :data:`ENTRY_POINT_GROUP`, sorted by name.
+def discover_commands(only: str | None = None) -> dict[str, Command]:
+    """Load every command registered under :data:`ENTRY_POINT_GROUP`, sorted by name;
+    with ``only`` naming a registered command, load that one alone (each command's module
+    brings torch and more, ~2 s together; the full list is for ``fedcontrast --help``).
 
     A command whose module fails to import is still listed; running it reports the
     import error (a missing optional dependency should not break the other commands).
     """
     commands: dict[str, Command] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    registered = list(entry_points(group=ENTRY_POINT_GROUP))
+    if any(ep.name == only for ep in registered):
+        registered = [ep for ep in registered if ep.name == only]
+    for ep in registered:
         try:
             command = ep.load()
         except Exception as exc:  # noqa: BLE001 - any import failure is reported the same way
@@ -109,8 +114,18 @@ def configure_logging(verbosity: int) -> None:
         logging.getLogger(name).setLevel(min(level, logging.INFO))
 
 
+def _named_command(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names: its first token that is no top-level option
+    (``--version``, ``-v``, ``-h``: none takes a value)."""
+    return next((token for token in argv if not token.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = _named_command(argv)
+    # Load what the command line needs: nothing for --version, one command when it names one.
+    commands = {} if name is None and "--version" in argv else discover_commands(only=name)
+    parser = build_parser(commands)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

@@ -37,10 +37,10 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where a plug-in runs, not where a setting is parsed
+    import torch
+    from torch import Tensor
 
-if TYPE_CHECKING:
     from common.config import TrainConfig
     from common.datasets import Dataset
     from common.encoders import ContrastiveModel
@@ -242,6 +242,8 @@ class CheckedViews:
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """x (N, C, ...) -> a view of the same shape, dtype and device."""
+        from torch import Tensor
+
         out = self.fn(x, generator)
         if not isinstance(out, Tensor):
             raise PluginError(f"--views {self.spec!r} returned a {type(out).__name__} for a "

@@ -75,6 +75,20 @@ def test_version_and_help():
     assert r.returncode == 0 and "--device" in r.stdout and "--dataset" in r.stdout
 
 
+@pytest.mark.parametrize("argv, loaded, absent", [
+    (["--version"], [], ["torch", "client.cli", "simulations.compare"]),
+    (["-v", "evaluate", "--help"], ["client.cli"], ["simulations.compare", "server.deploy"]),
+    (["--help"], ["client.cli", "simulations.compare", "server.deploy"], []),
+])
+def test_the_command_line_loads_only_the_commands_it_names(argv, loaded, absent):
+    code = ("import sys; from common.cli import main\n"
+            f"try: main({argv!r})\nexcept SystemExit: pass\n"
+            f"print([m in sys.modules for m in {loaded + absent!r}])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == str([True] * len(loaded) + [False] * len(absent))
+
+
 @pytest.mark.timeout(300)
 def test_evaluate_a_saved_run_reports_probes_beside_random_init(tmp_path):
     out = tmp_path / "run"
