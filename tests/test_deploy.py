@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import pytest
@@ -128,7 +129,13 @@ def test_a_run_directory_with_rounds_is_refused_before_anything_starts(tmp_path,
     (out / "simulation.json").write_text("{}\n")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     extra = ["--insecure"] if command == "server" else []
-    assert main([command, "--out", str(out), *extra]) == 2
+    packages = [logging.getLogger(name) for name in ("common", "client", "server", "simulations")]
+    levels = [logger.level for logger in packages]
+    try:
+        assert main([command, "--out", str(out), *extra]) == 2
+    finally:  # main() sets our packages' log levels, as a command should: not for later tests
+        for logger, level in zip(packages, levels, strict=True):
+            logger.setLevel(level)
     err = capsys.readouterr().err
     assert "already holds a run (2 rounds" in err and f"--resume {out}" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written, nothing started
