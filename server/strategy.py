@@ -489,14 +489,15 @@ class RoundDriver:
         start = time.monotonic()
         replies = list(self.grid.send_and_receive(queries, timeout=self.cfg.round_timeout))
         pushed: dict[int, tuple[int, int]] = {}
+        addressed = addressees(queries)
         for msg in replies:
             reason = check_push_reply(msg)
             if reason is None:
                 m = msg.content["metrics"]
-                pushed[msg.metadata.src_node_id] = (int(m["pushed-rows"]), int(m["push-failures"]))
+                pushed[answering_node(msg, addressed)] = (int(m["pushed-rows"]), int(m["push-failures"]))
             else:
                 logger.warning("round %d: push phase of node %d failed: %s",
-                               rnd, answering_node(msg, addressees(queries)), reason)
+                               rnd, answering_node(msg, addressed), reason)
         logger.info("round %d: push phase, %d rows from %d of %d nodes in %.1f s", rnd,
                     sum(r for r, _ in pushed.values()), len(pushed), len(queries),
                     time.monotonic() - start)
