@@ -25,7 +25,9 @@ The built-in names resolve through :mod:`common.plugins` like any import path.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import math
 import pickle
 import zipfile
 from dataclasses import dataclass, replace
@@ -234,23 +236,84 @@ def _images_to_tensor(x: np.ndarray, scale: float) -> Tensor:
 
 
 def _load_digits(seed: int) -> Dataset:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
-    images = bunch.images[..., None]  # N x 8 x 8 x 1, values 0..16
-    labels = bunch.target.astype(np.int64)
-    idx_train, idx_test = train_test_split(
-        np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=seed
-    )
+    images, labels = _digits_arrays()
+    idx_train, idx_test = stratified_split(labels, test_fraction=0.2, seed=seed)
+    images = images[..., None]  # N x 8 x 8 x 1, values 0..16
     return Dataset(
         name="digits",
         x_train=_images_to_tensor(images[idx_train], 16.0),
         y_train=torch.from_numpy(labels[idx_train]),
         x_test=_images_to_tensor(images[idx_test], 16.0),
         y_test=torch.from_numpy(labels[idx_test]),
-        class_names=tuple(str(c) for c in bunch.target_names),
+        class_names=tuple(str(c) for c in range(10)),
     )
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's digits: images (1797, 8, 8) float64 in 0..16 and labels (1797,) int64.
+
+    Read from the file scikit-learn ships, found without importing scikit-learn:
+    ``sklearn.datasets`` imports SciPy and costs about 2 s, which every process that
+    loads digits paid (deployment starts a ClientApp process for each message).
+    ``load_digits`` reads the same file; it is the fallback should the file move.
+    """
+    spec = importlib.util.find_spec("sklearn")  # locates the package, runs none of it
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    csv = Path(roots[0], "datasets", "data", "digits.csv.gz") if roots else None
+    if csv is None or not csv.is_file():
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return bunch.images, bunch.target.astype(np.int64)
+    data = np.loadtxt(csv, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+
+
+def stratified_split(labels: np.ndarray, *, test_fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test indices, stratified by ``labels``, as scikit-learn draws them.
+
+    The same indices as ``train_test_split(np.arange(N), test_size=test_fraction,
+    stratify=labels, random_state=seed)`` (its StratifiedShuffleSplit draw, one
+    ``RandomState(seed)`` throughout), so that digits keeps the split of every figure
+    recorded before, without importing scikit-learn; a test holds the two equal.
+    """
+    n = len(labels)
+    n_test = math.ceil(test_fraction * n)
+    n_train = n - n_test
+    classes, y_idx, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if counts.min() < 2 or min(n_train, n_test) < len(classes):
+        raise DatasetError(f"cannot split {n} items of {len(classes)} classes (smallest class "
+                           f"{counts.min()}) into {n_train} train and {n_test} test, stratified")
+    by_class = np.split(np.argsort(y_idx, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(counts, n_train, rng)
+    t_i = _approximate_mode(counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i in range(len(classes)):
+        members = by_class[i].take(rng.permutation(counts[i]), mode="clip")
+        train.extend(members[: n_i[i]])
+        test.extend(members[n_i[i]: n_i[i] + t_i[i]])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def _approximate_mode(counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """Items per class in a draw of ``n_draws``: proportional shares floored, the rest given
+    to the largest remainders, ties broken by ``rng`` (scikit-learn's rule, same draws)."""
+    continuous = counts / counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need = int(n_draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need)
+            floored[rng.choice(inds, size=add_now, replace=False)] += 1
+            need -= add_now
+            if need == 0:
+                break
+    return floored.astype(int)
 
 
 def _check_images(name: str, x: np.ndarray, source: Path) -> np.ndarray:

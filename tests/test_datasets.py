@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.datasets import DatasetError, load_dataset, subset
+from common.datasets import DatasetError, load_dataset, stratified_split, subset
 
 
 def write_npz(path: Path, **overrides: object) -> Path:
@@ -45,6 +47,44 @@ def test_digits_split_is_deterministic_per_seed() -> None:
     )
     assert torch.equal(a.y_train, b.y_train) and torch.equal(a.x_test, b.x_test)
     assert not torch.equal(a.y_train, c.y_train)
+
+
+def test_digits_are_sklearns_images_and_split_read_without_importing_sklearn() -> None:
+    """Digits keeps the data and the split of every recorded figure (sklearn's
+    ``load_digits`` and stratified ``train_test_split``) without sklearn's 2 s of imports."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    for seed in (0, 1, 7):
+        ds = load_dataset("digits", seed=seed)
+        idx_train, idx_test = train_test_split(np.arange(1797), test_size=0.2,
+                                               stratify=bunch.target, random_state=seed)
+        assert torch.equal(ds.x_train[:, 0].double(), torch.from_numpy(bunch.images[idx_train] / 16))
+        assert torch.equal(ds.y_test, torch.from_numpy(bunch.target[idx_test]).long())
+    code = ("import sys; from common.datasets import load_dataset; load_dataset('digits'); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1], timeout=120)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stratified_split_draws_as_sklearn_does_ties_included(seed: int) -> None:
+    """Small uneven classes leave remainders to share out, which sklearn breaks at random."""
+    from sklearn.model_selection import train_test_split
+
+    labels = np.random.default_rng(seed).integers(0, 7, size=101)
+    for fraction in (0.2, 0.33):
+        ours = stratified_split(labels, test_fraction=fraction, seed=seed)
+        theirs = train_test_split(np.arange(101), test_size=fraction, stratify=labels,
+                                  random_state=seed)
+        assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_stratified_split_refuses_a_class_it_cannot_share() -> None:
+    with pytest.raises(DatasetError, match="smallest class 1"):
+        stratified_split(np.array([0, 0, 0, 1, 1, 1, 2]), test_fraction=0.3, seed=0)
 
 
 def test_npz_round_trip_hwc(tmp_path: Path) -> None:
