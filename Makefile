@@ -39,6 +39,8 @@ proto: setup
 bench: setup
 	$(BIN)/python -m bench.loss_bench
 	$(BIN)/python -m bench.queue_bench
+	$(BIN)/python -m bench.fab_bench
+	$(BIN)/python -m bench.digits_load_bench
 
 clean:
 	rm -rf runs .pytest_cache

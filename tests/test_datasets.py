@@ -69,6 +69,17 @@ def test_digits_are_sklearns_images_and_split_read_without_importing_sklearn() -
     assert out.stdout.strip() == "[]"
 
 
+def test_digits_fall_back_to_load_digits_when_the_file_is_not_where_sklearn_kept_it(monkeypatch):
+    import importlib.util
+
+    from common import datasets
+
+    direct = datasets._digits_arrays()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    fallback = datasets._digits_arrays()
+    assert all(np.array_equal(a, b) for a, b in zip(direct, fallback, strict=True))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_stratified_split_draws_as_sklearn_does_ties_included(seed: int) -> None:
     """Small uneven classes leave remainders to share out, which sklearn breaks at random."""
