@@ -9,7 +9,7 @@ TRAIN and its push query). Each arm runs in a fresh interpreter that has importe
 already, so the time is the loading alone; the arms alternate, ``--repeats`` times each.
 Both arms must produce the same training and test arrays, or the benchmark fails.
 
-    python -m bench.digits_load_bench       # about half a minute; results in bench/results/
+    python -m bench.digits_load_bench       # about a minute; results in bench/results/
 """
 
 from __future__ import annotations
