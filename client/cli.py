@@ -22,7 +22,7 @@ from rich.table import Table
 from client.negatives import LocalQueue
 from client.trainer import ContrastiveTrainer, cosine_lr
 from common.checkpoint import encoder_spec, load_encoder, read_checkpoint, save_encoder
-from common.cli import Command, UsageError
+from common.cli import UsageError
 from common.config import (
     FedConfig,
     TrainConfig,
@@ -43,7 +43,7 @@ PLOTTED = ("loss", "retrieval_head", "alignment_head", "uniformity_head", "knn_b
            "retrieval_backbone")
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_train_local_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="run directory to write (default: runs/train-local-DATASET-TIME)")
     parser.add_argument("--config", type=Path, default=None,
@@ -139,7 +139,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
-def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, metavar="RUN_DIR",
                         help="a run directory (its encoder.pt) or an encoder checkpoint file")
     parser.add_argument("--dataset", default=None,
@@ -190,7 +190,7 @@ def evaluate_run(run: Path, dataset: str | None = None, *, seed: int = 0,
             "raw_pixel_knn": raw_pixel_knn(data)}
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def run_evaluate(args: argparse.Namespace) -> int:
     summary = evaluate_run(args.run, args.dataset, seed=args.seed, device=args.device,
                            views=args.views)
     Console().print(summary_table(summary))
@@ -199,20 +199,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-evaluate_command = Command(
-    name="evaluate",
-    help="kNN and linear probe of a saved encoder on a labelled dataset",
-    description=(
-        "Evaluate a trained encoder (a run directory of train-local, server or simulate, or an "
-        "encoder.pt) on held-out data: kNN, linear probe, instance retrieval, alignment and "
-        "uniformity at the backbone and the head, beside the same architecture at random init."
-    ),
-    add_arguments=_add_evaluate_arguments,
-    run=_evaluate,
-)
-
-
-def _run(args: argparse.Namespace) -> int:
+def run_train_local(args: argparse.Namespace) -> int:
     base = read_config_values(args.config)[1] if args.config else None
     cfg = from_args(TrainConfig, args, base=base)
     out = args.out or Path("runs") / f"train-local-{Path(cfg.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -221,16 +208,3 @@ def _run(args: argparse.Namespace) -> int:
     Console().print(summary_table(summary))
     print(f"run directory: {Path(out).resolve()}")
     return 0
-
-
-train_local_command = Command(
-    name="train-local",
-    help="contrastive training on one dataset (building block and centralized upper bound)",
-    description=(
-        "Train an encoder with InfoNCE on one dataset and write a run directory with the "
-        "resolved config, per-epoch metrics (CSV and JSON lines), the encoder checkpoint, "
-        "summary.json (trained vs random-init encoder) and curves.png."
-    ),
-    add_arguments=_add_arguments,
-    run=_run,
-)

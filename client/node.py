@@ -20,13 +20,13 @@ from typing import Any
 
 from client.state import check_client_id, default_state_dir
 from common import plugins
-from common.cli import Command, UsageError
+from common.cli import UsageError
 from common.flower_env import ProcessTree, flower_env, free_port, toml_value
 
 logger = logging.getLogger(__name__)
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--superlink", required=True, metavar="HOST:PORT",
                         help="the SuperLink to connect to (what `fedcontrast server` listens on)")
     data = parser.add_argument_group("data (a share of the run's dataset, or a local file)")
@@ -149,12 +149,3 @@ def run_node(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         tree.stop()
-
-
-client_command = Command(
-    name="client",
-    help="join a federation: a Flower SuperNode training on this machine's data",
-    description=__doc__.split("\n\n")[1].replace("\n", " "),
-    add_arguments=_add_arguments,
-    run=run_node,
-)

@@ -5,15 +5,19 @@ declares its own under the ``fedcontrast.commands`` entry-point group in
 ``pyproject.toml``, and this dispatcher finds them at run time. That keeps
 ``common`` free of federation code.
 
-An entry point names a :class:`Command`. Its ``run`` returns the exit status;
-raising :class:`UsageError` (or ``ValueError`` / ``FileNotFoundError`` from
-argument checking) prints one line on stderr and exits with status 2, without
-a traceback.
+An entry point names a :class:`Command` in a light module (``client/commands.py``
+and its siblings import nothing heavy). Its ``add_arguments`` and ``run`` are
+usually :func:`deferred` references into the module that does the work, so
+``fedcontrast --help`` imports no torch or Flower and ``fedcontrast NAME`` imports
+only NAME's module. ``run`` returns the exit status; raising :class:`UsageError`
+(or ``ValueError`` / ``FileNotFoundError`` from argument checking) prints one
+line on stderr and exits with status 2, without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -27,6 +31,32 @@ ENTRY_POINT_GROUP = "fedcontrast.commands"
 
 class UsageError(Exception):
     """A user-facing error: bad arguments, missing files, malformed input."""
+
+
+class CommandUnavailable(UsageError):
+    """A command's module cannot be imported (a missing optional dependency, say)."""
+
+
+@dataclass(frozen=True)
+class deferred:  # noqa: N801 - used like a function: deferred("pkg.module:name")
+    """A callable standing for ``module:name``, imported on the first call.
+
+    Import failures become :class:`CommandUnavailable`, so one broken command
+    (a missing optional dependency) does not break the others.
+    """
+
+    target: str
+
+    def __call__(self, *args, **kwargs):
+        module, _, name = self.target.partition(":")
+        try:
+            function = getattr(importlib.import_module(module), name)
+        except Exception as exc:  # noqa: BLE001 - any import failure is reported the same way
+            raise CommandUnavailable(
+                f"cannot load {self.target}: {type(exc).__name__}: {exc} "
+                "(is the installation complete? try `make setup`)"
+            ) from exc
+        return function(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -74,15 +104,23 @@ def discover_commands(only: str | None = None) -> dict[str, Command]:
 
 def _unavailable(name: str, target: str, exc: Exception) -> Command:
     message = f"cannot load {target}: {type(exc).__name__}: {exc}"
-
-    def run(_args: argparse.Namespace) -> int:
-        raise UsageError(message + " (is the installation complete? try `make setup`)")
-
     return Command(name=name, help=f"(unavailable: {message})", add_arguments=lambda p: None,
-                   run=run)
+                   run=_raiser(CommandUnavailable(
+                       message + " (is the installation complete? try `make setup`)")))
 
 
-def build_parser(commands: dict[str, Command] | None = None) -> argparse.ArgumentParser:
+def _raiser(error: Exception) -> Callable[[argparse.Namespace], int]:
+    def run(_args: argparse.Namespace) -> int:
+        raise error
+
+    return run
+
+
+def build_parser(commands: dict[str, Command] | None = None, *,
+                 arguments: bool = True) -> argparse.ArgumentParser:
+    """The ``fedcontrast`` parser with a subparser per command. ``arguments=False``
+    leaves out the commands' own flags (and the imports they need): enough for the
+    top-level help, which lists only names and help lines."""
     commands = discover_commands() if commands is None else commands
     parser = argparse.ArgumentParser(
         prog="fedcontrast",
@@ -101,8 +139,13 @@ def build_parser(commands: dict[str, Command] | None = None) -> argparse.Argumen
             description=command.description or command.help,
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
-        command.add_arguments(p)
-        p.set_defaults(_run=command.run)
+        run = command.run
+        if arguments:
+            try:
+                command.add_arguments(p)
+            except CommandUnavailable as exc:  # still listed; running it says why
+                run = _raiser(exc)
+        p.set_defaults(_run=run)
     return parser
 
 
@@ -123,9 +166,10 @@ def _named_command(argv: Sequence[str]) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     name = _named_command(argv)
-    # Load what the command line needs: nothing for --version, one command when it names one.
+    # Load what the command line needs: nothing for --version, one command's module when it
+    # names one; the top-level help needs only the names and help lines.
     commands = {} if name is None and "--version" in argv else discover_commands(only=name)
-    parser = build_parser(commands)
+    parser = build_parser(commands, arguments=name in commands)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

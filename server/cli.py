@@ -1,9 +1,6 @@
-"""``fedcontrast queue-server``: run the negative queue service on its own.
-
-Inside a Flower run the ServerApp owns the queue and starts the service itself;
-this command is for operating one outside a run (a long-lived queue, tests of a
-deployment, benchmarks). It serves until Ctrl-C or SIGTERM, then stops
-gracefully and writes the snapshot.
+"""``fedcontrast queue-server``: run the negative queue service on its own, outside a
+Flower run (what for: the command's description in :mod:`server.commands`). Stops
+gracefully on Ctrl-C or SIGTERM and writes the snapshot.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common.cli import Command, UsageError
+from common.cli import UsageError
 from server.queue import NegativeQueue
 from server.service import DEFAULT_MAX_MESSAGE_BYTES, QueueServer, ServerTLS
 
@@ -186,12 +183,3 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
     print("queue-server stopped", flush=True)
     return 0
-
-
-queue_server_command = Command(
-    name="queue-server",
-    help="serve the global negative queue on its own (gRPC, token auth, optional TLS)",
-    add_arguments=add_arguments,
-    run=run,
-    description=__doc__.split("\n\n", 1)[1].strip(),
-)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import server
-from common.cli import Command, UsageError
+from common.cli import UsageError
 from common.config import (
     FedConfig,
     add_config_arguments,
@@ -107,7 +107,7 @@ def stage_app(dest: Path) -> Path:
     return dest
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=Path, default=None,
                      help="run directory (default: --resume's directory, or runs/fed-DATASET-TIME)")
@@ -463,16 +463,3 @@ def _show_new_rows(out: Path, shown: int, rounds: int) -> int:
     for row in rows[shown:]:
         print(_progress(row, rounds), flush=True)
     return max(shown, len(rows))
-
-
-server_command = Command(
-    name="server",
-    help="run a federation: a Flower SuperLink and the FedContrast ServerApp",
-    description=(
-        "Start a Flower SuperLink (or use --superlink), run FedContrast on the SuperNodes "
-        "that connect to it (start them with `fedcontrast client`), show per-round "
-        "progress and write the run directory."
-    ),
-    add_arguments=_add_arguments,
-    run=deploy,
-)

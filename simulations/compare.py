@@ -52,7 +52,7 @@ from client.app import NodeSettings, local_images, partition_indices
 from client.cli import build_model
 from client.trainer import ContrastiveTrainer, cosine_lr
 from common.checkpoint import encoder_spec, load_encoder, save_encoder
-from common.cli import Command, UsageError
+from common.cli import UsageError
 from common.config import FedConfig, add_config_arguments, resolve_device
 from common.datasets import Dataset, load_dataset
 from common.encoders import ContrastiveModel
@@ -355,7 +355,7 @@ def parse_list(text: str, item: Callable[[str], Any], flag: str) -> list[Any]:
     return values
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("comparison")
     run.add_argument("--out", type=Path, default=None,
                      help="directory for the table, plot and one run per method and seed "
@@ -369,7 +369,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, FedConfig, defaults=SIMULATION_DEFAULTS)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_compare(args: argparse.Namespace) -> int:
     methods = parse_list(args.methods, str, "--methods")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -388,18 +388,3 @@ def _run(args: argparse.Namespace) -> int:
     Console().print(table)
     print(f"comparison: {Path(out).resolve() / 'compare.md'}")
     return 0
-
-
-compare_command = Command(
-    name="compare",
-    help="run local, fedavg, fedmoco, fedcontrast and both centralized methods side by side",
-    description=(
-        "Train every method on the same data, partition, encoder and number of sample-epochs "
-        "(federated ones through the simulation engine), then write a Markdown table "
-        "(linear probe, kNN, retrieval, alignment, uniformity, wall time; mean and spread over "
-        "--seeds) "
-        "and a plot of kNN accuracy per round."
-    ),
-    add_arguments=_add_arguments,
-    run=_run,
-)

@@ -33,7 +33,7 @@ from typing import Any
 from rich.console import Console
 
 from client.state import StateDir
-from common.cli import Command, UsageError
+from common.cli import UsageError
 from common.config import FedConfig, add_config_arguments
 from common.datasets import load_dataset
 from common.rundir import RunDir
@@ -247,7 +247,7 @@ def parse_epsilon(text: str) -> float:
     return value
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("privacy sweep")
     run.add_argument("--out", type=Path, default=None,
                      help="directory for the table, plot and runs (default: runs/privacy-DATASET-TIME)")
@@ -267,7 +267,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, FedConfig, defaults=SWEEP_DEFAULTS)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_privacy(args: argparse.Namespace) -> int:
     epsilons = parse_list(args.epsilons, parse_epsilon, "--epsilons")
     cfg, sim = resolve(args, defaults=SWEEP_DEFAULTS)
     if cfg.key_mode == "shared":
@@ -281,18 +281,3 @@ def _run(args: argparse.Namespace) -> int:
     Console().print(markdown_table(report))
     print(f"privacy sweep: {Path(out).resolve() / 'privacy.md'}")
     return 0
-
-
-privacy_command = Command(
-    name="privacy",
-    help="what a privacy budget costs: the same simulated federation at several epsilons",
-    description=(
-        "Run the same simulated federation at each target epsilon of --epsilons (DP-SGD plus "
-        "noised pushes, one accountant per client; inf = no DP), at --push-axis-epsilon "
-        "with and without push noise, and without DP with the default loss (in-batch "
-        "negatives); write a table (epsilon, delta, noise multipliers, negatives, linear "
-        "probe, kNN, retrieval, alignment, uniformity) and a plot of accuracy against epsilon."
-    ),
-    add_arguments=_add_arguments,
-    run=_run,
-)

@@ -32,7 +32,7 @@ from typing import Any
 from rich.console import Console
 
 from client.cli import evaluate_run, summary_table
-from common.cli import Command, UsageError
+from common.cli import UsageError
 from common.config import FedConfig, add_config_arguments, from_args, read_config_values
 from common.flower_env import (
     ProcessTree,
@@ -77,7 +77,7 @@ def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
                      help="stop the simulation after this many seconds (default: no limit)")
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=Path, default=None,
                      help="run directory (default: --resume's directory, or runs/sim-DATASET-TIME)")
@@ -244,7 +244,7 @@ def _raise_on_sigterm(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_simulate(args: argparse.Namespace) -> int:
     resume = args.resume.expanduser().resolve() if args.resume else None
     if resume is not None and not (resume / "encoder.pt").exists():
         raise UsageError(f"--resume {args.resume}: no encoder.pt there (not a FedContrast run directory)")
@@ -256,16 +256,3 @@ def _run(args: argparse.Namespace) -> int:
         summary = evaluate_run(out.expanduser().resolve(), device=cfg.device)
         Console().print(summary_table(summary))
     return status
-
-
-simulate_command = Command(
-    name="simulate",
-    help="run a whole federation on this machine (Flower's simulation engine)",
-    description=(
-        "Simulate --num-clients FedContrast clients on one host with Flower's simulation "
-        "engine (Ray): per-client CPU and fractional GPU resources, the real gRPC negative "
-        "queue on 127.0.0.1, per-round progress, and the same run directory as a deployment."
-    ),
-    add_arguments=_add_arguments,
-    run=_run,
-)

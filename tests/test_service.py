@@ -413,7 +413,7 @@ def test_tls_round_trip(queue, tmp_path):
 def _start_command(args: list[str]) -> tuple[subprocess.Popen, str]:
     script = (
         "import sys; from common.cli import build_parser; "
-        "from server.cli import queue_server_command as c; "
+        "from server.commands import queue_server_command as c; "
         "args = build_parser({c.name: c}).parse_args(sys.argv[1:]); sys.exit(args._run(args))"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -482,7 +482,8 @@ def test_queue_server_command_needs_tls_or_insecure(tmp_path):
     import argparse
 
     from common.cli import UsageError
-    from server.cli import queue_server_command, read_tokens_file
+    from server.cli import read_tokens_file
+    from server.commands import queue_server_command
 
     parser = argparse.ArgumentParser()
     queue_server_command.add_arguments(parser)

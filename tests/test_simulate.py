@@ -26,7 +26,7 @@ from common.flower_env import ProcessTree
 from simulations.compare import SIMCLR, _batches, client_batches, method_config, steps_per_round
 from simulations.privacy import SWEEP_DEFAULTS, parse_epsilon, run_settings
 from simulations.scenario import load_scenario, scenario_names
-from simulations.simulate import Simulation, _add_arguments, resolve
+from simulations.simulate import Simulation, add_arguments, resolve
 
 FEDCONTRAST = str(Path(sys.executable).parent / "fedcontrast")
 TINY = ["--width", "8", "--embedding-dim", "16", "--batch-size", "32", "--global-negatives", "64",
@@ -36,7 +36,7 @@ TINY = ["--width", "8", "--embedding-dim", "16", "--batch-size", "32", "--global
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    _add_arguments(parser)
+    add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
@@ -202,7 +202,7 @@ def test_privacy_sweep_settings_keep_the_federation_and_change_only_privacy():
 
 
 def parse_privacy(*argv: str) -> argparse.Namespace:
-    from simulations.privacy import _add_arguments as add_privacy
+    from simulations.privacy import add_arguments as add_privacy
 
     parser = argparse.ArgumentParser()
     add_privacy(parser)

@@ -1,5 +1,6 @@
 """`fedcontrast train-local` as a user runs it: run directory, errors without tracebacks."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -68,6 +69,41 @@ def test_malformed_npz_is_one_line(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "y_train" in r.stderr
 
 
+def test_a_command_whose_module_fails_to_import_is_listed_and_says_why(monkeypatch, capsys):
+    from common import cli
+
+    broken = cli.Command(name="broken", help="a command whose module is missing",
+                         add_arguments=cli.deferred("no_such_module:add_arguments"),
+                         run=cli.deferred("no_such_module:run"))
+    working = cli.Command(name="fine", help="works", add_arguments=lambda p: None,
+                          run=lambda args: 0)
+    registry = {"broken": broken, "fine": working}
+    monkeypatch.setattr(cli, "discover_commands",
+                        lambda only=None: {only: registry[only]} if only in registry else registry)
+    assert cli.main(["fine"]) == 0
+    assert cli.main(["broken"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # one line, no traceback
+    assert len(err) == 1 and "cannot load no_such_module:add_arguments" in err[0], err
+    parser = cli.build_parser(registry, arguments=False)
+    assert "a command whose module is missing" in parser.format_help()
+
+
+def test_the_command_help_lines_are_those_of_the_installed_entry_points():
+    # pyproject.toml names each Command by its module: the light command modules, whose
+    # deferred targets exist.
+    from common.cli import deferred, discover_commands
+
+    commands = discover_commands()
+    assert sorted(commands) == ["client", "compare", "evaluate", "privacy", "queue-server",
+                                "server", "simulate", "train-local"]
+    for command in commands.values():
+        assert not command.help.startswith("(unavailable"), command.help
+        for target in (command.add_arguments, command.run):
+            assert isinstance(target, deferred)
+            module, _, name = target.target.partition(":")
+            assert callable(getattr(importlib.import_module(module), name)), target
+
+
 def test_version_and_help():
     r = fedcontrast("--version")
     assert r.returncode == 0 and r.stdout.startswith("fedcontrast ")
@@ -75,10 +111,17 @@ def test_version_and_help():
     assert r.returncode == 0 and "--device" in r.stdout and "--dataset" in r.stdout
 
 
+HEAVY = ["torch", "flwr", "grpc", "client.cli", "client.node", "server.cli", "server.deploy",
+         "simulations.simulate", "simulations.compare", "simulations.privacy"]
+
+
 @pytest.mark.parametrize("argv, loaded, absent", [
-    (["--version"], [], ["torch", "client.cli", "simulations.compare"]),
-    (["-v", "evaluate", "--help"], ["client.cli"], ["simulations.compare", "server.deploy"]),
-    (["--help"], ["client.cli", "simulations.compare", "server.deploy"], []),
+    (["--version"], [], HEAVY),
+    (["--help"], ["client.commands", "server.commands", "simulations.commands"], HEAVY),
+    ([], ["simulations.commands"], HEAVY),  # no command: the same list, exit status 2
+    (["-v", "evaluate", "--help"], ["client.cli"], [m for m in HEAVY if m.startswith(
+        ("simulations.", "server.", "client.node"))]),
+    (["compare", "--help"], ["simulations.compare"], ["client.node", "server.cli", "simulations.privacy"]),
 ])
 def test_the_command_line_loads_only_the_commands_it_names(argv, loaded, absent):
     code = ("import sys; from common.cli import main\n"
