@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python -m bench.queue_bench
 	$(BIN)/python -m bench.fab_bench
 	$(BIN)/python -m bench.digits_load_bench
+	$(BIN)/python -m bench.cli_start_bench
 
 clean:
 	rm -rf runs .pytest_cache
