@@ -26,7 +26,6 @@ from common.cli import UsageError
 from common.config import (
     FedConfig,
     TrainConfig,
-    add_config_arguments,
     from_args,
     read_config_values,
     resolve_device,
@@ -41,15 +40,6 @@ logger = logging.getLogger(__name__)
 
 PLOTTED = ("loss", "retrieval_head", "alignment_head", "uniformity_head", "knn_backbone",
            "retrieval_backbone")
-
-
-def add_train_local_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=None,
-                        help="run directory to write (default: runs/train-local-DATASET-TIME)")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="start from a saved config.json (or a run directory); flags override it")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_arguments(parser, TrainConfig)
 
 
 def build_model(cfg: TrainConfig, data: Dataset) -> tuple[ContrastiveModel, dict[str, Any]]:
@@ -137,19 +127,6 @@ def summary_table(summary: dict[str, Any]) -> Table:
         table.add_row(key, f"{value:.4f}", f"{summary['random_init'][key]:.4f}")
     table.add_row("knn_raw_pixels", f"{summary['raw_pixel_knn']:.4f}", "")
     return table
-
-
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", type=Path, metavar="RUN_DIR",
-                        help="a run directory (its encoder.pt) or an encoder checkpoint file")
-    parser.add_argument("--dataset", default=None,
-                        help="dataset to evaluate on (default: the run's own, from config.json)")
-    parser.add_argument("--views", default=None,
-                        help="view generator of the retrieval and alignment pairs (default: the "
-                             "run's own, from config.json)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the views")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
 
 
 def evaluate_run(run: Path, dataset: str | None = None, *, seed: int = 0,

@@ -26,36 +26,6 @@ from common.flower_env import ProcessTree, flower_env, free_port, toml_value
 logger = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--superlink", required=True, metavar="HOST:PORT",
-                        help="the SuperLink to connect to (what `fedcontrast server` listens on)")
-    data = parser.add_argument_group("data (a share of the run's dataset, or a local file)")
-    data.add_argument("--partition-id", type=int, default=None, help="this node's partition")
-    data.add_argument("--num-partitions", type=int, default=None, help="partitions of the dataset")
-    data.add_argument("--data-path", default=None,
-                      help="a local .npz file with x_train, or a dataset plug-in "
-                           "package.module:name[:ARG] (used instead of a partition)")
-    ident = parser.add_argument_group("identity")
-    ident.add_argument("--client-id", default=None,
-                       help="stable name of this client (default: partition-ID)")
-    ident.add_argument("--state-dir", type=Path, default=None,
-                       help="where the client keeps its state (default: $FLWR_HOME/fedcontrast/"
-                            "clients/ID or ~/.fedcontrast/clients/ID)")
-    sec = parser.add_argument_group("connection")
-    sec.add_argument("--insecure", action="store_true", help="no TLS (loopback and tests only)")
-    sec.add_argument("--root-certificates", type=Path, default=None,
-                     help="CA certificate (PEM) that signed the SuperLink's certificate; it also "
-                          "verifies the negative queue, which is then reached over TLS only")
-    sec.add_argument("--auth-supernode-private-key", type=Path, default=None, metavar="KEY",
-                     help="this node's OpenSSH ECDSA private key, when the SuperLink authenticates "
-                          "nodes (`ssh-keygen -t ecdsa -b 384 -N '' -f KEY`; the server registers "
-                          "KEY.pub). Needs TLS")
-    sec.add_argument("--port", type=int, default=0,
-                     help="the SuperNode's local ClientAppIo port (0: a free one)")
-    sec.add_argument("--flwr-home", type=Path, default=None,
-                     help="the SuperNode's FLWR_HOME (default: STATE_DIR/flwr-home)")
-
-
 def node_config(args: argparse.Namespace) -> dict[str, Any]:
     """The node config the ClientApp reads, with absolute paths."""
     values: dict[str, Any] = {}

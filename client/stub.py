@@ -24,13 +24,13 @@ import grpc
 import torch
 import torch.nn.functional as F
 
+from common.config import DEFAULT_MAX_MESSAGE_BYTES
 from common.wire import TOKEN_METADATA_KEY, parse_with_tensor, serialize_with_tensor, wire_dtype
 from proto import negatives_pb2 as pb
 from proto import negatives_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20
 TRANSIENT_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
 )

@@ -25,6 +25,9 @@ from typing import Any, TypeVar
 
 from common import plugins
 
+#: Largest gRPC message of the negative queue service and its clients, by default (32 MiB).
+DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20
+
 T = TypeVar("T")
 
 NORM_CHOICES = ("group", "instance", "layer", "batch")

@@ -17,17 +17,13 @@ from pathlib import Path
 import torch
 
 from common.cli import UsageError
+from server.commands import STORAGE_DTYPE_NAMES
 from server.queue import NegativeQueue
-from server.service import DEFAULT_MAX_MESSAGE_BYTES, QueueServer, ServerTLS
+from server.service import QueueServer, ServerTLS
 
 logger = logging.getLogger(__name__)
 
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-TOKENS_FILE_HELP = (
-    "tokens file: one 'TOKEN SLOT' pair per line, SLOT a contributor number >= 0 or the word "
-    "'admin' (may call Advance and Stats, owns no rows); '#' starts a comment; keep it private "
-    "(mode 600)"
-)
+STORAGE_DTYPES = {name: getattr(torch, name) for name in STORAGE_DTYPE_NAMES}
 
 
 def read_tokens_file(path: str | Path) -> tuple[dict[str, int], set[str]]:
@@ -57,60 +53,6 @@ def read_tokens_file(path: str | Path) -> tuple[dict[str, int], set[str]]:
     if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         logger.warning("%s is readable by other users; chmod 600 it", path)
     return tokens, admins
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (printed)")
-    parser.add_argument("--dim", type=int, default=128, help="embedding dimension")
-    parser.add_argument("--capacity", type=int, default=4096, help="rows kept (ring buffer)")
-    parser.add_argument("--max-age", type=int, default=2, help="rounds a row is kept")
-    parser.add_argument(
-        "--quota",
-        type=int,
-        default=None,
-        help="most rows one contributor may push per version; unset: no quota",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device holding the rows")
-    parser.add_argument(
-        "--storage-dtype",
-        choices=sorted(STORAGE_DTYPES),
-        default="float32",
-        help="precision of the stored rows; float16 halves memory and the cost of float16 pulls",
-    )
-    parser.add_argument("--tokens-file", required=True, help=TOKENS_FILE_HELP)
-    parser.add_argument("--tls-cert", help="PEM server certificate chain (with --tls-key)")
-    parser.add_argument("--tls-key", help="PEM server private key (with --tls-cert)")
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        help="serve without TLS (loopback only; warns on other hosts)",
-    )
-    parser.add_argument(
-        "--snapshot",
-        metavar="PATH",
-        help="restore from PATH at start if it exists; save to it at stop",
-    )
-    parser.add_argument(
-        "--snapshot-every",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="also save the snapshot this often (0: only at stop)",
-    )
-    parser.add_argument(
-        "--torch-threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads; concurrency comes from the RPC threads, and "
-        "more intra-op threads only oversubscribe the cores",
-    )
-    parser.add_argument(
-        "--max-message-mb",
-        type=float,
-        default=DEFAULT_MAX_MESSAGE_BYTES / 2**20,
-        help="largest gRPC message accepted or sent, in MiB",
-    )
 
 
 def _tls(args: argparse.Namespace) -> ServerTLS | None:

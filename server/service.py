@@ -37,6 +37,7 @@ import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from common.config import DEFAULT_MAX_MESSAGE_BYTES
 from common.wire import TOKEN_METADATA_KEY, proto_to_tensor, serialize_with_tensor, torch_dtype
 from proto import negatives_pb2 as pb
 from proto import negatives_pb2_grpc as pb_grpc
@@ -54,7 +55,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NegativeQueue"].full_name
-DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20
 #: Room left in a reply for everything but the rows (versions, framing).
 _REPLY_OVERHEAD_BYTES = 64 * 2**10
 _POLICIES = {

@@ -1,10 +1,97 @@
 """The simulations package's ``fedcontrast`` commands: names, help and where their code is.
 
-Kept free of heavy imports (torch, Flower, Ray) so that ``fedcontrast --help`` can
-list every command quickly; each command's module is imported when it is used.
+Their flags and defaults are defined here too. Kept free of heavy imports (torch, Flower,
+Ray), so that ``fedcontrast --help`` and ``fedcontrast NAME --help`` answer at once and a
+mistyped flag is refused at once; each command's code is imported when it runs.
 """
 
+import argparse
+from pathlib import Path
+from typing import Any
+
 from common.cli import Command, deferred
+from common.config import FedConfig, add_config_arguments
+from simulations.scenario import scenario_names
+
+#: The simulation's own defaults where they differ from FedConfig's. Ten clients of
+#: ~145 digits each need small batches and several local epochs to learn within 10
+#: rounds (at batch 128 and 2 local epochs the encoder barely moved).
+SIMULATION_DEFAULTS: dict[str, Any] = {"rounds": 10, "local_epochs": 5, "batch_size": 32, "min_nodes": 1}
+#: The methods ``compare`` runs side by side (see :mod:`simulations.compare`).
+METHODS = ("local", "fedavg", "fedmoco", "fedcontrast", "centralized", "centralized-skewed")
+#: What every run of the sweep shares so that DP-SGD applies (see module doc).
+PRIVATE_LOSS = {"in_batch": False, "queue_size": 0}
+#: The sweep's defaults: a DP configuration (each run then sets its own target and noise).
+#: Pushes at rate 0.05 with noise 4 cost epsilon 0.48 over 10 rounds (delta 1e-5), so
+#: even a target of 1 leaves room for DP-SGD.
+SWEEP_DEFAULTS: dict[str, Any] = {**SIMULATION_DEFAULTS, **PRIVATE_LOSS, "dp": True,
+                                  "target_epsilon": 8.0, "key_mode": "ema", "push_noise": 4.0,
+                                  "push_fraction": 0.05, "global_negatives": 256}
+
+
+def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the simulated federation (shared by ``simulate``, ``compare`` and ``privacy``)."""
+    sim = parser.add_argument_group("simulation")
+    sim.add_argument("--scenario", default=None, metavar="NAME|FILE",
+                     help=f"start from a scenario: a TOML file or one of {', '.join(scenario_names())} "
+                          "(flags override it)")
+    sim.add_argument("--num-clients", type=int, default=None,
+                     help="virtual clients, each one partition of --dataset (default: 10)")
+    sim.add_argument("--client-cpus", type=int, default=None,
+                     help="CPU cores reserved per virtual client; clients running at once = "
+                          "cores / this (default: 1)")
+    sim.add_argument("--client-gpus", type=float, default=None,
+                     help="GPU share per virtual client, e.g. 0.25: four clients per GPU "
+                          "(default: 0, CPU only)")
+    sim.add_argument("--timeout", type=float, default=None,
+                     help="stop the simulation after this many seconds (default: no limit)")
+
+
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", type=Path, default=None,
+                     help="run directory (default: --resume's directory, or runs/sim-DATASET-TIME)")
+    run.add_argument("--resume", type=Path, default=None,
+                     help="continue this simulation's run directory up to --rounds")
+    run.add_argument("--config", type=Path, default=None,
+                     help="start from a saved config.json (or a run directory); flags override it")
+    add_simulation_arguments(parser)
+    add_config_arguments(parser, FedConfig, defaults=SIMULATION_DEFAULTS)
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    run = parser.add_argument_group("comparison")
+    run.add_argument("--out", type=Path, default=None,
+                     help="directory for the table, plot and one run per method and seed "
+                          "(default: runs/compare-DATASET-TIME)")
+    run.add_argument("--methods", default=",".join(METHODS),
+                     help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
+    run.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1 (default: 0)")
+    run.add_argument("--config", type=Path, default=None,
+                     help="start from a saved config.json (or a run directory); flags override it")
+    add_simulation_arguments(parser)
+    add_config_arguments(parser, FedConfig, defaults=SIMULATION_DEFAULTS)
+
+
+def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
+    run = parser.add_argument_group("privacy sweep")
+    run.add_argument("--out", type=Path, default=None,
+                     help="directory for the table, plot and runs (default: runs/privacy-DATASET-TIME)")
+    run.add_argument("--epsilons", default="1,2,4,8,inf",
+                     help="comma-separated target epsilons; inf = the same federation without DP "
+                          "(default: 1,2,4,8,inf)")
+    run.add_argument("--push-axis-epsilon", type=float, default=8.0,
+                     help="the budget at which pushes with and without noise are compared "
+                          "(default: 8; 0 skips that axis)")
+    run.add_argument("--default-loss-reference", action=argparse.BooleanOptionalAction, default=True,
+                     help="also run the federation without DP and with the default loss "
+                          "(in-batch negatives, as `fedcontrast simulate` trains): what giving up "
+                          "the per-example loss costs on top of the noise (default: on)")
+    run.add_argument("--config", type=Path, default=None,
+                     help="start from a saved config.json (or a run directory); flags override it")
+    add_simulation_arguments(parser)
+    add_config_arguments(parser, FedConfig, defaults=SWEEP_DEFAULTS)
+
 
 simulate_command = Command(
     name="simulate",
@@ -14,7 +101,7 @@ simulate_command = Command(
         "engine (Ray): per-client CPU and fractional GPU resources, the real gRPC negative "
         "queue on 127.0.0.1, per-round progress, and the same run directory as a deployment."
     ),
-    add_arguments=deferred("simulations.simulate:add_arguments"),
+    add_arguments=add_simulate_arguments,
     run=deferred("simulations.simulate:run_simulate"),
 )
 
@@ -27,7 +114,7 @@ compare_command = Command(
         "(linear probe, kNN, retrieval, alignment, uniformity, wall time; mean and spread over "
         "--seeds) and a plot of kNN accuracy per round."
     ),
-    add_arguments=deferred("simulations.compare:add_arguments"),
+    add_arguments=add_compare_arguments,
     run=deferred("simulations.compare:run_compare"),
 )
 
@@ -41,6 +128,6 @@ privacy_command = Command(
         "negatives); write a table (epsilon, delta, noise multipliers, negatives, linear "
         "probe, kNN, retrieval, alignment, uniformity) and a plot of accuracy against epsilon."
     ),
-    add_arguments=deferred("simulations.privacy:add_arguments"),
+    add_arguments=add_privacy_arguments,
     run=deferred("simulations.privacy:run_privacy"),
 )

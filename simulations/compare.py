@@ -53,23 +53,17 @@ from client.cli import build_model
 from client.trainer import ContrastiveTrainer, cosine_lr
 from common.checkpoint import encoder_spec, load_encoder, save_encoder
 from common.cli import UsageError
-from common.config import FedConfig, add_config_arguments, resolve_device
+from common.config import FedConfig, resolve_device
 from common.datasets import Dataset, load_dataset
 from common.encoders import ContrastiveModel
 from common.evaluation import evaluate_encoder
 from common.plugins import make_views
 from common.rundir import RunDir
-from simulations.simulate import (
-    SIMULATION_DEFAULTS,
-    Simulation,
-    add_simulation_arguments,
-    resolve,
-    simulate,
-)
+from simulations.commands import METHODS
+from simulations.simulate import Simulation, resolve, simulate
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("local", "fedavg", "fedmoco", "fedcontrast", "centralized", "centralized-skewed")
 FEDERATED = ("fedavg", "fedmoco", "fedcontrast")
 #: SimCLR: one network for both views, in-batch negatives, no queue (fedavg, local and both
 #: centralized methods);
@@ -353,20 +347,6 @@ def parse_list(text: str, item: Callable[[str], Any], flag: str) -> list[Any]:
     if not values:
         raise UsageError(f"{flag} is empty")
     return values
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    run = parser.add_argument_group("comparison")
-    run.add_argument("--out", type=Path, default=None,
-                     help="directory for the table, plot and one run per method and seed "
-                          "(default: runs/compare-DATASET-TIME)")
-    run.add_argument("--methods", default=",".join(METHODS),
-                     help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
-    run.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1 (default: 0)")
-    run.add_argument("--config", type=Path, default=None,
-                     help="start from a saved config.json (or a run directory); flags override it")
-    add_simulation_arguments(parser)
-    add_config_arguments(parser, FedConfig, defaults=SIMULATION_DEFAULTS)
 
 
 def run_compare(args: argparse.Namespace) -> int:

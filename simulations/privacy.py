@@ -34,20 +34,13 @@ from rich.console import Console
 
 from client.state import StateDir
 from common.cli import UsageError
-from common.config import FedConfig, add_config_arguments
+from common.config import FedConfig
 from common.datasets import load_dataset
 from common.rundir import RunDir
+from simulations.commands import PRIVATE_LOSS, SWEEP_DEFAULTS
 from simulations.compare import parse_list, random_init_figures, run_federated
-from simulations.simulate import SIMULATION_DEFAULTS, Simulation, add_simulation_arguments, resolve
+from simulations.simulate import Simulation, resolve
 
-#: What every run of the sweep shares so that DP-SGD applies (see module doc).
-PRIVATE_LOSS = {"in_batch": False, "queue_size": 0}
-#: The sweep's defaults: a DP configuration (each run then sets its own target and noise).
-#: Pushes at rate 0.05 with noise 4 cost epsilon 0.48 over 10 rounds (delta 1e-5), so
-#: even a target of 1 leaves room for DP-SGD.
-SWEEP_DEFAULTS: dict[str, Any] = {**SIMULATION_DEFAULTS, **PRIVATE_LOSS, "dp": True,
-                                  "target_epsilon": 8.0, "key_mode": "ema", "push_noise": 4.0,
-                                  "push_fraction": 0.05, "global_negatives": 256}
 #: The loss settings ``PRIVATE_LOSS`` and the sweep replace, at their FedConfig defaults:
 #: the federation as ``fedcontrast simulate`` trains it (in-batch and global negatives).
 DEFAULT_LOSS = {"in_batch": FedConfig.in_batch, "queue_size": FedConfig.queue_size,
@@ -245,26 +238,6 @@ def parse_epsilon(text: str) -> float:
     if not value > 0:
         raise ValueError(f"epsilon must be positive or inf, got {text}")
     return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    run = parser.add_argument_group("privacy sweep")
-    run.add_argument("--out", type=Path, default=None,
-                     help="directory for the table, plot and runs (default: runs/privacy-DATASET-TIME)")
-    run.add_argument("--epsilons", default="1,2,4,8,inf",
-                     help="comma-separated target epsilons; inf = the same federation without DP "
-                          "(default: 1,2,4,8,inf)")
-    run.add_argument("--push-axis-epsilon", type=float, default=8.0,
-                     help="the budget at which pushes with and without noise are compared "
-                          "(default: 8; 0 skips that axis)")
-    run.add_argument("--default-loss-reference", action=argparse.BooleanOptionalAction, default=True,
-                     help="also run the federation without DP and with the default loss "
-                          "(in-batch negatives, as `fedcontrast simulate` trains): what giving up "
-                          "the per-example loss costs on top of the noise (default: on)")
-    run.add_argument("--config", type=Path, default=None,
-                     help="start from a saved config.json (or a run directory); flags override it")
-    add_simulation_arguments(parser)
-    add_config_arguments(parser, FedConfig, defaults=SWEEP_DEFAULTS)
 
 
 def run_privacy(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from rich.console import Console
 
 from client.cli import evaluate_run, summary_table
 from common.cli import UsageError
-from common.config import FedConfig, add_config_arguments, from_args, read_config_values
+from common.config import FedConfig, from_args, read_config_values
 from common.flower_env import (
     ProcessTree,
     flower_env,
@@ -49,44 +49,10 @@ from server.deploy import (
     log_tail,
     refuse_finished_rounds,
 )
-from simulations.scenario import load_scenario, scenario_names
+from simulations.commands import SIMULATION_DEFAULTS
+from simulations.scenario import load_scenario
 
 logger = logging.getLogger(__name__)
-
-#: The simulation's own defaults where they differ from FedConfig's. Ten clients of
-#: ~145 digits each need small batches and several local epochs to learn within 10
-#: rounds (at batch 128 and 2 local epochs the encoder barely moved).
-SIMULATION_DEFAULTS: dict[str, Any] = {"rounds": 10, "local_epochs": 5, "batch_size": 32, "min_nodes": 1}
-
-
-def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of the simulated federation (shared by ``simulate``, ``compare`` and ``privacy``)."""
-    sim = parser.add_argument_group("simulation")
-    sim.add_argument("--scenario", default=None, metavar="NAME|FILE",
-                     help=f"start from a scenario: a TOML file or one of {', '.join(scenario_names())} "
-                          "(flags override it)")
-    sim.add_argument("--num-clients", type=int, default=None,
-                     help="virtual clients, each one partition of --dataset (default: 10)")
-    sim.add_argument("--client-cpus", type=int, default=None,
-                     help="CPU cores reserved per virtual client; clients running at once = "
-                          "cores / this (default: 1)")
-    sim.add_argument("--client-gpus", type=float, default=None,
-                     help="GPU share per virtual client, e.g. 0.25: four clients per GPU "
-                          "(default: 0, CPU only)")
-    sim.add_argument("--timeout", type=float, default=None,
-                     help="stop the simulation after this many seconds (default: no limit)")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    run = parser.add_argument_group("run")
-    run.add_argument("--out", type=Path, default=None,
-                     help="run directory (default: --resume's directory, or runs/sim-DATASET-TIME)")
-    run.add_argument("--resume", type=Path, default=None,
-                     help="continue this simulation's run directory up to --rounds")
-    run.add_argument("--config", type=Path, default=None,
-                     help="start from a saved config.json (or a run directory); flags override it")
-    add_simulation_arguments(parser)
-    add_config_arguments(parser, FedConfig, defaults=SIMULATION_DEFAULTS)
 
 
 class Simulation:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from client.node import add_arguments as client_arguments
+from client.commands import add_client_arguments as client_arguments
 from client.node import node_config, supernode_command
 from common.cli import UsageError
 from common.config import FedConfig, from_run_config
-from server.deploy import add_arguments as server_arguments
+from server.commands import add_server_arguments as server_arguments
 from server.deploy import (
     app_dir,
     queue_tls_run_config,

@@ -27,13 +27,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from client.app import NodeSettings, queue_root_certificates
-from client.node import add_arguments as client_arguments
+from client.commands import add_client_arguments as client_arguments
 from client.node import node_config, supernode_command
 from client.stub import QueueClient
 from common.cli import UsageError
 from common.flower_env import ProcessTree, flower_env, free_port
 from server.app import queue_tls
-from server.deploy import add_arguments as server_arguments
+from server.commands import add_server_arguments as server_arguments
 from server.deploy import queue_tls_run_config, read_public_keys, superlink_command
 from server.queue import NegativeQueue
 from server.service import QueueServer

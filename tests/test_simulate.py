@@ -23,10 +23,11 @@ from common.cli import UsageError
 from common.config import FedConfig, read_config_values
 from common.datasets import DatasetError, load_dataset
 from common.flower_env import ProcessTree
+from simulations.commands import add_simulate_arguments as add_arguments
 from simulations.compare import SIMCLR, _batches, client_batches, method_config, steps_per_round
 from simulations.privacy import SWEEP_DEFAULTS, parse_epsilon, run_settings
 from simulations.scenario import load_scenario, scenario_names
-from simulations.simulate import Simulation, add_arguments, resolve
+from simulations.simulate import Simulation, resolve
 
 FEDCONTRAST = str(Path(sys.executable).parent / "fedcontrast")
 TINY = ["--width", "8", "--embedding-dim", "16", "--batch-size", "32", "--global-negatives", "64",
@@ -202,7 +203,7 @@ def test_privacy_sweep_settings_keep_the_federation_and_change_only_privacy():
 
 
 def parse_privacy(*argv: str) -> argparse.Namespace:
-    from simulations.privacy import add_arguments as add_privacy
+    from simulations.commands import add_privacy_arguments as add_privacy
 
     parser = argparse.ArgumentParser()
     add_privacy(parser)
