@@ -14,6 +14,7 @@ help:
 	@echo "make lint   ruff over the project"
 	@echo "make proto  regenerate proto/negatives_pb2*.py from proto/negatives.proto"
 	@echo "make bench  run the quick benchmarks (results in bench/results/)"
+	@echo "make clean  remove runs/ and .pytest_cache (.venv stays)"
 
 setup: $(VENV)/.installed
 

@@ -28,3 +28,12 @@ def test_every_settings_flag_is_in_the_reference():
     ref = docs.reference()
     for f in dataclasses.fields(FedConfig):
         assert f"`{flag_name(f.name)}`" in ref
+
+
+def test_make_help_names_every_target():
+    makefile = (ROOT / "Makefile").read_text()
+    phony = next(line for line in makefile.splitlines() if line.startswith(".PHONY:"))
+    targets = set(phony.split(":", 1)[1].split()) - {"help"}
+    helped = {line.split('"make ', 1)[1].split()[0] for line in makefile.splitlines()
+              if line.strip().startswith('@echo "make ')}
+    assert targets and targets == helped, (targets, helped)
