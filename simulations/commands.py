@@ -19,7 +19,7 @@ from simulations.scenario import scenario_names
 SIMULATION_DEFAULTS: dict[str, Any] = {"rounds": 10, "local_epochs": 5, "batch_size": 32, "min_nodes": 1}
 #: The methods ``compare`` runs side by side (see :mod:`simulations.compare`).
 METHODS = ("local", "fedavg", "fedmoco", "fedcontrast", "centralized", "centralized-skewed")
-#: What every run of the sweep shares so that DP-SGD applies (see module doc).
+#: What every run of the sweep shares so that DP-SGD applies (see :mod:`simulations.privacy`).
 PRIVATE_LOSS = {"in_batch": False, "queue_size": 0}
 #: The sweep's defaults: a DP configuration (each run then sets its own target and noise).
 #: Pushes at rate 0.05 with noise 4 cost epsilon 0.48 over 10 rounds (delta 1e-5), so
