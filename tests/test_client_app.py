@@ -171,6 +171,10 @@ def test_nothing_on_the_wire_contains_a_local_example(images, queue_server, tmp_
     assert torch.allclose(rows.float().norm(dim=1), torch.ones(48), atol=1e-3)
     for row in rows.float().numpy():
         assert not any(contains(row, s[: CFG.embedding_dim]) for s in samples)
+    # nor a normalised stretch of pixels, the shape a unit-norm row could smuggle one in
+    windows = torch.from_numpy(samples).unfold(1, CFG.embedding_dim, 1).reshape(-1, CFG.embedding_dim)
+    windows = torch.nn.functional.normalize(windows.float()[windows.norm(dim=1) > 0], dim=1)
+    assert (rows.float() @ windows.T).max() < 0.999
 
 
 def test_state_survives_processes_and_moves_the_random_stream(images, queue_server, tmp_path):

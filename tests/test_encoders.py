@@ -62,14 +62,14 @@ def test_no_batchnorm_by_default(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["cnn", "resnet18"])
 def test_default_models_pass_opacus_validation(name: str) -> None:
-    validators = pytest.importorskip("opacus.validators")
+    from opacus import validators  # a dependency; imported here, as only DP needs it
     model = build_encoder(name, in_channels=3)
     assert validators.ModuleValidator.validate(model, strict=False) == []
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_opacus_computes_per_sample_gradients_for_every_parameter() -> None:
-    opacus = pytest.importorskip("opacus")
+    import opacus
     model = opacus.GradSampleModule(build_encoder("cnn", in_channels=1, embedding_dim=8, width=4))
     model(torch.rand(5, 1, 8, 8)).sum().backward()
     for name, p in model.named_parameters():

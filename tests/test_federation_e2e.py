@@ -93,11 +93,18 @@ def initial_weights(cfg: FedConfig) -> dict[str, torch.Tensor]:
                          width=cfg.width).state_dict()
 
 
-@pytest.mark.timeout(240)
-def test_two_clients_two_rounds(deployment):
+@pytest.fixture(scope="module")
+def two_round_run(deployment) -> Path:
+    """The 2-round run of both nodes; test_resume_continues_numbering goes on from it."""
     run = deployment.root / "run-a"
     rc = deployment.run_server(run, *SMALL, timeout=220)
     assert rc == 0, deployment.log("server-run-a.log") + (run / "server.log").read_text()[-3000:]
+    return run
+
+
+@pytest.mark.timeout(240)
+def test_two_clients_two_rounds(deployment, two_round_run):
+    run = two_round_run
 
     for name in ("config.json", "versions.json", "metrics.csv", "metrics.jsonl", "encoder.pt",
                  "queue.pt", "summary.json", "curves.png"):
@@ -131,11 +138,9 @@ def test_two_clients_two_rounds(deployment):
         assert state["client_id"] == f"c{i}" and state["rounds_trained"] >= 2
 
 
-@pytest.mark.timeout(180)
-def test_resume_continues_numbering(deployment):
-    run = deployment.root / "run-a"
-    if not (run / "encoder.pt").exists():
-        pytest.skip("needs the run of test_two_clients_two_rounds")
+@pytest.mark.timeout(420)  # the 2-round run too, when this test runs alone
+def test_resume_continues_numbering(deployment, two_round_run):
+    run = two_round_run
     steps_after_2 = float(read_checkpoint(run / "encoder.pt")["optimizer_state"]["optimizer.step"])
     rc = deployment.run_server(run, "--resume", str(run), "--rounds", "3", timeout=160)
     assert rc == 0, (run / "server.log").read_text()[-3000:]

@@ -96,8 +96,6 @@ def _floor(requirements: list[str], name: str) -> tuple[int, ...] | None:
 
 def test_pyproject_floors_cover_the_generated_code():
     pyproject = ROOT / "pyproject.toml"
-    if not pyproject.exists():
-        pytest.skip("no pyproject.toml yet")
     requirements = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
     grpc_version, protobuf_version = generated_versions()
     for name, needed in (

@@ -279,10 +279,16 @@ def test_rows_within_tolerance_are_renormalised():
     assert torch.allclose(rows.norm(dim=1), torch.ones(3), atol=1e-6)
 
 
-def test_noisy_float16_rows_renormalised_by_the_client_pass():
-    noisy = F.normalize(unit(32) + 0.5 * torch.randn(32, DIM), dim=1).half()
+def test_float16_rounded_unit_rows_are_accepted_and_kept_unit_norm():
+    # What a client sends by default: rows normalised in float32, then rounded to float16
+    # (their norms are 1 only to float16 precision, which the queue's check must allow).
+    rounded = F.normalize(unit(32) + 0.5 * torch.randn(32, DIM), dim=1).half()
+    assert (rounded.float().norm(dim=1) - 1).abs().max() > 0  # not exactly unit any more
     queue = NegativeQueue(64, DIM)
-    assert queue.push(0, noisy, version=0) == 32
+    assert queue.push(0, rounded, version=0) == 32
+    rows, _ = queue.pull(32, policy="recent")
+    assert torch.allclose(rows.float().norm(dim=1), torch.ones(32), atol=1e-3)
+    assert torch.allclose(rows.float(), rounded.float(), atol=1e-3)
 
 
 def test_float16_storage_keeps_rows_to_float16_precision(tmp_path):

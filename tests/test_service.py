@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -184,8 +185,12 @@ def test_bad_token_maps_are_refused(queue):
 
 
 def test_a_second_server_cannot_take_a_bound_port(server, queue):
-    with pytest.raises(OSError):
-        QueueServer(queue, TOKENS, port=server.port).start()
+    second = QueueServer(queue, TOKENS, port=server.port)
+    try:
+        with pytest.raises(OSError):
+            second.start()
+    finally:
+        second.stop()  # had it started wrongly, it must not outlive the test
 
 
 # ----------------------------------------------------------- refused requests
@@ -417,24 +422,35 @@ def _start_command(args: list[str]) -> tuple[subprocess.Popen, str]:
         "args = build_parser({c.name: c}).parse_args(sys.argv[1:]); sys.exit(args._run(args))"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    errors = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe nobody drains
     process = subprocess.Popen(
         [sys.executable, "-c", script, "queue-server", *args],
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=errors,
         text=True,
     )
-    line = process.stdout.readline()
-    if "listening on" not in line:
+    process.errors = errors
+    try:  # also when the test times out while waiting for the first line
+        line = process.stdout.readline()
+        if "listening on" not in line:
+            raise AssertionError(f"queue-server did not start: {line!r} {_stderr(process)}")
+    except BaseException:
         process.kill()
-        raise AssertionError(f"queue-server did not start: {line!r} {process.stderr.read()}")
+        process.wait()
+        raise
     return process, line.split("listening on ", 1)[1].split()[0]
+
+
+def _stderr(process: subprocess.Popen) -> str:
+    process.errors.seek(0)
+    return process.errors.read()
 
 
 def _stop_command(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGTERM)
     try:
-        assert process.wait(timeout=20) == 0, process.stderr.read()
+        assert process.wait(timeout=20) == 0, _stderr(process)
     finally:
         if process.poll() is None:
             process.kill()
