@@ -162,10 +162,17 @@ def test_resume_continues_numbering(deployment, two_round_run):
 def test_push_phase_reaches_every_node_before_training(deployment):
     # --push-timing before: a QUERY message per node, answered by the ClientApp's push
     # handler in the real SuperNode, fills the queue before the TRAIN messages go out.
+    # The same run aggregates with a robust rule, on the real nodes' replies.
     run = deployment.root / "run-push"
     rc = deployment.run_server(run, "--rounds", "1", *SMALL[2:], "--push-timing", "before",
-                               timeout=180)
+                               "--aggregation", "fedmedian", timeout=180)
     assert rc == 0, deployment.log("server-run-push.log") + (run / "server.log").read_text()[-3000:]
+    cfg = load_config(run)
+    assert cfg.aggregation == "fedmedian"
+    checkpoint = read_checkpoint(run / "encoder.pt")
+    assert checkpoint["round"] == 1 and float(checkpoint["optimizer_state"]["optimizer.step"]) > 0
+    start = initial_weights(cfg)
+    assert any(not torch.equal(start[k], v) for k, v in checkpoint["state_dict"].items())
     (row,) = rows(run)
     assert row["push_phase_replied"] == 2 and row["pushed_rows"] > 0 and row["push_failures"] == 0
     # round 1 of a fresh queue, yet the steps found the other node's rows from the start
