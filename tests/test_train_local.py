@@ -149,5 +149,16 @@ def test_evaluate_a_saved_run_reports_probes_beside_random_init(tmp_path):
     assert figures["trained"]["uniformity_head"] <= 0 and figures["random_init"]["uniformity_head"] <= 0
     # the trained encoder and the random init are two encoders, not one evaluated twice
     assert figures["trained"]["uniformity_head"] != figures["random_init"]["uniformity_head"]
+    # --dataset: the same encoder on other data of the same image shape, an .npz here
+    other = tmp_path / "other.npz"
+    rng = np.random.default_rng(0)
+    np.savez(other, x_train=rng.integers(0, 256, (60, 8, 8), dtype=np.uint8),
+             y_train=np.arange(60) % 3, x_test=rng.integers(0, 256, (30, 8, 8), dtype=np.uint8),
+             y_test=np.arange(30) % 3)
+    r = fedcontrast("evaluate", str(out), "--dataset", str(other), "--json", str(tmp_path / "o.json"))
+    assert r.returncode == 0, r.stderr
+    on_other = json.loads((tmp_path / "o.json").read_text())
+    assert on_other["dataset"] == "other" and figures["dataset"] == "digits"  # named by its stem
+    assert on_other["trained"]["knn_backbone"] != figures["trained"]["knn_backbone"]
     r = fedcontrast("evaluate", str(tmp_path / "missing"))
     assert r.returncode == 2 and "no run directory" in r.stderr
