@@ -6,10 +6,10 @@ declares its own under the ``fedcontrast.commands`` entry-point group in
 ``common`` free of federation code.
 
 An entry point names a :class:`Command` in a light module (``client/commands.py``
-and its siblings import nothing heavy). Its ``add_arguments`` and ``run`` are
-usually :func:`deferred` references into the module that does the work, so
-``fedcontrast --help`` imports no torch or Flower and ``fedcontrast NAME`` imports
-only NAME's module. ``run`` returns the exit status; raising :class:`UsageError`
+and its siblings import nothing heavy), which also defines the command's flags; its
+``run`` is a :func:`deferred` reference into the module that does the work. So
+``fedcontrast --help`` and ``fedcontrast NAME --help`` import no torch or Flower, and
+running NAME imports only NAME's code. ``run`` returns the exit status; raising :class:`UsageError`
 (or ``ValueError`` / ``FileNotFoundError`` from argument checking) prints one
 line on stderr and exits with status 2, without a traceback.
 """
