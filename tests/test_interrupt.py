@@ -1,0 +1,114 @@
+"""Ctrl-C and SIGTERM: `fedcontrast server` and `fedcontrast client` stop what they started.
+
+Both start Flower processes in sessions of their own (a terminal's Ctrl-C does not reach
+them), so the command itself must stop them: the SuperLink, its ServerApp process and
+`flwr run` for the server; the SuperNode for a client. Each test records every process
+the command started, interrupts the command alone, and checks that none is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common.flower_env import ProcessTree, descendants, flower_env, free_port, wait_for_port
+
+pytestmark = pytest.mark.e2e
+
+FEDCONTRAST = str(Path(sys.executable).parent / "fedcontrast")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _running(pids: set[int]) -> dict[int, str]:
+    """Those of ``pids`` still running (zombies excluded: nothing runs in them), with their
+    command lines."""
+    alive = {}
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2:].split()[0] != "Z":
+            alive[pid] = _cmdline(pid)
+    return alive
+
+
+def _wait_for_child(proc: subprocess.Popen, needle: str, log: Path, timeout: float) -> set[int]:
+    """The command's process tree once a process whose command line has ``needle`` runs in it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        tree = descendants({proc.pid}) - {proc.pid}
+        if any(needle in _cmdline(pid) for pid in tree):
+            return tree
+        time.sleep(0.5)
+    pytest.fail(f"no {needle} process after {timeout} s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def _assert_all_gone(started: set[int], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _running(started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _running(started), f"left running: {_running(started)}"
+
+
+def _kill(started: set[int]) -> None:
+    """The test's own clean-up, also on failure: once the command is gone, what it left
+    is no descendant of anything the test's ProcessTree started."""
+    for pid in _running(started):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_stops_the_server_and_every_flower_process_it_started(tmp_path):
+    port = free_port()
+    log = tmp_path / "server.log"
+    with ProcessTree() as tree:  # stops everything also when the test fails
+        proc = tree.start(
+            [FEDCONTRAST, "server", "--insecure", "--port", str(port), "--out", str(tmp_path / "run"),
+             "--flwr-home", str(tmp_path / "home"), "--rounds", "1", "--min-nodes", "1",
+             "--wait-nodes-timeout", "600", "--width", "8"],
+            env=flower_env(tmp_path / "home"), log=log, cwd=tmp_path)
+        assert wait_for_port("127.0.0.1", port, timeout=120), log.read_text(errors="replace")
+        # The run is submitted and its ServerApp waits for nodes that never come.
+        started = _wait_for_child(proc, "flwr-serverapp", log, timeout=120)
+        try:
+            assert any("flower-superlink" in _cmdline(pid) for pid in started)
+            proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the command
+            assert proc.wait(timeout=60) == 130, log.read_text(errors="replace")[-3000:]
+            _assert_all_gone(started)
+            assert "interrupted" in log.read_text(errors="replace")
+            assert not wait_for_port("127.0.0.1", port, timeout=1)  # the SuperLink's port is free
+        finally:
+            _kill(started)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_the_client_and_its_supernode(tmp_path):
+    log = tmp_path / "client.log"
+    with ProcessTree() as tree:
+        # A SuperLink address where nothing listens: the SuperNode keeps trying to connect.
+        proc = tree.start(
+            [FEDCONTRAST, "client", "--superlink", f"127.0.0.1:{free_port()}", "--insecure",
+             "--partition-id", "0", "--num-partitions", "2", "--state-dir", str(tmp_path / "state"),
+             "--flwr-home", str(tmp_path / "home")],
+            log=log, cwd=tmp_path)
+        started = _wait_for_child(proc, "flower-supernode", log, timeout=90)
+        try:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 130, log.read_text(errors="replace")[-3000:]
+            _assert_all_gone(started)
+        finally:
+            _kill(started)
