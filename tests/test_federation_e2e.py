@@ -162,11 +162,15 @@ def test_resume_continues_numbering(deployment, two_round_run):
 def test_push_phase_reaches_every_node_before_training(deployment):
     # --push-timing before: a QUERY message per node, answered by the ClientApp's push
     # handler in the real SuperNode, fills the queue before the TRAIN messages go out.
-    # The same run aggregates with a robust rule, on the real nodes' replies.
+    # The same run aggregates with a robust rule, on the real nodes' replies, and serves
+    # the queue on a fixed port, as across machines.
     run = deployment.root / "run-push"
+    queue_port = free_port()
     rc = deployment.run_server(run, "--rounds", "1", *SMALL[2:], "--push-timing", "before",
-                               "--aggregation", "fedmedian", timeout=180)
+                               "--aggregation", "fedmedian", "--queue-host", "127.0.0.1",
+                               "--queue-port", str(queue_port), timeout=180)
     assert rc == 0, deployment.log("server-run-push.log") + (run / "server.log").read_text()[-3000:]
+    assert f"queue at 127.0.0.1:{queue_port} " in (run / "server.log").read_text()
     cfg = load_config(run)
     assert cfg.aggregation == "fedmedian"
     checkpoint = read_checkpoint(run / "encoder.pt")
