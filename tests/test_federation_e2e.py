@@ -1,4 +1,5 @@
 """End to end: a real SuperLink and two real SuperNodes on loopback, runs submitted by `fedcontrast server`.
+One node trains on its partition of the run's dataset, the other on a file of its own.
 
 One deployment serves every scenario (each Flower message starts a ClientApp process
 that imports torch: rounds cost 15-30 s on two shared cores). The scenarios run in
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,12 +46,30 @@ class Deployment:
                          "--host", "127.0.0.1", "--port", str(self.port)],
                         env=self.env, log=self.root / "superlink.log", cwd=self.root)
         assert wait_for_port("127.0.0.1", self.port, timeout=60), self.log("superlink.log")
+        # Node 0 trains on its partition of the run's dataset; node 1 on a file of its own
+        # (`--data-path`, the second half of the digits), as a site with private data would.
+        own_data = [["--partition-id", "0", "--num-partitions", "2"],
+                    ["--data-path", str(self._site_file(self.root / "site1.npz"))]]
         for i in range(2):
             self.clients.append(self.tree.start(
-                [FEDCONTRAST, "client", "--superlink", self.address, "--insecure",
-                 "--partition-id", str(i), "--num-partitions", "2", "--client-id", f"c{i}",
-                 "--state-dir", str(self.root / f"state{i}"), "--flwr-home", str(self.root / f"home{i}")],
+                [FEDCONTRAST, "client", "--superlink", self.address, "--insecure", *own_data[i],
+                 "--client-id", f"c{i}", "--state-dir", str(self.root / f"state{i}"),
+                 "--flwr-home", str(self.root / f"home{i}")],
                 env=self.env, log=self.root / f"client{i}.log", cwd=self.root))
+
+    @staticmethod
+    def _site_file(path: Path) -> Path:
+        from common.datasets import load_dataset
+
+        data = load_dataset("digits")
+        half = len(data.x_train) // 2
+
+        def images(x: torch.Tensor) -> np.ndarray:
+            return (x[:, 0] * 255).round().to(torch.uint8).numpy()
+
+        np.savez(path, x_train=images(data.x_train[half:]), y_train=data.y_train[half:].numpy(),
+                 x_test=images(data.x_test), y_test=data.y_test.numpy())
+        return path
 
     def server(self, out: Path, *args: str) -> subprocess.Popen:
         """`fedcontrast server` against this SuperLink, started in the background."""
