@@ -60,7 +60,7 @@ from client.state import StateDir, check_client_id, default_state_dir
 from client.stub import GlobalNegatives, QueueClient
 from client.trainer import ContrastiveTrainer, make_optimizer
 from common import optim_state, plugins
-from common.config import FedConfig, from_run_config, resolve_device
+from common.config import FedConfig, from_run_config, push_quota, resolve_device
 from common.datasets import load_dataset
 from common.encoders import ContrastiveModel, build_encoder
 from common.evaluation import paired_views
@@ -205,16 +205,20 @@ def push_keys(
     Keys are embeddings of one augmented view, as the keys of the local loss are;
     every row carries ``version``, the round whose encoder computed it.
 
-    Under DP (``cfg.dp``) the pushed examples are a Poisson sample at rate
-    ``push_fraction`` drawn from ``dp_generator`` (secret), and with ``push_noise > 0``
+    Without DP at most :func:`~common.config.push_quota` rows are pushed, the most the
+    queue takes from one node per round. Under DP (``cfg.dp``) the pushed examples are a
+    Poisson sample at rate ``push_fraction`` drawn from ``dp_generator`` (secret), which
+    is not cut to the quota (a cut would make one example's release depend on how many
+    others were drawn): rows beyond it are refused by the queue. With ``push_noise > 0``
     every row is released as ``normalize(row + N(0, push_noise^2 I))``.
     """
     if cfg.dp:
         if dp_generator is None:
             raise ValueError("push_keys with --dp true needs the secret dp_generator")
         chosen = poisson_sample(x.shape[0], cfg.push_fraction, dp_generator)
-    else:
-        chosen = torch.randperm(x.shape[0], generator=generator)[:round(cfg.push_fraction * x.shape[0])]
+    else:  # at most the queue's quota per node: more would be refused
+        count = min(round(cfg.push_fraction * x.shape[0]), push_quota(cfg))
+        chosen = torch.randperm(x.shape[0], generator=generator)[:count]
     n = chosen.numel()
     if n == 0:
         return

@@ -134,6 +134,8 @@ class FedConfig(TrainConfig):
     classes_per_client: int = _f(2, "classes per client (partitioner shards)")
     global_negatives: int = _f(64, "negatives pulled from the global queue per step (0: none)")
     queue_capacity: int = _f(4096, "rows held by the global queue")
+    queue_quota: int = _f(0, "most rows one node may push per round; its pushes beyond are "
+                             "refused (0: a quarter of --queue-capacity)")
     max_age: int = _f(1, "rows older than this many rounds are evicted and never pulled")
     push_fraction: float = _f(0.2, "fraction of local examples whose keys are pushed per round")
     push_timing: str = _f(
@@ -336,6 +338,13 @@ def load_config(path: str | Path) -> TrainConfig:
     return cls(**{k: v for k, v in values.items() if k in known})
 
 
+def push_quota(cfg: FedConfig) -> int:
+    """Rows one node may push per round (per encoder version): ``--queue-quota``, or a
+    quarter of the queue's capacity. It bounds what one node, honest or not, holds of the
+    queue: ``quota * (max_age + 1)`` rows at most."""
+    return cfg.queue_quota or max(1, cfg.queue_capacity // 4)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise ``ValueError`` naming the first setting that is out of range."""
 
@@ -380,6 +389,7 @@ def validate(cfg: TrainConfig) -> None:
         need(cfg.classes_per_client >= 1, "classes_per_client", "must be at least 1")
         need(cfg.global_negatives >= 0, "global_negatives", "must be zero or more")
         need(cfg.queue_capacity > 0, "queue_capacity", "must be positive")
+        need(cfg.queue_quota >= 0, "queue_quota", "must be zero (a quarter of the capacity) or more")
         need(cfg.max_age >= 0, "max_age", "must be zero or more")
         need(0 <= cfg.push_fraction <= 1, "push_fraction", "must be in [0, 1]")
         need(cfg.refresh_every >= 1, "refresh_every", "must be at least 1")

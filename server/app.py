@@ -37,7 +37,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import optim_state
 from common.checkpoint import encoder_spec, read_checkpoint, save_encoder
-from common.config import FedConfig, from_run_config, resolve_device
+from common.config import FedConfig, from_run_config, push_quota, resolve_device
 from common.datasets import Dataset, load_dataset
 from common.encoders import ContrastiveModel, build_encoder
 from common.evaluation import evaluate_encoder
@@ -67,7 +67,8 @@ def lifespan(context: Context) -> Iterator[None]:
     route_logs_to_flower()
     cfg = from_run_config(FedConfig, context.run_config)
     tls = queue_tls(context.run_config)
-    queue = NegativeQueue(cfg.queue_capacity, cfg.embedding_dim, max_age=cfg.max_age)
+    queue = NegativeQueue(cfg.queue_capacity, cfg.embedding_dim, max_age=cfg.max_age,
+                          quota_per_version=push_quota(cfg))
     server = QueueServer(queue, {}, host=cfg.queue_host, port=cfg.queue_port, tls=tls)
     server.start()
     _service.update(queue=queue, server=server, tls=tls is not None)

@@ -15,8 +15,8 @@ from common.config import DEFAULT_MAX_MESSAGE_BYTES, FedConfig, add_config_argum
 STORAGE_DTYPE_NAMES = ("float16", "float32")
 TOKENS_FILE_HELP = (
     "tokens file: one 'TOKEN SLOT' pair per line, SLOT a contributor number >= 0 or the word "
-    "'admin' (may call Advance and Stats, owns no rows); '#' starts a comment; keep it private "
-    "(mode 600)"
+    "'admin' (may call Advance and Stats only: no Push, no Pull); '#' starts a comment; keep it "
+    "private (mode 600)"
 )
 
 

@@ -5,7 +5,7 @@ metadata key :data:`TOKEN_METADATA_KEY`. The server maps contributor tokens to
 contributor slots (set by the run: the Flower ServerApp issues one per node and
 hands it over Flower's authenticated channel; the standalone command reads a
 tokens file) and keeps a separate set of admin tokens, which may call
-``Advance`` and ``Stats`` but own no rows. The health service
+``Advance`` and ``Stats`` but neither push nor pull rows. The health service
 (``grpc.health.v1.Health``) needs no token, so probes work without secrets.
 
 Status codes: missing or unknown token ``UNAUTHENTICATED``; a token of the wrong
@@ -55,8 +55,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NegativeQueue"].full_name
-#: Room left in a reply for everything but the rows (versions, framing).
+#: Room left in a reply for everything but the rows and their versions (framing, fields).
 _REPLY_OVERHEAD_BYTES = 64 * 2**10
+#: Most bytes a row's version takes in a reply that asks for versions (an int64 varint).
+_VERSION_BYTES = 10
 _POLICIES = {
     pb.SAMPLE_POLICY_UNSPECIFIED: "uniform",
     pb.SAMPLE_POLICY_UNIFORM: "uniform",
@@ -216,6 +218,10 @@ class NegativeQueueServicer(pb_grpc.NegativeQueueServicer):
         wraps every method of this service, sends the bytes as they are.
         """
         caller = _CALLER.get()
+        if caller.contributor is None:  # an operator's token: it owns no rows and reads none
+            self._refuse(
+                context, grpc.StatusCode.PERMISSION_DENIED, "admin tokens cannot pull rows"
+            )
         problem = None
         if not 0 <= request.count <= self._max_pull:
             problem = f"count must be in [0, {self._max_pull}], got {request.count}"
@@ -297,12 +303,12 @@ class QueueServer:
     Args:
         queue: the queue to serve (the owner keeps calling ``advance`` on it).
         tokens: contributor token -> contributor slot (a small int >= 0).
-        admin_tokens: tokens that may call ``Advance``/``Stats`` and own no rows.
+        admin_tokens: tokens that may call ``Advance``/``Stats`` (not ``Push``/``Pull``).
         host, port: where to listen; port 0 picks a free port (see :attr:`port`).
         tls: server certificate and key; ``None`` serves without TLS (loopback only).
         max_message_bytes: largest message accepted or sent.
         max_pull: most rows one Pull may ask for; larger counts are refused
-            (default: what fits in a float32 reply under ``max_message_bytes``).
+            (default: what fits in a float32 reply with versions under ``max_message_bytes``).
         max_workers: threads serving RPCs.
     """
 
@@ -319,7 +325,8 @@ class QueueServer:
         max_pull: int | None = None,
         max_workers: int = 8,
     ) -> None:
-        fits = (max_message_bytes - _REPLY_OVERHEAD_BYTES) // (queue.dim * 4)
+        # A float32 row and its version, so that any Pull up to max_pull fits in a reply.
+        fits = (max_message_bytes - _REPLY_OVERHEAD_BYTES) // (queue.dim * 4 + _VERSION_BYTES)
         if fits < 1:
             raise ValueError(
                 f"max_message_bytes {max_message_bytes} is too small for rows of dim {queue.dim}"

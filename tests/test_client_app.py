@@ -18,7 +18,7 @@ from client.app import NodeSettings
 from client.state import StateDir, default_state_dir
 from client.stub import QueueClient
 from common import optim_state
-from common.config import FedConfig, to_run_config
+from common.config import FedConfig, push_quota, to_run_config
 from common.encoders import build_encoder
 from common.flower_env import free_port
 from common.wire import TOKEN_METADATA_KEY
@@ -95,6 +95,20 @@ def test_reply_follows_the_contract_and_pushes_reach_the_queue(images, queue_ser
     assert m["num-examples"] == 96 and m["global-hits"] > 0 and m["global-misses"] == 0
     assert m["pushed-rows"] == 48 and m["push-failures"] == 0 and m["epsilon"] == -1.0
     assert len(queue) == 48 and queue.stats()["age_histogram"][0] == 48  # pushed at version 1
+
+
+def test_pushes_stop_at_the_queues_quota_per_node(images, tmp_path):
+    # The ServerApp's queue takes push_quota(cfg) rows per node and round; a node without
+    # DP pushes no more than that, so none of its pushes is refused.
+    path, _ = images
+    cfg = replace(CFG, queue_quota=20)  # push_fraction 0.5 of 96 would be 48
+    assert push_quota(cfg) == 20 and push_quota(replace(cfg, queue_quota=0)) == cfg.queue_capacity // 4
+    queue = NegativeQueue(1024, cfg.embedding_dim, max_age=cfg.max_age, quota_per_version=push_quota(cfg))
+    queue.advance(1)
+    with QueueServer(queue, {TOKEN: 0}) as server:
+        reply = client_app.train(train_message(server.address), context(node_config(path, tmp_path), cfg))
+    m = reply.content["metrics"]
+    assert m["pushed-rows"] == 20 and m["push-failures"] == 0 and len(queue) == 20
 
 
 def test_optimiser_state_sent_with_the_weights_is_continued_and_sent_back(images, tmp_path):

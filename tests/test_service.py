@@ -237,6 +237,8 @@ BAD_REQUESTS = {
     "push without token": ("Push", _push(), None, UNAUTHENTICATED),
     "push with unknown token": ("Push", _push(), "token-z", UNAUTHENTICATED),
     "pull without token": ("Pull", pb.PullRequest(count=1), None, UNAUTHENTICATED),
+    "pull with admin token": ("Pull", pb.PullRequest(count=1), ADMIN, DENIED),
+    "own rows with admin token": ("Pull", pb.PullRequest(count=1, only_own=True), ADMIN, DENIED),
     "stats with unknown token": ("Stats", pb.StatsRequest(), "nope", UNAUTHENTICATED),
     "negative count": ("Pull", pb.PullRequest(count=-1), A, INVALID),
     "huge count": ("Pull", pb.PullRequest(count=2**40), A, INVALID),
@@ -295,6 +297,24 @@ def test_oversized_message_is_refused_by_the_configured_limit(raw, queue, tmp_pa
         raw.Push(_push(rows), metadata=meta(), timeout=5)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     _assert_same_state(before, _state(queue, tmp_path / "after.pt"))
+
+
+@pytest.mark.timeout(60)
+def test_the_largest_pull_allowed_fits_in_a_reply_with_its_versions():
+    # Small rows and large versions: the versions' varints are a large share of the reply.
+    limit, version = 2**20, 2**40
+    fits = QueueServer(NegativeQueue(1, 2), {}, max_message_bytes=limit).max_pull
+    queue = NegativeQueue(fits, 2, max_age=0)
+    queue.advance(version)
+    queue.push(0, F.normalize(torch.randn(fits, 2), dim=1), version=version)
+    with QueueServer(queue, {"t": 0}, max_message_bytes=limit) as server, grpc.insecure_channel(
+        server.address, options=[("grpc.max_receive_message_length", 2 * limit)]
+    ) as channel:
+        assert server.max_pull == fits
+        request = pb.PullRequest(count=fits, max_age=0, include_versions=True)
+        reply = pb_grpc.NegativeQueueStub(channel).Pull(request, metadata=((TOKEN_METADATA_KEY, "t"),), timeout=30)
+    assert len(reply.versions) == fits and set(reply.versions) == {version}
+    assert reply.ByteSize() <= limit
 
 
 def test_bytes_that_are_no_message_are_invalid_argument(server, queue, tmp_path):
