@@ -216,10 +216,12 @@ class ContrastiveTrainer:
         if negatives is None and not self.cfg.in_batch and x.shape[0] > 0:
             # No in-batch negatives and every source empty (round 1 of a fresh queue,
             # an unreachable service): random unit vectors are data-independent
-            # negatives that keep the loss defined without touching private data.
+            # negatives that keep the loss defined without touching private data. Their
+            # number is fixed by the config, not the batch: under DP the batch size is a
+            # Poisson draw, and one example's loss must not depend on how many others came.
+            count = max(1, getattr(self.cfg, "global_negatives", 0) or self.cfg.batch_size)
             negatives = nn.functional.normalize(
-                torch.randn(max(1, x.shape[0]), self.model.embedding_dim, generator=self.generator),
-                dim=1,
+                torch.randn(count, self.model.embedding_dim, generator=self.generator), dim=1,
             ).to(self.device)
         x = x.to(self.device, non_blocking=True)
         loss, keys = self.loss_on(x, negatives, log_weights)

@@ -7,7 +7,7 @@ import torch
 
 from client.negatives import LocalQueue
 from client.trainer import ContrastiveTrainer, cosine_lr
-from common.config import TrainConfig
+from common.config import FedConfig, TrainConfig
 from common.datasets import load_dataset
 from common.encoders import build_encoder
 from common.evaluation import evaluate_encoder
@@ -82,8 +82,9 @@ def test_sources_are_consulted_and_see_the_keys(digits):
     queue = LocalQueue(100, cfg.embedding_dim)
     t = ContrastiveTrainer(_model(cfg), cfg, device=CPU, sources=[queue])
     _, k, had = t.train_step(digits.x_train[:20])
-    # first step: the queue is empty, random unit vectors stand in, nothing from sources
-    assert not had and k == 20 and len(queue) == 20
+    # first step: the queue is empty, random unit vectors stand in (as many as a full
+    # batch, whatever this batch holds), nothing from sources
+    assert not had and k == cfg.batch_size and len(queue) == 20
     _, k, had = t.train_step(digits.x_train[20:50])
     assert had and k == 20 and len(queue) == 50
 
@@ -93,3 +94,21 @@ def test_epoch_counts_examples_and_steps(digits):
     stats = ContrastiveTrainer(_model(cfg), cfg, device=CPU).train_epoch(digits.x_train[:301])
     # 301 = 3 full batches + 1 leftover example, which cannot be contrasted and is dropped
     assert (stats.steps, stats.examples) == (3, 300)
+
+
+def test_random_stand_in_negatives_do_not_depend_on_the_batch(digits):
+    # Under DP the batch is a Poisson draw: one example's loss must not change with how many
+    # others were drawn, so the stand-ins for an empty queue are as many as the config says.
+    cfg = FedConfig(in_batch=False, global_negatives=24, width=8, batch_size=16)
+    t = ContrastiveTrainer(_model(cfg), cfg, device=CPU)  # no sources: every step falls back
+    seen = []
+    loss_on = t.loss_on
+
+    def recording(x, negatives, log_weights=None):
+        seen.append(negatives.shape[0])
+        return loss_on(x, negatives, log_weights)
+
+    t.loss_on = recording
+    for n in (3, 9, 16):
+        t.train_step(digits.x_train[:n])
+    assert seen == [24, 24, 24]
