@@ -11,8 +11,8 @@ Node config keys:
   node computes the same split on its own;
 - ``data-path``: a local ``.npz`` file, or a dataset plug-in ``package.module:name[:ARG]``
   (see :mod:`common.datasets`), used instead;
-- ``client-id``: stable identity (default ``partition-<id>``), names the state
-  directory;
+- ``client-id``: stable identity (default ``partition-<id>``; required with
+  ``data-path``), names the state directory;
 - ``state-dir``: where the client's state lives (see :mod:`client.state`);
 - ``queue-root-certificates``: absolute path of the PEM CA that verifies the negative
   queue's TLS certificate (``fedcontrast client --root-certificates CA`` sets it to
@@ -105,7 +105,11 @@ class NodeSettings:
                 raise ValueError(
                     f"node config partition-id {pid} must be in [0, num-partitions {parts})"
                 )
-        client_id = check_client_id(str(node_config.get("client-id") or f"partition-{pid}"))
+        client_id = node_config.get("client-id") or (None if data_path else f"partition-{pid}")
+        if client_id is None:  # two such nodes would otherwise share one state and accountant
+            raise ValueError("node config with data-path needs client-id: it names the "
+                             "client's state and privacy accountant")
+        client_id = check_client_id(str(client_id))
         state_dir = node_config.get("state-dir")
         queue_ca = str(node_config.get("queue-root-certificates") or "")
         if queue_ca and not Path(queue_ca).is_absolute():

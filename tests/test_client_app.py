@@ -250,6 +250,8 @@ def test_node_settings_defaults(monkeypatch, tmp_path):
         NodeSettings.from_node_config({"partition-id": 3, "num-partitions": 3})
     with pytest.raises(ValueError, match="client-id"):
         NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 1, "client-id": "../x"})
+    with pytest.raises(ValueError, match="data-path needs client-id"):  # no "partition-None"
+        NodeSettings.from_node_config({"data-path": str(tmp_path / "site.npz")})
 
 
 # -- differential privacy -------------------------------------------------------------
