@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 from pathlib import Path
 from typing import Any
 
 from client.state import check_client_id, default_state_dir
 from common import plugins
 from common.cli import UsageError
-from common.flower_env import ProcessTree, flower_env, free_port, toml_value
+from common.flower_env import (
+    ProcessTree,
+    catch_stop_signals,
+    flower_env,
+    free_port,
+    restore_signal_handlers,
+    toml_value,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +99,6 @@ def supernode_command(args: argparse.Namespace, config: dict[str, Any], port: in
     return cmd
 
 
-def _raise_on_sigterm(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt
-
 
 def run_node(args: argparse.Namespace) -> int:
     config = node_config(args)
@@ -103,7 +106,7 @@ def run_node(args: argparse.Namespace) -> int:
     home = (args.flwr_home.expanduser().resolve() if args.flwr_home else state_dir / "flwr-home")
     home.mkdir(parents=True, exist_ok=True)
     cmd = supernode_command(args, config, args.port or free_port())
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    previous = catch_stop_signals()
     tree = ProcessTree()
     try:
         node = tree.start(cmd, env=flower_env(home), cwd=home)
@@ -117,5 +120,5 @@ def run_node(args: argparse.Namespace) -> int:
                          status)
         return status
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore_signal_handlers(previous)
         tree.stop()

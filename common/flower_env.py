@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,30 @@ def _signal_sessions(sessions: set[int], sig: int) -> None:
 
 def _alive(sessions: set[int]) -> bool:
     return any(sid in sessions for _ppid, sid in _proc_table().values())
+
+
+#: The signals that stop a command and, through its ``finally``, what it started.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def catch_stop_signals() -> dict[int, Any]:
+    """Make SIGTERM and SIGINT raise ``KeyboardInterrupt`` in the main thread, so the
+    caller's ``finally`` stops its process tree; returns the handlers to put back with
+    :func:`restore_signal_handlers`.
+
+    SIGINT is set too, not left to Python: a shell starts background jobs with SIGINT
+    ignored, Python then installs no handler, and ``kill -INT`` would do nothing.
+    """
+    return {sig: signal.signal(sig, _raise_interrupt) for sig in STOP_SIGNALS}
+
+
+def restore_signal_handlers(previous: Mapping[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _raise_interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 class ProcessTree:

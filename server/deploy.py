@@ -29,7 +29,6 @@ import json
 import logging
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,9 @@ from common.config import (
 )
 from common.flower_env import (
     ProcessTree,
+    catch_stop_signals,
     flower_env,
+    restore_signal_handlers,
     toml_value,
     wait_for_port,
     write_superlink_config,
@@ -298,9 +299,6 @@ def first_error(text: str) -> str | None:
 _ERROR_LINE = re.compile(r"^\s*[A-Za-z_.]*(Error|Exception): \S")
 
 
-def _raise_on_sigterm(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt
-
 
 def refuse_finished_rounds(out: Path, resume: Path | None) -> None:
     """A run directory that already holds rounds takes only ``--resume``: say so before
@@ -323,7 +321,7 @@ def deploy(args: argparse.Namespace) -> int:
     home.mkdir(parents=True, exist_ok=True)  # the SuperLink starts in it
     env = flower_env(home)
     tree = ProcessTree()
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    previous = catch_stop_signals()
     try:
         if args.superlink:
             if not (args.insecure or args.ssl_ca_certfile):
@@ -344,7 +342,7 @@ def deploy(args: argparse.Namespace) -> int:
         return follow_run(tree, env, home, cfg, out, resume, timeout=args.timeout,
                           extra_run_config=queue_tls)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore_signal_handlers(previous)
         tree.stop()
         if not args.flwr_home:
             shutil.rmtree(home, ignore_errors=True)

@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,10 @@ from common.cli import UsageError
 from common.config import FedConfig, from_args, read_config_values
 from common.flower_env import (
     ProcessTree,
+    catch_stop_signals,
     flower_env,
     free_port,
+    restore_signal_handlers,
     wait_for_port,
     write_superlink_config,
 )
@@ -188,7 +189,7 @@ def _simulate_once(cfg: FedConfig, sim: Simulation, out: Path, home: Path, env: 
     """One SuperLink in simulation mode, one run on it; every process stopped on return."""
     tree = ProcessTree()
     port = free_port()
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    previous = catch_stop_signals()
     try:
         link = tree.start(["flower-superlink", "--simulation", "--insecure",
                            "--disable-runtime-dependency-installation",
@@ -202,12 +203,9 @@ def _simulate_once(cfg: FedConfig, sim: Simulation, out: Path, home: Path, env: 
         return follow_run(tree, env, home, cfg, out, resume, timeout=timeout,
                           flwr_args=["--federation-config", sim.federation_config()])
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore_signal_handlers(previous)
         tree.stop()
 
-
-def _raise_on_sigterm(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def run_simulate(args: argparse.Namespace) -> int:
