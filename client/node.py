@@ -99,7 +99,6 @@ def supernode_command(args: argparse.Namespace, config: dict[str, Any], port: in
     return cmd
 
 
-
 def run_node(args: argparse.Namespace) -> int:
     config = node_config(args)
     state_dir = Path(config["state-dir"])

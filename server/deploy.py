@@ -299,7 +299,6 @@ def first_error(text: str) -> str | None:
 _ERROR_LINE = re.compile(r"^\s*[A-Za-z_.]*(Error|Exception): \S")
 
 
-
 def refuse_finished_rounds(out: Path, resume: Path | None) -> None:
     """A run directory that already holds rounds takes only ``--resume``: say so before
     anything starts (the ServerApp would refuse it too, but only once the run is up)."""

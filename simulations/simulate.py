@@ -207,7 +207,6 @@ def _simulate_once(cfg: FedConfig, sim: Simulation, out: Path, home: Path, env: 
         tree.stop()
 
 
-
 def run_simulate(args: argparse.Namespace) -> int:
     resume = args.resume.expanduser().resolve() if args.resume else None
     if resume is not None and not (resume / "encoder.pt").exists():
