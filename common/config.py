@@ -126,7 +126,7 @@ class FedConfig(TrainConfig):
 
     rounds: int = _f(5, "federated rounds")
     local_epochs: int = _f(1, "local epochs per round")
-    fraction_train: float = _f(1.0, "fraction of nodes sampled each round")
+    fraction_train: float = _f(1.0, "fraction of nodes sampled each round (rounded down, at least 1)")
     min_nodes: int = _f(2, "minimum nodes that must reply for a round to count")
     round_timeout: float = _f(300.0, "seconds to wait for replies in one round")
     partitioner: str = _f("iid", "how data is split across clients", ("iid", "dirichlet", "shards"))

@@ -95,7 +95,7 @@ class Simulation:
         elif cfg.device.startswith("cuda"):
             raise UsageError(f"--device {cfg.device} needs --client-gpus > 0: Ray hides GPUs from "
                              "clients that reserved none")
-        sampled = max(1, round(cfg.fraction_train * self.num_clients))
+        sampled = max(1, int(self.num_clients * cfg.fraction_train))  # as Flower's FedAvg samples
         if cfg.min_nodes > sampled:
             raise UsageError(
                 f"--min-nodes {cfg.min_nodes} can never be met: --fraction-train "

@@ -81,6 +81,9 @@ def test_simulation_refuses_what_would_hang_or_mislead():
         Simulation(client_gpus=1.5)
     with pytest.raises(UsageError, match="can never be met"):
         Simulation(num_clients=10).check_resources(FedConfig(fraction_train=0.1, min_nodes=2))
+    with pytest.raises(UsageError, match="samples 1 of 3 clients"):  # Flower rounds down
+        Simulation(num_clients=3).check_resources(FedConfig(fraction_train=0.5, min_nodes=2))
+    Simulation(num_clients=3).check_resources(FedConfig(fraction_train=0.67, min_nodes=2))
     with pytest.raises(UsageError, match="exceeds this machine"):
         Simulation(client_cpus=10_000).check_resources(FedConfig())
     assert Simulation(4, 1, 0.25).federation_config() == (
@@ -151,8 +154,11 @@ def test_compare_writes_the_table_then_a_federated_method_resumes(tmp_path):
     # fedavg and fedcontrast run through the same simulate() path as fedmoco (above: only
     # their settings differ); one federated method keeps the suite's Ray start-ups few.
     out = tmp_path / "cmp"
+    # Two of the three clients per round: the engine samples, the in-process methods get
+    # the same fraction of sample-epochs.
     rc, log = _run([FEDCONTRAST, "compare", "--out", str(out), "--rounds", "2", "--eval-every", "1",
-                    "--methods", "local,fedmoco,centralized,centralized-skewed", *TINY], tmp_path, 580)
+                    "--methods", "local,fedmoco,centralized,centralized-skewed",
+                    "--fraction-train", "0.67", *TINY], tmp_path, 580)
     assert rc == 0, log
     report = json.loads((out / "compare.json").read_text())
     assert list(report["results"]) == ["local", "fedmoco", "centralized", "centralized-skewed"]
@@ -168,20 +174,25 @@ def test_compare_writes_the_table_then_a_federated_method_resumes(tmp_path):
     assert read_config_values(out / "fedmoco-seed0")[1]["pull_scope"] == "own"
     run = out / "fedmoco-seed0"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["round"], r["counted"], r["replied"]) for r in rows] == [(1, 1, 3), (2, 1, 3)]
+    assert [(r["round"], r["counted"], r["sampled"], r["replied"]) for r in rows] == [
+        (1, 1, 2, 2), (2, 1, 2, 2)]
     assert rows[0]["pushed_rows"] > 0 and rows[1]["global_hits"] > 0  # own rows, from the real queue
+    assert report["budget"]["sample_epochs"] == pytest.approx(2 * 0.67)
 
     # A federated method's run directory is an ordinary simulation: resume it.
     states = sorted((run / "flower-home" / "fedcontrast" / "clients").iterdir())
-    assert [s.name for s in states] == ["partition-0", "partition-1", "partition-2"]
+    assert {s.name for s in states} <= {"partition-0", "partition-1", "partition-2"}
+    assert sum(StateDir(s, s.name).load().rounds_trained for s in states) == 2 * 2
     rc, log = _run([FEDCONTRAST, "simulate", "--resume", str(run), "--rounds", "3"], tmp_path, 240)
     assert rc == 0, log
     assert "round 3/3" in log and "retrieval_head" in log  # progress, then trained vs random init
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["round"], r["counted"], r["replied"]) for r in rows][-1] == (3, 1, 3)
+    assert [(r["round"], r["counted"], r["sampled"], r["replied"]) for r in rows][-1] == (3, 1, 2, 2)
     assert json.loads((run / "simulation.json").read_text())["num_clients"] == 3
-    for state in states:  # client state carried on across the resume
-        assert StateDir(state, state.name).load().rounds_trained == 3
+    # Client state carried on across the resume: two more rounds trained in round 3. Were
+    # it reset, at least one of them, sampled before, would count 1 instead of its total.
+    states = sorted((run / "flower-home" / "fedcontrast" / "clients").iterdir())
+    assert sum(StateDir(s, s.name).load().rounds_trained for s in states) == 3 * 2
 
 
 def test_privacy_sweep_settings_keep_the_federation_and_change_only_privacy():
