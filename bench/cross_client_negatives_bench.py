@@ -43,7 +43,7 @@ from common.config import FedConfig
 from common.datasets import Dataset, DatasetError, load_dataset, subset
 from common.evaluation import evaluate_encoder
 from common.plugins import make_views
-from simulations.compare import SIMCLR, client_batches, steps_per_round
+from simulations.compare import SIMCLR, client_batches, examples_per_round, round_batches
 
 ARMS = ("skewed", "skewed + detached", "skewed + head gradient", "skewed + full gradient", "mixed")
 METRICS = (("linear_probe_backbone", "linear probe"), ("knn_backbone", "kNN"),
@@ -95,10 +95,10 @@ def train(cfg: FedConfig, data: Dataset, arm: str, parts: list[Tensor], extra: i
     others = [torch.cat([q for j, q in enumerate(parts) if j != p]) for p in range(len(parts))]
     batches = client_batches([torch.arange(len(owner))] if arm == "mixed" else parts,
                              cfg.batch_size, generator)
-    for rnd in range(1, cfg.rounds + 1):
+    schedule = round_batches(batches, examples_per_round(cfg, len(owner), cfg.fraction_train))
+    for rnd, round_ in zip(range(1, cfg.rounds + 1), schedule, strict=False):  # endless schedule
         state["round"] = rnd
-        for _ in range(steps_per_round(cfg, len(owner))):
-            idx = next(batches)
+        for idx in round_:
             if grad is not None:
                 trainer.pool = others[int(owner[idx[0]])]
             loss, _k, _had = trainer.train_step(data.x_train[idx])

@@ -129,12 +129,13 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
-def evaluate_run(run: Path, dataset: str | None = None, *, seed: int = 0,
+def evaluate_run(run: Path, dataset: str | None = None, *, seed: int | None = None,
                  device: str = "auto", views: str | None = None) -> dict[str, Any]:
     """Held-out figures of a run's encoder beside the same architecture at random init.
 
     ``run`` is a run directory (its ``encoder.pt`` and ``config.json``) or a checkpoint;
-    ``dataset`` and ``views`` default to the run's own. Returns ``{"dataset", "trained",
+    ``dataset``, ``seed`` (the data split and the views) and ``views`` default to the
+    run's own: another seed would split ``digits`` so that training items are tested. Returns ``{"dataset", "trained",
     "random_init", "raw_pixel_knn"}`` with kNN, linear probe, retrieval, alignment and
     uniformity at the backbone and the head.
     """
@@ -151,6 +152,7 @@ def evaluate_run(run: Path, dataset: str | None = None, *, seed: int = 0,
     cls = FedConfig if kind == FedConfig.__name__ else TrainConfig
     known = {k: v for k, v in base.items() if k in cls.__dataclass_fields__}
     cfg = cls(**{**known, **({"views": views} if views else {})})
+    seed = cfg.seed if seed is None else seed
     torch_device = resolve_device(device)
     data = load_dataset(dataset, seed=seed)
     model = load_encoder(run, device=torch_device)

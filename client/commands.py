@@ -29,7 +29,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--views", default=None,
                         help="view generator of the retrieval and alignment pairs (default: the "
                              "run's own, from config.json)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the views")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the data split and the views (default: the run's own)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
 

@@ -56,7 +56,7 @@ class TrainConfig:
         "built-in (digits, synthetic:N, cifar10:FOLDER, dna[:KEY=VALUE,...]), a .npz path, "
         "or a plug-in package.module:name[:ARG] (see Bring your own data)",
     )
-    seed: int = _f(0, "seed for data split, initialisation, views and sampling")
+    seed: int = _f(0, "seed for data split, partition, initialisation and views (Flower draws the clients a round samples)")
     # model
     encoder: str = _f(
         "cnn", "encoder: built-in (cnn, resnet18, cnn1d) or a plug-in package.module:name"

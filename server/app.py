@@ -185,7 +185,8 @@ def _resume(source: Path, run_dir: RunDir, model: _Model, queue: NegativeQueue) 
         queue.restore(source / QUEUE_SNAPSHOT)
     if source.resolve() == run_dir.path:
         run_dir.truncate_metrics(lambda row: int(row.get("round", 0)) <= last)
-    else:
+    else:  # rows of an earlier start of this same resume (a retried engine) go first
+        run_dir.truncate_metrics(lambda _row: False)
         for row in RunDir(source).read_metrics():
             if int(row.get("round", 0)) <= last:
                 run_dir.append_metrics(row)

@@ -299,13 +299,26 @@ def first_error(text: str) -> str | None:
 _ERROR_LINE = re.compile(r"^\s*[A-Za-z_.]*(Error|Exception): \S")
 
 
-def refuse_finished_rounds(out: Path, resume: Path | None) -> None:
-    """A run directory that already holds rounds takes only ``--resume``: say so before
-    anything starts (the ServerApp would refuse it too, but only once the run is up)."""
+def refuse_finished_rounds(out: Path, resume: Path | None, rounds: int) -> None:
+    """Refuse, before anything starts, a run that would mix or lose rounds.
+
+    A run directory that already holds rounds takes only ``--resume`` of itself (the
+    ServerApp would refuse it too, but only once the run is up); a resume must leave
+    rounds to train, or the summary of the finished run would be rewritten without them.
+    """
     rows = _read_rows(out)
-    if resume is None and rows:
+    if resume is None:
+        if rows:
+            raise UsageError(f"--out {out} already holds a run ({len(rows)} rounds in metrics.jsonl): "
+                             f"continue it with --resume {out}, or choose another --out")
+        return
+    if rows and out.resolve() != resume.resolve():
         raise UsageError(f"--out {out} already holds a run ({len(rows)} rounds in metrics.jsonl): "
-                         f"continue it with --resume {out}, or choose another --out")
+                         f"resume {resume} into an empty --out, or into itself")
+    done = max((int(row.get("round", 0)) for row in _read_rows(resume)), default=0)
+    if rounds <= done:
+        raise UsageError(f"--resume {resume}: it has trained {done} rounds already; "
+                         f"ask for more with --rounds (> {done})")
 
 
 def deploy(args: argparse.Namespace) -> int:
@@ -313,7 +326,7 @@ def deploy(args: argparse.Namespace) -> int:
     cfg, out, resume = resolve_settings(args)
     queue_tls = queue_tls_run_config(args)
     app_dir()  # fail before starting anything when this is no source checkout
-    refuse_finished_rounds(out, resume)
+    refuse_finished_rounds(out, resume, cfg.rounds)
     out.mkdir(parents=True, exist_ok=True)
     home = (args.flwr_home.expanduser().resolve() if args.flwr_home
             else Path(tempfile.mkdtemp(prefix="fedcontrast-flwr-")))

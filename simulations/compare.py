@@ -20,9 +20,11 @@ Methods (``--methods``, all by default):
 
 Fairness: every method uses the same batch size, views, optimiser, learning rate and
 per-round cosine schedule, and the same number of sample-epochs: a federated run
-trains ``fraction_train x local_epochs`` epochs of the data per round for ``rounds``
-rounds; ``local`` and the centralized methods train as many steps per round-equivalent
-on their data. The federated methods run through ``simulate`` (Flower's simulation
+trains ``local_epochs`` epochs on each of the clients sampled in a round (Flower samples
+``int(num_clients x fraction_train)``, at least one), so a share ``s`` of the clients,
+for ``rounds`` rounds; ``local`` and the centralized methods draw batches until they
+have trained on as many examples per round-equivalent, ``s x local_epochs`` times
+their data (a round's overshoot is taken from the next). The federated methods run through ``simulate`` (Flower's simulation
 engine and the real queue service); the others run in this process. Every encoder is
 evaluated the same way on the held-out split (kNN and a linear probe on backbone
 features, alignment and uniformity of the head).
@@ -87,9 +89,28 @@ def method_config(method: str, base: FedConfig) -> FedConfig:
     raise UsageError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
 
 
-def steps_per_round(cfg: FedConfig, n_examples: int) -> int:
-    """Optimiser steps one round-equivalent buys on ``n_examples``: fraction x local epochs."""
-    return max(1, math.ceil(cfg.fraction_train * cfg.local_epochs * n_examples / cfg.batch_size))
+def examples_per_round(cfg: FedConfig, n_examples: int, share: float) -> float:
+    """Examples one round-equivalent trains on out of ``n_examples``: ``share`` (of the
+    clients a federated round samples) x local epochs."""
+    return share * cfg.local_epochs * n_examples
+
+
+def round_batches(batches: Iterator[torch.Tensor], per_round: float) -> Iterator[list[torch.Tensor]]:
+    """Endless rounds, each the batches that bring the examples trained to ``per_round``
+    (at least one batch); what a round's last batch takes beyond it counts against the next.
+
+    Batches are counted by their real size: a part's short last batch buys less, so
+    a method whose batches are cut per client is not given fewer sample-epochs.
+    """
+    debt = 0.0
+    while True:
+        round_, seen = [], debt
+        while seen < per_round or not round_:
+            batch = next(batches)
+            round_.append(batch)
+            seen += len(batch)
+        debt = seen - per_round
+        yield round_
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -125,12 +146,15 @@ def train_in_process(
     data: Dataset,
     *,
     parts: Sequence[torch.Tensor] | None = None,
+    share: float = 1.0,
     on_eval: Callable[[int, ContrastiveModel], None] | None = None,
 ) -> ContrastiveModel:
-    """Train on ``x`` for ``cfg.rounds`` round-equivalents (the per-round cosine schedule).
+    """Train on ``x`` for ``cfg.rounds`` round-equivalents (the per-round cosine schedule)
+    of ``share x local_epochs`` epochs each (:func:`round_batches`).
 
     With ``parts`` (index tensors into ``x``), every batch is drawn from one part
-    (:func:`client_batches`); otherwise from all of ``x``.
+    (:func:`client_batches`); otherwise from all of ``x``. ``on_eval`` is called at every
+    ``eval_every``-th round and after the last.
     """
     device = resolve_device(cfg.device)
     model, _spec = build_model(cfg, data)
@@ -139,16 +163,16 @@ def train_in_process(
     state = {"round": 1}
     trainer = ContrastiveTrainer(model, cfg, device=device, generator=generator,
                                  lr_schedule=lambda _step: lr_at(state["round"] - 1))
-    per_round = steps_per_round(cfg, x.shape[0])
     batches = (client_batches(parts, cfg.batch_size, generator) if parts is not None
                else _batches(x.shape[0], cfg.batch_size, generator))
-    for rnd in range(1, cfg.rounds + 1):
+    schedule = round_batches(batches, examples_per_round(cfg, x.shape[0], share))
+    for rnd, round_ in zip(range(1, cfg.rounds + 1), schedule, strict=False):  # endless schedule
         state["round"] = rnd
-        for _ in range(per_round):
-            loss, _k, _had = trainer.train_step(x[next(batches)])
+        for idx in round_:
+            loss, _k, _had = trainer.train_step(x[idx])
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} in round {rnd}: lower --lr")
-        if on_eval is not None and cfg.eval_every and (rnd % cfg.eval_every == 0 or rnd == cfg.rounds):
+        if on_eval is not None and (rnd == cfg.rounds or (cfg.eval_every and rnd % cfg.eval_every == 0)):
             on_eval(rnd, trainer.model)
     return trainer.model
 
@@ -190,7 +214,7 @@ def run_in_process(method: str, cfg: FedConfig, sim: Simulation, data: Dataset,
             logger.warning("%s: client %d has %d example(s); left out", method, i, x.shape[0])
             continue
         model = train_in_process(
-            replace(cfg, seed=cfg.seed + i), x, data, parts=parts,
+            replace(cfg, seed=cfg.seed + i), x, data, parts=parts, share=sim.sampled(cfg) / sim.num_clients,
             on_eval=lambda rnd, m: curves.setdefault(rnd, []).append(_knn(m, cfg, data)),
         )
         finals.append(_final_eval(model, cfg, data))
@@ -245,6 +269,9 @@ def compare(
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     configs = {m: method_config(m, base) for m in methods}  # refuse bad names before any work
+    if any(m in FEDERATED for m in methods):
+        sim.check_resources(base)  # before an in-process method trains for nothing
+    share = sim.sampled(base) / sim.num_clients
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     curves: dict[str, list[list[tuple[int, float]]]] = {m: [] for m in methods}
     baseline: list[dict[str, float]] = []
@@ -269,7 +296,8 @@ def compare(
         "seeds": list(seeds),
         "budget": {"rounds": base.rounds, "local_epochs": base.local_epochs,
                    "fraction_train": base.fraction_train,
-                   "sample_epochs": base.rounds * base.local_epochs * base.fraction_train},
+                   "clients_per_round": sim.sampled(base), "num_clients": sim.num_clients,
+                   "sample_epochs": base.rounds * base.local_epochs * share},
         "random_init": baseline,
         "results": results,
     }
@@ -297,8 +325,9 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     b = report["budget"]
     lines += ["", f"Seeds {', '.join(map(str, seeds))} (± is half the range over seeds). Budget per "
-              f"method: {b['sample_epochs']:g} sample-epochs ({b['rounds']} rounds x "
-              f"{b['local_epochs']} local epochs x {b['fraction_train']:g} of the clients). "
+              f"method: {b['sample_epochs']:.4g} sample-epochs ({b['rounds']} rounds x "
+              f"{b['local_epochs']} local epochs x {b['clients_per_round']} of "
+              f"{b['num_clients']} clients). "
               "Linear probe and kNN on backbone features of the held-out split; held-out "
               "instance retrieval (a view found among 256 candidates by its other view), "
               "alignment and uniformity of the head."]

@@ -39,7 +39,7 @@ from common.datasets import load_dataset
 from common.rundir import RunDir
 from simulations.commands import PRIVATE_LOSS, SWEEP_DEFAULTS
 from simulations.compare import parse_list, random_init_figures, run_federated
-from simulations.simulate import Simulation, resolve
+from simulations.simulate import CLIENT_STATE, Simulation, resolve
 
 #: The loss settings ``PRIVATE_LOSS`` and the sweep replace, at their FedConfig defaults:
 #: the federation as ``fedcontrast simulate`` trains it (in-batch and global negatives).
@@ -72,7 +72,7 @@ def run_settings(base: FedConfig, epsilon: float, push_noise: float, *,
 
 def client_noise(run: Path) -> list[float]:
     """The DP-SGD noise multipliers the clients of ``run`` derived (from their state)."""
-    root = run / "flower-home" / "fedcontrast" / "clients"
+    root = run / CLIENT_STATE
     out = []
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         calibration = StateDir(path, path.name).load().calibration
@@ -127,6 +127,10 @@ def sweep(
     out.mkdir(parents=True, exist_ok=True)
     plan = [(eps, push_noise, "budget") for eps in epsilons]
     if push_axis_epsilon is not None and push_noise > 0:
+        if not (math.isfinite(push_axis_epsilon) and push_axis_epsilon > 0):
+            raise UsageError(f"--push-axis-epsilon must be a positive finite budget, got "
+                             f"{push_axis_epsilon:g}: without DP no push is noised, so the axis "
+                             "would run one setting twice")
         if push_axis_epsilon not in epsilons:
             plan.append((push_axis_epsilon, push_noise, "push axis"))
         plan.append((push_axis_epsilon, 0.0, "push axis"))

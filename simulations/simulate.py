@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,11 @@ class Simulation:
         return (f"num-supernodes={self.num_clients} client-resources-num-cpus={self.client_cpus} "
                 f"client-resources-num-gpus={float(self.client_gpus)}")
 
+    def sampled(self, cfg: FedConfig) -> int:
+        """Clients trained per round: ``int(num_clients x fraction_train)``, at least 1, as
+        Flower's FedAvg samples them."""
+        return max(1, int(self.num_clients * cfg.fraction_train))
+
     def check_resources(self, cfg: FedConfig) -> None:
         """Refuse what the engine would otherwise turn into a hang or a silent CPU run."""
         cores = os.cpu_count() or 1
@@ -95,7 +101,7 @@ class Simulation:
         elif cfg.device.startswith("cuda"):
             raise UsageError(f"--device {cfg.device} needs --client-gpus > 0: Ray hides GPUs from "
                              "clients that reserved none")
-        sampled = max(1, int(self.num_clients * cfg.fraction_train))  # as Flower's FedAvg samples
+        sampled = self.sampled(cfg)
         if cfg.min_nodes > sampled:
             raise UsageError(
                 f"--min-nodes {cfg.min_nodes} can never be met: --fraction-train "
@@ -139,12 +145,14 @@ def simulate(
     sim.check_resources(cfg)
     app_dir()
     out = out.expanduser().resolve()
-    refuse_finished_rounds(out, resume)
+    refuse_finished_rounds(out, resume, cfg.rounds)
     out.mkdir(parents=True, exist_ok=True)
     (out / "simulation.json").write_text(json.dumps(sim.as_dict(), indent=2) + "\n")
     # Kept with the run: the virtual clients' state directories live in it (see module doc).
     home = out / "flower-home"
     home.mkdir(exist_ok=True)
+    if resume is not None and resume != out:
+        _carry_client_state(resume, out)
     env = flower_env(home)
     env.setdefault("RAY_DEDUP_LOGS", "0")
     log = out / "server.log"
@@ -162,6 +170,19 @@ def simulate(
                        cause, attempt + 1, ENGINE_START_ATTEMPTS)
     return status
 
+
+def _carry_client_state(resume: Path, out: Path) -> None:
+    """Copy the virtual clients' state (accountants, calibration, rounds trained) of the
+    resumed run into ``out``, so a resume into another directory goes on from it."""
+    source = resume / CLIENT_STATE
+    target = out / CLIENT_STATE
+    if source.is_dir() and not target.exists():
+        shutil.copytree(source, target)
+        logger.info("client state of %s copied into %s", resume, out)
+
+
+#: Where the virtual clients keep their state inside a run directory.
+CLIENT_STATE = Path("flower-home") / "fedcontrast" / "clients"
 
 #: Tries at starting Flower's simulation engine before a simulation is called failed.
 ENGINE_START_ATTEMPTS = 2
@@ -207,15 +228,38 @@ def _simulate_once(cfg: FedConfig, sim: Simulation, out: Path, home: Path, env: 
         tree.stop()
 
 
+#: Settings that decide which examples each virtual client holds.
+PARTITION_SETTINGS = ("dataset", "seed", "partitioner", "dirichlet_alpha", "classes_per_client")
+
+
+def refuse_repartition(cfg: FedConfig, sim: Simulation, resume: Path) -> None:
+    """A resume keeps each client's data: its state (accountant, rounds) is about those
+    examples. Refuse settings that would deal the data out differently."""
+    saved = read_config_values(resume)[1]
+    changed = [f"--{name.replace('_', '-')} {saved[name]} -> {getattr(cfg, name)}"
+               for name in PARTITION_SETTINGS if name in saved and saved[name] != getattr(cfg, name)]
+    saved_sim = resume / "simulation.json"
+    if saved_sim.exists():
+        clients = json.loads(saved_sim.read_text()).get("num_clients")
+        if clients is not None and clients != sim.num_clients:
+            changed.append(f"--num-clients {clients} -> {sim.num_clients}")
+    if changed:
+        raise UsageError(f"--resume {resume} cannot change how the data is partitioned "
+                         f"({', '.join(changed)}): the clients' state and privacy accounting "
+                         "belong to their examples; start a new run instead")
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     resume = args.resume.expanduser().resolve() if args.resume else None
     if resume is not None and not (resume / "encoder.pt").exists():
         raise UsageError(f"--resume {args.resume}: no encoder.pt there (not a FedContrast run directory)")
     cfg, sim = resolve(args)
+    if resume is not None:
+        refuse_repartition(cfg, sim, resume)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or resume or Path("runs") / f"sim-{Path(cfg.dataset).stem}-{stamp}"
     status = simulate(cfg, sim, out, resume=resume, timeout=args.timeout)
     if status == 0:
-        summary = evaluate_run(out.expanduser().resolve(), device=cfg.device)
+        summary = evaluate_run(out.expanduser().resolve(), seed=cfg.seed, device=cfg.device)
         Console().print(summary_table(summary))
     return status

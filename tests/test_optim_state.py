@@ -194,3 +194,16 @@ def test_resume_restores_the_optimiser_state_of_the_checkpoint(tmp_path, caplog)
     assert "afresh" not in caplog.text
     assert set(after.optimizer_state) == set(state)
     assert all(torch.equal(after.optimizer_state[k], v) for k, v in state.items())
+
+
+def test_a_resume_into_another_directory_started_twice_holds_the_rows_once(tmp_path):
+    # Flower starts the ServerApp before Ray: a retried engine start resumes twice.
+    before = _server_model(tmp_path, "old")
+    for rnd in (1, 2):
+        before.run_dir.append_metrics({"round": rnd, "counted": 1})
+    before.save(before.arrays(), 2)
+    after = _server_model(tmp_path, "new")
+    for _ in range(2):
+        last, _slot = _resume(before.run_dir.path, after.run_dir, after, NegativeQueue(16, 16))
+    assert last == 2
+    assert [r["round"] for r in after.run_dir.read_metrics()] == [1, 2]

@@ -24,7 +24,14 @@ from common.config import FedConfig, read_config_values
 from common.datasets import DatasetError, load_dataset
 from common.flower_env import ProcessTree
 from simulations.commands import add_simulate_arguments as add_arguments
-from simulations.compare import SIMCLR, _batches, client_batches, method_config, steps_per_round
+from simulations.compare import (
+    SIMCLR,
+    _batches,
+    client_batches,
+    examples_per_round,
+    method_config,
+    round_batches,
+)
 from simulations.privacy import SWEEP_DEFAULTS, parse_epsilon, run_settings
 from simulations.scenario import load_scenario, scenario_names
 from simulations.simulate import Simulation, resolve
@@ -145,7 +152,17 @@ def test_one_part_batches_are_plain_shuffled_batches():
 
 def test_in_process_methods_get_the_federated_sample_epoch_budget():
     cfg = FedConfig(rounds=4, local_epochs=3, fraction_train=0.5, batch_size=10)
-    assert steps_per_round(cfg, 100) == 15  # 0.5 x 3 epochs of 100 examples at batch 10
+    sim = Simulation(num_clients=3)
+    assert sim.sampled(cfg) == 1  # Flower samples int(3 x 0.5) clients, not 1.5
+    assert examples_per_round(cfg, 100, sim.sampled(cfg) / 3) == pytest.approx(100.0)
+    # Skewed batches (cut per part: short last batches) are counted by their real size,
+    # so over the rounds the examples trained match the budget, not the steps.
+    parts = [torch.arange(0, 25), torch.arange(25, 32), torch.arange(32, 100)]
+    rounds = round_batches(client_batches(parts, 10, torch.Generator().manual_seed(0)), 100.0)
+    sizes = [[len(b) for b in next(rounds)] for _ in range(6)]
+    assert all(sum(r) >= 100 - 10 for r in sizes)
+    assert 600 <= sum(map(sum, sizes)) < 600 + 10  # overshoot carried, never accumulated
+    assert math.ceil(100 / 10) < sum(map(len, sizes)) / 6  # more steps than full batches need
 
 
 @pytest.mark.e2e
@@ -177,7 +194,8 @@ def test_compare_writes_the_table_then_a_federated_method_resumes(tmp_path):
     assert [(r["round"], r["counted"], r["sampled"], r["replied"]) for r in rows] == [
         (1, 1, 2, 2), (2, 1, 2, 2)]
     assert rows[0]["pushed_rows"] > 0 and rows[1]["global_hits"] > 0  # own rows, from the real queue
-    assert report["budget"]["sample_epochs"] == pytest.approx(2 * 0.67)
+    budget = report["budget"]  # what the engine trained: 2 of 3 clients, not 0.67 of them
+    assert (budget["clients_per_round"], budget["sample_epochs"]) == (2, pytest.approx(2 * 2 / 3))
 
     # A federated method's run directory is an ordinary simulation: resume it.
     states = sorted((run / "flower-home" / "fedcontrast" / "clients").iterdir())
@@ -311,3 +329,70 @@ def test_simulate_starts_a_failed_engine_once_more_then_names_the_cause(tmp_path
     assert (out / "server.log").read_text().count("Successfully started run") == 2
     assert "first error in the log: NotADirectoryError" in text
     assert not (out / "metrics.jsonl").exists()
+
+
+def _run_dir(path: Path, rounds: int, **settings) -> Path:
+    from common.rundir import RunDir
+
+    run = RunDir(path)
+    run.write_config(FedConfig(**settings))
+    for rnd in range(1, rounds + 1):
+        run.append_metrics({"round": rnd, "counted": 1})
+    return path
+
+
+def test_a_resume_that_would_mix_lose_or_redeal_rounds_is_refused(tmp_path):
+    from server.deploy import refuse_finished_rounds
+    from simulations.simulate import refuse_repartition
+
+    a = _run_dir(tmp_path / "a", 3, dataset="digits", seed=1, partitioner="dirichlet")
+    b = _run_dir(tmp_path / "b", 2)
+    with pytest.raises(UsageError, match="continue it with --resume"):
+        refuse_finished_rounds(a, None, 5)
+    with pytest.raises(UsageError, match="trained 3 rounds already"):  # nothing left to train
+        refuse_finished_rounds(a, a, 3)
+    with pytest.raises(UsageError, match="into an empty --out"):  # a's rows after b's
+        refuse_finished_rounds(b, a, 5)
+    refuse_finished_rounds(a, a, 4)
+    refuse_finished_rounds(tmp_path / "new", a, 4)
+
+    (a / "simulation.json").write_text(json.dumps(Simulation(num_clients=10).as_dict()))
+    same = FedConfig(dataset="digits", seed=1, partitioner="dirichlet", rounds=9, lr=0.1)
+    refuse_repartition(same, Simulation(num_clients=10), a)  # more rounds, another lr: fine
+    with pytest.raises(UsageError, match=r"--seed 1 -> 2, --num-clients 10 -> 20"):
+        refuse_repartition(replace(same, seed=2), Simulation(num_clients=20), a)
+    with pytest.raises(UsageError, match="--dirichlet-alpha 0.5 -> 0.1"):
+        refuse_repartition(replace(same, dirichlet_alpha=0.1), Simulation(num_clients=10), a)
+
+
+def test_a_resume_into_another_directory_carries_the_client_state(tmp_path):
+    from simulations.simulate import CLIENT_STATE, _carry_client_state
+
+    state = StateDir(tmp_path / "a" / CLIENT_STATE / "partition-0", "partition-0")
+    saved = state.load()
+    saved.rounds_trained = 4
+    state.save(saved)
+    _carry_client_state(tmp_path / "a", tmp_path / "b")
+    copied = tmp_path / "b" / CLIENT_STATE / "partition-0"
+    assert StateDir(copied, "partition-0").load().rounds_trained == 4
+
+
+def test_privacy_sweep_refuses_an_infinite_push_axis_before_any_run(tmp_path):
+    from simulations.privacy import sweep
+
+    base = resolve(parse_privacy(), defaults=SWEEP_DEFAULTS)[0]
+    with pytest.raises(UsageError, match="positive finite budget"):
+        sweep(base, Simulation(num_clients=2), tmp_path / "p", epsilons=[4.0], push_noise=4.0,
+              push_axis_epsilon=math.inf)
+    assert not any((tmp_path / "p").iterdir())
+
+
+def test_in_process_training_is_evaluated_after_the_last_round_even_without_eval_every():
+    from simulations.compare import train_in_process
+
+    data = load_dataset("synthetic:64")
+    cfg = FedConfig(dataset="synthetic:64", rounds=3, local_epochs=1, eval_every=0, width=4,
+                    embedding_dim=8, batch_size=16, device="cpu")
+    seen = []
+    train_in_process(cfg, data.x_train, data, on_eval=lambda rnd, _m: seen.append(rnd))
+    assert seen == [3]  # the comparison's curve always has its final point

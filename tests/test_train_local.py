@@ -139,11 +139,19 @@ def test_the_command_line_loads_only_the_commands_it_names(argv, loaded, absent)
 @pytest.mark.timeout(300)
 def test_evaluate_a_saved_run_reports_probes_beside_random_init(tmp_path):
     out = tmp_path / "run"
-    assert fedcontrast("train-local", "--epochs", "1", "--width", "8", "--out", str(out),
+    assert fedcontrast("train-local", "--epochs", "1", "--width", "8", "--seed", "1", "--out", str(out),
                        "--quiet").returncode == 0
     r = fedcontrast("evaluate", str(out), "--json", str(tmp_path / "eval.json"))
     assert r.returncode == 0, r.stderr
     figures = json.loads((tmp_path / "eval.json").read_text())
+    # By default on the run's own split (seed 1): the figures the run reported itself.
+    # Seed 0 splits digits otherwise, so some of its test items were trained on.
+    own = json.loads((out / "summary.json").read_text())["trained"]
+    keys = ("knn_backbone", "linear_probe_backbone", "retrieval_head", "uniformity_head")
+    assert all(figures["trained"][k] == pytest.approx(own[k]) for k in keys)
+    r = fedcontrast("evaluate", str(out), "--seed", "0", "--json", str(tmp_path / "seed0.json"))
+    seed0 = json.loads((tmp_path / "seed0.json").read_text())["trained"]
+    assert r.returncode == 0 and any(seed0[k] != pytest.approx(own[k]) for k in keys)
     for key in ("knn_backbone", "linear_probe_backbone", "retrieval_head"):
         assert 0 <= figures["trained"][key] <= 1 and 0 <= figures["random_init"][key] <= 1
     assert figures["trained"]["uniformity_head"] <= 0 and figures["random_init"]["uniformity_head"] <= 0
