@@ -135,9 +135,9 @@ def evaluate_run(run: Path, dataset: str | None = None, *, seed: int | None = No
 
     ``run`` is a run directory (its ``encoder.pt`` and ``config.json``) or a checkpoint;
     ``dataset``, ``seed`` (the data split and the views) and ``views`` default to the
-    run's own: another seed would split ``digits`` so that training items are tested. Returns ``{"dataset", "trained",
-    "random_init", "raw_pixel_knn"}`` with kNN, linear probe, retrieval, alignment and
-    uniformity at the backbone and the head.
+    run's own: another seed would split ``digits`` so that training items are tested.
+    Returns ``{"dataset", "trained", "random_init", "raw_pixel_knn"}`` with kNN, linear
+    probe, retrieval, alignment and uniformity at the backbone and the head.
     """
     if not run.exists():
         raise UsageError(f"no run directory or encoder checkpoint at {run}")

@@ -24,8 +24,9 @@ trains ``local_epochs`` epochs on each of the clients sampled in a round (Flower
 ``int(num_clients x fraction_train)``, at least one), so a share ``s`` of the clients,
 for ``rounds`` rounds; ``local`` and the centralized methods draw batches until they
 have trained on as many examples per round-equivalent, ``s x local_epochs`` times
-their data (a round's overshoot is taken from the next). The federated methods run through ``simulate`` (Flower's simulation
-engine and the real queue service); the others run in this process. Every encoder is
+their data (a round's overshoot is taken from the next). The federated methods run
+through ``simulate`` (Flower's simulation engine and the real queue service); the others
+run in this process. Every encoder is
 evaluated the same way on the held-out split (kNN and a linear probe on backbone
 features, alignment and uniformity of the head).
 
@@ -214,7 +215,8 @@ def run_in_process(method: str, cfg: FedConfig, sim: Simulation, data: Dataset,
             logger.warning("%s: client %d has %d example(s); left out", method, i, x.shape[0])
             continue
         model = train_in_process(
-            replace(cfg, seed=cfg.seed + i), x, data, parts=parts, share=sim.sampled(cfg) / sim.num_clients,
+            replace(cfg, seed=cfg.seed + i), x, data, parts=parts,
+            share=sim.sampled(cfg) / sim.num_clients,
             on_eval=lambda rnd, m: curves.setdefault(rnd, []).append(_knn(m, cfg, data)),
         )
         finals.append(_final_eval(model, cfg, data))
