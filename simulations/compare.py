@@ -96,22 +96,29 @@ def examples_per_round(cfg: FedConfig, n_examples: int, share: float) -> float:
     return share * cfg.local_epochs * n_examples
 
 
-def round_batches(batches: Iterator[torch.Tensor], per_round: float) -> Iterator[list[torch.Tensor]]:
+def round_batches(batches: Iterator[torch.Tensor], per_round: float) -> Iterator[Iterator[torch.Tensor]]:
     """Endless rounds, each the batches that bring the examples trained to ``per_round``
     (at least one batch); what a round's last batch takes beyond it counts against the next.
 
     Batches are counted by their real size: a part's short last batch buys less, so
-    a method whose batches are cut per client is not given fewer sample-epochs.
+    a method whose batches are cut per client is not given fewer sample-epochs. Each
+    round is drawn lazily, a batch when the one before it has been trained on (the
+    batches and the trainer's views may share one random generator); consume a round
+    before asking for the next.
     """
     debt = 0.0
-    while True:
-        round_, seen = [], debt
-        while seen < per_round or not round_:
+
+    def one_round() -> Iterator[torch.Tensor]:
+        nonlocal debt
+        seen, drawn = debt, 0
+        while seen < per_round or not drawn:
             batch = next(batches)
-            round_.append(batch)
-            seen += len(batch)
+            seen, drawn = seen + len(batch), drawn + 1
+            yield batch
         debt = seen - per_round
-        yield round_
+
+    while True:
+        yield one_round()
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

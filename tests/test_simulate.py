@@ -163,6 +163,9 @@ def test_in_process_methods_get_the_federated_sample_epoch_budget():
     assert all(sum(r) >= 100 - 10 for r in sizes)
     assert 600 <= sum(map(sum, sizes)) < 600 + 10  # overshoot carried, never accumulated
     assert math.ceil(100 / 10) < sum(map(len, sizes)) / 6  # more steps than full batches need
+    # One part (centralized): whole passes, 2 x 5 batches of 300 examples per round.
+    one = round_batches(_batches(300, 64, torch.Generator().manual_seed(0)), 600.0)
+    assert [sum(len(b) for b in next(one)) for _ in range(3)] == [600, 600, 600]
 
 
 @pytest.mark.e2e
