@@ -48,12 +48,17 @@ def check_client_id(client_id: str) -> str:
     return client_id
 
 
+def clients_under(flwr_home: Path) -> Path:
+    """The folder that holds one state directory per client id under a ``FLWR_HOME``."""
+    return flwr_home / "fedcontrast" / "clients"
+
+
 def default_state_dir(client_id: str, env: Mapping[str, str] | None = None) -> Path:
     """Where ``client_id`` keeps its state when the node config names no ``state-dir``."""
     env = os.environ if env is None else env
     check_client_id(client_id)
     if env.get("FLWR_HOME"):
-        return Path(env["FLWR_HOME"]).expanduser() / "fedcontrast" / "clients" / client_id
+        return clients_under(Path(env["FLWR_HOME"]).expanduser()) / client_id
     return Path.home() / ".fedcontrast" / "clients" / client_id
 
 

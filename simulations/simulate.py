@@ -32,6 +32,7 @@ from typing import Any
 from rich.console import Console
 
 from client.cli import evaluate_run, summary_table
+from client.state import clients_under
 from common.cli import UsageError
 from common.config import FedConfig, from_args, read_config_values
 from common.flower_env import (
@@ -182,7 +183,7 @@ def _carry_client_state(resume: Path, out: Path) -> None:
 
 
 #: Where the virtual clients keep their state inside a run directory.
-CLIENT_STATE = Path("flower-home") / "fedcontrast" / "clients"
+CLIENT_STATE = clients_under(Path("flower-home"))
 
 #: Tries at starting Flower's simulation engine before a simulation is called failed.
 ENGINE_START_ATTEMPTS = 2

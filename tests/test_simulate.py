@@ -34,7 +34,7 @@ from simulations.compare import (
 )
 from simulations.privacy import SWEEP_DEFAULTS, parse_epsilon, run_settings
 from simulations.scenario import load_scenario, scenario_names
-from simulations.simulate import Simulation, resolve
+from simulations.simulate import CLIENT_STATE, Simulation, resolve
 
 FEDCONTRAST = str(Path(sys.executable).parent / "fedcontrast")
 TINY = ["--width", "8", "--embedding-dim", "16", "--batch-size", "32", "--global-negatives", "64",
@@ -201,7 +201,7 @@ def test_compare_writes_the_table_then_a_federated_method_resumes(tmp_path):
     assert (budget["clients_per_round"], budget["sample_epochs"]) == (2, pytest.approx(2 * 2 / 3))
 
     # A federated method's run directory is an ordinary simulation: resume it.
-    states = sorted((run / "flower-home" / "fedcontrast" / "clients").iterdir())
+    states = sorted((run / CLIENT_STATE).iterdir())
     assert {s.name for s in states} <= {"partition-0", "partition-1", "partition-2"}
     assert sum(StateDir(s, s.name).load().rounds_trained for s in states) == 2 * 2
     rc, log = _run([FEDCONTRAST, "simulate", "--resume", str(run), "--rounds", "3"], tmp_path, 240)
@@ -212,7 +212,7 @@ def test_compare_writes_the_table_then_a_federated_method_resumes(tmp_path):
     assert json.loads((run / "simulation.json").read_text())["num_clients"] == 3
     # Client state carried on across the resume: two more rounds trained in round 3. Were
     # it reset, at least one of them, sampled before, would count 1 instead of its total.
-    states = sorted((run / "flower-home" / "fedcontrast" / "clients").iterdir())
+    states = sorted((run / CLIENT_STATE).iterdir())
     assert sum(StateDir(s, s.name).load().rounds_trained for s in states) == 3 * 2
 
 
@@ -369,7 +369,7 @@ def test_a_resume_that_would_mix_lose_or_redeal_rounds_is_refused(tmp_path):
 
 
 def test_a_resume_into_another_directory_carries_the_client_state(tmp_path):
-    from simulations.simulate import CLIENT_STATE, _carry_client_state
+    from simulations.simulate import _carry_client_state
 
     state = StateDir(tmp_path / "a" / CLIENT_STATE / "partition-0", "partition-0")
     saved = state.load()
