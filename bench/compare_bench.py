@@ -12,7 +12,7 @@ seed: what negatives from other clients' data are worth at this partition and bu
 an estimate of what fedcontrast's sharing can add over fedavg at best.
 
     python -m bench.compare_bench [--train 3000 --test 5000 --rounds 8 --seeds 0 1 2]
-        [--methods M ...] [--hard-negative-beta B] [--name RESULT]
+        [--methods M ...] [--hard-negative-beta B] [--queue-temperature T] [--name RESULT]
 
 With only some methods, the per-seed differences against fedavg and fedmoco are still
 reported (linear probe and kNN); the gap closed needs centralized.
@@ -119,6 +119,10 @@ def main() -> None:
     parser.add_argument("--hard-negative-beta", type=float, default=0.0,
                         help="the loss's hard-negative weighting, for every method alike "
                              "(default: 0, off; see --hard-negative-beta of the settings)")
+    parser.add_argument("--queue-temperature", type=float, default=0.0,
+                        help="temperature of the queue negatives' logits, for every method with a "
+                             "queue (fedmoco, fedcontrast) alike (default: 0, the temperature "
+                             "0.2; see --queue-temperature of the settings)")
     parser.add_argument("--name", default="compare_bench",
                         help="result name under bench/results/ (default: compare_bench)")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here")
@@ -128,7 +132,7 @@ def main() -> None:
         out = args.out or Path(tmp) / "runs"
         sliced = slice_or_exit(args, Path(tmp))
         cfg = replace(bench_config(str(sliced), args, eval_every=args.eval_every or max(1, args.rounds // 2)),
-                      hard_negative_beta=args.hard_negative_beta)
+                      hard_negative_beta=args.hard_negative_beta, queue_temperature=args.queue_temperature)
         report = compare(cfg, Simulation(num_clients=args.clients), out, methods=args.methods,
                          seeds=args.seeds, timeout=6 * 3600)
         if (out / "compare.png").exists():  # accuracy per round, every method
@@ -179,7 +183,8 @@ def main() -> None:
                "than either method's seed range. fedcontrast = the default FedConfig (shared key, 64 global negatives from "
                "other clients, max age 1); fedmoco = the same pulling only its own rows; "
                "centralized-skewed = centralized with every batch from one client's partition. "
-               f"Hard-negative beta {args.hard_negative_beta} in every method's loss."),
+               f"Hard-negative beta {args.hard_negative_beta} in every method's loss; queue "
+               f"temperature {args.queue_temperature or 'as the temperature'} for the queue's rows."),
     )
 
 

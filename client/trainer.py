@@ -189,7 +189,8 @@ class ContrastiveTrainer:
         is their sum per example).
         """
         loss_kwargs = {"in_batch": self.cfg.in_batch, "options": self.loss_options,
-                       "negative_log_weights": negative_log_weights}
+                       "negative_log_weights": negative_log_weights,
+                       "queue_temperature": self.cfg.queue_temperature or None}
         q1 = self.model(v1)  # N x D
         k2 = self._keys(v2)  # N x D
         loss = info_nce(q1, k2, negatives, self.cfg.temperature, **loss_kwargs)

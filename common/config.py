@@ -72,6 +72,9 @@ class TrainConfig:
     momentum: float = _f(0.9, "SGD momentum (optimizer sgd)")
     weight_decay: float = _f(1e-6, "weight decay")
     temperature: float = _f(0.2, "InfoNCE temperature")
+    queue_temperature: float = _f(
+        0.0, "temperature of the queue negatives' logits alone (local and global queue rows; "
+             "the positive and in-batch negatives keep --temperature); 0: --temperature")
     # views
     views: str = _f(
         "images", "view generator: built-in (images, dna) or a plug-in package.module:name"
@@ -359,6 +362,8 @@ def validate(cfg: TrainConfig) -> None:
     for kind in plugins.KINDS:  # imports a plug-in's module, calls nothing
         plugins.check(kind, getattr(cfg, kind))
     need(math.isfinite(cfg.temperature) and cfg.temperature > 0, "temperature", "must be positive")
+    need(math.isfinite(cfg.queue_temperature) and cfg.queue_temperature >= 0, "queue_temperature",
+         "must be zero (--temperature) or positive")
     need(cfg.batch_size > 0, "batch_size", "must be positive")
     need(cfg.epochs >= 0, "epochs", "must be zero or more")
     need(cfg.embedding_dim > 0, "embedding_dim", "must be positive")

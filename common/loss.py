@@ -123,13 +123,15 @@ def info_nce(
     *,
     negative_log_weights: Tensor | None = None,
     options: NegativeOptions | None = None,
+    queue_temperature: float | None = None,
 ) -> Tensor:
     """Per-example InfoNCE loss.
 
     For row i with query q_i, positive key k_i and temperature T, the logits are
 
     - the positive ``p_i = <q_i, k_i> / T``;
-    - one per queue negative n_j: ``s_ij = <q_i, n_j> / T`` (MoCo);
+    - one per queue negative n_j: ``s_ij = <q_i, n_j> / T_q`` (MoCo), where the queue's
+      temperature T_q is T unless ``queue_temperature`` sets it apart;
     - with ``in_batch=True``, also ``<q_i, k_j> / T`` and ``<q_i, q_j> / T`` for every
       j != i: the 2N - 2 other views of the batch, as in SimCLR's NT-Xent with q_i as
       anchor. The symmetric SimCLR loss is the mean of ``info_nce(q, k)`` and
@@ -152,8 +154,8 @@ def info_nce(
       with hard-negative weights h_ij = M_i e^{beta s_ij} / sum_k e^{beta s_ik} (mean 1
       over the query's negatives; 1 when beta = 0),
       ``S_i = sum_j w_j h_ij e^{s_ij}``, ``W_i = sum_j w_j`` (= M_i without staleness),
-      ``Ng_i = max((S_i - tau+ W_i e^{p_i}) / (1 - tau+), W_i e^{-1/T})`` (the clamp at
-      the smallest value a sum of W unit-norm terms can take), and
+      ``Ng_i = max((S_i - tau+ W_i e^{p_i}) / (1 - tau+), sum_j w_j e^{-1/T_j})`` (the
+      clamp at the smallest value the sum can take, T_j the negative's temperature), and
       ``loss_i = -log(e^{p_i} / (e^{p_i} + Ng_i))``.
       Gradients flow through h as in Robinson et al.'s code. ``drop`` may precede it;
       a query left without negatives has loss 0.
@@ -176,6 +178,8 @@ def info_nce(
         negative_log_weights: (K,) finite log-weights of the queue negatives, or ``None``
             (all 0).
         options: false-negative cancellation, debiasing, hard negatives (``None``: off).
+        queue_temperature: T_q > 0 for the queue negatives' logits only (``None``: T). A
+            softer T_q than T weighs queue rows less sharply than the batch's own.
 
     Below T of about 0.023 (logits spanning more than 87) float32 ``exp(x - max)`` yields
     subnormals, which x86 CPUs compute slowly: the result stays exact and finite but the
@@ -185,10 +189,12 @@ def info_nce(
         (N,) per-example losses. With no option and no weights, exactly the plain loss.
 
     Raises:
-        ValueError: T not finite or <= 0, mismatched shapes, or no negatives at all
+        ValueError: T or T_q not finite or <= 0, mismatched shapes, or no negatives at all
             (no queue rows and ``in_batch=False``, or ``in_batch=True`` with N = 1).
     """
     _check_temperature(temperature)
+    queue_t = temperature if queue_temperature is None else queue_temperature
+    _check_temperature(queue_t)
     if query.ndim != 2 or positive_key.shape != query.shape:
         raise ValueError(
             f"query and positive_key must both be (N, D); got {tuple(query.shape)} and "
@@ -223,7 +229,8 @@ def info_nce(
         diag = torch.eye(n, dtype=torch.bool, device=query.device)
         cosines.append((query @ positive_key.T).masked_fill(diag, -math.inf))  # N x N
         cosines.append((query @ query.T).masked_fill(diag, -math.inf))  # N x N
-    parts = [c / temperature for c in cosines]
+    temps = [queue_t] * has_queue + [temperature] * (2 * in_batch)  # one per part of cosines
+    parts = [c / t for c, t in zip(cosines, temps, strict=True)]
     opts = options or NegativeOptions()
     if negative_log_weights is None and not opts.active:
         all_logits = torch.cat([pos.unsqueeze(1), *parts], dim=1)  # N x (1 + K [+ 2N])
@@ -241,7 +248,9 @@ def info_nce(
     if opts.false_negative_mode == "drop":
         present = present & ~suspects
     if opts.reweights:
-        return _estimator_loss(pos, logits, log_w, present, temperature, opts)
+        floor = torch.cat([torch.full((1, p.shape[1]), -1.0 / t, dtype=logits.dtype, device=logits.device)
+                           for p, t in zip(parts, temps, strict=True)], dim=1)  # 1 x M, -1/T_j
+        return _estimator_loss(pos, logits, log_w, present, floor, opts)
     weighted = (logits + log_w).masked_fill(~present, -math.inf)  # N x M, log(w_j e^{s_ij})
     log_z = torch.logsumexp(torch.cat([pos.unsqueeze(1), weighted], dim=1), dim=1)  # N
     if opts.false_negative_mode != "positive":
@@ -270,8 +279,9 @@ def _row_logsumexp(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def _estimator_loss(pos: Tensor, logits: Tensor, log_w: Tensor, present: Tensor,
-                    temperature: float, opts: NegativeOptions) -> Tensor:
-    """-log(e^p / (e^p + Ng)) with the debiased / hard-negative Ng of :func:`info_nce`; (N,)."""
+                    floor: Tensor, opts: NegativeOptions) -> Tensor:
+    """-log(e^p / (e^p + Ng)) with the debiased / hard-negative Ng of :func:`info_nce`; (N,).
+    ``floor`` (1, M) is -1/T_j per negative: the least logit a unit-norm pair can have."""
     s = logits.masked_fill(~present, 0.0)  # N x M, finite: absent entries are masked below
     count = present.sum(dim=1)  # N, M_i
     log_terms = log_w + s  # N x M, log(w_j e^{s_ij})
@@ -290,7 +300,8 @@ def _estimator_loss(pos: Tensor, logits: Tensor, log_w: Tensor, present: Tensor,
         gap = math.log(tau) + log_mass + pos - log_s  # N
         debiased = log_s + torch.log(-torch.expm1(gap.clamp(max=-1e-30))) - math.log1p(-tau)
         debiased = torch.where(gap < 0, debiased, -math.inf)
-    log_ng = torch.maximum(debiased, log_mass - 1.0 / temperature)  # the clamp at W e^{-1/T}
+    log_least = _row_logsumexp((log_w + floor).expand_as(s), present)  # N, log sum_j w_j e^{-1/T_j}
+    log_ng = torch.maximum(debiased, log_least)  # the clamp
     loss = torch.logaddexp(pos, log_ng) - pos
     return torch.where(count > 0, loss, 0.0)
 
@@ -306,9 +317,10 @@ class InfoNCELoss(nn.Module):
             DP-SGD clips one by one).
         options: false-negative cancellation, debiasing, hard negatives
             (:class:`NegativeOptions`, validated at its construction; ``None``: off).
+        queue_temperature: T_q > 0 for the queue negatives alone (``None``: T).
 
     Raises:
-        ValueError: at construction, for T not finite or <= 0 or an unknown reduction.
+        ValueError: at construction, for T or T_q not finite or <= 0 or an unknown reduction.
 
     Examples:
         >>> loss_fn = InfoNCELoss(temperature=0.2)
@@ -324,9 +336,12 @@ class InfoNCELoss(nn.Module):
         in_batch: bool = False,
         reduction: str = "mean",
         options: NegativeOptions | None = None,
+        queue_temperature: float | None = None,
     ) -> None:
         super().__init__()
         _check_temperature(temperature)
+        if queue_temperature is not None:
+            _check_temperature(queue_temperature)
         if reduction not in REDUCTIONS:
             raise ValueError(
                 f"unknown reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}"
@@ -335,6 +350,7 @@ class InfoNCELoss(nn.Module):
         self.in_batch = in_batch
         self.reduction = reduction
         self.options = options or NegativeOptions()
+        self.queue_temperature = queue_temperature
 
     def forward(
         self,
@@ -345,9 +361,10 @@ class InfoNCELoss(nn.Module):
     ) -> Tensor:
         """(N, D), (N, D), (K, D) or None[, (K,)] -> scalar, or (N,) with ``reduction="none"``."""
         loss = info_nce(query, positive_key, negatives, self.temperature, in_batch=self.in_batch,
-                        negative_log_weights=negative_log_weights, options=self.options)
+                        negative_log_weights=negative_log_weights, options=self.options,
+                        queue_temperature=self.queue_temperature)
         return loss.mean() if self.reduction == "mean" else loss
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, in_batch={self.in_batch}, "
-                f"reduction={self.reduction!r}, options={self.options}")
+        return (f"temperature={self.temperature}, queue_temperature={self.queue_temperature}, "
+                f"in_batch={self.in_batch}, reduction={self.reduction!r}, options={self.options}")

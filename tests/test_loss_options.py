@@ -32,17 +32,19 @@ AGES = torch.tensor([0, 1, 2, 1, 0])
 
 
 def naive(q, k, neg, t, in_batch=False, log_w=None, mode="off", top_k=0, threshold=1.0,
-          tau=0.0, beta=0.0) -> list[float]:
-    """The papers' formulas, one query at a time, with Python floats."""
+          tau=0.0, beta=0.0, tq=None) -> list[float]:
+    """The papers' formulas, one query at a time, with Python floats; queue rows at
+    temperature ``tq`` (default ``t``)."""
     n, losses = len(q), []
+    tq = t if tq is None else tq
     log_w = [0.0] * len(neg) if log_w is None else [float(v) for v in log_w]
     for i in range(n):
         p = float(q[i] @ k[i]) / t
-        # (cosine, weight) of each negative of query i
-        negs = [(float(q[i] @ neg[j]), math.exp(log_w[j])) for j in range(len(neg))]
+        # (cosine, weight, temperature) of each negative of query i
+        negs = [(float(q[i] @ neg[j]), math.exp(log_w[j]), tq) for j in range(len(neg))]
         if in_batch:
-            negs += [(float(q[i] @ k[j]), 1.0) for j in range(n) if j != i]
-            negs += [(float(q[i] @ q[j]), 1.0) for j in range(n) if j != i]
+            negs += [(float(q[i] @ k[j]), 1.0, t) for j in range(n) if j != i]
+            negs += [(float(q[i] @ q[j]), 1.0, t) for j in range(n) if j != i]
         suspects: set[int] = set()
         if mode != "off":
             candidates = [j for j in range(len(negs)) if threshold >= 1 or negs[j][0] > threshold]
@@ -57,17 +59,18 @@ def naive(q, k, neg, t, in_batch=False, log_w=None, mode="off", top_k=0, thresho
             if m == 0:
                 losses.append(0.0)
                 continue
-            imp = [math.exp(beta * c / t) for c, _w in negs]
+            imp = [math.exp(beta * c / tj) for c, _w, tj in negs]
             mean_imp = sum(imp) / m
-            s_sum = sum(w * h / mean_imp * math.exp(c / t) for (c, w), h in zip(negs, imp, strict=True))
-            w_sum = sum(w for _c, w in negs)
-            ng = max((s_sum - tau * w_sum * math.exp(p)) / (1 - tau), w_sum * math.exp(-1 / t))
+            s_sum = sum(w * h / mean_imp * math.exp(c / tj) for (c, w, tj), h in zip(negs, imp, strict=True))
+            w_sum = sum(w for _c, w, _t in negs)
+            least = sum(w * math.exp(-1 / tj) for _c, w, tj in negs)
+            ng = max((s_sum - tau * w_sum * math.exp(p)) / (1 - tau), least)
             losses.append(-math.log(math.exp(p) / (math.exp(p) + ng)))
             continue
-        z = math.exp(p) + sum(w * math.exp(c / t) for c, w in negs)
+        z = math.exp(p) + sum(w * math.exp(c / tj) for c, w, tj in negs)
         if mode == "positive":  # Huynh et al. 2022, attraction: mean over the positives
             terms = [math.log(math.exp(p) / z)]
-            terms += [math.log(negs[j][1] * math.exp(negs[j][0] / t) / z) for j in suspects]
+            terms += [math.log(negs[j][1] * math.exp(negs[j][0] / negs[j][2]) / z) for j in suspects]
             losses.append(-sum(terms) / len(terms))
         else:
             losses.append(-math.log(math.exp(p) / z))
@@ -129,6 +132,51 @@ def test_false_negative_cancellation_matches_huynh_et_al(mode: str, select: dict
     close(info_nce(Q, KEY, NEG, T, in_batch=in_batch, options=options,
                    negative_log_weights=log_w),
           naive(Q, KEY, NEG, T, in_batch, log_w=log_w, mode=mode, **select))
+
+
+@pytest.mark.parametrize("select", [{}, {"mode": "drop", "top_k": 2},
+                                    {"mode": "positive", "threshold": 0.0},
+                                    {"tau": 0.1, "beta": 1.0}, {"tau": 0.9}])
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_a_queue_temperature_divides_the_queue_rows_alone(select: dict, in_batch: bool) -> None:
+    tq = 1.3  # the positive and the batch's own negatives keep T
+    options = NegativeOptions(false_negative_mode=select.get("mode", "off"),
+                              false_negative_top_k=select.get("top_k", 0),
+                              false_negative_threshold=select.get("threshold", 1.0),
+                              debias_tau_plus=select.get("tau", 0.0),
+                              hard_negative_beta=select.get("beta", 0.0))
+    log_w = staleness_log_weights(AGES, 0.7).double()
+    loss = info_nce(Q, KEY, NEG, T, in_batch=in_batch, options=options, negative_log_weights=log_w,
+                    queue_temperature=tq)
+    close(loss, naive(Q, KEY, NEG, T, in_batch, log_w=log_w, tq=tq, **select))
+    assert not torch.allclose(loss, info_nce(Q, KEY, NEG, T, in_batch=in_batch, options=options,
+                                             negative_log_weights=log_w))
+    # T_q = T is the plain loss, bit for bit
+    assert torch.equal(info_nce(Q, KEY, NEG, T, in_batch=in_batch, queue_temperature=T),
+                       info_nce(Q, KEY, NEG, T, in_batch=in_batch))
+
+
+def test_the_trainer_passes_the_queue_temperature_and_zero_means_the_temperature() -> None:
+    source = _source()
+    x = _images(6)
+
+    def losses(cfg: FedConfig) -> torch.Tensor:
+        trainer = ContrastiveTrainer(_model(), cfg, device=CPU, sources=[source])
+        g = torch.Generator().manual_seed(1)
+        v1, v2 = trainer.augment(x, g), trainer.augment(x, g)
+        negatives, log_w, _ = trainer._bank()
+        return trainer.view_loss(v1, v2, negatives, log_w)[0].detach()
+
+    cfg = FedConfig(width=8, embedding_dim=16, device="cpu", batch_size=6, symmetric=False)
+    model = _model()
+    g = torch.Generator().manual_seed(1)
+    trainer = ContrastiveTrainer(model, cfg, device=CPU, sources=[source])
+    v1, v2 = trainer.augment(x, g), trainer.augment(x, g)
+    q, k = model(v1).detach(), model(v2).detach()
+    expected = info_nce(q, k, source.rows, cfg.temperature, in_batch=True, queue_temperature=0.5)
+    torch.testing.assert_close(losses(replace(cfg, queue_temperature=0.5)), expected)
+    assert torch.equal(losses(replace(cfg, queue_temperature=0.0)),
+                       losses(replace(cfg, queue_temperature=cfg.temperature)))
 
 
 def test_dropping_the_single_most_similar_negative_removes_exactly_it() -> None:
@@ -283,10 +331,22 @@ def test_negative_options_refuse_bad_values_at_construction(kwargs: dict, messag
     ({"staleness_gamma": 0.5, "global_negatives": 0}, "--global-negatives is 0"),
     ({"staleness_gamma": 0.5, "max_age": 0}, "--max-age 0"),
     ({"pull_policy": "oldest"}, "--pull-policy must be one of uniform, recent, stratified"),
+    ({"queue_temperature": -0.1}, "--queue-temperature must be zero"),
+    ({"queue_temperature": math.inf}, "--queue-temperature must be zero"),
 ])
 def test_config_names_the_flag_of_a_bad_option(kwargs: dict, flag: str) -> None:
     with pytest.raises(ValueError, match=flag):
         FedConfig(**kwargs)
+
+
+def test_a_queue_temperature_of_zero_is_refused_by_the_loss() -> None:
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        info_nce(Q, KEY, NEG, T, queue_temperature=0.0)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        InfoNCELoss(T, queue_temperature=-1.0)
+    module = InfoNCELoss(T, reduction="none", queue_temperature=0.9)
+    torch.testing.assert_close(module(Q, KEY, NEG), info_nce(Q, KEY, NEG, T, queue_temperature=0.9))
+    assert "queue_temperature=0.9" in repr(module)
 
 
 def test_staleness_weights_and_loss_weights_are_validated() -> None:
