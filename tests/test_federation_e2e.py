@@ -9,6 +9,7 @@ file order; the last one kills a SuperNode.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -214,6 +215,38 @@ def test_a_failed_server_app_is_reported(deployment):
     assert rc == 1
     assert "finished:failed" in deployment.log("server-run-bad.log")
     assert "nonexistent/data.npz" in (run / "server.log").read_text()
+
+
+@pytest.mark.timeout(200)
+def test_a_private_run_stops_at_the_round_that_reaches_its_epsilon_budget(deployment):
+    # DP-SGD and noised pushes in the real ClientApps; each node's accountant reports its
+    # epsilon, and the server stops the run at the round whose largest epsilon reaches
+    # --epsilon-budget (here the first: any training spends more than 0.01).
+    run = deployment.root / "run-budget"
+    rc = deployment.run_server(run, *SMALL, "--rounds", "3", "--dp", "true", "--in-batch", "false",
+                               "--key-mode", "ema", "--noise-multiplier", "1.0",
+                               "--push-noise", "0.5", "--epsilon-budget", "0.01", timeout=180)
+    assert rc == 0, deployment.log("server-run-budget.log") + (run / "server.log").read_text()[-3000:]
+    (row,) = rows(run)
+    assert row["round"] == 1 and row["counted"] == 1 and row["pushes_private"] == 1
+    assert 0.01 <= row["epsilon"] == row["epsilon_max"] < math.inf
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"].startswith("stopped early: privacy budget reached at round 1")
+    assert summary["privacy"]["epsilon_max"] == row["epsilon_max"]
+    assert summary["last_round"] == 1 and read_checkpoint(run / "encoder.pt")["round"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_run_needing_more_nodes_than_are_online_fails_at_the_wait_deadline(deployment):
+    run = deployment.root / "run-three"
+    rc = deployment.run_server(run, *SMALL, "--min-nodes", "3", "--wait-nodes-timeout", "3",
+                               timeout=100)
+    assert rc == 1, deployment.log("server-run-three.log")
+    log = (run / "server.log").read_text()
+    assert "2 node(s) online after waiting 3 s, --min-nodes is 3" in log
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"].startswith("failed: NotEnoughNodes") and summary["last_round"] == 0
+    assert not (run / "metrics.jsonl").exists() or not rows(run)
 
 
 @pytest.mark.timeout(240)
