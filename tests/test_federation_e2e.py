@@ -218,6 +218,24 @@ def test_a_failed_server_app_is_reported(deployment):
 
 
 @pytest.mark.timeout(200)
+def test_a_client_app_that_raises_is_reported_and_the_round_goes_on(deployment):
+    # Node 0 splits the run's dataset, and no 2-way split can give each part 11 of the
+    # digits' 10 classes: its ClientApp raises. Node 1 trains on a file of its own.
+    run = deployment.root / "run-raise"
+    rc = deployment.run_server(run, *SMALL, "--rounds", "1", "--min-nodes", "1",
+                               "--partitioner", "shards", "--classes-per-client", "11", timeout=180)
+    assert rc == 0, deployment.log("server-run-raise.log") + (run / "server.log").read_text()[-3000:]
+    (row,) = rows(run)
+    assert row["sampled"] == 2 and row["replied"] == 1 and row["failed"] == 1 and row["counted"] == 1
+    log = (run / "server.log").read_text()
+    assert "classes_per_partition must be in 1..10" in log, log[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["counted_rounds"] == 1
+    pushed = sorted(c["pushed_rows"] for c in summary["contributors"].values())
+    assert pushed[0] == 0 and pushed[1] > 0  # only the node that trained pushed rows
+
+
+@pytest.mark.timeout(200)
 def test_a_private_run_stops_at_the_round_that_reaches_its_epsilon_budget(deployment):
     # DP-SGD and noised pushes in the real ClientApps; each node's accountant reports its
     # epsilon, and the server stops the run at the round whose largest epsilon reaches
