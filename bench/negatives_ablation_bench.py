@@ -11,8 +11,8 @@ held-out slice (linear probe and kNN on backbone features):
 - ``fedavg`` and plain ``fedcontrast`` (the default FedConfig), every seed of ``--seeds``;
 - ``fedcontrast`` with each option alone (:data:`OPTIONS`), the first seed only;
 - the best combination, every seed: per family of options (pull policy, staleness,
-  false negatives, debiasing, hard negatives, normalisation, number of queue negatives,
-  key encoder, push timing), the single option with
+  false negatives, debiasing, hard negatives, queue temperature, normalisation, number of
+  queue negatives, key encoder, push timing), the single option with
   the largest linear-probe gain over plain fedcontrast at the same seed if positive, less
   any that cannot be combined (false negatives as positives exclude debiasing and hard
   negatives: the smaller gain gives way); with no positive gain, the best option alone.
@@ -60,6 +60,7 @@ OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "false negatives", {"false_negative_mode": "positive", "false_negative_top_k": 4}),
     "debiased tau+ 0.1": ("debiased", {"debias_tau_plus": 0.1}),
     "hard negatives beta 1": ("hard negatives", {"hard_negative_beta": 1.0}),
+    "queue temperature 0.5": ("queue temperature", {"queue_temperature": 0.5}),
     "norm instance": ("normalisation", {"norm": "instance"}),
     "norm layer": ("normalisation", {"norm": "layer"}),
     "norm batch": ("normalisation", {"norm": "batch"}),
