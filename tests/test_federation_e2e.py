@@ -254,6 +254,27 @@ def test_a_private_run_stops_at_the_round_that_reaches_its_epsilon_budget(deploy
     assert summary["last_round"] == 1 and read_checkpoint(run / "encoder.pt")["round"] == 1
 
 
+@pytest.mark.timeout(240)
+def test_stop_on_collapse_ends_a_real_run_at_the_round_it_suspects_collapse(deployment):
+    # A bound no embedding can stay below (uniformity is > -100 always) makes every
+    # evaluated round whose training loss fell a suspected collapse: the first such round
+    # ends the run. In-batch negatives only, so the loss of a later round is not raised by
+    # queue rows the first round did not have.
+    run = deployment.root / "run-collapse"
+    rc = deployment.run_server(run, *SMALL, "--rounds", "4", "--eval-every", "1",
+                               "--global-negatives", "0", "--push-fraction", "0",
+                               "--collapse-uniformity", "-100", "--stop-on-collapse", "true",
+                               timeout=220)
+    assert rc == 0, deployment.log("server-run-collapse.log") + (run / "server.log").read_text()[-3000:]
+    table = rows(run)
+    last = table[-1]["round"]
+    assert 2 <= last < 4 and table[-1]["collapse_warning"] == 1
+    assert all(r["collapse_warning"] == 0 for r in table[:-1])
+    assert table[-1]["train_loss"] < table[-2]["train_loss"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == f"stopped early: collapse suspected at round {last}"
+
+
 @pytest.mark.timeout(120)
 def test_a_run_needing_more_nodes_than_are_online_fails_at_the_wait_deadline(deployment):
     run = deployment.root / "run-three"
