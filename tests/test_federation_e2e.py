@@ -256,9 +256,9 @@ def test_a_private_run_stops_at_the_round_that_reaches_its_epsilon_budget(deploy
 
 @pytest.mark.timeout(240)
 def test_stop_on_collapse_ends_a_real_run_at_the_round_it_suspects_collapse(deployment):
-    # A bound no embedding can stay below (uniformity is > -100 always) makes every
-    # evaluated round whose training loss fell a suspected collapse: the first such round
-    # ends the run. In-batch negatives only, so the loss of a later round is not raised by
+    # Uniformity of unit vectors is at least -8, so with a bound of -100 every evaluated
+    # round whose training loss fell is a suspected collapse: the first such round ends
+    # the run. In-batch negatives only, so the loss of a later round is not raised by
     # queue rows the first round did not have.
     run = deployment.root / "run-collapse"
     rc = deployment.run_server(run, *SMALL, "--rounds", "4", "--eval-every", "1",
