@@ -183,8 +183,8 @@ def main() -> None:
                "than either method's seed range. fedcontrast = the default FedConfig (shared key, 64 global negatives from "
                "other clients, max age 1); fedmoco = the same pulling only its own rows; "
                "centralized-skewed = centralized with every batch from one client's partition. "
-               f"Hard-negative beta {args.hard_negative_beta} in every method's loss; queue "
-               f"temperature {args.queue_temperature or 'as the temperature'} for the queue's rows."),
+               f"Hard-negative beta {args.hard_negative_beta} in every method's loss; the queue's "
+               f"rows at temperature {args.queue_temperature or 0.2}."),
     )
 
 
