@@ -184,7 +184,7 @@ def main() -> None:
                "other clients, max age 1); fedmoco = the same pulling only its own rows; "
                "centralized-skewed = centralized with every batch from one client's partition. "
                f"Hard-negative beta {args.hard_negative_beta} in every method's loss; the queue's "
-               f"rows at temperature {args.queue_temperature or 0.2}."),
+               f"rows at temperature {cfg.queue_temperature or cfg.temperature}."),
     )
 
 
