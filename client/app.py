@@ -20,6 +20,9 @@ Node config keys:
   only without TLS: the round fails with an error saying which side to change when
   the TRAIN message's ``queue-tls`` disagrees.
 
+With ``--client-sampling seeded`` and a ``--fraction-train`` below 1 the node answers one
+identify QUERY (:func:`identify`) with its client id, once per run.
+
 With ``--push-timing before`` the node also answers the round's push-phase QUERY message
 (:func:`push`): it pushes keys of the round's global weights before any node trains,
 and the TRAIN message that follows pushes nothing more.
@@ -44,7 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.privacy import (
@@ -376,6 +379,16 @@ def push_round(
     finally:
         client.close()
     return {"pushed-rows": int(counters["rows_pushed"]), "push-failures": int(counters["push_failures"])}
+
+
+@app.query("identify")
+def identify(msg: Message, context: Context) -> Message:
+    """Flower's entry point for the identify QUERY (``--client-sampling seeded``): the
+    node's client id, by which the server orders the nodes it samples from. Reads the
+    node config only: no data, no model."""
+    node = NodeSettings.from_node_config(context.node_config)
+    return Message(content=RecordDict({"identity": ConfigRecord({"client-id": node.client_id})}),
+                   reply_to=msg)
 
 
 @app.query()

@@ -56,7 +56,7 @@ class TrainConfig:
         "built-in (digits, synthetic:N, cifar10:FOLDER, dna[:KEY=VALUE,...]), a .npz path, "
         "or a plug-in package.module:name[:ARG] (see Bring your own data)",
     )
-    seed: int = _f(0, "seed for data split, partition, initialisation and views (Flower draws the clients a round samples)")
+    seed: int = _f(0, "seed for data split, partition, initialisation, views, and the clients a round samples (--client-sampling)")
     # model
     encoder: str = _f(
         "cnn", "encoder: built-in (cnn, resnet18, cnn1d) or a plug-in package.module:name"
@@ -130,6 +130,14 @@ class FedConfig(TrainConfig):
     rounds: int = _f(5, "federated rounds")
     local_epochs: int = _f(1, "local epochs per round")
     fraction_train: float = _f(1.0, "fraction of nodes sampled each round (rounded down, at least 1)")
+    client_sampling: str = _f(
+        "seeded",
+        "how a round picks its nodes when --fraction-train leaves some out: seeded (by --seed "
+        "and the round over the nodes' client ids, which each node reports once; a run "
+        "repeated, or compare's other methods, train the same clients each round) or flower "
+        "(Flower's unseeded draw over node ids, no identify message)",
+        ("seeded", "flower"),
+    )
     min_nodes: int = _f(2, "minimum nodes that must reply for a round to count")
     round_timeout: float = _f(300.0, "seconds to wait for replies in one round")
     partitioner: str = _f("iid", "how data is split across clients", ("iid", "dirichlet", "shards"))

@@ -42,6 +42,17 @@ sent, so every node's pulls can find version-r rows of every other node from its
 first step; its TRAIN reply then reports 0 pushed rows. A failed push phase is logged
 and the node still trains.
 
+With ``--client-sampling seeded`` (the default) and a ``--fraction-train`` that leaves
+nodes out, the driver samples, not the strategy: before a node is first sampled from, it
+gets one QUERY message of type :data:`IDENTIFY` (empty "config" but "server-round") and
+replies with a ConfigRecord "identity" holding "client-id", its stable identity from the
+node config. Each round then draws ``max(1, int(online x fraction))`` of the online
+nodes with :func:`seeded_sample` over their client ids, by ``--seed`` and the round, so
+the same run repeated, and every method ``compare`` runs, trains the same clients in the
+same rounds; Flower's node ids are random per run and cannot serve. A node that does not
+identify itself is drawn after the identified ones, by node id (not reproducible), and
+asked again the next round; the round row's ``sampled_clients`` names the clients drawn.
+
 A reply with an error (the ClientApp raised), a missing record, another key set,
 other array shapes or a non-finite value is dropped and logged with its reason;
 the round goes on with the others. A round counts when at least ``min_nodes``
@@ -63,11 +74,12 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -85,6 +97,7 @@ from common.rundir import RunDir
 from server.queue import NegativeQueue
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TRAIN_CONFIG_KEYS = ("server-round", "lr", "queue-address", "queue-tls", "queue-token",
                      "queue-version")
@@ -93,6 +106,8 @@ REPLY_METRIC_KEYS = (
     "push-failures", "negatives-per-step", "alignment", "uniformity", "epsilon",
 )
 WEIGHT_KEY = "num-examples"
+#: The message type of the query asking a node for its client id (seeded sampling).
+IDENTIFY = f"{MessageType.QUERY}.identify"
 #: The reply to a push-phase QUERY (``--push-timing before``): rows pushed, pushes that failed.
 PUSH_REPLY_METRIC_KEYS = ("pushed-rows", "push-failures")
 SUMMED_KEYS = ("num-examples", "global-hits", "global-misses", "pushed-rows", "push-failures")
@@ -110,7 +125,9 @@ def build_strategy(cfg: FedConfig) -> FedAvg:
     ``sample_nodes`` would otherwise wait forever for its minimums).
     """
     common: dict[str, Any] = {
-        "fraction_train": cfg.fraction_train, "min_train_nodes": 1, "min_available_nodes": 1,
+        # Seeded sampling happens in the driver, which hands the strategy the drawn nodes.
+        "fraction_train": 1.0 if cfg.client_sampling == "seeded" else cfg.fraction_train,
+        "min_train_nodes": 1, "min_available_nodes": 1,
         "min_evaluate_nodes": 1, "weighted_by_key": WEIGHT_KEY,
     }
     if cfg.aggregation == "fedavg":
@@ -245,6 +262,25 @@ def answering_node(reply: Message, addressed: Mapping[str, int]) -> int:
     return addressed.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
+def seeded_sample(pool: Sequence[T], k: int, seed: int, rnd: int) -> list[T]:
+    """``k`` items of ``pool`` (all if it holds fewer) for round ``rnd`` of a run seeded
+    ``seed``: the same draw for the same pool order, seed and round in any process (a
+    string seed is hashed with SHA-512, not Python's per-process hash)."""
+    rng = random.Random(f"fedcontrast-client-sampling:{seed}:{rnd}")
+    return rng.sample(list(pool), min(k, len(pool)))
+
+
+def check_identity_reply(msg: Message) -> str | None:
+    """Why the reply to an identify QUERY is unusable; None if it is fine."""
+    if msg.has_error():
+        return f"client error: {msg.error.reason}"
+    identity = msg.content.get("identity")
+    if not isinstance(identity, ConfigRecord) or not isinstance(identity.get("client-id"), str) \
+            or not identity["client-id"]:
+        return "expected a ConfigRecord 'identity' with a non-empty string 'client-id'"
+    return None
+
+
 def check_push_reply(msg: Message) -> str | None:
     """Why the reply to a push-phase QUERY is unusable; None if it is fine."""
     if msg.has_error():
@@ -352,6 +388,8 @@ class RoundDriver:
         self.pushed_by_slot: dict[int, int] = {}
         self.last_eval: dict[str, float] = {}
         self.stopped_early: str | None = None
+        #: node id -> client id, for the nodes that answered the identify QUERY.
+        self.client_ids: dict[int, str] = {}
         # Clients' epsilons only grow, so the largest ever reported is the largest now.
         self.epsilon_max = max((float(r.get("epsilon_max", r.get("epsilon", -1.0)))
                                 for r in run_dir.read_metrics()), default=-1.0)
@@ -428,6 +466,10 @@ class RoundDriver:
             "round": rnd, "counted": int(counted), "lr": lr, "sampled": len(messages),
             "replied": len(valid), "failed": failed, "dropped": dropped, "timed_out": len(missing),
         }
+        if self.cfg.client_sampling == "seeded" and len(messages) < len(online):
+            row["sampled_clients"] = " ".join(sorted(
+                self.client_ids.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}")
+                for m in messages))
         metrics = combine_metrics(contents, means) if contents else {}
         if self.cfg.dp:
             metrics = {k: v for k, v in metrics.items() if k not in WITHHELD_UNDER_DP}
@@ -503,10 +545,52 @@ class RoundDriver:
                     time.monotonic() - start)
         return pushed
 
+    def sample(self, rnd: int, online: Sequence[int]) -> list[int]:
+        """The nodes round ``rnd`` may train: all of ``online``, or with ``--client-sampling
+        seeded`` and a fraction that leaves some out, the round's seeded draw over their
+        client ids (identifying the nodes not yet identified first)."""
+        k = max(1, int(len(online) * self.cfg.fraction_train))
+        if self.cfg.client_sampling != "seeded" or k >= len(online):
+            return list(online)
+        self.identify(rnd, [n for n in online if n not in self.client_ids])
+        order = sorted(online, key=lambda n: (n not in self.client_ids, self.client_ids.get(n, ""), n))
+        return sorted(seeded_sample(order, k, self.cfg.seed, rnd))
+
+    def identify(self, rnd: int, nodes: Sequence[int]) -> None:
+        """Ask ``nodes`` for their client ids (one QUERY each), into :attr:`client_ids`."""
+        if not nodes:
+            return
+        queries = [Message(
+            content=RecordDict({"config": ConfigRecord({"server-round": rnd})}),
+            dst_node_id=n, message_type=IDENTIFY, group_id=f"{rnd}-identify",
+            ttl=self.cfg.round_timeout + 10.0,
+        ) for n in nodes]
+        start = time.monotonic()
+        replies = list(self.grid.send_and_receive(queries, timeout=self.cfg.round_timeout))
+        addressed = addressees(queries)
+        for msg in replies:
+            node_id = answering_node(msg, addressed)
+            reason = check_identity_reply(msg)
+            if reason is not None:
+                logger.warning("round %d: node %d did not identify itself (%s): it is drawn "
+                               "after the identified nodes, by node id, until it does",
+                               rnd, node_id, reason)
+                continue
+            client_id = str(msg.content["identity"]["client-id"])
+            twins = [n for n, c in self.client_ids.items() if c == client_id and n != node_id]
+            if twins:
+                logger.warning("round %d: nodes %d and %s both report client id %r: which of "
+                               "them a round samples is not reproducible", rnd, node_id,
+                               ", ".join(map(str, twins)), client_id)
+            self.client_ids[node_id] = client_id
+        logger.info("round %d: %d of %d nodes identified in %.1f s", rnd,
+                    sum(n in self.client_ids for n in nodes), len(nodes), time.monotonic() - start)
+
     def messages_for(self, rnd: int, arrays: ArrayRecord, lr: float, online: Sequence[int]) -> list[Message]:
-        """One TRAIN message per node the strategy samples, each with its own RecordDict."""
+        """One TRAIN message per node the strategy samples (from :meth:`sample`'s nodes),
+        each with its own RecordDict."""
         sampled = self.strategy.configure_train(
-            rnd, arrays, ConfigRecord({"lr": lr}), _OnlineNodes(self.grid, online)
+            rnd, arrays, ConfigRecord({"lr": lr}), _OnlineNodes(self.grid, self.sample(rnd, online))
         )
         messages = []
         for template in sampled:

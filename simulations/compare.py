@@ -20,8 +20,9 @@ Methods (``--methods``, all by default):
 
 Fairness: every method uses the same batch size, views, optimiser, learning rate and
 per-round cosine schedule, and the same number of sample-epochs: a federated run
-trains ``local_epochs`` epochs on each of the clients sampled in a round (Flower samples
-``int(num_clients x fraction_train)``, at least one), so a share ``s`` of the clients,
+trains ``local_epochs`` epochs on each of the clients sampled in a round
+(``int(num_clients x fraction_train)``, at least one, drawn by the seed: the same clients
+for every federated method), so a share ``s`` of the clients,
 for ``rounds`` rounds; ``local`` and the centralized methods draw batches until they
 have trained on as many examples per round-equivalent, ``s x local_epochs`` times
 their data (a round's overshoot is taken from the next). The federated methods run

@@ -26,7 +26,13 @@ from proto import negatives_pb2 as pb
 from proto import negatives_pb2_grpc as pb_grpc
 from server.queue import NegativeQueue
 from server.service import QueueServer
-from server.strategy import REPLY_METRIC_KEYS, check_push_reply, check_reply
+from server.strategy import (
+    IDENTIFY,
+    REPLY_METRIC_KEYS,
+    check_identity_reply,
+    check_push_reply,
+    check_reply,
+)
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "one_thread")
 
@@ -391,3 +397,19 @@ def test_push_phase_pushes_the_rounds_keys_and_training_then_pushes_no_more(imag
     train = client_app.train(msg, context(node_config(path, tmp_path), cfg))
     assert check_reply(train, msg.content["arrays"]) is None
     assert train.content["metrics"]["pushed-rows"] == 0 and len(queue) == 48
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ({"partition-id": 3, "num-partitions": 10}, "partition-3"),
+    ({"partition-id": 3, "num-partitions": 10, "client-id": "ward-7"}, "ward-7"),
+    # The data file does not exist: identifying a node reads no data.
+    ({"data-path": "/nonexistent/alice.npz", "client-id": "alice"}, "alice"),
+])
+def test_the_identify_query_is_routed_to_its_handler_and_answers_the_client_id(config, expected,
+                                                                               tmp_path):
+    query = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}),
+                    dst_node_id=7, message_type=IDENTIFY)
+    reply = client_app.app(query, context({**config, "state-dir": str(tmp_path / "state")}))
+    assert check_identity_reply(reply) is None
+    assert reply.content["identity"]["client-id"] == expected
+    assert not (tmp_path / "state").exists()  # nor does it touch the client's state

@@ -23,6 +23,7 @@ import torch
 from common.checkpoint import read_checkpoint
 from common.config import FedConfig, load_config
 from common.flower_env import ProcessTree, flower_env, free_port, wait_for_port
+from server.strategy import seeded_sample
 
 pytestmark = pytest.mark.e2e
 
@@ -286,6 +287,24 @@ def test_a_run_needing_more_nodes_than_are_online_fails_at_the_wait_deadline(dep
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"].startswith("failed: NotEnoughNodes") and summary["last_round"] == 0
     assert not (run / "metrics.jsonl").exists() or not rows(run)
+
+
+@pytest.mark.timeout(240)
+def test_seeded_sampling_draws_the_clients_its_seed_names_in_a_real_run(deployment):
+    # One of the two nodes per round. Each real ClientApp answers the identify QUERY with
+    # the client id its SuperNode was started with; the draws then follow the seed, not
+    # the node ids the SuperLink gave out. The seed is one whose three draws use both nodes.
+    seed = next(s for s in range(20)
+                if len({seeded_sample(["c0", "c1"], 1, s, rnd)[0] for rnd in (1, 2, 3)}) == 2)
+    run = deployment.root / "run-sampled"
+    rc = deployment.run_server(run, *SMALL, "--rounds", "3", "--min-nodes", "1",
+                               "--fraction-train", "0.5", "--seed", str(seed), timeout=220)
+    assert rc == 0, deployment.log("server-run-sampled.log") + (run / "server.log").read_text()[-3000:]
+    table = rows(run)
+    assert [r["sampled_clients"] for r in table] == \
+        [seeded_sample(["c0", "c1"], 1, seed, rnd)[0] for rnd in (1, 2, 3)]
+    assert all(r["sampled"] == 1 and r["replied"] == 1 for r in table)
+    assert "2 of 2 nodes identified" in (run / "server.log").read_text()
 
 
 @pytest.mark.timeout(240)

@@ -23,6 +23,7 @@ from common.cli import UsageError
 from common.config import FedConfig, read_config_values
 from common.datasets import DatasetError, load_dataset
 from common.flower_env import ProcessTree
+from server.strategy import seeded_sample
 from simulations.commands import add_simulate_arguments as add_arguments
 from simulations.compare import (
     SIMCLR,
@@ -200,20 +201,29 @@ def test_compare_writes_the_table_then_a_federated_method_resumes(tmp_path):
     budget = report["budget"]  # what the engine trained: 2 of 3 clients, not 0.67 of them
     assert (budget["clients_per_round"], budget["sample_epochs"]) == (2, pytest.approx(2 * 2 / 3))
 
+    # The virtual clients a round trained are the seed's draw over their client ids (so
+    # every method of a comparison trains the same ones), and each client's state counts
+    # the rounds it was drawn in.
+    clients = ["partition-0", "partition-1", "partition-2"]
+    drawn = [sorted(seeded_sample(clients, 2, 0, rnd)) for rnd in (1, 2, 3)]
+    assert [r["sampled_clients"].split() for r in rows] == drawn[:2]
+
+    def rounds_trained() -> dict[str, int]:
+        return {s.name: StateDir(s, s.name).load().rounds_trained
+                for s in sorted((run / CLIENT_STATE).iterdir())}
+
+    assert rounds_trained() == {c: n for c in clients if (n := sum(c in d for d in drawn[:2]))}
     # A federated method's run directory is an ordinary simulation: resume it.
-    states = sorted((run / CLIENT_STATE).iterdir())
-    assert {s.name for s in states} <= {"partition-0", "partition-1", "partition-2"}
-    assert sum(StateDir(s, s.name).load().rounds_trained for s in states) == 2 * 2
     rc, log = _run([FEDCONTRAST, "simulate", "--resume", str(run), "--rounds", "3"], tmp_path, 240)
     assert rc == 0, log
     assert "round 3/3" in log and "retrieval_head" in log  # progress, then trained vs random init
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["counted"], r["sampled"], r["replied"]) for r in rows][-1] == (3, 1, 2, 2)
     assert json.loads((run / "simulation.json").read_text())["num_clients"] == 3
-    # Client state carried on across the resume: two more rounds trained in round 3. Were
-    # it reset, at least one of them, sampled before, would count 1 instead of its total.
-    states = sorted((run / CLIENT_STATE).iterdir())
-    assert sum(StateDir(s, s.name).load().rounds_trained for s in states) == 3 * 2
+    # Client state carried on across the resume, and round 3 drew as a fresh run would:
+    # were the state reset, a client drawn before would count 1 instead of its total.
+    assert rows[-1]["sampled_clients"].split() == drawn[2]
+    assert rounds_trained() == {c: n for c in clients if (n := sum(c in d for d in drawn))}
 
 
 def test_privacy_sweep_settings_keep_the_federation_and_change_only_privacy():

@@ -9,7 +9,15 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 
 from common.config import FedConfig
@@ -17,6 +25,7 @@ from common.optim_state import STEP_KEY
 from common.rundir import RunDir
 from server.queue import NegativeQueue
 from server.strategy import (
+    IDENTIFY,
     REPLY_METRIC_KEYS,
     TRAIN_CONFIG_KEYS,
     NodeTokens,
@@ -25,6 +34,7 @@ from server.strategy import (
     WeightsKrum,
     build_strategy,
     collapse_suspected,
+    seeded_sample,
 )
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -203,12 +213,97 @@ def test_waiting_for_nodes_ends_at_the_deadline(tmp_path):
         driver.run(initial(), 1, 1)
 
 
+def identified(client_id: str, train: Node | None = None) -> Node:
+    """A node that answers the identify QUERY with ``client_id`` and trains like ``train``
+    (:func:`honest` by default)."""
+    train = train or honest()
+
+    def node(msg: Message) -> Message:
+        if msg.metadata.message_type != IDENTIFY:
+            return train(msg)
+        return Message(content=RecordDict({"identity": ConfigRecord({"client-id": client_id})}),
+                       reply_to=msg)
+
+    return node
+
+
+SAMPLING = {"min_nodes": 1, "rounds": 3, "fraction_train": 0.5, "wait_nodes_timeout": 0.3,
+            "eval_every": 0}
+NAMES = [f"client-{i}" for i in range(6)]
+
+
+def draws(tmp_path, node_ids, **settings):
+    """Run 3 rounds over six nodes named NAMES with the given node ids; the grid and each
+    round's sampled client ids, as the rows record them and as the TRAIN messages went."""
+    grid = FakeGrid({n: identified(name) for n, name in zip(node_ids, NAMES, strict=True)})
+    driver, _, _ = make_driver(tmp_path, grid, cfg=FedConfig(**{**SAMPLING, **settings}))
+    driver.run(initial(), 1, 3)
+    name_of = dict(zip(node_ids, NAMES, strict=True))
+    trained = [sorted(name_of[m.metadata.dst_node_id] for m in batch) for batch in grid.sent
+               if batch[0].metadata.message_type == MessageType.TRAIN]
+    rows = [r.get("sampled_clients", "").split() for r in RunDir(tmp_path).read_metrics()]
+    return grid, trained, rows
+
+
 def test_fraction_train_samples_from_online_nodes_only(tmp_path):
     cfg = FedConfig(min_nodes=1, rounds=1, fraction_train=0.5, wait_nodes_timeout=0.3, eval_every=0)
-    grid = FakeGrid({i: honest() for i in range(1, 5)})
+    grid = FakeGrid({i: identified(f"c{i}") for i in range(1, 5)})
     driver, _, _ = make_driver(tmp_path, grid, cfg=cfg)
     driver.run_round(1, initial())
-    assert len(grid.sent[0]) == 2
+    assert len(grid.sent[-1]) == 2 and grid.sent[-1][0].metadata.message_type == MessageType.TRAIN
+
+
+def test_seeded_sampling_trains_the_same_clients_whatever_node_ids_flower_drew(tmp_path):
+    grid, trained, rows = draws(tmp_path / "a", [11, 22, 33, 44, 55, 66])
+    _, trained_again, rows_again = draws(tmp_path / "b", [66, 5, 900, 12, 7, 31])
+    assert trained == rows == trained_again == rows_again
+    assert trained == [sorted(seeded_sample(sorted(NAMES), 3, 0, rnd)) for rnd in (1, 2, 3)]
+    assert len({tuple(t) for t in trained}) > 1  # a fresh draw every round
+    # Every node is asked once, before the first round's TRAIN messages, and never again.
+    types = [[m.metadata.message_type for m in batch] for batch in grid.sent]
+    assert types == [[IDENTIFY] * 6] + [[MessageType.TRAIN] * 3] * 3
+
+
+def test_another_seed_draws_other_clients(tmp_path):
+    _, seed0, _ = draws(tmp_path / "a", [1, 2, 3, 4, 5, 6])
+    _, seed1, _ = draws(tmp_path / "b", [1, 2, 3, 4, 5, 6], seed=1)
+    assert seed1 == [sorted(seeded_sample(sorted(NAMES), 3, 1, rnd)) for rnd in (1, 2, 3)]
+    assert seed0 != seed1
+
+
+def test_flower_sampling_sends_no_identify_query(tmp_path):
+    grid, trained, rows = draws(tmp_path, [1, 2, 3, 4, 5, 6], client_sampling="flower")
+    assert all(b[0].metadata.message_type == MessageType.TRAIN for b in grid.sent)
+    assert [len(t) for t in trained] == [3, 3, 3] and rows == [[], [], []]
+
+
+def test_without_a_fraction_no_node_is_asked_who_it_is(tmp_path):
+    grid, trained, rows = draws(tmp_path, [1, 2, 3, 4, 5, 6], fraction_train=1.0)
+    assert trained == [NAMES] * 3 and rows == [[], [], []]
+    assert all(m.metadata.message_type == MessageType.TRAIN for b in grid.sent for m in b)
+
+
+def test_a_node_that_does_not_identify_itself_is_still_drawn_and_asked_again(tmp_path, caplog):
+    mute = failing("No query function registered with name 'identify'")
+    grid = FakeGrid({1: identified("a"), 2: identified("b"),
+                     3: lambda msg: mute(msg) if msg.metadata.message_type == IDENTIFY else honest()(msg)})
+    cfg = FedConfig(**{**SAMPLING, "fraction_train": 0.7})  # 2 of 3
+    driver, _, _ = make_driver(tmp_path, grid, cfg=cfg)
+    driver.run(initial(), 1, 3)
+    identifies = [[m.metadata.dst_node_id for m in b] for b in grid.sent
+                  if b[0].metadata.message_type == IDENTIFY]
+    assert identifies == [[1, 2, 3], [3], [3]]
+    assert "node 3 did not identify itself (client error: No query function" in caplog.text
+    drawn = [r["sampled_clients"].split() for r in RunDir(tmp_path).read_metrics()]
+    order = ["a", "b", "node-3"]  # the unidentified node after the identified ones
+    assert drawn == [sorted(seeded_sample(order, 2, 0, rnd)) for rnd in (1, 2, 3)]
+
+
+def test_two_nodes_with_one_client_id_are_reported(tmp_path, caplog):
+    grid = FakeGrid({1: identified("a"), 2: identified("a"), 3: identified("b")})
+    driver, _, _ = make_driver(tmp_path, grid, cfg=FedConfig(**{**SAMPLING, "rounds": 1}))
+    driver.run(initial(), 1, 1)
+    assert "both report client id 'a'" in caplog.text
 
 
 def test_collapse_rule():
