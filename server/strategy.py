@@ -58,6 +58,10 @@ other array shapes or a non-finite value is dropped and logged with its reason;
 the round goes on with the others. A round counts when at least ``min_nodes``
 valid replies arrived; otherwise the global weights stay as they were.
 
+Replies are aggregated in the order of their contents' SHA-256 digests
+(:func:`reply_digest`), not in the order they arrived: a float sum depends on its
+order, and a round's result should depend on what the nodes sent, not on when.
+
 Aggregation of the metrics: weighted means (by ``num-examples``) from the
 wrapped strategy for losses and geometry, sums for counts (:data:`SUMMED_KEYS`),
 the maximum for privacy spent (:data:`MAX_KEYS`).
@@ -72,6 +76,7 @@ are not noised and so not covered by any epsilon. Statistics that DP clients wit
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -262,6 +267,19 @@ def answering_node(reply: Message, addressed: Mapping[str, int]) -> int:
     return addressed.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
+def reply_digest(msg: Message) -> bytes:
+    """SHA-256 of a valid reply's arrays (name, dtype, shape, bytes) and metrics: a sort
+    key that orders replies by what they hold."""
+    h = hashlib.sha256()
+    for key, array in msg.content["arrays"].items():
+        values = np.ascontiguousarray(array.numpy())
+        h.update(f"{key}|{values.dtype}|{values.shape}|".encode())
+        h.update(values.tobytes())
+    for key, value in sorted(msg.content["metrics"].items()):
+        h.update(f"{key}={value!r};".encode())
+    return h.digest()
+
+
 def seeded_sample(pool: Sequence[T], k: int, seed: int, rnd: int) -> list[T]:
     """``k`` items of ``pool`` (all if it holds fewer) for round ``rnd`` of a run seeded
     ``seed``: the same draw for the same pool order, seed and round in any process (a
@@ -440,6 +458,10 @@ class RoundDriver:
             logger.warning("round %d: no reply within %.0f s from nodes %s",
                            rnd, self.cfg.round_timeout, missing)
 
+        # Replies arrive in whatever order the nodes finish, and a float sum depends on its
+        # order: aggregating in an order fixed by the replies' contents makes a round's
+        # result a function of what the nodes sent, not of when.
+        valid.sort(key=reply_digest)
         contents = [m.content for m in valid]
         pushed = {node_id: rows for node_id, (rows, _failed) in phase_pushed.items()}
         for m in valid:

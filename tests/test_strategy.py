@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import uuid
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.config import FedConfig
 from common.optim_state import STEP_KEY
@@ -45,8 +47,9 @@ Node = Callable[[Message], Message | None]
 class FakeGrid:
     """Nodes are functions from the TRAIN message to the reply (None: no reply)."""
 
-    def __init__(self, nodes: dict[int, Node]) -> None:
+    def __init__(self, nodes: dict[int, Node], *, reply_order: list[int] | None = None) -> None:
         self.nodes = nodes
+        self.reply_order = reply_order  # node ids in the order their replies arrive
         self.sent: list[list[Message]] = []
 
     def get_node_ids(self) -> list[int]:
@@ -57,6 +60,8 @@ class FakeGrid:
         for m in messages:  # as Flower's grids do when they push a message
             m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         self.sent.append(messages)
+        if self.reply_order is not None:
+            messages = sorted(messages, key=lambda m: self.reply_order.index(m.metadata.dst_node_id))
         replies = [self.nodes[m.metadata.dst_node_id](m) for m in messages]
         return [r for r in replies if r is not None]
 
@@ -194,6 +199,22 @@ def test_metrics_are_weighted_means_sums_and_maxima(tmp_path):
     assert row["epsilon"] == 2.0
     slots = driver.tokens.slots  # node id -> slot, in the order the strategy sampled them
     assert driver.pushed_by_slot == {slots[1]: 5, slots[2]: 7}
+
+
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(tmp_path):
+    # Offsets whose float32 sum depends on its order: 1 + 3e7 - 3e7 is 0 or 1.
+    offsets = {1: 1.0, 2: 3e7, 3: -3e7}
+    replies = [honest(o)(Message(content=RecordDict({"arrays": initial()}), dst_node_id=n,
+                                 message_type=MessageType.TRAIN)).content
+               for n, o in offsets.items()]
+    assert not np.array_equal(aggregate_arrayrecords(replies, "num-examples")["w"].numpy(),
+                              aggregate_arrayrecords(replies[::-1], "num-examples")["w"].numpy())
+    results = []
+    for i, order in enumerate(itertools.permutations(offsets)):
+        grid = FakeGrid({n: honest(o) for n, o in offsets.items()}, reply_order=list(order))
+        driver, _, _ = make_driver(tmp_path / str(i), grid)
+        results.append(driver.run_round(1, initial()).arrays["w"].numpy())
+    assert all(np.array_equal(results[0], r) for r in results[1:])
 
 
 def test_a_round_with_fewer_than_min_nodes_replies_does_not_count(tmp_path):
