@@ -119,10 +119,11 @@ def main() -> None:
     parser.add_argument("--hard-negative-beta", type=float, default=0.0,
                         help="the loss's hard-negative weighting, for every method alike "
                              "(default: 0, off; see --hard-negative-beta of the settings)")
-    parser.add_argument("--queue-temperature", type=float, default=0.0,
+    parser.add_argument("--queue-temperature", type=float, default=None,
                         help="temperature of the queue negatives' logits, for every method with a "
-                             "queue (fedmoco, fedcontrast) alike (default: 0, the temperature "
-                             "0.2; see --queue-temperature of the settings)")
+                             "queue (fedmoco, fedcontrast) alike (default: the setting's default, "
+                             f"{FedConfig.queue_temperature}; 0: the temperature, 0.2; see "
+                             "--queue-temperature of the settings)")
     parser.add_argument("--name", default="compare_bench",
                         help="result name under bench/results/ (default: compare_bench)")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here")
@@ -132,7 +133,9 @@ def main() -> None:
         out = args.out or Path(tmp) / "runs"
         sliced = slice_or_exit(args, Path(tmp))
         cfg = replace(bench_config(str(sliced), args, eval_every=args.eval_every or max(1, args.rounds // 2)),
-                      hard_negative_beta=args.hard_negative_beta, queue_temperature=args.queue_temperature)
+                      hard_negative_beta=args.hard_negative_beta)
+        if args.queue_temperature is not None:
+            cfg = replace(cfg, queue_temperature=args.queue_temperature)
         report = compare(cfg, Simulation(num_clients=args.clients), out, methods=args.methods,
                          seeds=args.seeds, timeout=6 * 3600)
         if (out / "compare.png").exists():  # accuracy per round, every method
@@ -143,7 +146,13 @@ def main() -> None:
     def mean(method: str, key: str = "linear_probe_backbone") -> float:
         return statistics.fmean(r[key] for r in res[method])
 
-    summary: dict[str, object] = {}
+    summary: dict[str, object] = {
+        # Every run's figures, seed by seed: runs of a method with a queue differ between
+        # repeats of one seed too (rows arrive as concurrent clients finish).
+        f"per_seed_{key.removesuffix('_backbone')}": {m: [round(r[key], 4) for r in runs]
+                                                     for m, runs in res.items()}
+        for key in ("linear_probe_backbone", "knn_backbone")
+    }
     if {"fedavg", "fedcontrast", "centralized"} <= set(res):
         for key in ("linear_probe_backbone", "knn_backbone"):
             gap = mean("centralized", key) - mean("fedavg", key)

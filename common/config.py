@@ -73,7 +73,7 @@ class TrainConfig:
     weight_decay: float = _f(1e-6, "weight decay")
     temperature: float = _f(0.2, "InfoNCE temperature")
     queue_temperature: float = _f(
-        0.0, "temperature of the queue negatives' logits alone (local and global queue rows; "
+        0.5, "temperature of the queue negatives' logits alone (local and global queue rows; "
              "the positive and in-batch negatives keep --temperature); 0: --temperature")
     # views
     views: str = _f(
