@@ -44,9 +44,9 @@ and the node still trains.
 
 With ``--client-sampling seeded`` (the default) and a ``--fraction-train`` that leaves
 nodes out, the driver samples, not the strategy: before a node is first sampled from, it
-gets one QUERY message of type :data:`IDENTIFY` (empty "config" but "server-round") and
-replies with a ConfigRecord "identity" holding "client-id", its stable identity from the
-node config. Each round then draws ``max(1, int(online x fraction))`` of the online
+gets one QUERY message of type :data:`IDENTIFY` (a "config" ConfigRecord holding only
+"server-round") and replies with a ConfigRecord "identity" holding "client-id", its
+stable identity from the node config. Each round then draws ``max(1, int(online x fraction))`` of the online
 nodes with :func:`seeded_sample` over their client ids, by ``--seed`` and the round, so
 the same run repeated, and every method ``compare`` runs, trains the same clients in the
 same rounds; Flower's node ids are random per run and cannot serve. A node that does not
