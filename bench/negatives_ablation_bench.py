@@ -50,7 +50,7 @@ from simulations.simulate import Simulation
 #: name -> (family, settings over plain fedcontrast). One family's options exclude each other.
 OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "pull stratified": ("pull policy", {"pull_policy": "stratified"}),
-    "pull recent": ("pull policy", {"pull_policy": "recent"}),
+    "pull recent": ("pull policy", {"pull_policy": "recent", "pull_mode": "live"}),
     "staleness gamma 0.5": ("staleness", {"staleness_gamma": 0.5}),
     "false negatives: drop top-8": (
         "false negatives", {"false_negative_mode": "drop", "false_negative_top_k": 8}),

@@ -307,9 +307,15 @@ def train_round(
         exclude_own = cfg.pull_scope == "others" or (privacy is not None
                                                      and not privacy.pushes_accounted)
         max_age = cfg.max_age if privacy is None else privacy.pull_max_age
+        # --pull-mode reproducible: rows of finished rounds only (and of this round's push
+        # phase, which ends before any node trains), sampled by seeded pulls.
+        reproducible = cfg.pull_mode == "reproducible"
         sources = ([GlobalNegatives(client, cfg.global_negatives, max_age, cfg.refresh_every,
                                     exclude_own=exclude_own, only_own=cfg.pull_scope == "own",
-                                    policy=cfg.pull_policy, with_ages=cfg.staleness_gamma < 1)]
+                                    policy=cfg.pull_policy, with_ages=cfg.staleness_gamma < 1,
+                                    max_version=(queue_version - (cfg.push_timing == "after")
+                                                 if reproducible else None),
+                                    seed=seed if reproducible else None)]
                    if cfg.global_negatives > 0 else [])
         optimizer = make_optimizer(model, cfg)
         if optimizer_state is not None:
@@ -406,7 +412,7 @@ def push(msg: Message, context: Context) -> Message:
         queue_token=str(config["queue-token"]),
         queue_version=int(config["queue-version"]),
         # A stream of its own: the TRAIN message that follows draws from state.seed itself.
-        seed=state.seed(cfg.seed) ^ PUSH_PHASE_SEED,
+        seed=state.seed(cfg.seed, int(config["server-round"])) ^ PUSH_PHASE_SEED,
         queue_root_certificates=queue_ca,
     )
     logger.info("client %s round %s: push phase, %d rows pushed", node.client_id,
@@ -439,7 +445,7 @@ def train(msg: Message, context: Context) -> Message:
         queue_address=str(config["queue-address"]),
         queue_token=str(config["queue-token"]),
         queue_version=int(config["queue-version"]),
-        seed=state.seed(cfg.seed),
+        seed=state.seed(cfg.seed, server_round),
         privacy=privacy,
         queue_root_certificates=queue_ca,
         # The reply carries optimiser state exactly when the message did: its keys

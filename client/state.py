@@ -85,10 +85,13 @@ class ClientState:
     calibration: NoiseCalibration | None = None
     unnoised_pushes: dict[str, int] = field(default_factory=dict)
 
-    def seed(self, base_seed: int) -> int:
-        """Seed of this round's random stream: distinct per client and per round trained."""
+    def seed(self, base_seed: int, server_round: int) -> int:
+        """Seed of this client's random stream in ``server_round`` of a run seeded with
+        ``base_seed``: distinct per client and round, and the same when a run is repeated,
+        whatever the client trained in between (so a node's second run of one
+        configuration repeats its first)."""
         return (base_seed * 1_000_003 + zlib.crc32(self.client_id.encode()) * 7919
-                + self.rounds_trained) % 2**63
+                + server_round) % 2**63
 
     def record_round(self, run_id: int, server_round: int) -> None:
         self.rounds_trained += 1

@@ -14,6 +14,7 @@ negatives for that step), counting the miss.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
@@ -143,6 +144,9 @@ class QueueClient:
         dtype: torch.dtype = torch.float16,
         policy: str = "uniform",
         only_own: bool = False,
+        *,
+        max_version: int | None = None,
+        seed: int | None = None,
     ) -> torch.Tensor | None:
         """Up to ``n`` rows no older than ``max_age`` (``None``: the server's bound).
 
@@ -151,12 +155,16 @@ class QueueClient:
             only_own: only the rows this node pushed (give ``exclude_own=False``).
             dtype: precision on the wire and of the result (float16 halves the bytes).
             policy: ``"uniform"``, ``"recent"`` or ``"stratified"`` (by age).
+            max_version: only rows of this encoder version or older (``None``: any).
+            seed: a reproducible pull (``PullRequest.seed``): the same rows in the queue
+                and the same seed give the same reply; not with ``"recent"``.
 
         Returns:
             (m, dim) CPU tensor of ``dtype``, m <= n (possibly 0), or ``None`` when
             the queue could not be reached or refused the call (counted as a miss).
         """
-        pulled = self._pull(n, max_age, exclude_own, dtype, policy, only_own, with_ages=False)
+        pulled = self._pull(n, max_age, exclude_own, dtype, policy, only_own, with_ages=False,
+                            max_version=max_version, seed=seed)
         return None if pulled is None else pulled[0]
 
     def pull_with_ages(
@@ -167,13 +175,17 @@ class QueueClient:
         dtype: torch.dtype = torch.float16,
         policy: str = "uniform",
         only_own: bool = False,
+        *,
+        max_version: int | None = None,
+        seed: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """:meth:`pull`, also returning each row's age in rounds (queue version - row version).
 
         Returns:
             ``(rows, ages)``: (m, dim) as :meth:`pull` and (m,) int64 ages >= 0, or ``None``.
         """
-        return self._pull(n, max_age, exclude_own, dtype, policy, only_own, with_ages=True)
+        return self._pull(n, max_age, exclude_own, dtype, policy, only_own, with_ages=True,
+                          max_version=max_version, seed=seed)
 
     def _pull(
         self,
@@ -184,9 +196,13 @@ class QueueClient:
         policy: str,
         only_own: bool,
         with_ages: bool,
+        max_version: int | None,
+        seed: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         if policy not in _POLICIES:
             raise ValueError(f"policy must be one of {sorted(_POLICIES)}, got {policy!r}")
+        if seed is not None and policy == "recent":
+            raise ValueError("a seeded pull cannot use policy 'recent' (it follows arrival order)")
         request = pb.PullRequest(
             count=n,
             max_age=max_age,
@@ -195,6 +211,8 @@ class QueueClient:
             dtype=wire_dtype(dtype),
             policy=_POLICIES[policy],
             include_versions=with_ages,
+            max_version=max_version,
+            seed=seed,
         )
         reply = self._call("Pull", self._pull_bytes, request)
         pulled = None
@@ -343,6 +361,12 @@ class QueueClient:
         self.close()
 
 
+def pull_seed(seed: int, k: int) -> int:
+    """The seed of the ``k``-th pull of a source seeded with ``seed``: 64 bits of SHA-256."""
+    digest = hashlib.sha256(f"fedcontrast-pull:{seed}:{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 class GlobalNegatives:
     """The trainer's source of negatives from the global queue.
 
@@ -358,6 +382,10 @@ class GlobalNegatives:
         policy: how the queue samples (``"uniform"``, ``"recent"``, ``"stratified"``).
         with_ages: also pull each row's age, served by :meth:`ages` (for staleness
             weighting in the loss).
+        max_version: pull only rows of this encoder version or older (``None``: any).
+        seed: make every pull reproducible: the k-th refresh sends the seed
+            :func:`pull_seed` ``(seed, k)``, so the same queue contents give the same
+            negatives (``None``: the queue's own generator).
     """
 
     def __init__(
@@ -370,6 +398,8 @@ class GlobalNegatives:
         only_own: bool = False,
         policy: str = "uniform",
         with_ages: bool = False,
+        max_version: int | None = None,
+        seed: int | None = None,
     ) -> None:
         if exclude_own and only_own:
             raise ValueError("exclude_own and only_own cannot both be set")
@@ -389,6 +419,8 @@ class GlobalNegatives:
         self.only_own = only_own
         self.policy = policy
         self.with_ages = with_ages
+        self.max_version = max_version
+        self.seed = seed
         self._cache: torch.Tensor | None = None  # K x D, unit-norm float32
         self._ages: torch.Tensor | None = None  # K, int64 rounds (with_ages)
         self._last_refresh: int | None = None
@@ -426,7 +458,9 @@ class GlobalNegatives:
     def _refresh(self, step: int) -> None:
         self._last_refresh = step
         self._metrics["refreshes"] += 1
-        how = {"exclude_own": self.exclude_own, "only_own": self.only_own, "policy": self.policy}
+        seed = None if self.seed is None else pull_seed(self.seed, self._metrics["refreshes"])
+        how = {"exclude_own": self.exclude_own, "only_own": self.only_own, "policy": self.policy,
+               "max_version": self.max_version, "seed": seed}
         if self.with_ages:
             pulled = self.client.pull_with_ages(self.num_negatives, self.max_age, **how)
             rows, self._ages = (None, None) if pulled is None else pulled

@@ -170,6 +170,17 @@ class FedConfig(TrainConfig):
         "stratified (equal shares per age present, uniform within an age)",
         PULL_POLICIES,
     )
+    pull_mode: str = _f(
+        "reproducible",
+        "what a node's pulls see and how they sample: reproducible (only rows of finished "
+        "rounds, or of the round's push phase with --push-timing before, sampled by a "
+        "generator seeded per client, round and pull over an order of the rows that does not "
+        "depend on their arrival: a run repeats exactly while the rows of --max-age + 1 "
+        "rounds fit --queue-capacity) or live (also this round's rows from nodes that "
+        "finished earlier, sampled by the queue's own generator: a run depends on the order "
+        "its clients happen to run in)",
+        ("reproducible", "live"),
+    )
     staleness_gamma: float = _f(
         1.0, "a global negative of age a rounds enters the loss's denominator with weight "
              "gamma^a, in (0, 1], on top of --max-age (1: every age alike)")
@@ -421,6 +432,16 @@ def validate(cfg: TrainConfig) -> None:
             need(cfg.max_age > 0, "staleness_gamma",
                  "< 1 with --max-age 0: every pulled row has age 0, so the weight changes "
                  "nothing; raise --max-age or set it to 1")
+        need(cfg.pull_mode != "reproducible" or cfg.pull_policy != "recent", "pull_policy",
+             "'recent' takes the rows that arrived last, an order no run can repeat, so "
+             "--pull-mode reproducible cannot use it: choose uniform or stratified, or set "
+             "--pull-mode live")
+        need(cfg.pull_mode != "reproducible" or cfg.push_timing != "after" or cfg.max_age > 0
+             or cfg.global_negatives == 0, "max_age",
+             "0 with --pull-mode reproducible and --push-timing after: pulls see only rows of "
+             "finished rounds, which are all older than 0 rounds, so no global negative would "
+             "ever be pulled: raise --max-age, push before training (--push-timing before), "
+             "or set --pull-mode live")
         _validate_privacy(cfg, need)
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15proto/negatives.proto\x12\x18\x66\x65\x64\x63ontrast.negatives.v1\"U\n\x06Tensor\x12.\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1f.fedcontrast.negatives.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"T\n\x0bPushRequest\x12\x34\n\nembeddings\x18\x01 \x01(\x0b\x32 .fedcontrast.negatives.v1.Tensor\x12\x0f\n\x07version\x18\x02 \x01(\x03\"P\n\x0cPushResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x15\n\rqueue_version\x18\x02 \x01(\x03\x12\x17\n\x0fquota_remaining\x18\x03 \x01(\x03\"\xe7\x01\n\x0bPullRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x14\n\x07max_age\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0b\x65xclude_own\x18\x03 \x01(\x08\x12.\n\x05\x64type\x18\x04 \x01(\x0e\x32\x1f.fedcontrast.negatives.v1.DType\x12\x36\n\x06policy\x18\x05 \x01(\x0e\x32&.fedcontrast.negatives.v1.SamplePolicy\x12\x18\n\x10include_versions\x18\x06 \x01(\x08\x12\x10\n\x08only_own\x18\x07 \x01(\x08\x42\n\n\x08_max_age\"m\n\x0cPullResponse\x12\x34\n\nembeddings\x18\x01 \x01(\x0b\x32 .fedcontrast.negatives.v1.Tensor\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\x15\n\rqueue_version\x18\x03 \x01(\x03\"\x0e\n\x0cStatsRequest\"\x91\x01\n\rQueueCounters\x12\x12\n\npush_calls\x18\x01 \x01(\x03\x12\x13\n\x0bpushed_rows\x18\x02 \x01(\x03\x12\x12\n\npull_calls\x18\x03 \x01(\x03\x12\x13\n\x0bpulled_rows\x18\x04 \x01(\x03\x12\x14\n\x0c\x65victed_rows\x18\x05 \x01(\x03\x12\x18\n\x10overwritten_rows\x18\x06 \x01(\x03\"\xc5\x02\n\rStatsResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x03\x12\x0b\n\x03\x64im\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0f\n\x07max_age\x18\x05 \x01(\x03\x12\x15\n\rage_histogram\x18\x06 \x03(\x03\x12\x39\n\x08\x63ounters\x18\x07 \x01(\x0b\x32\'.fedcontrast.negatives.v1.QueueCounters\x12G\n\x08rejected\x18\x08 \x03(\x0b\x32\x35.fedcontrast.negatives.v1.StatsResponse.RejectedEntry\x12\x19\n\x11quota_per_version\x18\t \x01(\x03\x1a/\n\rRejectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"!\n\x0e\x41\x64vanceRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"3\n\x0f\x41\x64vanceResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07\x65victed\x18\x02 \x01(\x03*D\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02*\x80\x01\n\x0cSamplePolicy\x12\x1d\n\x19SAMPLE_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15SAMPLE_POLICY_UNIFORM\x10\x01\x12\x18\n\x14SAMPLE_POLICY_RECENT\x10\x02\x12\x1c\n\x18SAMPLE_POLICY_STRATIFIED\x10\x03\x32\xf7\x02\n\rNegativeQueue\x12U\n\x04Push\x12%.fedcontrast.negatives.v1.PushRequest\x1a&.fedcontrast.negatives.v1.PushResponse\x12U\n\x04Pull\x12%.fedcontrast.negatives.v1.PullRequest\x1a&.fedcontrast.negatives.v1.PullResponse\x12X\n\x05Stats\x12&.fedcontrast.negatives.v1.StatsRequest\x1a\'.fedcontrast.negatives.v1.StatsResponse\x12^\n\x07\x41\x64vance\x12(.fedcontrast.negatives.v1.AdvanceRequest\x1a).fedcontrast.negatives.v1.AdvanceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15proto/negatives.proto\x12\x18\x66\x65\x64\x63ontrast.negatives.v1\"U\n\x06Tensor\x12.\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1f.fedcontrast.negatives.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"T\n\x0bPushRequest\x12\x34\n\nembeddings\x18\x01 \x01(\x0b\x32 .fedcontrast.negatives.v1.Tensor\x12\x0f\n\x07version\x18\x02 \x01(\x03\"P\n\x0cPushResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x15\n\rqueue_version\x18\x02 \x01(\x03\x12\x17\n\x0fquota_remaining\x18\x03 \x01(\x03\"\xad\x02\n\x0bPullRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x14\n\x07max_age\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0b\x65xclude_own\x18\x03 \x01(\x08\x12.\n\x05\x64type\x18\x04 \x01(\x0e\x32\x1f.fedcontrast.negatives.v1.DType\x12\x36\n\x06policy\x18\x05 \x01(\x0e\x32&.fedcontrast.negatives.v1.SamplePolicy\x12\x18\n\x10include_versions\x18\x06 \x01(\x08\x12\x10\n\x08only_own\x18\x07 \x01(\x08\x12\x18\n\x0bmax_version\x18\x08 \x01(\x03H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x02\x88\x01\x01\x42\n\n\x08_max_ageB\x0e\n\x0c_max_versionB\x07\n\x05_seed\"m\n\x0cPullResponse\x12\x34\n\nembeddings\x18\x01 \x01(\x0b\x32 .fedcontrast.negatives.v1.Tensor\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\x15\n\rqueue_version\x18\x03 \x01(\x03\"\x0e\n\x0cStatsRequest\"\x91\x01\n\rQueueCounters\x12\x12\n\npush_calls\x18\x01 \x01(\x03\x12\x13\n\x0bpushed_rows\x18\x02 \x01(\x03\x12\x12\n\npull_calls\x18\x03 \x01(\x03\x12\x13\n\x0bpulled_rows\x18\x04 \x01(\x03\x12\x14\n\x0c\x65victed_rows\x18\x05 \x01(\x03\x12\x18\n\x10overwritten_rows\x18\x06 \x01(\x03\"\xc5\x02\n\rStatsResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x03\x12\x0b\n\x03\x64im\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0f\n\x07max_age\x18\x05 \x01(\x03\x12\x15\n\rage_histogram\x18\x06 \x03(\x03\x12\x39\n\x08\x63ounters\x18\x07 \x01(\x0b\x32\'.fedcontrast.negatives.v1.QueueCounters\x12G\n\x08rejected\x18\x08 \x03(\x0b\x32\x35.fedcontrast.negatives.v1.StatsResponse.RejectedEntry\x12\x19\n\x11quota_per_version\x18\t \x01(\x03\x1a/\n\rRejectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"!\n\x0e\x41\x64vanceRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"3\n\x0f\x41\x64vanceResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07\x65victed\x18\x02 \x01(\x03*D\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02*\x80\x01\n\x0cSamplePolicy\x12\x1d\n\x19SAMPLE_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15SAMPLE_POLICY_UNIFORM\x10\x01\x12\x18\n\x14SAMPLE_POLICY_RECENT\x10\x02\x12\x1c\n\x18SAMPLE_POLICY_STRATIFIED\x10\x03\x32\xf7\x02\n\rNegativeQueue\x12U\n\x04Push\x12%.fedcontrast.negatives.v1.PushRequest\x1a&.fedcontrast.negatives.v1.PushResponse\x12U\n\x04Pull\x12%.fedcontrast.negatives.v1.PullRequest\x1a&.fedcontrast.negatives.v1.PullResponse\x12X\n\x05Stats\x12&.fedcontrast.negatives.v1.StatsRequest\x1a\'.fedcontrast.negatives.v1.StatsResponse\x12^\n\x07\x41\x64vance\x12(.fedcontrast.negatives.v1.AdvanceRequest\x1a).fedcontrast.negatives.v1.AdvanceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATSRESPONSE_REJECTEDENTRY']._loaded_options = None
   _globals['_STATSRESPONSE_REJECTEDENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1231
-  _globals['_DTYPE']._serialized_end=1299
-  _globals['_SAMPLEPOLICY']._serialized_start=1302
-  _globals['_SAMPLEPOLICY']._serialized_end=1430
+  _globals['_DTYPE']._serialized_start=1301
+  _globals['_DTYPE']._serialized_end=1369
+  _globals['_SAMPLEPOLICY']._serialized_start=1372
+  _globals['_SAMPLEPOLICY']._serialized_end=1500
   _globals['_TENSOR']._serialized_start=51
   _globals['_TENSOR']._serialized_end=136
   _globals['_PUSHREQUEST']._serialized_start=138
@@ -44,21 +44,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHRESPONSE']._serialized_start=224
   _globals['_PUSHRESPONSE']._serialized_end=304
   _globals['_PULLREQUEST']._serialized_start=307
-  _globals['_PULLREQUEST']._serialized_end=538
-  _globals['_PULLRESPONSE']._serialized_start=540
-  _globals['_PULLRESPONSE']._serialized_end=649
-  _globals['_STATSREQUEST']._serialized_start=651
-  _globals['_STATSREQUEST']._serialized_end=665
-  _globals['_QUEUECOUNTERS']._serialized_start=668
-  _globals['_QUEUECOUNTERS']._serialized_end=813
-  _globals['_STATSRESPONSE']._serialized_start=816
-  _globals['_STATSRESPONSE']._serialized_end=1141
-  _globals['_STATSRESPONSE_REJECTEDENTRY']._serialized_start=1094
-  _globals['_STATSRESPONSE_REJECTEDENTRY']._serialized_end=1141
-  _globals['_ADVANCEREQUEST']._serialized_start=1143
-  _globals['_ADVANCEREQUEST']._serialized_end=1176
-  _globals['_ADVANCERESPONSE']._serialized_start=1178
-  _globals['_ADVANCERESPONSE']._serialized_end=1229
-  _globals['_NEGATIVEQUEUE']._serialized_start=1433
-  _globals['_NEGATIVEQUEUE']._serialized_end=1808
+  _globals['_PULLREQUEST']._serialized_end=608
+  _globals['_PULLRESPONSE']._serialized_start=610
+  _globals['_PULLRESPONSE']._serialized_end=719
+  _globals['_STATSREQUEST']._serialized_start=721
+  _globals['_STATSREQUEST']._serialized_end=735
+  _globals['_QUEUECOUNTERS']._serialized_start=738
+  _globals['_QUEUECOUNTERS']._serialized_end=883
+  _globals['_STATSRESPONSE']._serialized_start=886
+  _globals['_STATSRESPONSE']._serialized_end=1211
+  _globals['_STATSRESPONSE_REJECTEDENTRY']._serialized_start=1164
+  _globals['_STATSRESPONSE_REJECTEDENTRY']._serialized_end=1211
+  _globals['_ADVANCEREQUEST']._serialized_start=1213
+  _globals['_ADVANCEREQUEST']._serialized_end=1246
+  _globals['_ADVANCERESPONSE']._serialized_start=1248
+  _globals['_ADVANCERESPONSE']._serialized_end=1299
+  _globals['_NEGATIVEQUEUE']._serialized_start=1503
+  _globals['_NEGATIVEQUEUE']._serialized_end=1878
 # @@protoc_insertion_point(module_scope)

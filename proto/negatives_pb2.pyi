@@ -56,7 +56,7 @@ class PushResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ..., queue_version: _Optional[int] = ..., quota_remaining: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("count", "max_age", "exclude_own", "dtype", "policy", "include_versions", "only_own")
+    __slots__ = ("count", "max_age", "exclude_own", "dtype", "policy", "include_versions", "only_own", "max_version", "seed")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     MAX_AGE_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_OWN_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,8 @@ class PullRequest(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     ONLY_OWN_FIELD_NUMBER: _ClassVar[int]
+    MAX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     count: int
     max_age: int
     exclude_own: bool
@@ -71,7 +73,9 @@ class PullRequest(_message.Message):
     policy: SamplePolicy
     include_versions: bool
     only_own: bool
-    def __init__(self, count: _Optional[int] = ..., max_age: _Optional[int] = ..., exclude_own: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ..., policy: _Optional[_Union[SamplePolicy, str]] = ..., include_versions: _Optional[bool] = ..., only_own: _Optional[bool] = ...) -> None: ...
+    max_version: int
+    seed: int
+    def __init__(self, count: _Optional[int] = ..., max_age: _Optional[int] = ..., exclude_own: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ..., policy: _Optional[_Union[SamplePolicy, str]] = ..., include_versions: _Optional[bool] = ..., only_own: _Optional[bool] = ..., max_version: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("embeddings", "versions", "queue_version")

@@ -21,6 +21,12 @@ at ``advance`` compacts the survivors to the front so the invariant holds. The r
 only wraps once it is full, so as a set the occupied slots are always
 ``0 .. size - 1``: a uniform pull samples from them without ordering them.
 
+Reproducible pulls: a pull given a ``seed`` samples the eligible rows in a canonical
+order, by version and then by a content key (each row's dot product with a fixed
+direction, kept beside the row), with a generator seeded by it. Which slot a row holds
+and when it arrived do not enter, so two queues holding the same rows answer alike. With
+``max_version`` a puller can also leave out the rows of a round still running.
+
 All public methods are thread-safe (one lock; pulls copy their rows under it,
 pushes are validated and normalised before taking it).
 """
@@ -47,6 +53,12 @@ SNAPSHOT_FORMAT = 1
 POLICIES = PULL_POLICIES
 #: Rows whose norm is below this are zero vectors, whatever the tolerance.
 _ZERO_NORM = 1e-6
+#: Seed of the fixed direction whose dot product with a row is the row's content key,
+#: the tie-break of the canonical order that seeded pulls sample from.
+_KEY_SEED = 0x5EED
+#: What makes a row eligible for a pull: (oldest version, newest version or None,
+#: excluded contributor or None, only contributor or None, canonical order).
+_Eligibility = tuple[int, "int | None", "int | None", "int | None", bool]
 
 
 def stratified_shares(sizes: Sequence[int], n: int) -> list[int]:
@@ -145,6 +157,12 @@ class NegativeQueue:
         self._rows = torch.zeros(capacity, dim, dtype=storage_dtype, device=self.device)  # K x D
         self._versions = torch.zeros(capacity, dtype=torch.int64, device=self.device)  # K
         self._contributors = torch.zeros(capacity, dtype=torch.int64, device=self.device)  # K
+        # Content keys: each stored row's dot product with a fixed direction (float64).
+        self._probe = torch.randn(
+            dim, generator=torch.Generator().manual_seed(_KEY_SEED), dtype=torch.float64
+        ).to(self.device)  # D
+        self._keys = torch.zeros(capacity, dtype=torch.float64, device=self.device)  # K
+        self._canonical: torch.Tensor | None = None  # cached canonical order of the slots
         self._ptr = 0
         self._size = 0
         self._version = 0
@@ -204,6 +222,8 @@ class NegativeQueue:
             self._rows[:n] = self._rows[keep]
             self._versions[:n] = self._versions[keep]
             self._contributors[:n] = self._contributors[keep]
+            self._keys[:n] = self._keys[keep]
+            self._canonical = None
             self._size = n
             self._ptr = n % self.capacity
             self._counters["evicted_rows"] += evicted
@@ -314,6 +334,9 @@ class NegativeQueue:
             self._rows.narrow(0, start, k).copy_(part)  # casts to the storage dtype
             self._versions.narrow(0, start, k).fill_(version)
             self._contributors.narrow(0, start, k).fill_(contributor)
+            stored = self._rows.narrow(0, start, k).to(torch.float64)
+            self._keys.narrow(0, start, k).copy_(stored @ self._probe)
+        self._canonical = None
         overwritten = max(0, self._size + n - self.capacity)
         self._counters["overwritten_rows"] += overwritten
         self._size = min(self.capacity, self._size + n)
@@ -329,6 +352,9 @@ class NegativeQueue:
         policy: str = "uniform",
         generator: torch.Generator | None = None,
         only: int | None = None,
+        *,
+        max_version: int | None = None,
+        seed: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample at most ``n`` rows no older than ``max_age``.
 
@@ -342,6 +368,14 @@ class NegativeQueue:
                 rows (:func:`stratified_shares`, newest age first), uniform without
                 replacement within an age, so rare ages are not drowned by common ones.
             generator: RNG for ``"uniform"`` and ``"stratified"`` (on the queue's device).
+            max_version: only rows computed at this encoder version or before (``None``:
+                any version). A puller that names the last finished round sees no row
+                whose presence depends on how fast the other clients of its round are.
+            seed: a reproducible pull (not with ``generator``, nor with ``"recent"``,
+                which follows arrival order): the eligible rows are put in a canonical
+                order, by version and then by their contents, and sampled by a generator
+                seeded with ``seed``. The same rows and the same seed give the same
+                reply, whatever order the rows arrived in and whichever slots they hold.
 
         Returns:
             ``(rows, versions)``: (m, dim) copies in the storage dtype and their
@@ -355,6 +389,15 @@ class NegativeQueue:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if exclude is not None and only is not None:
             raise ValueError("exclude and only cannot be combined")
+        canonical = seed is not None
+        if canonical:
+            if generator is not None:
+                raise ValueError("a pull takes a seed or a generator, not both")
+            if policy == "recent":
+                raise ValueError(
+                    "policy 'recent' picks rows by arrival order, which a seeded pull cannot repeat"
+                )
+            generator = torch.Generator(device=self.device).manual_seed(seed)
         age_bound = self.max_age if max_age is None else max_age
         # index_select / masked_select / narrow rather than tensor[index]: several times
         # faster on CPU, and a pull of thousands of rows is the service's hot path.
@@ -363,16 +406,20 @@ class NegativeQueue:
             if policy == "recent":
                 slots = self._occupied_locked()  # oldest insertion first
                 eligible = self._versions.index_select(0, slots) >= oldest
+                if max_version is not None:
+                    eligible &= self._versions.index_select(0, slots) <= max_version
                 if exclude is not None:
                     eligible &= self._contributors.index_select(0, slots) != exclude
                 if only is not None:
                     eligible &= self._contributors.index_select(0, slots) == only
                 slots = slots.masked_select(eligible)
                 chosen = slots[slots.numel() - min(n, slots.numel()) :]
-            elif policy == "stratified":
-                chosen = self._stratified_locked(n, oldest, exclude, generator, only)
             else:
-                chosen = self._sample_locked(n, oldest, exclude, generator, only)
+                which = (oldest, max_version, exclude, only, canonical)
+                if policy == "stratified":
+                    chosen = self._stratified_locked(n, which, generator)
+                else:
+                    chosen = self._sample_locked(n, which, generator)
             rows = self._rows.index_select(0, chosen)
             versions = self._versions.index_select(0, chosen)
             self._counters["pull_calls"] += 1
@@ -380,45 +427,69 @@ class NegativeQueue:
         return rows, versions
 
     def _sample_locked(
-        self,
-        n: int,
-        oldest: int,
-        exclude: int | None,
-        generator: torch.Generator | None,
-        only: int | None = None,
+        self, n: int, which: _Eligibility, generator: torch.Generator | None
     ) -> torch.Tensor:
         """Slots of at most ``n`` eligible rows, uniformly without replacement."""
+        oldest, max_version, exclude, only, canonical = which
         size = self._size
-        eligible = self._eligible_locked(oldest, exclude, only)
-        count = int(eligible.sum())
-        # int32 indices: a faster permutation and gather than int64 ones.
-        pick = torch.randperm(count, generator=generator, device=self.device, dtype=torch.int32)
-        pick = pick.narrow(0, 0, min(n, count))
-        if count == size:  # all eligible (the usual case): the pick is the slots
-            return pick
-        return eligible.nonzero().squeeze(1).index_select(0, pick)
+        if not canonical:
+            eligible = self._eligible_locked(oldest, max_version, exclude, only)
+            count = int(eligible.sum())
+            # int32 indices: a faster permutation and gather than int64 ones.
+            pick = torch.randperm(count, generator=generator, device=self.device,
+                                  dtype=torch.int32).narrow(0, 0, min(n, count))
+            if count == size:  # all eligible (the usual case): the pick is the slots
+                return pick
+            return eligible.nonzero().squeeze(1).index_select(0, pick)
+        slots = self._eligible_slots_locked(which)
+        count = slots.numel()
+        pick = torch.randperm(count, generator=generator, device=self.device)
+        return slots.index_select(0, pick.narrow(0, 0, min(n, count)))
 
-    def _eligible_locked(self, oldest: int, exclude: int | None, only: int | None) -> torch.Tensor:
+    def _eligible_locked(
+        self, oldest: int, max_version: int | None, exclude: int | None, only: int | None
+    ) -> torch.Tensor:
         """(size,) mask of the rows a pull may return, over slots 0 .. size - 1."""
         size = self._size
         # As a set, the occupied slots are 0 .. size-1 (see the module's docstring).
-        eligible = self._versions.narrow(0, 0, size) >= oldest
+        versions = self._versions.narrow(0, 0, size)
+        eligible = versions >= oldest
+        if max_version is not None:
+            eligible &= versions <= max_version
         if exclude is not None:
             eligible &= self._contributors.narrow(0, 0, size) != exclude
         if only is not None:
             eligible &= self._contributors.narrow(0, 0, size) == only
         return eligible
 
+    def _eligible_slots_locked(self, which: _Eligibility) -> torch.Tensor:
+        """Slots of the eligible rows: ascending, or in the canonical order."""
+        oldest, max_version, exclude, only, canonical = which
+        eligible = self._eligible_locked(oldest, max_version, exclude, only)
+        if not canonical:
+            return eligible.nonzero().squeeze(1)
+        order = self._canonical_locked()
+        return order.masked_select(eligible.index_select(0, order))
+
+    def _canonical_locked(self) -> torch.Tensor:
+        """Slots 0 .. size - 1 ordered by version, then by content (:attr:`_keys`).
+
+        The order depends on the rows alone, not on when they arrived or where they
+        sit; rows with equal keys have equal contents (up to a float64 coincidence), so
+        their order cannot change a reply. Cached until the rows change.
+        """
+        if self._canonical is None:
+            size = self._size
+            order = torch.argsort(self._keys.narrow(0, 0, size), stable=True)
+            by_version = torch.argsort(self._versions.index_select(0, order), stable=True)
+            self._canonical = order.index_select(0, by_version)
+        return self._canonical
+
     def _stratified_locked(
-        self,
-        n: int,
-        oldest: int,
-        exclude: int | None,
-        generator: torch.Generator | None,
-        only: int | None,
+        self, n: int, which: _Eligibility, generator: torch.Generator | None
     ) -> torch.Tensor:
         """Slots of at most ``n`` eligible rows, equal shares per version present."""
-        slots = self._eligible_locked(oldest, exclude, only).nonzero().squeeze(1)  # m
+        slots = self._eligible_slots_locked(which)  # m
         versions = self._versions.index_select(0, slots)  # m
         present, sizes = torch.unique(versions, return_counts=True)  # ascending versions
         newest_first = present.flip(0).tolist()
@@ -530,6 +601,9 @@ class NegativeQueue:
             self._rows[:n] = rows.to(self.device, self.storage_dtype)
             self._versions[:n] = versions.to(self.device)
             self._contributors[:n] = contributors.to(self.device)
+            self._keys.zero_()
+            self._keys[:n] = self._rows[:n].to(torch.float64) @ self._probe
+            self._canonical = None
             self._size = n
             self._ptr = n % self.capacity
             self._version = int(state["version"])

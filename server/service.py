@@ -236,6 +236,8 @@ class NegativeQueueServicer(pb_grpc.NegativeQueueServicer):
             problem = f"reply dtype {request.dtype} is not DTYPE_FLOAT32 or DTYPE_FLOAT16"
         elif request.exclude_own and request.only_own:
             problem = "exclude_own and only_own cannot both be set"
+        elif request.HasField("seed") and request.policy == pb.SAMPLE_POLICY_RECENT:
+            problem = "a seeded pull cannot use SAMPLE_POLICY_RECENT (it follows arrival order)"
         if problem:
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         dtype = (
@@ -247,6 +249,8 @@ class NegativeQueueServicer(pb_grpc.NegativeQueueServicer):
             exclude=caller.contributor if request.exclude_own else None,
             policy=_POLICIES[request.policy],
             only=caller.contributor if request.only_own else None,
+            max_version=request.max_version if request.HasField("max_version") else None,
+            seed=request.seed if request.HasField("seed") else None,
         )
         reply = pb.PullResponse(queue_version=self._queue.version)
         if request.include_versions:

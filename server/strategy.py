@@ -404,6 +404,9 @@ class RoundDriver:
         self.lr_at = cosine_lr(cfg.lr, cfg.rounds)
         self.losses: list[float] = []
         self.pushed_by_slot: dict[int, int] = {}
+        # The queue's overwritten_rows counter at the last round's end (a resumed queue
+        # brings its own).
+        self.overwritten_seen = queue.stats()["counters"]["overwritten_rows"]
         self.last_eval: dict[str, float] = {}
         self.stopped_early: str | None = None
         #: node id -> client id, for the nodes that answered the identify QUERY.
@@ -504,9 +507,20 @@ class RoundDriver:
             self.losses.append(float(metrics["train-loss"]))
         self._privacy(rnd, row, metrics)
         stats = self.queue.stats()
+        overwritten = stats["counters"]["overwritten_rows"]
         row.update({"queue_size": stats["size"], "queue_version": stats["version"],
                     "queue_pushed_rows_total": stats["counters"]["pushed_rows"],
-                    "queue_pulled_rows_total": stats["counters"]["pulled_rows"]})
+                    "queue_pulled_rows_total": stats["counters"]["pulled_rows"],
+                    "queue_overwritten_rows_total": overwritten})
+        if overwritten > self.overwritten_seen and self.cfg.pull_mode == "reproducible":
+            logger.warning(
+                "round %d: the queue, full at %d rows, overwrote %d rows that pulls could still "
+                "have found; which ones went depended on arrival order, so this run will not "
+                "repeat exactly (--pull-mode reproducible): raise --queue-capacity to at least "
+                "(--max-age + 1) x the rows pushed per round (%d this round)",
+                rnd, stats["capacity"], overwritten - self.overwritten_seen,
+                int(row.get("pushed_rows", 0)))
+        self.overwritten_seen = overwritten
 
         if self.evaluate is not None and (final or (self.cfg.eval_every and rnd % self.cfg.eval_every == 0)):
             self.last_eval = self.evaluate(arrays)

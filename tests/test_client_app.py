@@ -353,8 +353,10 @@ def test_under_dp_no_unnoised_own_row_reaches_the_loss(images, tmp_path, monkeyp
                                                        restarted, own_rows_reach_the_loss):
     path, _ = images
     bob_token, restarted_token = "bob-token-0123456789", "restarted-token-0123456789"
+    # --pull-mode live: bob's rows of the running round are pullable, so the restarted
+    # node's pulls, limited to versions after its un-noised round-1 rows, still find some.
     cfg = FedConfig(**{**DP.__dict__, "push_noise": push_noise, "max_age": 2,
-                       "pull_scope": "all" if push_noise > 0 else "others"})
+                       "pull_scope": "all" if push_noise > 0 else "others", "pull_mode": "live"})
     node = node_config(path, tmp_path)
     queue = NegativeQueue(1024, CFG.embedding_dim, max_age=cfg.max_age)
     queue.advance(1)
@@ -381,6 +383,46 @@ def test_under_dp_no_unnoised_own_row_reaches_the_loss(images, tmp_path, monkeyp
     assert _max_cosine(negatives, others) > 0.999  # bob's rows did reach the loss
     assert (_max_cosine(negatives, own) > 0.999) == own_rows_reach_the_loss
 
+
+
+def test_a_reproducible_round_pulls_only_finished_rounds_and_repeats_exactly(images, tmp_path,
+                                                                            monkeypatch):
+    path, _ = images
+    torch.manual_seed(0)
+    arrays = build_encoder("cnn", in_channels=1, embedding_dim=CFG.embedding_dim,
+                           width=CFG.width).state_dict()
+    finished = F.normalize(torch.randn(40, CFG.embedding_dim), dim=1)  # bob, round 1
+    running = F.normalize(torch.randn(40, CFG.embedding_dim), dim=1)  # carol, round 2 so far
+    seen: list[torch.Tensor] = []
+    info_nce = trainer_module.info_nce
+
+    def recording(query, positive_key, negatives=None, *args, **kwargs):
+        seen.append(negatives.detach().clone())
+        return info_nce(query, positive_key, negatives, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "info_nce", recording)
+
+    def round_two(cfg: FedConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        queue = NegativeQueue(1024, CFG.embedding_dim, max_age=cfg.max_age)
+        queue.advance(1)
+        queue.push(1, finished, version=1)
+        queue.advance(2)
+        queue.push(2, running, version=2)
+        seen.clear()
+        with QueueServer(queue, {TOKEN: 0}) as server:
+            reply = client_app.train(train_message(server.address, rnd=2, arrays=arrays),
+                                     context(node_config(path, tmp_path), cfg))
+        return reply.content["arrays"].to_torch_state_dict(), torch.cat(seen)
+
+    weights, negatives = round_two(CFG)
+    assert _max_cosine(negatives, finished) > 0.999 and _max_cosine(negatives, running) < 0.99
+    # Again, after this node's state has counted one more round: the same pulls, weights.
+    again, negatives_again = round_two(CFG)
+    assert torch.equal(negatives, negatives_again)
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    # --pull-mode live: the running round's rows are found too.
+    _, live = round_two(replace(CFG, pull_mode="live"))
+    assert _max_cosine(live, running) > 0.999
 
 
 def test_push_phase_pushes_the_rounds_keys_and_training_then_pushes_no_more(images, queue_server,

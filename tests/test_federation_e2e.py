@@ -161,6 +161,25 @@ def test_two_clients_two_rounds(deployment, two_round_run):
 
 
 @pytest.mark.timeout(420)  # the 2-round run too, when this test runs alone
+def test_a_repeated_run_pulls_the_same_negatives_and_ends_with_the_same_encoder(
+        deployment, two_round_run):
+    # Before the resume below extends the first run. Round 2 of each run pulls the rows the
+    # other node pushed in round 1 (--pull-mode reproducible: finished rounds only, seeded
+    # pulls over an order that ignores arrival and slots), and each node's round seed
+    # depends on the round, not on how much it trained before: the nodes' state
+    # directories are the first run's, so they have trained two more rounds since.
+    run = deployment.root / "run-a-again"
+    rc = deployment.run_server(run, *SMALL, timeout=220)
+    assert rc == 0, deployment.log("server-run-a-again.log") + (run / "server.log").read_text()[-3000:]
+    first, again = (rows(r) for r in (two_round_run, run))
+    assert [r["negatives_per_step"] for r in again] == [r["negatives_per_step"] for r in first]
+    assert again[-1]["negatives_per_step"] > 0 and again[0]["negatives_per_step"] == 0
+    weights = [read_checkpoint(r / "encoder.pt")["state_dict"] for r in (two_round_run, run)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.timeout(420)  # the 2-round run too, when this test runs alone
 def test_resume_continues_numbering(deployment, two_round_run):
     run = two_round_run
     steps_after_2 = float(read_checkpoint(run / "encoder.pt")["optimizer_state"]["optimizer.step"])

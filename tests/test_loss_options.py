@@ -331,6 +331,8 @@ def test_negative_options_refuse_bad_values_at_construction(kwargs: dict, messag
     ({"staleness_gamma": 0.5, "global_negatives": 0}, "--global-negatives is 0"),
     ({"staleness_gamma": 0.5, "max_age": 0}, "--max-age 0"),
     ({"pull_policy": "oldest"}, "--pull-policy must be one of uniform, recent, stratified"),
+    ({"pull_policy": "recent"}, "--pull-policy 'recent' takes the rows that arrived last"),
+    ({"max_age": 0}, "--max-age 0 with --pull-mode reproducible and --push-timing after"),
     ({"queue_temperature": -0.1}, "--queue-temperature must be zero"),
     ({"queue_temperature": math.inf}, "--queue-temperature must be zero"),
 ])

@@ -419,3 +419,85 @@ def test_only_returns_the_contributors_own_rows_and_never_with_exclude():
         assert rows.shape[0] == 5 and bool((rows.float() @ mine[0] > 0.99).all())
     with pytest.raises(ValueError, match="cannot be combined"):
         queue.pull(3, exclude=1, only=1)
+
+
+def _filled(arrivals: list[tuple[int, int, int]], *, capacity: int = 64, storage=torch.float32,
+            wrap: int = 0) -> NegativeQueue:
+    """A queue holding, for each (contributor, version, seed) in arrival order, the 6 rows
+    ``unit(6, seed=seed)``, all young enough to pull. ``wrap`` rows of version 0 pushed
+    first, then overwritten or evicted, put the survivors in other slots."""
+    queue = NegativeQueue(capacity, DIM, max_age=2, storage_dtype=storage)
+    if wrap:
+        queue.push(9, unit(wrap, seed=99), version=0)
+    queue.advance(1)
+    for contributor, version, seed in sorted(arrivals, key=lambda a: a[1]):
+        if version == 2 and queue.version < 2:
+            queue.advance(2)
+        queue.push(contributor, unit(6, seed=seed), version=version)
+    queue.advance(2)
+    if wrap:
+        queue.advance(3)  # the version-0 rows go, the survivors are compacted; ages 1 and 2
+    return queue
+
+
+ARRIVALS = [(0, 1, 10), (1, 1, 11), (2, 1, 12), (0, 2, 20), (1, 2, 21), (2, 2, 22)]
+# The same rows pushed by other slots in another order (within each version).
+REORDERED = [(5, 1, 12), (3, 1, 10), (4, 1, 11), (4, 2, 21), (5, 2, 22), (3, 2, 20)]
+
+
+@pytest.mark.parametrize("policy", ["uniform", "stratified"])
+@pytest.mark.parametrize("storage", [torch.float32, torch.float16])
+def test_a_seeded_pull_ignores_the_order_and_slots_the_rows_arrived_in(policy, storage):
+    first = _filled(ARRIVALS, storage=storage)
+    other = _filled(REORDERED, storage=storage)
+    assert not torch.equal(contents(first)[0], contents(other)[0])  # laid out differently
+    for seed in range(5):
+        a = first.pull(10, policy=policy, seed=seed)
+        b = other.pull(10, policy=policy, seed=seed)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert torch.equal(first.pull(10, policy=policy, seed=seed)[0], a[0])  # and repeats
+    draws = {tuple(first.pull(10, policy=policy, seed=seed)[0][:, 0].tolist()) for seed in range(5)}
+    assert len(draws) == 5  # another seed, another sample
+
+
+def test_a_seeded_pull_ignores_where_compaction_left_the_rows():
+    first = _filled(ARRIVALS)
+    compacted = _filled(REORDERED, capacity=40, wrap=7)  # the ring wrapped, then compacted
+    for seed in range(3):
+        assert torch.equal(first.pull(12, seed=seed)[0], compacted.pull(12, seed=seed)[0])
+
+
+def test_a_seeded_pull_excludes_or_keeps_the_callers_rows_as_an_unseeded_one_does():
+    queue = _filled(ARRIVALS)
+    rows, versions = queue.pull(100, exclude=1, seed=3)
+    assert rows.shape == (24, DIM)
+    own = torch.cat([unit(6, seed=11), unit(6, seed=21)])
+    assert torch.cdist(rows, own).min() > 1e-3
+    rows, _ = queue.pull(100, only=1, seed=3)
+    assert torch.cdist(rows, own).min(dim=1).values.max() < 1e-6 and rows.shape == (12, DIM)
+
+
+def test_max_version_leaves_out_newer_rows_with_every_policy():
+    queue = _filled(ARRIVALS)
+    for policy in ("uniform", "stratified", "recent"):
+        _, versions = queue.pull(100, policy=policy, max_version=1)
+        assert versions.tolist() == [1] * 18, policy
+    assert queue.pull(100, max_version=1, seed=0)[1].tolist() == [1] * 18
+    assert queue.pull(100, max_version=0)[0].shape == (0, DIM)
+    assert queue.pull(100, max_version=2)[0].shape == (36, DIM)
+
+
+def test_a_seeded_pull_refuses_a_generator_and_the_recent_policy():
+    queue = _filled(ARRIVALS)
+    with pytest.raises(ValueError, match="seed or a generator"):
+        queue.pull(4, seed=1, generator=torch.Generator())
+    with pytest.raises(ValueError, match="arrival order"):
+        queue.pull(4, seed=1, policy="recent")
+
+
+def test_a_restored_queue_serves_the_same_seeded_pulls(tmp_path):
+    queue = _filled(ARRIVALS, storage=torch.float16)
+    restored = NegativeQueue(64, DIM, max_age=2, storage_dtype=torch.float16)
+    restored.restore(queue.snapshot(tmp_path / "queue.pt"))
+    for seed in range(3):
+        assert torch.equal(queue.pull(10, seed=seed)[0], restored.pull(10, seed=seed)[0])

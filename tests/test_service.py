@@ -113,6 +113,33 @@ def test_pull_never_returns_the_callers_own_rows(server):
         assert own.shape == (5, DIM) and torch.cdist(own, mine).min(dim=1).values.max() < 1e-6
 
 
+def test_seeded_pulls_from_two_servers_holding_the_same_rows_agree(queue):
+    # The same rows, pushed over gRPC in opposite orders by different tokens: a pull with
+    # a seed and a max_version answers alike, and leaves out the newer rows.
+    other = NegativeQueue(64, DIM, max_age=2, quota_per_version=32)
+    other.push(5, unit(6, seed=99), version=0)
+    pushes = [("token-a", unit(5, seed=1)), ("token-b", unit(5, seed=2))]
+    replies = []
+    for q, order in ((queue, pushes), (other, pushes[::-1])):
+        tokens = dict(zip((t for t, _ in order), (3, 4), strict=True))  # other slots in the second server
+        with QueueServer(q, tokens, admin_tokens=[ADMIN], max_message_bytes=MAX_MESSAGE,
+                         max_pull=1000) as srv:
+            for token, rows in order:
+                with QueueClient(srv.address, token) as client:
+                    assert client.push(rows, version=0)
+            q.advance(1)
+            with QueueClient(srv.address, "token-a") as client:
+                client.push(unit(3, seed=7), version=1)  # newer than max_version
+                replies.append([client.pull(8, max_age=2, exclude_own=False,
+                                            dtype=torch.float32, max_version=0, seed=s)
+                                for s in (1, 2)])
+    for a, b in zip(*replies, strict=True):
+        assert a.shape == (8, DIM) and torch.equal(a, b)
+    assert not torch.equal(replies[0][0], replies[0][1])
+    newer = unit(3, seed=7)
+    assert all(torch.cdist(r, newer).min() > 1e-3 for r in replies[0])
+
+
 def test_pull_respects_max_age_after_advance(server, queue):
     with QueueClient(server.address, "token-a") as client:
         queue.advance(1)
@@ -247,6 +274,8 @@ BAD_REQUESTS = {
     "unknown reply dtype": ("Pull", pb.PullRequest(count=1, dtype=9), A, INVALID),
     "exclude_own with only_own": ("Pull", pb.PullRequest(count=1, exclude_own=True, only_own=True),
                                   A, INVALID),
+    "seeded pull of the most recent rows": (
+        "Pull", pb.PullRequest(count=1, seed=7, policy=pb.SAMPLE_POLICY_RECENT), A, INVALID),
     "advance with contributor token": ("Advance", pb.AdvanceRequest(version=3), A, DENIED),
     "advance backwards": ("Advance", pb.AdvanceRequest(version=-1), ADMIN, INVALID),
 }

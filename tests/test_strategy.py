@@ -540,3 +540,24 @@ def test_the_superlinks_reply_for_a_dead_node_counts_that_node_once(tmp_path, ca
     assert (row["sampled"], row["replied"], row["failed"], row["timed_out"]) == (3, 1, 1, 1)
     assert "reply for node 22 not used" in caplog.text
     assert "from nodes [33]" in caplog.text  # the silent node, not the dead one again
+
+
+@pytest.mark.parametrize("pull_mode", ["reproducible", "live"])
+def test_a_queue_that_overwrites_rows_is_counted_and_warned_of_under_reproducible_pulls(
+        tmp_path, caplog, pull_mode):
+    queue: list[NegativeQueue] = []
+
+    def pushing(msg: Message) -> Message:  # 12 rows a round into the driver's 16-row queue
+        rows = torch.nn.functional.normalize(torch.randn(12, 4), dim=1)
+        queue[0].push(0, rows, version=int(msg.content["config"]["queue-version"]))
+        return honest()(msg)
+
+    cfg = FedConfig(min_nodes=1, rounds=2, wait_nodes_timeout=0.3, eval_every=0,
+                    pull_mode=pull_mode)
+    driver, _, _ = make_driver(tmp_path, FakeGrid({11: pushing}), cfg=cfg)
+    queue.append(driver.queue)
+    driver.run(initial(), 1, 2)
+    rows = RunDir(tmp_path).read_metrics()
+    assert [r["queue_overwritten_rows_total"] for r in rows] == [0, 8]
+    warned = "round 2: the queue, full at 16 rows, overwrote 8 rows" in caplog.text
+    assert warned == (pull_mode == "reproducible")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from client.negatives import AgedNegativeSource, NegativeSource
-from client.stub import GlobalNegatives, QueueClient
+from client.stub import GlobalNegatives, QueueClient, pull_seed
 from client.trainer import ContrastiveTrainer
 from common.config import FedConfig
 from common.encoders import build_encoder
@@ -303,3 +303,22 @@ def test_global_negatives_reject_bad_settings(server):
         ):
             with pytest.raises(ValueError):
                 GlobalNegatives(client, **kwargs)
+
+
+def test_seeded_global_negatives_send_the_kth_refresh_its_own_seed_and_max_version(server, queue):
+    queue.advance(1)
+    queue.push(1, unit(10, seed=2), version=1)  # newer than max_version below
+    with QueueClient(server.address, "token-a") as client:
+        source = GlobalNegatives(client, num_negatives=4, max_age=2, max_version=0, seed=11)
+        served = [source.negatives(step, "cpu").clone() for step in range(3)]
+    for k, bank in enumerate(served, start=1):
+        expected, versions = queue.pull(4, exclude=0, max_version=0, seed=pull_seed(11, k))
+        assert versions.tolist() == [0] * 4
+        assert torch.allclose(bank, F.normalize(expected.half().float(), dim=1))  # float16 wire
+    assert not torch.equal(served[0], served[1])  # every refresh draws anew
+    assert pull_seed(11, 1) != pull_seed(12, 1) and 0 <= pull_seed(11, 1) < 2**64
+
+
+def test_a_seeded_pull_cannot_ask_for_the_most_recent_rows(server):
+    with QueueClient(server.address, "token-a") as client, pytest.raises(ValueError, match="arrival"):
+        client.pull(4, max_age=1, policy="recent", seed=3)
