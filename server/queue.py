@@ -23,7 +23,7 @@ only wraps once it is full, so as a set the occupied slots are always
 
 Reproducible pulls: a pull given a ``seed`` samples the eligible rows in a canonical
 order, by version and then by a content key (each row's dot product with a fixed
-direction, kept beside the row), with a generator seeded by it. Which slot a row holds
+direction), with a generator seeded by it. Which slot a row holds
 and when it arrived do not enter, so two queues holding the same rows answer alike. With
 ``max_version`` a puller can also leave out the rows of a round still running.
 
@@ -157,11 +157,10 @@ class NegativeQueue:
         self._rows = torch.zeros(capacity, dim, dtype=storage_dtype, device=self.device)  # K x D
         self._versions = torch.zeros(capacity, dtype=torch.int64, device=self.device)  # K
         self._contributors = torch.zeros(capacity, dtype=torch.int64, device=self.device)  # K
-        # Content keys: each stored row's dot product with a fixed direction (float64).
+        # Content keys are each stored row's dot product with this fixed direction.
         self._probe = torch.randn(
             dim, generator=torch.Generator().manual_seed(_KEY_SEED), dtype=torch.float64
         ).to(self.device)  # D
-        self._keys = torch.zeros(capacity, dtype=torch.float64, device=self.device)  # K
         self._canonical: torch.Tensor | None = None  # cached canonical order of the slots
         self._ptr = 0
         self._size = 0
@@ -222,7 +221,6 @@ class NegativeQueue:
             self._rows[:n] = self._rows[keep]
             self._versions[:n] = self._versions[keep]
             self._contributors[:n] = self._contributors[keep]
-            self._keys[:n] = self._keys[keep]
             self._canonical = None
             self._size = n
             self._ptr = n % self.capacity
@@ -334,8 +332,6 @@ class NegativeQueue:
             self._rows.narrow(0, start, k).copy_(part)  # casts to the storage dtype
             self._versions.narrow(0, start, k).fill_(version)
             self._contributors.narrow(0, start, k).fill_(contributor)
-            stored = self._rows.narrow(0, start, k).to(torch.float64)
-            self._keys.narrow(0, start, k).copy_(stored @ self._probe)
         self._canonical = None
         overwritten = max(0, self._size + n - self.capacity)
         self._counters["overwritten_rows"] += overwritten
@@ -472,15 +468,18 @@ class NegativeQueue:
         return order.masked_select(eligible.index_select(0, order))
 
     def _canonical_locked(self) -> torch.Tensor:
-        """Slots 0 .. size - 1 ordered by version, then by content (:attr:`_keys`).
+        """Slots 0 .. size - 1 ordered by version, then by content: the stored row's dot
+        product with a fixed direction, in float64.
 
         The order depends on the rows alone, not on when they arrived or where they
         sit; rows with equal keys have equal contents (up to a float64 coincidence), so
-        their order cannot change a reply. Cached until the rows change.
+        their order cannot change a reply. Computed for the first seeded pull after the
+        rows change (pushes pay nothing), then cached.
         """
         if self._canonical is None:
             size = self._size
-            order = torch.argsort(self._keys.narrow(0, 0, size), stable=True)
+            keys = self._rows.narrow(0, 0, size).to(torch.float64) @ self._probe  # size
+            order = torch.argsort(keys, stable=True)
             by_version = torch.argsort(self._versions.index_select(0, order), stable=True)
             self._canonical = order.index_select(0, by_version)
         return self._canonical
@@ -601,8 +600,6 @@ class NegativeQueue:
             self._rows[:n] = rows.to(self.device, self.storage_dtype)
             self._versions[:n] = versions.to(self.device)
             self._contributors[:n] = contributors.to(self.device)
-            self._keys.zero_()
-            self._keys[:n] = self._rows[:n].to(torch.float64) @ self._probe
             self._canonical = None
             self._size = n
             self._ptr = n % self.capacity

@@ -60,7 +60,11 @@ valid replies arrived; otherwise the global weights stay as they were.
 
 Replies are aggregated in the order of their contents' SHA-256 digests
 (:func:`reply_digest`), not in the order they arrived: a float sum depends on its
-order, and a round's result should depend on what the nodes sent, not on when.
+order, and a round's result should depend on what the nodes sent, not on when. With the
+nodes' pulls reproducible too (``--pull-mode reproducible``: only rows of finished rounds,
+seeded draws), what a node sends does not depend on when the others ran either, so a run
+repeats exactly. The round rows count the rows a full queue overwrote
+(``queue_overwritten_rows_total``), which breaks that, and the driver warns of them.
 
 Aggregation of the metrics: weighted means (by ``num-examples``) from the
 wrapped strategy for losses and geometry, sums for counts (:data:`SUMMED_KEYS`),
