@@ -1,7 +1,7 @@
 """Queue service over loopback against the transport's own limit.
 
-Pull of 4096 x 128 float16 rows and Push of 256 x 128 float16 rows through the
-real stack (QueueClient -> gRPC -> auth -> NegativeQueue and back), with 1, 8
+Pull of 4096 x 128 float16 rows (plain, and seeded with a version bound as the
+federated clients pull) and Push of 256 x 128 float16 rows through the real stack (QueueClient -> gRPC -> auth -> NegativeQueue and back), with 1, 8
 and 32 concurrent clients, side by side with the same payload moved by a bare
 gRPC bytes service in the same server process with the same server options
 (raw bytes, no (de)serialisation, no processing): Download returns as many
@@ -12,12 +12,13 @@ Pull p99 with 8 clients is reported against 10 ms.
 The server runs in a child process (its own interpreter, as in deployment); the
 clients are threads here, one channel each.
 
-    python -m bench.queue_bench            # about 80 s; results in bench/results/
+    python -m bench.queue_bench            # about 2 min; results in bench/results/
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -113,6 +114,13 @@ def _queue_call(address: str, op: str) -> tuple[Callable[[], bool], Callable[[],
         def call() -> bool:
             rows = client.pull(PULL_ROWS, max_age=2, exclude_own=False)
             return rows is not None and rows.shape == (PULL_ROWS, DIM)
+    elif op == "pull seeded":  # as the federated clients pull (--pull-mode reproducible)
+        seeds = itertools.count()
+
+        def call() -> bool:
+            rows = client.pull(PULL_ROWS, max_age=2, exclude_own=False, max_version=0,
+                               seed=next(seeds))
+            return rows is not None and rows.shape == (PULL_ROWS, DIM)
     else:
         rows = F.normalize(torch.randn(PUSH_ROWS, DIM), dim=1)
 
@@ -124,7 +132,7 @@ def _queue_call(address: str, op: str) -> tuple[Callable[[], bool], Callable[[],
 
 def _bare_call(address: str, op: str) -> tuple[Callable[[], bool], Callable[[], None]]:
     channel = grpc.insecure_channel(address, options=server_options(DEFAULT_MAX_MESSAGE_BYTES)[:2])
-    if op == "pull":
+    if op.startswith("pull"):
         download = channel.unary_unary(f"/{BARE_SERVICE}/Download")
 
         def call() -> bool:
@@ -244,6 +252,7 @@ def main() -> int:
         plan = [
             ("pull", "float16", PULL_BYTES),
             ("push", "float16", PUSH_BYTES),
+            ("pull seeded", "float16", PULL_BYTES),
             ("pull", "float32", PULL_BYTES),
         ]
         for op, storage, payload in plan:
@@ -301,6 +310,9 @@ def main() -> int:
     notes = (
         f"Pull: {PULL_ROWS} x {DIM} float16 ({PULL_BYTES / 2**20:.2f} MiB) per reply; "
         f"Push: {PUSH_ROWS} x {DIM} float16 ({PUSH_BYTES / 2**10:.0f} KiB) per request. "
+        f"Pull seeded: the same pull with a new seed each call and max_version, as the "
+        f"federated clients pull (--pull-mode reproducible; the rows' canonical order is "
+        f"computed once, since no push intervenes). "
         f"Queue path: QueueClient (encode/decode to a torch tensor, float16 rows) -> token "
         f"interceptor -> NegativeQueue (validation, renormalisation, quota, sampling), rows "
         f"stored in float16 (the targets) or float32 (converted per pull). Bare: raw bytes, "
