@@ -12,7 +12,8 @@ seed: what negatives from other clients' data are worth at this partition and bu
 an estimate of what fedcontrast's sharing can add over fedavg at best.
 
     python -m bench.compare_bench [--train 3000 --test 5000 --rounds 8 --seeds 0 1 2]
-        [--methods M ...] [--hard-negative-beta B] [--queue-temperature T] [--name RESULT]
+        [--methods M ...] [--hard-negative-beta B] [--queue-temperature T]
+        [--pull-mode reproducible|live] [--name RESULT]
 
 With only some methods, the per-seed differences against fedavg and fedmoco are still
 reported (linear probe and kNN); the gap closed needs centralized.
@@ -124,6 +125,10 @@ def main() -> None:
                              "queue (fedmoco, fedcontrast) alike (default: the setting's default, "
                              f"{FedConfig.queue_temperature}; 0: the temperature, 0.2; see "
                              "--queue-temperature of the settings)")
+    parser.add_argument("--pull-mode", choices=("reproducible", "live"), default=None,
+                        help="what the queue's pulls see, for fedmoco and fedcontrast alike "
+                             f"(default: the setting's default, {FedConfig.pull_mode}; see "
+                             "--pull-mode of the settings)")
     parser.add_argument("--name", default="compare_bench",
                         help="result name under bench/results/ (default: compare_bench)")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here")
@@ -136,6 +141,8 @@ def main() -> None:
                       hard_negative_beta=args.hard_negative_beta)
         if args.queue_temperature is not None:
             cfg = replace(cfg, queue_temperature=args.queue_temperature)
+        if args.pull_mode is not None:
+            cfg = replace(cfg, pull_mode=args.pull_mode)
         report = compare(cfg, Simulation(num_clients=args.clients), out, methods=args.methods,
                          seeds=args.seeds, timeout=6 * 3600)
         if (out / "compare.png").exists():  # accuracy per round, every method
@@ -147,8 +154,8 @@ def main() -> None:
         return statistics.fmean(r[key] for r in res[method])
 
     summary: dict[str, object] = {
-        # Every run's figures, seed by seed: runs of a method with a queue differ between
-        # repeats of one seed too (rows arrive as concurrent clients finish).
+        # Every run's figures, seed by seed (with --pull-mode live, runs of a method with a
+        # queue differ between repeats of one seed too: rows arrive as clients finish).
         f"per_seed_{key.removesuffix('_backbone')}": {m: [round(r[key], 4) for r in runs]
                                                      for m, runs in res.items()}
         for key in ("linear_probe_backbone", "knn_backbone")
@@ -193,7 +200,8 @@ def main() -> None:
                "other clients, max age 1); fedmoco = the same pulling only its own rows; "
                "centralized-skewed = centralized with every batch from one client's partition. "
                f"Hard-negative beta {args.hard_negative_beta} in every method's loss; the queue's "
-               f"rows at temperature {cfg.queue_temperature or cfg.temperature}."),
+               f"rows at temperature {cfg.queue_temperature or cfg.temperature}, pulled in mode "
+               f"{cfg.pull_mode}."),
     )
 
 
