@@ -78,6 +78,31 @@ SIMCLR = {"global_negatives": 0, "push_fraction": 0.0, "in_batch": True, "key_mo
 COLUMNS = (("linear_probe_backbone", "linear probe"), ("knn_backbone", "kNN"),
            ("retrieval_head", "retrieval"), ("alignment_head", "alignment"),
            ("uniformity_head", "uniformity"), ("wall_time_s", "wall time (s)"))
+#: The accuracies compared seed by seed against the reference method.
+PAIRED = (("linear_probe_backbone", "linear probe"), ("knn_backbone", "kNN"))
+
+
+def paired_differences(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any] | None:
+    """Each method's accuracies minus the reference's, seed by seed.
+
+    The reference is ``fedavg`` when it ran, else the first method. At one seed every
+    method has the same data, partition, initial encoder and client draws, and every run
+    repeats exactly, so a difference at one seed is the methods' own; what varies is how
+    it changes from seed to seed. ``None`` with fewer than two methods.
+    """
+    if len(results) < 2:
+        return None
+    reference = "fedavg" if "fedavg" in results else next(iter(results))
+    methods = {}
+    for method, runs in results.items():
+        if method == reference:
+            continue
+        methods[method] = {}
+        for key, _header in PAIRED:
+            diffs = [r[key] - ref[key] for r, ref in zip(runs, results[reference], strict=True)]
+            methods[method][key] = {"per_seed": diffs, "mean": statistics.fmean(diffs),
+                                    "seeds_above": sum(d > 0 for d in diffs)}
+    return {"reference": reference, "methods": methods}
 
 
 def method_config(method: str, base: FedConfig) -> FedConfig:
@@ -310,6 +335,7 @@ def compare(
                    "sample_epochs": base.rounds * base.local_epochs * share},
         "random_init": baseline,
         "results": results,
+        "paired": paired_differences(results),
     }
     (out / "compare.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "compare.md").write_text(markdown_table(report) + "\n")
@@ -341,6 +367,24 @@ def markdown_table(report: dict[str, Any]) -> str:
               "Linear probe and kNN on backbone features of the held-out split; held-out "
               "instance retrieval (a view found among 256 candidates by its other view), "
               "alignment and uniformity of the head."]
+    paired = report.get("paired")
+    if paired:
+        ref = paired["reference"]
+        exact = ("; every run repeats exactly" if report["settings"].get("pull_mode") != "live"
+                 else "; with --pull-mode live a run with a queue does not repeat exactly")
+        lines += ["", f"Against {ref}, seed by seed (at one seed every method starts from the same "
+                  f"data, partition and initial encoder{exact}; 'above' counts the seeds where "
+                  "the method is higher):", "",
+                  "| method | " + " | ".join(f"{h} - {ref}, per seed | mean | above"
+                                           for _k, h in PAIRED) + " |",
+                  "|---" * (3 * len(PAIRED) + 1) + "|"]
+        for method, by_key in paired["methods"].items():
+            cells = []
+            for key, _h in PAIRED:
+                d = by_key[key]
+                cells += [", ".join(f"{x:+.4f}" for x in d["per_seed"]), f"{d['mean']:+.4f}",
+                          f"{d['seeds_above']} of {len(d['per_seed'])}"]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -405,5 +449,10 @@ def run_compare(args: argparse.Namespace) -> int:
         table.add_row(name, *[_cell([r[k] for r in runs]) if all(k in r for r in runs) else ""
                               for k, _h in COLUMNS])
     Console().print(table)
+    paired = report["paired"]
+    for method, by_key in (paired["methods"] if paired else {}).items():
+        print(f"{method} - {paired['reference']}: " + ", ".join(
+            f"{header} {by_key[key]['mean']:+.4f} (above at {by_key[key]['seeds_above']} of "
+            f"{len(by_key[key]['per_seed'])} seeds)" for key, header in PAIRED))
     print(f"comparison: {Path(out).resolve() / 'compare.md'}")
     return 0

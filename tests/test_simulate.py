@@ -31,6 +31,7 @@ from simulations.compare import (
     client_batches,
     examples_per_round,
     method_config,
+    paired_differences,
     round_batches,
 )
 from simulations.privacy import SWEEP_DEFAULTS, parse_epsilon, run_settings
@@ -151,6 +152,20 @@ def test_one_part_batches_are_plain_shuffled_batches():
         assert torch.equal(next(plain), next(parted))
 
 
+def test_paired_differences_are_per_seed_against_fedavg_or_the_first_method():
+    def runs(*lps: float) -> list[dict[str, float]]:
+        return [{"linear_probe_backbone": lp, "knn_backbone": 2 * lp} for lp in lps]
+
+    paired = paired_differences({"local": runs(0.1, 0.2), "fedavg": runs(0.3, 0.3),
+                                 "fedcontrast": runs(0.35, 0.25)})
+    assert paired["reference"] == "fedavg" and list(paired["methods"]) == ["local", "fedcontrast"]
+    lp, knn = (paired["methods"]["fedcontrast"][k] for k in ("linear_probe_backbone", "knn_backbone"))
+    assert lp["per_seed"] == pytest.approx([0.05, -0.05]) and lp["seeds_above"] == 1
+    assert lp["mean"] == pytest.approx(0.0) and knn["per_seed"] == pytest.approx([0.1, -0.1])
+    assert paired_differences({"local": runs(0.1), "centralized": runs(0.4)})["reference"] == "local"
+    assert paired_differences({"fedavg": runs(0.1)}) is None
+
+
 def test_in_process_methods_get_the_federated_sample_epoch_budget():
     cfg = FedConfig(rounds=4, local_epochs=3, fraction_train=0.5, batch_size=10)
     sim = Simulation(num_clients=3)
@@ -190,7 +205,15 @@ def test_compare_writes_the_table_then_a_federated_method_resumes(tmp_path):
         assert runs[0]["uniformity_head"] <= 0.0
     assert report["results"]["local"][0]["clients_averaged"] == 3
     table = (out / "compare.md").read_text()
-    assert table.count("\n| ") == 5 and "| centralized-skewed |" in table  # random init + 4 methods
+    assert table.count("\n| ") == 5 + 4 and "| centralized-skewed |" in table  # random init,
+    # 4 methods, then 3 against the first, local, seed by seed (stdout names them too)
+    paired = report["paired"]
+    assert paired["reference"] == "local" and list(paired["methods"]) == [
+        "fedmoco", "centralized", "centralized-skewed"]
+    lp = "linear_probe_backbone"
+    assert paired["methods"]["fedmoco"][lp]["per_seed"] == [
+        report["results"]["fedmoco"][0][lp] - report["results"]["local"][0][lp]]
+    assert "Against local, seed by seed" in table and "fedmoco - local: linear probe" in log
     assert (out / "compare.png").stat().st_size > 0
     assert read_config_values(out / "fedmoco-seed0")[1]["pull_scope"] == "own"
     run = out / "fedmoco-seed0"
