@@ -340,6 +340,19 @@ def test_unnoised_pushes_are_flagged_and_local_statistics_withheld(images, queue
     assert "pushes are NOT covered by differential privacy" in caplog.text
 
 
+def record_negatives(monkeypatch) -> list[torch.Tensor]:
+    """From now on, every bank of negatives a trainer's loss is given, in order."""
+    seen: list[torch.Tensor] = []
+    info_nce = trainer_module.info_nce
+
+    def recording(query, positive_key, negatives=None, *args, **kwargs):
+        seen.append(negatives.detach().clone())
+        return info_nce(query, positive_key, negatives, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "info_nce", recording)
+    return seen
+
+
 def _max_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((F.normalize(a.float(), dim=1) @ F.normalize(b.float(), dim=1).T).max())
 
@@ -369,20 +382,12 @@ def test_under_dp_no_unnoised_own_row_reaches_the_loss(images, tmp_path, monkeyp
         others, _ = queue.pull(1024, exclude=0)
         assert len(own) > 0 and len(others) == 40
 
-        seen: list[torch.Tensor] = []
-        info_nce = trainer_module.info_nce
-
-        def recording(query, positive_key, negatives=None, *args, **kwargs):
-            seen.append(negatives.detach().clone())
-            return info_nce(query, positive_key, negatives, *args, **kwargs)
-
-        monkeypatch.setattr(trainer_module, "info_nce", recording)
+        seen = record_negatives(monkeypatch)
         token = restarted_token if restarted else TOKEN
         client_app.train(train_message(server.address, token=token, rnd=2), context(node, cfg))
     negatives = torch.cat(seen)  # every row any loss of round 2 contrasted against
     assert _max_cosine(negatives, others) > 0.999  # bob's rows did reach the loss
     assert (_max_cosine(negatives, own) > 0.999) == own_rows_reach_the_loss
-
 
 
 def test_a_reproducible_round_pulls_only_finished_rounds_and_repeats_exactly(images, tmp_path,
@@ -393,14 +398,7 @@ def test_a_reproducible_round_pulls_only_finished_rounds_and_repeats_exactly(ima
                            width=CFG.width).state_dict()
     finished = F.normalize(torch.randn(40, CFG.embedding_dim), dim=1)  # bob, round 1
     running = F.normalize(torch.randn(40, CFG.embedding_dim), dim=1)  # carol, round 2 so far
-    seen: list[torch.Tensor] = []
-    info_nce = trainer_module.info_nce
-
-    def recording(query, positive_key, negatives=None, *args, **kwargs):
-        seen.append(negatives.detach().clone())
-        return info_nce(query, positive_key, negatives, *args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "info_nce", recording)
+    seen = record_negatives(monkeypatch)
 
     def round_two(cfg: FedConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         queue = NegativeQueue(1024, CFG.embedding_dim, max_age=cfg.max_age)
