@@ -255,7 +255,8 @@ def _pump(stream, log_path: Path, found: dict[str, str], echo: bool) -> None:
                 sys.stderr.write(line)
 
 
-def _progress(row: dict[str, Any], rounds: int) -> str:
+def progress_line(row: dict[str, Any], rounds: int) -> str:
+    """The terminal's line for one round row of ``metrics.jsonl``."""
     parts = [f"round {row['round']}/{rounds}"]
     if not row.get("counted", 1):
         parts.append("NOT COUNTED")
@@ -265,6 +266,9 @@ def _progress(row: dict[str, Any], rounds: int) -> str:
         if key in row:
             value = row[key]
             parts.append(f"{label} {value:.4g}" if isinstance(value, float) else f"{label} {value}")
+    if row.get("queue_overwritten_rows", 0) > 0:  # the driver warns in server.log too
+        parts.append(f"QUEUE FULL: {row['queue_overwritten_rows']} rows overwritten "
+                     "(raise --queue-capacity)")
     if "round_seconds" in row:
         parts.append(f"{row['round_seconds']:.1f} s")
     return "  ".join(parts)
@@ -426,5 +430,5 @@ def _read_rows(out: Path) -> list[dict[str, Any]]:
 def _show_new_rows(out: Path, shown: int, rounds: int) -> int:
     rows = _read_rows(out)
     for row in rows[shown:]:
-        print(_progress(row, rounds), flush=True)
+        print(progress_line(row, rounds), flush=True)
     return max(shown, len(rows))

@@ -515,7 +515,8 @@ class RoundDriver:
         row.update({"queue_size": stats["size"], "queue_version": stats["version"],
                     "queue_pushed_rows_total": stats["counters"]["pushed_rows"],
                     "queue_pulled_rows_total": stats["counters"]["pulled_rows"],
-                    "queue_overwritten_rows_total": overwritten})
+                    "queue_overwritten_rows_total": overwritten,
+                    "queue_overwritten_rows": overwritten - self.overwritten_seen})
         if overwritten > self.overwritten_seen and self.cfg.pull_mode == "reproducible":
             logger.warning(
                 "round %d: the queue, full at %d rows, overwrote %d rows that pulls could still "

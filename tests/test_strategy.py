@@ -25,6 +25,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from common.config import FedConfig
 from common.optim_state import STEP_KEY
 from common.rundir import RunDir
+from server.deploy import progress_line
 from server.queue import NegativeQueue
 from server.strategy import (
     IDENTIFY,
@@ -559,5 +560,8 @@ def test_a_queue_that_overwrites_rows_is_counted_and_warned_of_under_reproducibl
     driver.run(initial(), 1, 2)
     rows = RunDir(tmp_path).read_metrics()
     assert [r["queue_overwritten_rows_total"] for r in rows] == [0, 8]
+    assert [r["queue_overwritten_rows"] for r in rows] == [0, 8]
+    assert "QUEUE FULL: 8 rows overwritten" in progress_line(rows[1], 2)
+    assert "QUEUE FULL" not in progress_line(rows[0], 2)
     warned = "round 2: the queue, full at 16 rows, overwrote 8 rows" in caplog.text
     assert warned == (pull_mode == "reproducible")
