@@ -1,7 +1,8 @@
 """Queue service over loopback against the transport's own limit.
 
 Pull of 4096 x 128 float16 rows (plain, and seeded with a version bound as the
-federated clients pull) and Push of 256 x 128 float16 rows through the real stack (QueueClient -> gRPC -> auth -> NegativeQueue and back), with 1, 8
+federated clients pull) and Push of 256 x 128 float16 rows through the real stack
+(QueueClient -> gRPC -> auth -> NegativeQueue and back), with 1, 8
 and 32 concurrent clients, side by side with the same payload moved by a bare
 gRPC bytes service in the same server process with the same server options
 (raw bytes, no (de)serialisation, no processing): Download returns as many

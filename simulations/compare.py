@@ -86,9 +86,10 @@ def paired_differences(results: dict[str, list[dict[str, Any]]]) -> dict[str, An
     """Each method's accuracies minus the reference's, seed by seed.
 
     The reference is ``fedavg`` when it ran, else the first method. At one seed every
-    method has the same data, partition, initial encoder and client draws, and every run
-    repeats exactly, so a difference at one seed is the methods' own; what varies is how
-    it changes from seed to seed. ``None`` with fewer than two methods.
+    method has the same data, partition and initial encoder (the federated ones the same
+    client draws), and with reproducible pulls (the default) every run repeats exactly,
+    so a difference at one seed is the methods' own; what varies is how it changes from
+    seed to seed. ``None`` with fewer than two methods.
     """
     if len(results) < 2:
         return None
