@@ -3,7 +3,8 @@
 A checkpoint is a ``torch.save`` of plain data (no pickled classes): the encoder's
 construction arguments and its ``state_dict``, so :func:`load_encoder` can rebuild
 it with ``weights_only=True`` loading. A federated run's checkpoint also holds the
-round, the next queue-token slot and the aggregated optimiser state
+round, the next free contributor slot, each identified client's slot
+(``client_slots``) and the aggregated optimiser state
 (``optimizer_state``, :mod:`common.optim_state`), which ``--resume`` reads back.
 
 Downstream use::

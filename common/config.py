@@ -134,8 +134,10 @@ class FedConfig(TrainConfig):
         "seeded",
         "how a round picks its nodes when --fraction-train leaves some out: seeded (by --seed "
         "and the round over the nodes' client ids, which each node reports once; a run "
-        "repeated, or compare's other methods, train the same clients each round) or flower "
-        "(Flower's unseeded draw over node ids, no identify message)",
+        "repeated, or compare's other methods, train the same clients each round; with the "
+        "queue in use, each client also keeps its contributor slot through SuperNode "
+        "restarts and --resume) or flower (Flower's unseeded draw over node ids, no identify "
+        "message, a new slot per node)",
         ("seeded", "flower"),
     )
     min_nodes: int = _f(2, "minimum nodes that must reply for a round to count")

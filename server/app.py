@@ -16,9 +16,12 @@ Run config: every :class:`~common.config.FedConfig` key, plus
 Run directory (see :mod:`common.rundir`)::
 
     config.json  versions.json  metrics.csv  metrics.jsonl  (one row per round)
-    encoder.pt   (every round; common.checkpoint format with "round")
+    encoder.pt   (every round; common.checkpoint format with "round", "next_slot",
+                  "client_slots" and "optimizer_state")
     queue.pt     (NegativeQueue.snapshot, every round)
-    summary.json (status, rounds, final eval, queue, contributors, queue_tls, privacy)
+    summary.json (status, rounds, final eval, queue, queue_tls, privacy, and contributors:
+                  slot -> the client id it belongs to, null for a node that did not
+                  identify itself, and the rows it pushed in this run)
     curves.png
 """
 
@@ -155,16 +158,21 @@ class _Model:
 
     def save(self, arrays: ArrayRecord, rnd: int) -> None:
         next_slot = self.tokens.next_slot if self.tokens else 0
+        client_slots = dict(sorted(self.tokens.client_slots.items())) if self.tokens else {}
         save_encoder(self.load(arrays), self.spec, self.run_dir.file("encoder.pt"),
-                     round=rnd, next_slot=next_slot, optimizer_state=self.optimizer_state)
+                     round=rnd, next_slot=next_slot, client_slots=client_slots,
+                     optimizer_state=self.optimizer_state)
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         return evaluate_encoder(self.load(arrays).to(self.device), self.data, device=self.device,
                                 views=make_views(self.cfg), seed=self.cfg.seed)
 
 
-def _resume(source: Path, run_dir: RunDir, model: _Model, queue: NegativeQueue) -> tuple[int, int]:
-    """Load weights, queue and metrics of ``source``; return (last round done, next free slot)."""
+def _resume(source: Path, run_dir: RunDir, model: _Model,
+            queue: NegativeQueue) -> tuple[int, int, dict[str, int]]:
+    """Load weights, queue and metrics of ``source``; return the last round done, the next
+    free contributor slot and the clients' slots (client id -> slot; empty for a
+    checkpoint written before session 17, whose clients then get new slots)."""
     payload = read_checkpoint(source / "encoder.pt")
     if payload["spec"] != model.spec:
         raise ValueError(
@@ -190,8 +198,10 @@ def _resume(source: Path, run_dir: RunDir, model: _Model, queue: NegativeQueue) 
         for row in RunDir(source).read_metrics():
             if int(row.get("round", 0)) <= last:
                 run_dir.append_metrics(row)
-    logger.info("resuming %s after round %d", source, last)
-    return last, int(payload.get("next_slot", 0))
+    client_slots = {str(c): int(slot) for c, slot in dict(payload.get("client_slots") or {}).items()}
+    logger.info("resuming %s after round %d (%d clients keep their contributor slots)",
+                source, last, len(client_slots))
+    return last, int(payload.get("next_slot", 0)), client_slots
 
 
 @app.main()
@@ -212,8 +222,9 @@ def main(grid: Grid, context: Context) -> None:
     run_dir.write_config(cfg)
     run_dir.write_versions(run_id=context.run_id, resumed_from=str(resume) if resume else None)
     model = _Model(cfg, server_dataset(cfg), run_dir)
-    last_done, first_slot = (_resume(resume, run_dir, model, queue) if resume else (0, 0))
-    tokens = NodeTokens(server.add_token, first_slot=first_slot)
+    last_done, first_slot, client_slots = (_resume(resume, run_dir, model, queue) if resume
+                                           else (0, 0, {}))
+    tokens = NodeTokens(server.add_token, first_slot=first_slot, client_slots=client_slots)
     model.tokens = tokens
     driver = RoundDriver(
         grid, build_strategy(cfg), cfg, queue=queue, tokens=tokens, queue_address=server.address,
@@ -242,8 +253,9 @@ def main(grid: Grid, context: Context) -> None:
             "final_eval": driver.last_eval,
             "queue": queue.stats(),
             "queue_tls": driver.queue_tls,
-            "contributors": {str(slot): {"pushed_rows": driver.pushed_by_slot.get(slot, 0)}
-                             for slot in sorted(tokens.slots.values())},
+            "contributors": {str(slot): {"client_id": tokens.client_of().get(slot),
+                                         "pushed_rows": driver.pushed_by_slot.get(slot, 0)}
+                             for slot in sorted(set(tokens.slots.values()))},
             "privacy": driver.privacy_summary(),
         })
         run_dir.write_json("summary.json", summary)

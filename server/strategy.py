@@ -52,6 +52,10 @@ the same run repeated, and every method ``compare`` runs, trains the same client
 same rounds; Flower's node ids are random per run and cannot serve. A node that does not
 identify itself is drawn after the identified ones, by node id (not reproducible), and
 asked again the next round; the round row's ``sampled_clients`` names the clients drawn.
+With ``--client-sampling seeded``, nodes are identified the same way when the clients
+use the queue, whatever the fraction: each client then keeps one contributor slot
+across SuperNode restarts and resumed runs (:class:`NodeTokens`; the checkpoint holds
+client id -> slot), so the queue recognises the rows it pushed before as its own.
 
 A reply with an error (the ClientApp raised), a missing record, another key set,
 other array shapes or a non-finite value is dropped and logged with its reason;
@@ -181,36 +185,65 @@ class WeightsKrum(Krum):
                 self.train_metrics_aggr_fn(picked, self.weighted_by_key))
 
 
+def uses_queue(cfg: FedConfig) -> bool:
+    """Whether the clients of a run with ``cfg`` pull from or push to the global queue."""
+    return cfg.global_negatives > 0 or cfg.push_fraction > 0
+
+
 class NotEnoughNodes(RuntimeError):
     """Fewer than ``min_nodes`` nodes were online when the wait for them ended."""
 
 
 class NodeTokens:
-    """One queue token and one contributor slot per Flower node id, for one run.
+    """One queue token per Flower node id and one contributor slot per client, for one run.
 
-    A restarted SuperNode gets a new node id, hence a new token and slot: a token
-    never outlives the process it was handed to by more than the run.
+    A node that identified itself (its client id, see :meth:`RoundDriver.identify`) gets
+    the slot its client had before: in this run, when its SuperNode restarted under a new
+    node id, or in the run a resume continues (``client_slots`` from the checkpoint). The
+    queue then keeps recognising the rows that client pushed before as its own
+    (``--pull-scope``). A node that did not identify itself gets a slot of its own. Tokens
+    are never reused: a restarted SuperNode gets a new one, and a token never outlives
+    the process it was handed to by more than the run.
+
+    Client ids are the nodes' own word: two nodes that report one client id share its
+    slot (the driver warns of them).
 
     Args:
         register: hands a new ``(token, slot)`` to the queue service
             (``QueueServer.add_token``).
-        first_slot: the first slot to give out (above the slots of a restored queue).
+        first_slot: the first new slot to give out (above the slots of a restored queue).
+        client_slots: client id -> slot, of the run a resume continues.
     """
 
-    def __init__(self, register: Callable[[str, int], None], first_slot: int = 0) -> None:
+    def __init__(self, register: Callable[[str, int], None], first_slot: int = 0,
+                 client_slots: Mapping[str, int] | None = None) -> None:
         self._register = register
         self._tokens: dict[int, str] = {}
+        #: node id -> slot, for the nodes given a token in this run.
         self.slots: dict[int, int] = {}
-        self.next_slot = first_slot
+        #: client id -> slot, for every identified client of this run and the runs it resumes.
+        self.client_slots: dict[str, int] = {str(c): int(s) for c, s in (client_slots or {}).items()}
+        self.next_slot = max([first_slot, *(s + 1 for s in self.client_slots.values())])
 
-    def token_for(self, node_id: int) -> str:
+    def token_for(self, node_id: int, client_id: str | None = None) -> str:
+        """The token of ``node_id``: on its first call a new one, registered with the slot of
+        ``client_id`` (a new slot for a client not seen before, or for ``None``)."""
         if node_id not in self._tokens:
+            slot = self.client_slots.get(client_id) if client_id is not None else None
+            if slot is None:
+                slot = self.next_slot
+                self.next_slot += 1
+                if client_id is not None:
+                    self.client_slots[client_id] = slot
             token = secrets.token_urlsafe(32)
-            self._register(token, self.next_slot)
+            self._register(token, slot)
             self._tokens[node_id] = token
-            self.slots[node_id] = self.next_slot
-            self.next_slot += 1
+            self.slots[node_id] = slot
         return self._tokens[node_id]
+
+    def client_of(self) -> dict[int, str]:
+        """Slot -> client id, for the slots of identified clients."""
+        return {s: c for c, s in self.client_slots.items()}
 
 
 class _OnlineNodes:
@@ -589,13 +622,23 @@ class RoundDriver:
     def sample(self, rnd: int, online: Sequence[int]) -> list[int]:
         """The nodes round ``rnd`` may train: all of ``online``, or with ``--client-sampling
         seeded`` and a fraction that leaves some out, the round's seeded draw over their
-        client ids (identifying the nodes not yet identified first)."""
+        client ids. With ``--client-sampling seeded``, the nodes not yet identified are
+        asked for their client ids first when the draw needs them or the clients use the
+        queue (which gives each client the same contributor slot across node restarts
+        and resumes, see :class:`NodeTokens`)."""
         k = max(1, int(len(online) * self.cfg.fraction_train))
-        if self.cfg.client_sampling != "seeded" or k >= len(online):
+        if self.cfg.client_sampling != "seeded":
             return list(online)
-        self.identify(rnd, [n for n in online if n not in self.client_ids])
-        order = sorted(online, key=lambda n: (n not in self.client_ids, self.client_ids.get(n, ""), n))
+        if k < len(online) or uses_queue(self.cfg):
+            self.identify(rnd, [n for n in online if n not in self.client_ids])
+        if k >= len(online):
+            return list(online)
+        order = sorted(online, key=self._by_client_id)
         return sorted(seeded_sample(order, k, self.cfg.seed, rnd))
+
+    def _by_client_id(self, node_id: int) -> tuple[bool, str, int]:
+        """Sort key: identified nodes by client id, then the others by node id."""
+        return node_id not in self.client_ids, self.client_ids.get(node_id, ""), node_id
 
     def identify(self, rnd: int, nodes: Sequence[int]) -> None:
         """Ask ``nodes`` for their client ids (one QUERY each), into :attr:`client_ids`."""
@@ -633,6 +676,10 @@ class RoundDriver:
         sampled = self.strategy.configure_train(
             rnd, arrays, ConfigRecord({"lr": lr}), _OnlineNodes(self.grid, self.sample(rnd, online))
         )
+        # New slots in client-id order, not in the strategy's random order: a repeated run
+        # numbers its clients alike, and its checkpoints are the same bytes.
+        for node_id in sorted((t.metadata.dst_node_id for t in sampled), key=self._by_client_id):
+            self.tokens.token_for(node_id, self.client_ids.get(node_id))
         messages = []
         for template in sampled:
             node_id = template.metadata.dst_node_id

@@ -152,6 +152,10 @@ def test_two_clients_two_rounds(deployment, two_round_run):
     assert summary["status"] == "completed" and summary["counted_rounds"] == 2
     pushed = {slot: c["pushed_rows"] for slot, c in summary["contributors"].items()}
     assert len(pushed) == 2 and all(n > 0 for n in pushed.values())
+    # Each node said who it is (client ids c0, c1), and its client got a slot to keep.
+    assert sorted(c["client_id"] for c in summary["contributors"].values()) == ["c0", "c1"]
+    assert sorted(checkpoint["client_slots"].items()) == sorted(
+        (c["client_id"], int(slot)) for slot, c in summary["contributors"].items())
     snapshot = torch.load(run / "queue.pt", weights_only=True)
     assert set(snapshot["contributors"].tolist()) == {0, 1}  # rows from both nodes
 
@@ -183,6 +187,7 @@ def test_a_repeated_run_pulls_the_same_negatives_and_ends_with_the_same_encoder(
 def test_resume_continues_numbering(deployment, two_round_run):
     run = two_round_run
     steps_after_2 = float(read_checkpoint(run / "encoder.pt")["optimizer_state"]["optimizer.step"])
+    slots = read_checkpoint(run / "encoder.pt")["client_slots"]
     rc = deployment.run_server(run, "--resume", str(run), "--rounds", "3", timeout=160)
     assert rc == 0, (run / "server.log").read_text()[-3000:]
     # The optimiser state came back from the checkpoint: round 3 went on counting steps
@@ -197,6 +202,13 @@ def test_resume_continues_numbering(deployment, two_round_run):
     assert json.loads((run / "versions.json").read_text())["resumed_from"] == str(run)
     # the queue came back from the snapshot: round 3 is served rows of rounds 1 and 2
     assert table[-1]["queue_version"] == 3 and table[-1]["negatives_per_step"] > 0
+    # Each client pushed under the slot it had before the resume (new tokens, same slots),
+    # so the restored rows it pushed are still its own to the queue.
+    assert read_checkpoint(run / "encoder.pt")["client_slots"] == slots
+    contributors = json.loads((run / "summary.json").read_text())["contributors"]
+    assert {c["client_id"]: int(slot) for slot, c in contributors.items()} == slots
+    assert set(torch.load(run / "queue.pt", weights_only=True)["contributors"].tolist()) == \
+        set(slots.values())
 
 
 @pytest.mark.timeout(200)

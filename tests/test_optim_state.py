@@ -176,7 +176,7 @@ def test_resume_without_matching_state_warns_and_starts_a_fresh_optimiser(tmp_pa
     after = _server_model(tmp_path, "new")
     fresh = optim_state.initial_arrays(after.module, after.cfg)
     with caplog.at_level("WARNING", logger="server.app"):
-        last, _ = _resume(before.run_dir.path, after.run_dir, after, NegativeQueue(16, 16))
+        last, _, _ = _resume(before.run_dir.path, after.run_dir, after, NegativeQueue(16, 16))
     assert last == 3
     assert "optimisers start afresh" in caplog.text
     assert set(after.optimizer_state) == set(fresh)
@@ -204,6 +204,6 @@ def test_a_resume_into_another_directory_started_twice_holds_the_rows_once(tmp_p
     before.save(before.arrays(), 2)
     after = _server_model(tmp_path, "new")
     for _ in range(2):
-        last, _slot = _resume(before.run_dir.path, after.run_dir, after, NegativeQueue(16, 16))
+        last, _slot, _clients = _resume(before.run_dir.path, after.run_dir, after, NegativeQueue(16, 16))
     assert last == 2
     assert [r["round"] for r in after.run_dir.read_metrics()] == [1, 2]

@@ -46,7 +46,11 @@ Node = Callable[[Message], Message | None]
 
 
 class FakeGrid:
-    """Nodes are functions from the TRAIN message to the reply (None: no reply)."""
+    """Nodes are functions from the TRAIN message to the reply (None: no reply).
+
+    The grid answers a node's identify QUERY with the client id ``node-<node id>``, as a
+    real ClientApp would with its own, unless the node's function answers it itself
+    (``handles_identify``)."""
 
     def __init__(self, nodes: dict[int, Node], *, reply_order: list[int] | None = None) -> None:
         self.nodes = nodes
@@ -63,8 +67,20 @@ class FakeGrid:
         self.sent.append(messages)
         if self.reply_order is not None:
             messages = sorted(messages, key=lambda m: self.reply_order.index(m.metadata.dst_node_id))
-        replies = [self.nodes[m.metadata.dst_node_id](m) for m in messages]
+        replies = [self._reply(m) for m in messages]
         return [r for r in replies if r is not None]
+
+    def _reply(self, msg: Message) -> Message | None:
+        node = self.nodes[msg.metadata.dst_node_id]
+        if msg.metadata.message_type == IDENTIFY and not getattr(node, "handles_identify", False):
+            client_id = f"node-{msg.metadata.dst_node_id}"
+            return Message(content=RecordDict({"identity": ConfigRecord({"client-id": client_id})}),
+                           reply_to=msg)
+        return node(msg)
+
+    def of_type(self, message_type: str) -> list[list[Message]]:
+        """The batches sent of one message type."""
+        return [b for b in self.sent if b[0].metadata.message_type == message_type]
 
 
 def metrics(**overrides: float) -> dict[str, float]:
@@ -119,7 +135,7 @@ def test_each_node_gets_its_own_config_record_and_token(tmp_path):
     grid = FakeGrid({11: honest(), 22: honest(), 33: honest()})
     driver, registered, _ = make_driver(tmp_path, grid)
     driver.run(initial(), 1, 2)
-    first, second = grid.sent
+    first, second = grid.of_type(MessageType.TRAIN)
     configs = [m.content["config"] for m in first]
     assert len({id(c) for c in configs}) == 3 and len({id(m.content) for m in first}) == 3
     for config in configs:
@@ -138,7 +154,7 @@ def test_every_node_is_told_whether_the_queue_is_tls(tmp_path, tls):
     grid = FakeGrid({1: honest(), 2: honest()})
     driver, _, _ = make_driver(tmp_path, grid, queue_tls=tls)
     driver.run_round(1, initial())
-    assert [m.content["config"]["queue-tls"] for m in grid.sent[0]] == [tls, tls]
+    assert [m.content["config"]["queue-tls"] for m in grid.of_type(MessageType.TRAIN)[0]] == [tls, tls]
 
 
 def test_rounds_start_anywhere_and_advance_the_queue(tmp_path):
@@ -246,6 +262,19 @@ def identified(client_id: str, train: Node | None = None) -> Node:
         return Message(content=RecordDict({"identity": ConfigRecord({"client-id": client_id})}),
                        reply_to=msg)
 
+    node.handles_identify = True  # type: ignore[attr-defined]
+    return node
+
+
+def without_identify() -> Node:
+    """A node whose ClientApp has no identify handler, as Flower reports it; trains like
+    :func:`honest`."""
+    mute, train = failing("No query function registered with name 'identify'"), honest()
+
+    def node(msg: Message) -> Message:
+        return mute(msg) if msg.metadata.message_type == IDENTIFY else train(msg)
+
+    node.handles_identify = True  # type: ignore[attr-defined]
     return node
 
 
@@ -299,16 +328,58 @@ def test_flower_sampling_sends_no_identify_query(tmp_path):
     assert [len(t) for t in trained] == [3, 3, 3] and rows == [[], [], []]
 
 
-def test_without_a_fraction_no_node_is_asked_who_it_is(tmp_path):
-    grid, trained, rows = draws(tmp_path, [1, 2, 3, 4, 5, 6], fraction_train=1.0)
+def test_without_a_fraction_or_a_queue_no_node_is_asked_who_it_is(tmp_path):
+    grid, trained, rows = draws(tmp_path, [1, 2, 3, 4, 5, 6], fraction_train=1.0,
+                                global_negatives=0, push_fraction=0.0)
     assert trained == [NAMES] * 3 and rows == [[], [], []]
     assert all(m.metadata.message_type == MessageType.TRAIN for b in grid.sent for m in b)
 
 
+def test_without_a_fraction_nodes_using_the_queue_are_asked_once_and_get_their_clients_slots(tmp_path):
+    grid, trained, rows = draws(tmp_path, [1, 2, 3, 4, 5, 6], fraction_train=1.0)
+    assert trained == [NAMES] * 3 and rows == [[], [], []]
+    types = [[m.metadata.message_type for m in batch] for batch in grid.sent]
+    assert types == [[IDENTIFY] * 6] + [[MessageType.TRAIN] * 6] * 3
+
+
+def test_clients_are_numbered_in_client_id_order_whatever_node_ids_flower_drew(tmp_path):
+    # NAMES in reverse against the node ids, so neither node-id order nor Flower's sampling
+    # order could give client-id order by chance.
+    slots = []
+    for i, node_ids in enumerate(([11, 22, 33, 44, 55, 66], [66, 5, 900, 12, 7, 31])):
+        grid = FakeGrid({n: identified(name) for n, name in zip(node_ids, NAMES[::-1], strict=True)})
+        driver, registered, _ = make_driver(tmp_path / str(i), grid)
+        driver.run_round(1, initial())
+        assert sorted(registered.values()) == list(range(6))
+        slots.append(driver.tokens.client_slots)
+    assert slots[0] == slots[1] == {name: i for i, name in enumerate(NAMES)}
+
+
+def test_a_client_keeps_its_slot_across_node_restarts_and_resumes_and_only_there():
+    registered: list[tuple[str, int]] = []
+    tokens = NodeTokens(lambda token, slot: registered.append((token, slot)))
+    a, b = tokens.token_for(11, "a"), tokens.token_for(22, "b")
+    assert tokens.token_for(11, "a") == a and len(registered) == 2  # one token per node
+    anonymous = tokens.token_for(33)  # a node that did not identify itself
+    restarted = tokens.token_for(44, "a")  # client a's SuperNode again, under a new node id
+    assert restarted not in (a, b, anonymous)  # a new token, never a reused one
+    assert tokens.slots == {11: 0, 22: 1, 33: 2, 44: 0}
+    assert [slot for _, slot in registered] == [0, 1, 2, 0]
+    assert tokens.client_slots == {"a": 0, "b": 1} and tokens.client_of() == {0: "a", 1: "b"}
+
+    # A resumed run: the checkpoint's map and next free slot; new node ids, new tokens.
+    registered.clear()
+    resumed = NodeTokens(lambda token, slot: registered.append((token, slot)), first_slot=3,
+                         client_slots=tokens.client_slots)
+    assert {resumed.token_for(7, "b"), resumed.token_for(8, "c"), resumed.token_for(9, "a")}.isdisjoint(
+        {a, b, anonymous, restarted})
+    assert resumed.slots == {7: 1, 8: 3, 9: 0}  # a new client above every slot given before
+    # A map whose slots reach past first_slot (an older checkpoint's next_slot) is respected.
+    assert NodeTokens(lambda *_: None, first_slot=0, client_slots={"a": 5}).next_slot == 6
+
+
 def test_a_node_that_does_not_identify_itself_is_still_drawn_and_asked_again(tmp_path, caplog):
-    mute = failing("No query function registered with name 'identify'")
-    grid = FakeGrid({1: identified("a"), 2: identified("b"),
-                     3: lambda msg: mute(msg) if msg.metadata.message_type == IDENTIFY else honest()(msg)})
+    grid = FakeGrid({1: identified("a"), 2: identified("b"), 3: without_identify()})
     cfg = FedConfig(**{**SAMPLING, "fraction_train": 0.7})  # 2 of 3
     driver, _, _ = make_driver(tmp_path, grid, cfg=cfg)
     driver.run(initial(), 1, 3)
@@ -510,7 +581,7 @@ def test_push_timing_before_pushes_on_every_node_before_any_trains(tmp_path, cap
     cfg = FedConfig(min_nodes=1, rounds=1, wait_nodes_timeout=0.3, eval_every=0, push_timing="before")
     driver, _, _ = make_driver(tmp_path, grid, cfg=cfg)
     result = driver.run_round(1, initial())
-    queries, trains = grid.sent
+    queries, trains = grid.of_type(MessageType.QUERY) + grid.of_type(MessageType.TRAIN)
     assert [m.metadata.message_type for m in queries] == [MessageType.QUERY] * 3
     assert [m.metadata.message_type for m in trains] == [MessageType.TRAIN] * 3
     assert [m.metadata.dst_node_id for m in queries] == [m.metadata.dst_node_id for m in trains]
@@ -528,7 +599,7 @@ def test_push_timing_after_sends_only_train_messages(tmp_path):
     grid = FakeGrid({1: pushing(5)})
     driver, _, _ = make_driver(tmp_path, grid)
     result = driver.run_round(1, initial())
-    assert len(grid.sent) == 1 and grid.sent[0][0].metadata.message_type == MessageType.TRAIN
+    assert [b[0].metadata.message_type for b in grid.sent] == [IDENTIFY, MessageType.TRAIN]
     assert "push_phase_replied" not in result.row
 
 
