@@ -53,7 +53,8 @@ same rounds; Flower's node ids are random per run and cannot serve. A node that 
 identify itself is drawn after the identified ones, by node id (not reproducible), and
 asked again the next round; the round row's ``sampled_clients`` names the clients drawn.
 With ``--client-sampling seeded``, nodes are identified the same way when the clients
-use the queue, whatever the fraction: each client then keeps one contributor slot
+use the queue, whatever the fraction (without a draw, each node is asked once): each
+client then keeps one contributor slot
 across SuperNode restarts and resumed runs (:class:`NodeTokens`; the checkpoint holds
 client id -> slot), so the queue recognises the rows it pushed before as its own.
 
@@ -227,8 +228,13 @@ class NodeTokens:
 
     def token_for(self, node_id: int, client_id: str | None = None) -> str:
         """The token of ``node_id``: on its first call a new one, registered with the slot of
-        ``client_id`` (a new slot for a client not seen before, or for ``None``)."""
-        if node_id not in self._tokens:
+        ``client_id`` (a new slot for a client not seen before, or for ``None``). A node
+        that names its client only later leaves that client its slot."""
+        if node_id in self._tokens:
+            if client_id is not None and client_id not in self.client_slots:
+                # identified only after its token was handed out: its slot is its client's
+                self.client_slots[client_id] = self.slots[node_id]
+        else:
             slot = self.client_slots.get(client_id) if client_id is not None else None
             if slot is None:
                 slot = self.next_slot
@@ -448,6 +454,8 @@ class RoundDriver:
         self.stopped_early: str | None = None
         #: node id -> client id, for the nodes that answered the identify QUERY.
         self.client_ids: dict[int, str] = {}
+        #: node ids sent an identify QUERY, answered or not.
+        self.asked: set[int] = set()
         # Clients' epsilons only grow, so the largest ever reported is the largest now.
         self.epsilon_max = max((float(r.get("epsilon_max", r.get("epsilon", -1.0)))
                                 for r in run_dir.read_metrics()), default=-1.0)
@@ -629,9 +637,11 @@ class RoundDriver:
         k = max(1, int(len(online) * self.cfg.fraction_train))
         if self.cfg.client_sampling != "seeded":
             return list(online)
-        if k < len(online) or uses_queue(self.cfg):
+        if k < len(online):  # the draw needs every id: ask again who did not answer
             self.identify(rnd, [n for n in online if n not in self.client_ids])
-        if k >= len(online):
+        else:
+            if uses_queue(self.cfg):  # for the slots only: ask each node once
+                self.identify(rnd, [n for n in online if n not in self.asked])
             return list(online)
         order = sorted(online, key=self._by_client_id)
         return sorted(seeded_sample(order, k, self.cfg.seed, rnd))
@@ -644,6 +654,7 @@ class RoundDriver:
         """Ask ``nodes`` for their client ids (one QUERY each), into :attr:`client_ids`."""
         if not nodes:
             return
+        self.asked.update(nodes)
         queries = [Message(
             content=RecordDict({"config": ConfigRecord({"server-round": rnd})}),
             dst_node_id=n, message_type=IDENTIFY, group_id=f"{rnd}-identify",
@@ -656,9 +667,10 @@ class RoundDriver:
             node_id = answering_node(msg, addressed)
             reason = check_identity_reply(msg)
             if reason is not None:
-                logger.warning("round %d: node %d did not identify itself (%s): it is drawn "
-                               "after the identified nodes, by node id, until it does",
-                               rnd, node_id, reason)
+                logger.warning("round %d: node %d did not identify itself (%s): a sampling "
+                               "draw takes it after the identified nodes, by node id, and "
+                               "its queue slot does not pass to a restarted node or a "
+                               "resumed run", rnd, node_id, reason)
                 continue
             client_id = str(msg.content["identity"]["client-id"])
             twins = [n for n, c in self.client_ids.items() if c == client_id and n != node_id]

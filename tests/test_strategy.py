@@ -355,6 +355,16 @@ def test_clients_are_numbered_in_client_id_order_whatever_node_ids_flower_drew(t
     assert slots[0] == slots[1] == {name: i for i, name in enumerate(NAMES)}
 
 
+def test_without_a_fraction_a_node_that_does_not_identify_itself_is_asked_once_and_trains(tmp_path, caplog):
+    grid = FakeGrid({1: identified("a"), 2: without_identify()})
+    driver, registered, _ = make_driver(tmp_path, grid)
+    driver.run(initial(), 1, 3)
+    assert [[m.metadata.dst_node_id for m in b] for b in grid.of_type(IDENTIFY)] == [[1, 2]]
+    assert [len(b) for b in grid.of_type(MessageType.TRAIN)] == [2, 2, 2]
+    assert driver.tokens.client_slots == {"a": 0} and driver.tokens.slots == {1: 0, 2: 1}
+    assert "node 2 did not identify itself" in caplog.text
+
+
 def test_a_client_keeps_its_slot_across_node_restarts_and_resumes_and_only_there():
     registered: list[tuple[str, int]] = []
     tokens = NodeTokens(lambda token, slot: registered.append((token, slot)))
@@ -366,6 +376,8 @@ def test_a_client_keeps_its_slot_across_node_restarts_and_resumes_and_only_there
     assert tokens.slots == {11: 0, 22: 1, 33: 2, 44: 0}
     assert [slot for _, slot in registered] == [0, 1, 2, 0]
     assert tokens.client_slots == {"a": 0, "b": 1} and tokens.client_of() == {0: "a", 1: "b"}
+    # The anonymous node names its client a round later: same token, and its client keeps the slot.
+    assert tokens.token_for(33, "d") == anonymous and tokens.client_slots["d"] == 2
 
     # A resumed run: the checkpoint's map and next free slot; new node ids, new tokens.
     registered.clear()
