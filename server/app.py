@@ -199,6 +199,13 @@ def _resume(source: Path, run_dir: RunDir, model: _Model,
             if int(row.get("round", 0)) <= last:
                 run_dir.append_metrics(row)
     client_slots = {str(c): int(slot) for c, slot in dict(payload.get("client_slots") or {}).items()}
+    if not client_slots and len(queue):
+        logger.warning(
+            "resuming %s: its checkpoint names no client's contributor slot (a run with "
+            "--client-sampling flower, or one from before session 17), so the nodes get new "
+            "slots and, for --max-age rounds, the %d restored queue rows are no node's own "
+            "(--pull-scope others may pull a client's own rows, own finds none)",
+            source, len(queue))
     logger.info("resuming %s after round %d (%d clients keep their contributor slots)",
                 source, last, len(client_slots))
     return last, int(payload.get("next_slot", 0)), client_slots

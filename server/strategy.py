@@ -54,9 +54,9 @@ identify itself is drawn after the identified ones, by node id (not reproducible
 asked again the next round; the round row's ``sampled_clients`` names the clients drawn.
 With ``--client-sampling seeded``, nodes are identified the same way when the clients
 use the queue, whatever the fraction (without a draw, each node is asked once): each
-client then keeps one contributor slot
-across SuperNode restarts and resumed runs (:class:`NodeTokens`; the checkpoint holds
-client id -> slot), so the queue recognises the rows it pushed before as its own.
+client then keeps one contributor slot across SuperNode restarts and resumed runs
+(:class:`NodeTokens`; the checkpoint holds client id -> slot), so the queue recognises
+the rows it pushed before as its own.
 
 A reply with an error (the ClientApp raised), a missing record, another key set,
 other array shapes or a non-finite value is dropped and logged with its reason;

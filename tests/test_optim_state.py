@@ -19,6 +19,7 @@ from common.encoders import build_encoder
 from common.rundir import RunDir
 from server.app import _Model, _resume
 from server.queue import NegativeQueue
+from server.strategy import NodeTokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -207,3 +208,22 @@ def test_a_resume_into_another_directory_started_twice_holds_the_rows_once(tmp_p
         last, _slot, _clients = _resume(before.run_dir.path, after.run_dir, after, NegativeQueue(16, 16))
     assert last == 2
     assert [r["round"] for r in after.run_dir.read_metrics()] == [1, 2]
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_resuming_a_queue_whose_rows_no_client_is_named_for_warns(tmp_path, caplog, named):
+    before = _server_model(tmp_path, "old")
+    if named:  # the driver's tokens: one identified client
+        before.tokens = NodeTokens(lambda *_: None)
+        before.tokens.token_for(7, "alice")
+    before.save(before.arrays(), 1)
+    queue = NegativeQueue(16, 16)
+    queue.advance(1)
+    queue.push(0, torch.nn.functional.normalize(torch.randn(4, 16), dim=1), version=1)
+    queue.snapshot(before.run_dir.file("queue.pt"))
+    after = _server_model(tmp_path, "new")
+    with caplog.at_level("WARNING", logger="server.app"):
+        _, next_slot, client_slots = _resume(before.run_dir.path, after.run_dir, after,
+                                             NegativeQueue(16, 16))
+    assert (client_slots, next_slot) == (({"alice": 0}, 1) if named else ({}, 0))
+    assert ("the 4 restored queue rows are no node's own" in caplog.text) == (not named)
