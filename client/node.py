@@ -22,10 +22,9 @@ from common import plugins
 from common.cli import UsageError
 from common.flower_env import (
     ProcessTree,
-    catch_stop_signals,
     flower_env,
     free_port,
-    restore_signal_handlers,
+    stopped_on_exit,
     toml_value,
 )
 
@@ -105,9 +104,7 @@ def run_node(args: argparse.Namespace) -> int:
     home = (args.flwr_home.expanduser().resolve() if args.flwr_home else state_dir / "flwr-home")
     home.mkdir(parents=True, exist_ok=True)
     cmd = supernode_command(args, config, args.port or free_port())
-    previous = catch_stop_signals()
-    tree = ProcessTree()
-    try:
+    with stopped_on_exit(ProcessTree()) as tree:
         node = tree.start(cmd, env=flower_env(home), cwd=home)
         logger.info("client %s: SuperNode (pid %d) connecting to %s; state in %s",
                     config["client-id"], node.pid, args.superlink, state_dir)
@@ -118,6 +115,3 @@ def run_node(args: argparse.Namespace) -> int:
                          "it (`fedcontrast server --auth-list-public-keys`), then start the client",
                          status)
         return status
-    finally:
-        restore_signal_handlers(previous)
-        tree.stop()

@@ -26,7 +26,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -167,8 +168,34 @@ def restore_signal_handlers(previous: Mapping[int, Any]) -> None:
         signal.signal(sig, handler)
 
 
+def ignore_stop_signals() -> None:
+    """Ignore SIGTERM and SIGINT until the handlers are set again."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _raise_interrupt(_signum: int, _frame: Any) -> None:
+    # Once: the stop is under way, and a second signal (Ctrl-C pressed again, or a wrapper
+    # such as `timeout` passing on the one the terminal sent it) must not cut short the
+    # clean-up that follows, or what the command started would be left running.
+    ignore_stop_signals()
     raise KeyboardInterrupt
+
+
+@contextmanager
+def stopped_on_exit(tree: ProcessTree) -> Iterator[ProcessTree]:
+    """Run the block with SIGTERM and SIGINT raising ``KeyboardInterrupt`` (the first one
+    only); however the block ends, stop ``tree`` with both signals ignored, so that more of
+    them cannot interrupt the stop, then put the previous handlers back."""
+    previous = catch_stop_signals()
+    try:
+        yield tree
+    finally:
+        ignore_stop_signals()
+        try:
+            tree.stop()
+        finally:
+            restore_signal_handlers(previous)
 
 
 class ProcessTree:

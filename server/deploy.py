@@ -48,9 +48,8 @@ from common.config import (
 )
 from common.flower_env import (
     ProcessTree,
-    catch_stop_signals,
     flower_env,
-    restore_signal_handlers,
+    stopped_on_exit,
     toml_value,
     wait_for_port,
     write_superlink_config,
@@ -336,32 +335,34 @@ def deploy(args: argparse.Namespace) -> int:
             else Path(tempfile.mkdtemp(prefix="fedcontrast-flwr-")))
     home.mkdir(parents=True, exist_ok=True)  # the SuperLink starts in it
     env = flower_env(home)
-    tree = ProcessTree()
-    previous = catch_stop_signals()
     try:
-        if args.superlink:
-            if not (args.insecure or args.ssl_ca_certfile):
-                raise UsageError("with --superlink give --ssl-ca-certfile (TLS) or --insecure")
-            address = args.superlink
-            certificates = None if args.insecure else args.ssl_ca_certfile
-        else:
-            cmd = superlink_command(args)
-            link = tree.start(cmd, env=env, log=out / "superlink.log", cwd=home)
-            connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-            address = f"{connect_host}:{args.port}"
-            if not wait_for_port(connect_host, args.port, timeout=60) or link.poll() is not None:
-                raise UsageError(f"the SuperLink did not start on {address}:\n{log_tail(out / 'superlink.log')}")
-            certificates = None if args.insecure else args.ssl_ca_certfile
-            logger.info("SuperLink listening on %s (log: %s)", address, out / "superlink.log")
-        write_superlink_config(home, CONNECTION, address, root_certificates=certificates)
-        register_supernodes(args, env, home)
-        return follow_run(tree, env, home, cfg, out, resume, timeout=args.timeout,
-                          extra_run_config=queue_tls)
+        with stopped_on_exit(ProcessTree()) as tree:
+            return _serve(args, tree, env, home, cfg, out, resume, queue_tls)
     finally:
-        restore_signal_handlers(previous)
-        tree.stop()
         if not args.flwr_home:
             shutil.rmtree(home, ignore_errors=True)
+
+
+def _serve(args: argparse.Namespace, tree: ProcessTree, env: dict[str, str], home: Path,
+           cfg: FedConfig, out: Path, resume: Path | None, queue_tls: dict[str, str]) -> int:
+    """Start the SuperLink (unless ``--superlink``), register SuperNodes, submit the run
+    and follow it; ``tree`` holds what is started."""
+    if args.superlink:
+        if not (args.insecure or args.ssl_ca_certfile):
+            raise UsageError("with --superlink give --ssl-ca-certfile (TLS) or --insecure")
+        address = args.superlink
+    else:
+        link = tree.start(superlink_command(args), env=env, log=out / "superlink.log", cwd=home)
+        connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        address = f"{connect_host}:{args.port}"
+        if not wait_for_port(connect_host, args.port, timeout=60) or link.poll() is not None:
+            raise UsageError(f"the SuperLink did not start on {address}:\n{log_tail(out / 'superlink.log')}")
+        logger.info("SuperLink listening on %s (log: %s)", address, out / "superlink.log")
+    certificates = None if args.insecure else args.ssl_ca_certfile
+    write_superlink_config(home, CONNECTION, address, root_certificates=certificates)
+    register_supernodes(args, env, home)
+    return follow_run(tree, env, home, cfg, out, resume, timeout=args.timeout,
+                      extra_run_config=queue_tls)
 
 
 def follow_run(

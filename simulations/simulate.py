@@ -37,10 +37,9 @@ from common.cli import UsageError
 from common.config import FedConfig, from_args, read_config_values
 from common.flower_env import (
     ProcessTree,
-    catch_stop_signals,
     flower_env,
     free_port,
-    restore_signal_handlers,
+    stopped_on_exit,
     wait_for_port,
     write_superlink_config,
 )
@@ -209,10 +208,8 @@ def engine_start_failure(log: Path, start: int = 0) -> str | None:
 def _simulate_once(cfg: FedConfig, sim: Simulation, out: Path, home: Path, env: dict[str, str],
                    *, resume: Path | None, timeout: float | None) -> int:
     """One SuperLink in simulation mode, one run on it; every process stopped on return."""
-    tree = ProcessTree()
     port = free_port()
-    previous = catch_stop_signals()
-    try:
+    with stopped_on_exit(ProcessTree()) as tree:
         link = tree.start(["flower-superlink", "--simulation", "--insecure",
                            "--disable-runtime-dependency-installation",
                            "--host", "127.0.0.1", "--port", str(port)],
@@ -224,9 +221,6 @@ def _simulate_once(cfg: FedConfig, sim: Simulation, out: Path, home: Path, env: 
                     sim.num_clients, sim.client_cpus, sim.client_gpus)
         return follow_run(tree, env, home, cfg, out, resume, timeout=timeout,
                           flwr_args=["--federation-config", sim.federation_config()])
-    finally:
-        restore_signal_handlers(previous)
-        tree.stop()
 
 
 #: Settings that decide which examples each virtual client holds.
