@@ -335,11 +335,15 @@ def test_without_a_fraction_or_a_queue_no_node_is_asked_who_it_is(tmp_path):
     assert all(m.metadata.message_type == MessageType.TRAIN for b in grid.sent for m in b)
 
 
-def test_without_a_fraction_nodes_using_the_queue_are_asked_once_and_get_their_clients_slots(tmp_path):
+def test_without_a_fraction_nodes_using_the_queue_are_asked_who_they_are_once(tmp_path):
     grid, trained, rows = draws(tmp_path, [1, 2, 3, 4, 5, 6], fraction_train=1.0)
     assert trained == [NAMES] * 3 and rows == [[], [], []]
     types = [[m.metadata.message_type for m in batch] for batch in grid.sent]
     assert types == [[IDENTIFY] * 6] + [[MessageType.TRAIN] * 6] * 3
+    # Each node kept one token of its own for the run (slots: the client-id order test below).
+    tokens = [{m.metadata.dst_node_id: m.content["config"]["queue-token"] for m in b}
+              for b in grid.of_type(MessageType.TRAIN)]
+    assert tokens[0] == tokens[1] == tokens[2] and len(set(tokens[0].values())) == 6
 
 
 def test_clients_are_numbered_in_client_id_order_whatever_node_ids_flower_drew(tmp_path):
@@ -365,7 +369,7 @@ def test_without_a_fraction_a_node_that_does_not_identify_itself_is_asked_once_a
     assert "node 2 did not identify itself" in caplog.text
 
 
-def test_a_client_keeps_its_slot_across_node_restarts_and_resumes_and_only_there():
+def test_a_client_keeps_its_slot_across_node_restarts_and_resumes():
     registered: list[tuple[str, int]] = []
     tokens = NodeTokens(lambda token, slot: registered.append((token, slot)))
     a, b = tokens.token_for(11, "a"), tokens.token_for(22, "b")
