@@ -105,6 +105,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from client.privacy import WITHHELD_UNDER_DP
 from client.trainer import cosine_lr
+from common.accounting import ADJACENCY
 from common.config import FedConfig
 from common.optim_state import PREFIX as OPTIMIZER_PREFIX
 from common.rundir import RunDir
@@ -725,7 +726,8 @@ class RoundDriver:
     def privacy_summary(self) -> dict[str, Any]:
         """The run's privacy for ``summary.json``.
 
-        ``dp``; ``delta`` of the epsilons (None without DP); ``epsilon_max``, the largest
+        ``dp``; ``delta`` of the epsilons (None without DP); ``adjacency``, the datasets
+        the epsilons tell apart (None without DP); ``epsilon_max``, the largest
         epsilon any client reported in the run (-1: nothing accounted);
         ``pushes_private``, whether pushed rows are covered by it; ``epsilon_budget``
         (0: no limit); ``note``, in plain words what the epsilon does not cover (None when
@@ -742,6 +744,7 @@ class RoundDriver:
         else:
             note = None
         return {"dp": self.cfg.dp, "delta": self.cfg.delta if self.cfg.dp else None,
+                "adjacency": ADJACENCY if self.cfg.dp else None,
                 "epsilon_max": self.epsilon_max, "pushes_private": private,
                 "epsilon_budget": self.cfg.epsilon_budget, "note": note}
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from opacus.accountants import RDPAccountant
 
 from client import app as client_app
 from client import trainer as trainer_module
@@ -18,6 +17,7 @@ from client.app import NodeSettings
 from client.state import StateDir, default_state_dir
 from client.stub import QueueClient
 from common import optim_state
+from common.accounting import PrivacyAccountant
 from common.config import FedConfig, push_quota, to_run_config
 from common.encoders import build_encoder
 from common.flower_env import free_port
@@ -267,15 +267,16 @@ DP = FedConfig(**{**CFG.__dict__, "in_batch": False, "key_mode": "frozen", "dp":
                   "noise_multiplier": 1.0, "push_noise": 2.0})
 
 
-def opacus_epsilon(rounds: int, cfg: FedConfig = DP, sigma: float | None = None) -> float:
-    """Epsilon after ``rounds`` rounds, computed step by step with Opacus's own accountant."""
-    accountant = RDPAccountant()
+def expected_epsilon(rounds: int, cfg: FedConfig = DP, sigma: float | None = None) -> float:
+    """Epsilon after ``rounds`` rounds, every DP-SGD step and push release recorded one by one
+    (the formula itself is tested in ``test_accounting.py``)."""
+    accountant = PrivacyAccountant()
     for _ in range(rounds):
         for _ in range(cfg.local_epochs * 3):
-            accountant.step(noise_multiplier=sigma or cfg.noise_multiplier, sample_rate=1 / 3)
+            accountant.record_steps(noise_multiplier=sigma or cfg.noise_multiplier, sample_rate=1 / 3)
         if cfg.push_noise > 0:
-            accountant.step(noise_multiplier=cfg.push_noise / 2, sample_rate=cfg.push_fraction)
-    return accountant.get_epsilon(cfg.delta)
+            accountant.record_push(push_noise=cfg.push_noise, sample_rate=cfg.push_fraction)
+    return accountant.epsilon(cfg.delta)
 
 
 def test_epsilon_carries_on_across_rounds_restarts_and_a_resumed_run(images, queue_server, tmp_path):
@@ -291,7 +292,7 @@ def test_epsilon_carries_on_across_rounds_restarts_and_a_resumed_run(images, que
         reply = client_app.train(msg, context(node, DP, run_id=run_id))
         assert check_reply(reply, msg.content["arrays"]) is None
         epsilons.append(reply.content["metrics"]["epsilon"])
-    assert epsilons == pytest.approx([opacus_epsilon(r) for r in (1, 2, 3)], rel=1e-9)
+    assert epsilons == pytest.approx([expected_epsilon(r) for r in (1, 2, 3)], rel=1e-9)
     assert 0 < epsilons[0] < epsilons[1] < epsilons[2]
     state = StateDir(tmp_path / "state", "alice").load()
     assert state.runs == {"1": 2, "2": 3}
@@ -307,7 +308,7 @@ def test_a_round_is_accounted_before_anything_is_released(images, queue_server, 
         client_app.train(msg, context(node_config(path, tmp_path), DP))
     state = StateDir(tmp_path / "state", "alice").load()
     assert state.rounds_trained == 0  # the round failed ...
-    assert state.accountant.epsilon(DP.delta) == pytest.approx(opacus_epsilon(1))  # ... counted
+    assert state.accountant.epsilon(DP.delta) == pytest.approx(expected_epsilon(1))  # ... counted
 
 
 def test_noise_derived_from_the_target_stays_fixed_and_meets_it(images, queue_server, tmp_path):
@@ -323,7 +324,7 @@ def test_noise_derived_from_the_target_stays_fixed_and_meets_it(images, queue_se
         epsilons.append(reply.content["metrics"]["epsilon"])
         sigmas.append(StateDir(tmp_path / "state", "alice").load().calibration.noise_multiplier)
     assert sigmas[0] == sigmas[1]
-    assert epsilons[1] == pytest.approx(opacus_epsilon(2, cfg, sigma=sigmas[0]), rel=1e-9)
+    assert epsilons[1] == pytest.approx(expected_epsilon(2, cfg, sigma=sigmas[0]), rel=1e-9)
     assert 0.99 * 4.0 <= epsilons[1] <= 4.0  # the whole planned run, both rounds, meets it
 
 
@@ -336,7 +337,7 @@ def test_unnoised_pushes_are_flagged_and_local_statistics_withheld(images, queue
     m = reply.content["metrics"]
     assert m["train-loss"] == m["alignment"] == m["uniformity"] == 0.0
     assert m["pushed-rows"] > 0
-    assert m["epsilon"] == pytest.approx(opacus_epsilon(1, cfg))  # DP-SGD only
+    assert m["epsilon"] == pytest.approx(expected_epsilon(1, cfg))  # DP-SGD only
     assert "pushes are NOT covered by differential privacy" in caplog.text
 
 

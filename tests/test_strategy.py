@@ -561,6 +561,7 @@ def test_summary_privacy_block_says_what_epsilon_max_covers(tmp_path, push_noise
     assert {k: block[k] for k in ("dp", "delta", "epsilon_max", "pushes_private", "epsilon_budget")} \
         == {"dp": True, "delta": 1e-6, "epsilon_max": 1.2, "pushes_private": private,
             "epsilon_budget": 9.0}
+    assert "replaced" in block["adjacency"]
     if private:
         assert block["note"] is None
     else:
@@ -571,8 +572,8 @@ def test_summary_privacy_block_without_dp_says_nothing_is_accounted(tmp_path):
     driver, _, _ = make_driver(tmp_path, FakeGrid({1: honest()}))
     driver.run_round(1, initial())
     block = driver.privacy_summary()
-    assert (block["dp"], block["delta"], block["epsilon_max"], block["pushes_private"]) == \
-        (False, None, -1.0, False)
+    assert (block["dp"], block["delta"], block["adjacency"], block["epsilon_max"],
+            block["pushes_private"]) == (False, None, None, -1.0, False)
     assert "no differential privacy" in block["note"]
 
 
