@@ -291,7 +291,10 @@ def test_privacy_sweep_reports_epsilon_monotone_in_the_noise(tmp_path):
     assert low["pushes_private"] and high["pushes_private"]
     unnoised = [r for r in results if r["axis"] == "push axis" and r["push_noise"] == 0]
     assert len(unnoised) == 1 and not unnoised[0]["pushes_private"]
-    assert unnoised[0]["epsilon"] < high["epsilon"]  # only DP-SGD counted: pushes not covered
+    # Its epsilon counts DP-SGD only (pushes not covered), derived for the same target. Not
+    # compared with the noised run's: at epsilon 8 over 2 rounds the pushes with noise 24
+    # cost under 0.01%, less than the calibration's tolerance.
+    assert 0.99 * 8.0 <= unnoised[0]["epsilon"] <= 8.0
     table = (out / "privacy.md").read_text()
     assert "| NO |" in table and "not covered" in table
     assert "| random init | – |" in table  # the untrained reference the accuracies stand against
