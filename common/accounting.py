@@ -332,11 +332,11 @@ def calibrate_noise_multiplier(
 ) -> float:
     """The DP-SGD noise multiplier whose composed epsilon is within ``rel_tolerance`` below the target.
 
-    The epsilon of ``spent`` plus the whole ``plan`` at noise sigma falls as sigma grows. A bracket [lo, hi] with eps(lo) > target >= eps(hi) is found by
-    doubling or halving, then narrowed by regula falsi on (log sigma, log eps), which is
-    nearly a straight line (the Illinois variant, so neither end stalls). Each step is one
-    accountant evaluation, which costs a noticeable fraction of a second: the few steps
-    matter. The result errs on the safe side:
+    The epsilon of ``spent`` plus the whole ``plan`` at noise sigma falls as sigma grows.
+    A bracket [lo, hi] with eps(lo) > target >= eps(hi) is found by doubling or halving,
+    then narrowed by regula falsi on (log sigma, log eps), which is nearly a straight line
+    (the Illinois variant, so neither end stalls). Each step is one accountant evaluation
+    at a new sigma (tens of milliseconds): a calibration takes about half a second. The result errs on the safe side:
     ``(1 - rel_tolerance) * target <= eps(result) <= target``.
 
     Raises:
