@@ -90,8 +90,8 @@ def test_the_bound_stays_valid_where_opacus_series_for_fractional_orders_fails()
 
 
 def test_replacement_costs_more_than_adding_or_removing_and_the_bound_is_not_loose():
-    """Opacus's add-or-remove divergence misses the replacement by opposite gradients, at
-    every order; the bound stays within a factor 4.5 of it at the orders that matter."""
+    """Opacus's add-or-remove divergence falls below the replacement by opposite gradients
+    at each order tried; the bound stays within a factor 4.5 of that replacement there."""
     q, sigma = 0.125, 2.0
     for order in (1.5, 2.0, 4.0, 8.0):
         true = integrated_rdp(order, log_step(q, sigma, 1.0), log_step(q, sigma, -1.0), width=63)
