@@ -3,7 +3,7 @@ One node trains on its partition of the run's dataset, the other on a file of it
 
 One deployment serves every scenario (each Flower message starts a ClientApp process
 that imports torch: rounds cost 15-30 s on two shared cores). The scenarios run in
-file order; the last one kills a SuperNode.
+file order; the last one kills a SuperNode and starts it again.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class Deployment:
         # One thread per torch process: the cores are shared by every process here.
         self.env = {**flower_env(root / "link-home"), "OMP_NUM_THREADS": "1"}
         self.clients: list[subprocess.Popen] = []
+        self.own_data: list[list[str]] = []
 
     def start(self) -> None:
         self.tree.start(["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
@@ -50,14 +51,20 @@ class Deployment:
         assert wait_for_port("127.0.0.1", self.port, timeout=60), self.log("superlink.log")
         # Node 0 trains on its partition of the run's dataset; node 1 on a file of its own
         # (`--data-path`, the second half of the digits), as a site with private data would.
-        own_data = [["--partition-id", "0", "--num-partitions", "2"],
-                    ["--data-path", str(self._site_file(self.root / "site1.npz"))]]
-        for i in range(2):
-            self.clients.append(self.tree.start(
-                [FEDCONTRAST, "client", "--superlink", self.address, "--insecure", *own_data[i],
-                 "--client-id", f"c{i}", "--state-dir", str(self.root / f"state{i}"),
-                 "--flwr-home", str(self.root / f"home{i}")],
-                env=self.env, log=self.root / f"client{i}.log", cwd=self.root))
+        self.own_data = [["--partition-id", "0", "--num-partitions", "2"],
+                         ["--data-path", str(self._site_file(self.root / "site1.npz"))]]
+        self.clients = [self.start_client(i) for i in range(2)]
+
+    def start_client(self, i: int) -> subprocess.Popen:
+        """SuperNode ``c<i>`` (again, after a kill: same data, state and home; a new log)."""
+        log = self.root / f"client{i}.log"
+        if log.exists():
+            log = self.root / f"client{i}-restarted.log"
+        return self.tree.start(
+            [FEDCONTRAST, "client", "--superlink", self.address, "--insecure", *self.own_data[i],
+             "--client-id", f"c{i}", "--state-dir", str(self.root / f"state{i}"),
+             "--flwr-home", str(self.root / f"home{i}")],
+            env=self.env, log=log, cwd=self.root)
 
     @staticmethod
     def _site_file(path: Path) -> Path:
@@ -338,20 +345,34 @@ def test_seeded_sampling_draws_the_clients_its_seed_names_in_a_real_run(deployme
     assert "2 of 2 nodes identified" in (run / "server.log").read_text()
 
 
-@pytest.mark.timeout(240)
-def test_a_killed_client_does_not_stop_the_run(deployment):
+@pytest.mark.timeout(360)
+def test_a_killed_client_does_not_stop_the_run_and_rejoins_when_restarted(deployment):
+    """Node c1's SuperNode is killed during round 2 and started again: round 2 goes on
+    without it, and in round 3 the new SuperNode (a new node id) is identified as c1 and
+    trains on from c1's state (its round count, hence its random stream and accountant)."""
     run = deployment.root / "run-kill"
-    proc = deployment.server(run, *SMALL[:-6], "--min-nodes", "1", "--round-timeout", "45",
-                             "--wait-nodes-timeout", "60")
+    proc = deployment.server(run, *SMALL[:-6], "--rounds", "3", "--min-nodes", "1",
+                             "--round-timeout", "45", "--wait-nodes-timeout", "60")
     deadline = time.monotonic() + 150
     while not ((run / "metrics.jsonl").exists() and rows(run)):
         assert proc.poll() is None, deployment.log("server-run-kill.log")
         assert time.monotonic() < deadline, "round 1 did not finish"
         time.sleep(0.5)
+    state_file = deployment.root / "state1" / "state.json"
+    before = json.loads(state_file.read_text())
     deployment.tree.kill(deployment.clients[1])  # SuperNode and its ClientApp, no goodbye
-    assert proc.wait(timeout=200) == 0, (run / "server.log").read_text()[-3000:]
+    deployment.clients[1] = deployment.start_client(1)  # the same client, data and state, under a new node id
+    assert proc.wait(timeout=300) == 0, (run / "server.log").read_text()[-3000:]
     table = rows(run)
-    assert [r["round"] for r in table] == [1, 2]
+    assert [r["round"] for r in table] == [1, 2, 3]
     assert table[1]["counted"] == 1 and table[1]["replied"] == 1
     assert table[1]["timed_out"] + table[1]["failed"] == 1
+    # Round 3 samples c0 and the restarted c1 (and the dead node too, while the SuperLink
+    # still lists it: it misses Flower's heartbeats for up to a minute).
+    assert table[2]["counted"] == 1 and table[2]["replied"] == 2, table[2]
+    after = json.loads(state_file.read_text())
+    this_run = [run_id for run_id, last in after["runs"].items() if before["runs"].get(run_id) != last]
+    assert len(this_run) == 1 and before["runs"].get(this_run[0]) == 1, (before["runs"], after["runs"])
+    assert after["runs"][this_run[0]] == 3
+    assert after["rounds_trained"] == before["rounds_trained"] + 1
     assert os.path.exists(run / "summary.json")
