@@ -370,6 +370,7 @@ def test_a_killed_client_does_not_stop_the_run_and_rejoins_when_restarted(deploy
     # Round 3 samples c0 and the restarted c1 (and the dead node too, while the SuperLink
     # still lists it: it misses Flower's heartbeats for up to a minute).
     assert table[2]["counted"] == 1 and table[2]["replied"] == 2, table[2]
+    assert "round 3: 1 of 1 nodes identified" in (run / "server.log").read_text()
     after = json.loads(state_file.read_text())
     this_run = [run_id for run_id, last in after["runs"].items() if before["runs"].get(run_id) != last]
     assert len(this_run) == 1 and before["runs"].get(this_run[0]) == 1, (before["runs"], after["runs"])
