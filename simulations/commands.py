@@ -62,8 +62,9 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("comparison")
     run.add_argument("--out", type=Path, default=None,
-                     help="directory for the table, plot and one run per method and seed "
-                          "(default: runs/compare-DATASET-TIME)")
+                     help="directory for the table, plot and one run per method and seed; "
+                          "the same command again with the same --out reuses the methods and "
+                          "seeds it finished (default: runs/compare-DATASET-TIME)")
     run.add_argument("--methods", default=",".join(METHODS),
                      help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
     run.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1 (default: 0)")
@@ -76,7 +77,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("privacy sweep")
     run.add_argument("--out", type=Path, default=None,
-                     help="directory for the table, plot and runs (default: runs/privacy-DATASET-TIME)")
+                     help="directory for the table, plot and runs; the same command again with "
+                          "the same --out reuses the runs it finished (default: runs/privacy-DATASET-TIME)")
     run.add_argument("--epsilons", default="1,2,4,8,inf",
                      help="comma-separated target epsilons; inf = the same federation without DP "
                           "(default: 1,2,4,8,inf)")

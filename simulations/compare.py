@@ -33,6 +33,9 @@ features, alignment and uniformity of the head).
 
 Writes ``OUT/compare.md`` (the table), ``OUT/compare.json``, ``OUT/compare.png``
 (kNN accuracy per round for each method) and one run directory per method and seed.
+A finished run leaves ``arm.json`` (settings and figures) in its directory; the same
+command into the same ``OUT`` reuses it, so a comparison that stopped part-way goes on
+from the method it was on (see :func:`finished_arm`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +283,94 @@ def run_federated(method: str, cfg: FedConfig, sim: Simulation, data: Dataset, o
     return result
 
 
+#: Written into a method's run directory once it finished and was evaluated: what a rerun
+#: of ``compare`` into the same ``--out`` reuses instead of training again.
+ARM_RECORD = "arm.json"
+#: Settings that do not change what a method trains or how it is evaluated: a rerun may
+#: change them and still reuse finished runs.
+NOT_TRAINING = ("round_timeout", "wait_nodes_timeout", "queue_port", "queue_host")
+
+
+def arm_settings(method: str, cfg: FedConfig, sim: Simulation) -> dict[str, Any]:
+    """What decides a method's figures at one seed: its config, the number of clients,
+    and the dataset file's size and modification time (a file replaced under the same
+    name is not the same data)."""
+    config = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAINING}
+    settings: dict[str, Any] = {"method": method, "config": config, "num_clients": sim.num_clients}
+    data = Path(cfg.dataset).expanduser()
+    if data.is_file():
+        stat = data.stat()
+        settings["dataset_file"] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return json.loads(json.dumps(settings, default=str))  # as it reads back from the record
+
+
+def finished_arm(run_out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The figures of a run that ``compare`` or ``privacy`` finished in ``run_out`` before,
+    with these settings; else None.
+
+    A finished run with other settings is refused, so a rerun cannot mix settings in one
+    table; an unfinished one (a failed or interrupted method) is moved aside to
+    ``NAME.unfinished-K`` (kept for its logs) and the method trains from scratch.
+    """
+    record = run_out / ARM_RECORD
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved["settings"] == settings:
+            return saved["result"]
+        before, now = _flat(saved["settings"]), _flat(settings)
+        changed = [f"{_flag(k)} {before.get(k)} -> {now.get(k)}"
+                   for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
+        raise UsageError(
+            f"{run_out} holds a finished {saved['settings'].get('method')} run with other settings "
+            f"({', '.join(changed)}): choose another --out, or rerun with the settings it had "
+            "to go on with that comparison")
+    if run_out.exists():
+        k = 1
+        while (aside := run_out.with_name(f"{run_out.name}.unfinished-{k}")).exists():
+            k += 1
+        run_out.rename(aside)
+        logger.warning("%s did not finish before; moved aside to %s, training it again", run_out, aside)
+    return None
+
+
+def run_or_reuse(label: str, run_out: Path, settings: dict[str, Any],
+                 train: Callable[[], dict[str, Any]], console: Console) -> dict[str, Any]:
+    """One run of a multi-run command (``compare``, ``privacy``): its figures from the
+    record a finished run with these settings left in ``run_out``, else from ``train()``,
+    then recorded. A failure says that the runs finished so far are kept."""
+    result = finished_arm(run_out, settings)
+    if result is not None:
+        console.print(f"[bold]{label}[/bold]: finished before in {run_out}; reused")
+        return result
+    console.print(f"[bold]{label}[/bold] -> {run_out}")
+    try:
+        result = train()
+    except UsageError as exc:
+        out = run_out.parent
+        raise UsageError(f"{exc}\nthe runs finished so far are kept in {out}: the same command "
+                         f"with --out {out} goes on from {label}") from exc
+    (run_out / ARM_RECORD).write_text(json.dumps({"settings": settings, "result": result},
+                                                 indent=2) + "\n")
+    return result
+
+
+def _flag(key: str) -> str:
+    """``config.lr`` -> ``--lr``; ``dataset_file.bytes`` -> ``dataset file bytes``."""
+    if key.startswith("config.") or key == "num_clients":
+        return "--" + key.removeprefix("config.").replace("_", "-")
+    return key.replace("_", " ").replace(".", " ")
+
+
+def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def random_init_figures(cfg: FedConfig, data: Dataset) -> dict[str, float]:
     model, _spec = build_model(cfg, data)
     return _final_eval(model, cfg, data)
@@ -317,11 +409,10 @@ def compare(
         for method in methods:
             cfg = replace(configs[method], seed=seed)
             run_out = out / f"{method}-seed{seed}"
-            console.print(f"[bold]{method}[/bold] seed {seed} -> {run_out}")
-            if method in FEDERATED:
-                result = run_federated(method, cfg, sim, data, run_out, timeout)
-            else:
-                result = run_in_process(method, cfg, sim, data, run_out)
+            train = (partial(run_federated, method, cfg, sim, data, run_out, timeout)
+                     if method in FEDERATED else partial(run_in_process, method, cfg, sim, data, run_out))
+            result = run_or_reuse(f"{method} seed {seed}", run_out, arm_settings(method, cfg, sim),
+                                  train, console)
             results[method].append(result)
             curves[method].append(_curve(run_out))
             console.print(f"  linear probe {result['linear_probe_backbone']:.4f}  "

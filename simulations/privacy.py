@@ -17,7 +17,8 @@ negatives included: the difference between the two references is what giving up
 in-batch negatives costs before any noise is added.
 
 Writes ``OUT/privacy.md`` (the table), ``OUT/privacy.json``, ``OUT/privacy.png``
-(accuracy against epsilon) and one run directory per run.
+(accuracy against epsilon) and one run directory per run; a rerun into the same
+``OUT`` reuses the runs that finished, as ``compare`` does.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import math
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,13 @@ from common.config import FedConfig
 from common.datasets import load_dataset
 from common.rundir import RunDir
 from simulations.commands import PRIVATE_LOSS, SWEEP_DEFAULTS
-from simulations.compare import parse_list, random_init_figures, run_federated
+from simulations.compare import (
+    arm_settings,
+    parse_list,
+    random_init_figures,
+    run_federated,
+    run_or_reuse,
+)
 from simulations.simulate import CLIENT_STATE, Simulation, resolve
 
 #: The loss settings ``PRIVATE_LOSS`` and the sweep replace, at their FedConfig defaults:
@@ -141,8 +149,8 @@ def sweep(
     for cfg, axis in configs:
         name = "eps-inf" if not cfg.dp else f"eps-{cfg.target_epsilon:g}-push-{cfg.push_noise:g}"
         name += "-default-loss" if axis == "default loss" else ""
-        console.print(f"[bold]{name}[/bold] -> {out / name}")
-        result = one_run(cfg, sim, out / name, timeout)
+        result = run_or_reuse(name, out / name, arm_settings(f"privacy {axis}", cfg, sim),
+                              partial(one_run, cfg, sim, out / name, timeout), console)
         result["axis"] = axis
         results.append(result)
         console.print(f"  reported epsilon {result['epsilon']:.4g}  linear probe "

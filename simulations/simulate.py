@@ -14,8 +14,9 @@ Client state (round counters, privacy accountants) lives under
 ``RUN_DIR/flower-home/fedcontrast/clients/partition-ID``, so ``--resume`` carries it on.
 
 Ray's head gets a fixed 30 s to start, which a loaded machine can miss; when the engine
-fails to start (nothing trained yet), the simulation is started once more on a fresh
-SuperLink, and a failure names the first error in ``server.log``.
+fails to start (nothing trained yet), the simulation is started again on a fresh
+SuperLink, up to three times in all with a pause between, and a failure names the first
+error in ``server.log``.
 """
 
 from __future__ import annotations
@@ -166,8 +167,10 @@ def simulate(
             return status
         # Nothing trained: Ray's head did not come up (its GCS gets a fixed 30 s to write
         # its port file, which a loaded machine can miss). A fresh SuperLink and Ray try again.
-        logger.warning("the simulation engine did not start (%s); starting it again (attempt %d of %d)",
-                       cause, attempt + 1, ENGINE_START_ATTEMPTS)
+        logger.warning("the simulation engine did not start (%s); starting it again in %.0f s "
+                       "(attempt %d of %d)", cause, ENGINE_RETRY_PAUSE_S * attempt, attempt + 1,
+                       ENGINE_START_ATTEMPTS)
+        time.sleep(ENGINE_RETRY_PAUSE_S * attempt)
     return status
 
 
@@ -185,7 +188,12 @@ def _carry_client_state(resume: Path, out: Path) -> None:
 CLIENT_STATE = clients_under(Path("flower-home"))
 
 #: Tries at starting Flower's simulation engine before a simulation is called failed.
-ENGINE_START_ATTEMPTS = 2
+#: Two in a row have failed on this project's 2-core machine (a GCS port-file timeout, then
+#: "node timed out during startup" straight after it), so a third comes after a longer pause.
+ENGINE_START_ATTEMPTS = 3
+#: Seconds to wait before the second try; the third waits twice as long. Ray's processes
+#: of the failed try get that long to go before the next one starts.
+ENGINE_RETRY_PAUSE_S = 5.0
 
 
 def engine_start_failure(log: Path, start: int = 0) -> str | None:

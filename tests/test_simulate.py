@@ -279,8 +279,9 @@ def parse_privacy(*argv: str) -> argparse.Namespace:
 @pytest.mark.timeout(900)
 def test_privacy_sweep_reports_epsilon_monotone_in_the_noise(tmp_path):
     out = tmp_path / "priv"
-    rc, log = _run([FEDCONTRAST, "privacy", "--out", str(out), "--epsilons", "2,8",
-                    "--push-axis-epsilon", "8", "--rounds", "2", *TINY], tmp_path, 880)
+    command = [FEDCONTRAST, "privacy", "--out", str(out), "--epsilons", "2,8",
+               "--push-axis-epsilon", "8", "--rounds", "2", *TINY]
+    rc, log = _run(command, tmp_path, 880)
     assert rc == 0, log
     results = json.loads((out / "privacy.json").read_text())["results"]
     budget = {r["target_epsilon"]: r for r in results if r["axis"] == "budget"}
@@ -308,6 +309,13 @@ def test_privacy_sweep_reports_epsilon_monotone_in_the_noise(tmp_path):
     assert (out / "privacy.png").stat().st_size > 0
     for r in results:  # accuracies are reported, not asserted
         assert 0.0 <= r["linear_probe_backbone"] <= 1.0 and 0.0 <= r["knn_backbone"] <= 1.0
+    # The same command again reuses every finished run (no simulation starts): same figures.
+    logs = {p: p.read_bytes() for p in out.glob("*/server.log")}
+    rc, log = _run(command, tmp_path, 240)
+    assert rc == 0, log
+    assert log.count("finished before") == len(results) == len(logs) == 4
+    assert {p: p.read_bytes() for p in out.glob("*/server.log")} == logs
+    assert json.loads((out / "privacy.json").read_text())["results"] == results
 
 
 RAY_START_TIMEOUT = """\
@@ -348,26 +356,67 @@ def test_only_a_failed_engine_start_is_retried(tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(300)
-def test_simulate_starts_a_failed_engine_once_more_then_names_the_cause(tmp_path):
+@pytest.mark.timeout(360)
+def test_a_failed_engine_start_is_tried_three_times_and_compare_keeps_what_finished(tmp_path):
     # Ray cannot make its session directory under a plain file: ray.init fails on every
     # try, which is the path a start-up timeout under load takes (see the test above).
     not_a_dir = tmp_path / "not-a-dir"
     not_a_dir.write_text("")
-    out = tmp_path / "run"
-    log = tmp_path / "simulate.log"
+    out = tmp_path / "cmp"
+    log = tmp_path / "compare.log"
     with ProcessTree() as tree:
-        proc = tree.start([FEDCONTRAST, "simulate", "--dataset", "digits", "--rounds", "1",
-                           "--out", str(out), *TINY], log=log, cwd=tmp_path,
+        proc = tree.start([FEDCONTRAST, "compare", "--dataset", "digits", "--rounds", "1",
+                           "--methods", "centralized,fedavg", "--out", str(out), *TINY],
+                          log=log, cwd=tmp_path,
                           env={**os.environ, "RAY_TMPDIR": str(not_a_dir), "OMP_NUM_THREADS": "1"})
-        rc = proc.wait(timeout=280)
+        rc = proc.wait(timeout=330)
     text = log.read_text(errors="replace")
-    assert rc == 1, text
+    assert rc == 2, text
     assert "the simulation engine did not start (NotADirectoryError" in text
-    assert "attempt 2 of 2" in text and "attempt 3" not in text
-    assert (out / "server.log").read_text().count("Successfully started run") == 2
+    assert "attempt 2 of 3" in text and "attempt 3 of 3" in text and "attempt 4" not in text
+    run = out / "fedavg-seed0"
+    assert (run / "server.log").read_text().count("Successfully started run") == 3
     assert "first error in the log: NotADirectoryError" in text
-    assert not (out / "metrics.jsonl").exists()
+    assert not (run / "metrics.jsonl").exists() and not (run / "arm.json").exists()
+    # What finished before the failure is kept, and the error says how to go on from it.
+    assert (out / "centralized-seed0" / "arm.json").exists()
+    assert f"the same command with --out {out.resolve()} goes on from fedavg seed 0" in text
+
+
+@pytest.mark.timeout(300)
+def test_a_stopped_compare_goes_on_from_where_it_stopped(tmp_path, capsys):
+    from simulations.compare import ARM_RECORD, compare
+
+    cfg = FedConfig(dataset="digits", width=8, embedding_dim=16, batch_size=32, rounds=1,
+                    local_epochs=1, device="cpu")
+    sim = Simulation(num_clients=3)
+    methods = ("local", "centralized")
+    first = compare(cfg, sim, tmp_path, methods=methods)
+    local, central = tmp_path / "local-seed0", tmp_path / "centralized-seed0"
+    local_files = {f.name: f.read_bytes() for f in local.iterdir()}
+    # An interrupted method leaves its directory without the record.
+    (central / ARM_RECORD).unlink()
+    (central / "left-by-the-stopped-run").write_text("")
+    again = compare(replace(cfg, round_timeout=cfg.round_timeout + 1), sim, tmp_path, methods=methods)
+    printed = capsys.readouterr().err
+    assert "local seed 0: finished before" in printed and "reused" in printed
+    assert again["results"]["local"] == first["results"]["local"]  # wall time included: not rerun
+    assert {f.name: f.read_bytes() for f in local.iterdir()} == local_files
+    aside = tmp_path / "centralized-seed0.unfinished-1"
+    assert (aside / "left-by-the-stopped-run").exists() and not (central / "left-by-the-stopped-run").exists()
+    retrained = again["results"]["centralized"][0]  # trained again: same figures, its own time
+    assert (central / ARM_RECORD).exists()
+    assert retrained["wall_time_s"] != first["results"]["centralized"][0]["wall_time_s"]
+    assert {k: v for k, v in retrained.items() if k != "wall_time_s"} == {
+        k: v for k, v in first["results"]["centralized"][0].items() if k != "wall_time_s"}
+    report = json.loads((tmp_path / "compare.json").read_text())
+    assert [len(runs) for runs in report["results"].values()] == [1, 1]  # one run each, not two
+    # Settings that change what is trained are refused, the differences named, nothing moved.
+    with pytest.raises(UsageError, match=r"local run with other settings \(--lr 0.001 -> 0.002, "
+                                         r"--num-clients 3 -> 4\)"):
+        compare(replace(cfg, lr=0.002), Simulation(num_clients=4), tmp_path, methods=methods)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "centralized-seed0", "centralized-seed0.unfinished-1", "local-seed0"]
 
 
 def _run_dir(path: Path, rounds: int, **settings) -> Path:
