@@ -343,12 +343,15 @@ def run_or_reuse(label: str, run_out: Path, settings: dict[str, Any],
         console.print(f"[bold]{label}[/bold]: finished before in {run_out}; reused")
         return result
     console.print(f"[bold]{label}[/bold] -> {run_out}")
+    kept = (f"the runs finished so far are kept in {run_out.parent}: the same command with "
+            f"--out {run_out.parent} goes on from {label}")
     try:
         result = train()
     except UsageError as exc:
-        out = run_out.parent
-        raise UsageError(f"{exc}\nthe runs finished so far are kept in {out}: the same command "
-                         f"with --out {out} goes on from {label}") from exc
+        raise UsageError(f"{exc}\n{kept}") from exc
+    except KeyboardInterrupt:
+        console.print(f"interrupted during {label}; {kept}", markup=False, highlight=False)
+        raise
     (run_out / ARM_RECORD).write_text(json.dumps({"settings": settings, "result": result},
                                                  indent=2) + "\n")
     return result

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM: `fedcontrast server` and `fedcontrast client` stop what they started.
+"""Ctrl-C and SIGTERM: `fedcontrast server`, `client` and `compare` stop what they started.
 
 Both start Flower processes in sessions of their own (a terminal's Ctrl-C does not reach
 them), so the command itself must stop them: the SuperLink, its ServerApp process and
@@ -98,6 +98,31 @@ def test_ctrl_c_stops_the_server_and_every_flower_process_it_started(tmp_path):
             _assert_all_gone(started)
             assert "interrupted" in log.read_text(errors="replace")
             assert not wait_for_port("127.0.0.1", port, timeout=1)  # the SuperLink's port is free
+        finally:
+            _kill(started)
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_in_compare_stops_the_simulation_and_keeps_the_finished_methods(tmp_path):
+    out = tmp_path / "cmp"
+    log = tmp_path / "compare.log"
+    with ProcessTree() as tree:
+        proc = tree.start(
+            [FEDCONTRAST, "compare", "--out", str(out), "--methods", "centralized,fedavg",
+             "--rounds", "1", "--local-epochs", "1", "--num-clients", "2", "--width", "8",
+             "--embedding-dim", "16", "--device", "cpu"],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, log=log, cwd=tmp_path)
+        # centralized trained in the command's process; fedavg's simulation is starting.
+        started = _wait_for_child(proc, "flower-superlink", log, timeout=180)
+        try:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 130, log.read_text(errors="replace")[-3000:]
+            _assert_all_gone(started)
+            text = " ".join(log.read_text(errors="replace").split())  # rich wraps long lines
+            assert f"interrupted during fedavg seed 0; the runs finished so far are kept in {out}" in text
+            assert f"--out {out} goes on from fedavg seed 0" in text
+            assert (out / "centralized-seed0" / "arm.json").exists()
+            assert not (out / "fedavg-seed0" / "arm.json").exists()
         finally:
             _kill(started)
 
