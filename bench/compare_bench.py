@@ -40,7 +40,7 @@ import numpy as np
 from bench.common import CIFAR_DATA, RESULTS_DIR, add_data_arguments, write_result
 from common.config import FedConfig
 from common.datasets import DatasetError, load_dataset, subset
-from simulations.compare import COLUMNS, METHODS, compare, markdown_table
+from simulations.compare import COLUMNS, METHODS, compare, markdown_table, reused_note
 from simulations.simulate import Simulation
 
 
@@ -212,7 +212,8 @@ def main() -> None:
                "centralized-skewed = centralized with every batch from one client's partition. "
                f"Hard-negative beta {args.hard_negative_beta} in every method's loss; the queue's "
                f"rows at temperature {cfg.queue_temperature or cfg.temperature}, pulled in mode "
-               f"{cfg.pull_mode}."),
+               f"{cfg.pull_mode}. "
+               + reused_note(r for runs in res.values() for r in runs)).strip(),
     )
 
 

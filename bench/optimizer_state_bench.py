@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.common import write_result
 from bench.compare_bench import add_setting_arguments, bench_config, slice_or_exit
-from simulations.compare import compare
+from simulations.compare import compare, reused_note
 from simulations.simulate import Simulation
 
 STATES = ("reset", "federated")
@@ -76,7 +76,9 @@ def main() -> None:
                f"{args.alpha}, CNN width {args.width}, batch 64, {args.rounds} rounds x "
                f"{args.local_epochs} local epochs, seeds {args.seeds}; ± is half the range over seeds. "
                "reset: a fresh Adam every round; federated: the nodes' Adam moments aggregated "
-               "with the weights and continued."),
+               "with the weights and continued. "
+               + reused_note(r for by_method in results.values() for runs in by_method.values()
+                             for r in runs)).strip(),
     )
 
 

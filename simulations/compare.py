@@ -41,12 +41,13 @@ from the method it was on (see :func:`finished_arm`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -291,17 +292,22 @@ ARM_RECORD = "arm.json"
 NOT_TRAINING = ("round_timeout", "wait_nodes_timeout", "queue_port", "queue_host")
 
 
-def arm_settings(method: str, cfg: FedConfig, sim: Simulation) -> dict[str, Any]:
-    """What decides a method's figures at one seed: its config, the number of clients,
-    and the dataset file's size and modification time (a file replaced under the same
-    name is not the same data)."""
-    config = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAINING}
-    settings: dict[str, Any] = {"method": method, "config": config, "num_clients": sim.num_clients}
-    data = Path(cfg.dataset).expanduser()
-    if data.is_file():
-        stat = data.stat()
-        settings["dataset_file"] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+def arm_settings(method: str, cfg: FedConfig, sim: Simulation, data: str) -> dict[str, Any]:
+    """What decides a method's figures at one seed: its config, the number of clients and
+    the data (``data``: :func:`data_digest` of what ``cfg.dataset`` loaded, which stands
+    for the dataset's path: the same examples under another path are the same data)."""
+    config = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAINING and k != "dataset"}
+    settings = {"method": method, "config": config, "num_clients": sim.num_clients, "data": data}
     return json.loads(json.dumps(settings, default=str))  # as it reads back from the record
+
+
+def data_digest(data: Dataset) -> str:
+    """SHA-256 over a dataset's examples, labels and class names (train and held-out)."""
+    h = hashlib.sha256(json.dumps(list(data.class_names)).encode())
+    for tensor in (data.x_train, data.y_train, data.x_test, data.y_test):
+        h.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def finished_arm(run_out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -341,7 +347,7 @@ def run_or_reuse(label: str, run_out: Path, settings: dict[str, Any],
     result = finished_arm(run_out, settings)
     if result is not None:
         console.print(f"[bold]{label}[/bold]: finished before in {run_out}; reused")
-        return result
+        return {**result, "reused": label}
     console.print(f"[bold]{label}[/bold] -> {run_out}")
     kept = (f"the runs finished so far are kept in {run_out.parent}: the same command with "
             f"--out {run_out.parent} goes on from {label}")
@@ -357,11 +363,20 @@ def run_or_reuse(label: str, run_out: Path, settings: dict[str, Any],
     return result
 
 
+def reused_note(results: Iterable[dict[str, Any]]) -> str:
+    """A sentence naming the runs a table took from an earlier command (``""`` if none)."""
+    labels = [r["reused"] for r in results if r.get("reused")]
+    if not labels:
+        return ""
+    return (f"Reused from an earlier command into the same directory, their figures and wall "
+            f"times those runs': {', '.join(labels)}.")
+
+
 def _flag(key: str) -> str:
-    """``config.lr`` -> ``--lr``; ``dataset_file.bytes`` -> ``dataset file bytes``."""
-    if key.startswith("config.") or key == "num_clients":
-        return "--" + key.removeprefix("config.").replace("_", "-")
-    return key.replace("_", " ").replace(".", " ")
+    """``config.lr`` -> ``--lr``; ``data`` -> ``data (SHA-256)``."""
+    if key == "data":
+        return "data (SHA-256)"
+    return "--" + key.removeprefix("config.").replace("_", "-")
 
 
 def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -408,14 +423,15 @@ def compare(
     baseline: list[dict[str, float]] = []
     for seed in seeds:
         data = load_dataset(base.dataset, seed=seed)
+        digest = data_digest(data)
         baseline.append(random_init_figures(replace(base, seed=seed), data))
         for method in methods:
             cfg = replace(configs[method], seed=seed)
             run_out = out / f"{method}-seed{seed}"
             train = (partial(run_federated, method, cfg, sim, data, run_out, timeout)
                      if method in FEDERATED else partial(run_in_process, method, cfg, sim, data, run_out))
-            result = run_or_reuse(f"{method} seed {seed}", run_out, arm_settings(method, cfg, sim),
-                                  train, console)
+            result = run_or_reuse(f"{method} seed {seed}", run_out,
+                                  arm_settings(method, cfg, sim, digest), train, console)
             results[method].append(result)
             curves[method].append(_curve(run_out))
             console.print(f"  linear probe {result['linear_probe_backbone']:.4f}  "
@@ -462,6 +478,8 @@ def markdown_table(report: dict[str, Any]) -> str:
               "Linear probe and kNN on backbone features of the held-out split; held-out "
               "instance retrieval (a view found among 256 candidates by its other view), "
               "alignment and uniformity of the head."]
+    if note := reused_note(r for runs in report["results"].values() for r in runs):
+        lines += ["", note]
     paired = report.get("paired")
     if paired:
         ref = paired["reference"]

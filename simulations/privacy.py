@@ -42,8 +42,10 @@ from common.rundir import RunDir
 from simulations.commands import PRIVATE_LOSS, SWEEP_DEFAULTS
 from simulations.compare import (
     arm_settings,
+    data_digest,
     parse_list,
     random_init_figures,
+    reused_note,
     run_federated,
     run_or_reuse,
 )
@@ -145,11 +147,12 @@ def sweep(
     configs = [(run_settings(base, eps, noise), axis) for eps, noise, axis in plan]  # validate first
     if default_loss_reference:
         configs.append((run_settings(base, math.inf, 0.0, default_loss=True), "default loss"))
+    digest = data_digest(load_dataset(base.dataset, seed=base.seed))
     results = []
     for cfg, axis in configs:
         name = "eps-inf" if not cfg.dp else f"eps-{cfg.target_epsilon:g}-push-{cfg.push_noise:g}"
         name += "-default-loss" if axis == "default loss" else ""
-        result = run_or_reuse(name, out / name, arm_settings(f"privacy {axis}", cfg, sim),
+        result = run_or_reuse(name, out / name, arm_settings(f"privacy {axis}", cfg, sim, digest),
                               partial(one_run, cfg, sim, out / name, timeout), console)
         result["axis"] = axis
         results.append(result)
@@ -202,6 +205,8 @@ def markdown_table(report: dict[str, Any]) -> str:
               "target for every round it could be sampled in). Pushes covered NO: pushed rows "
               "were not noised and are not covered by the reported ε. Random init: the same "
               "encoder untrained, evaluated the same way (accuracy near it was not learned)."]
+    if note := reused_note(report["results"]):
+        lines += ["", note]
     return "\n".join(lines)
 
 

@@ -315,7 +315,10 @@ def test_privacy_sweep_reports_epsilon_monotone_in_the_noise(tmp_path):
     assert rc == 0, log
     assert log.count("finished before") == len(results) == len(logs) == 4
     assert {p: p.read_bytes() for p in out.glob("*/server.log")} == logs
-    assert json.loads((out / "privacy.json").read_text())["results"] == results
+    rerun = json.loads((out / "privacy.json").read_text())["results"]
+    assert [{k: v for k, v in r.items() if k != "reused"} for r in rerun] == results
+    assert all(r["reused"] for r in rerun) and "Reused from an earlier command" in (
+        out / "privacy.md").read_text()
 
 
 RAY_START_TIMEOUT = """\
@@ -400,7 +403,9 @@ def test_a_stopped_compare_goes_on_from_where_it_stopped(tmp_path, capsys):
     again = compare(replace(cfg, round_timeout=cfg.round_timeout + 1), sim, tmp_path, methods=methods)
     printed = capsys.readouterr().err
     assert "local seed 0: finished before" in printed and "reused" in printed
-    assert again["results"]["local"] == first["results"]["local"]  # wall time included: not rerun
+    # Not trained again: the same figures, wall time included, marked as reused in the table.
+    assert again["results"]["local"] == [{**first["results"]["local"][0], "reused": "local seed 0"}]
+    assert "Reused from an earlier command into the same directory" in (tmp_path / "compare.md").read_text()
     assert {f.name: f.read_bytes() for f in local.iterdir()} == local_files
     aside = tmp_path / "centralized-seed0.unfinished-1"
     assert (aside / "left-by-the-stopped-run").exists() and not (central / "left-by-the-stopped-run").exists()
@@ -409,6 +414,7 @@ def test_a_stopped_compare_goes_on_from_where_it_stopped(tmp_path, capsys):
     assert retrained["wall_time_s"] != first["results"]["centralized"][0]["wall_time_s"]
     assert {k: v for k, v in retrained.items() if k != "wall_time_s"} == {
         k: v for k, v in first["results"]["centralized"][0].items() if k != "wall_time_s"}
+    assert "reused" not in retrained
     report = json.loads((tmp_path / "compare.json").read_text())
     assert [len(runs) for runs in report["results"].values()] == [1, 1]  # one run each, not two
     # Settings that change what is trained are refused, the differences named, nothing moved.
@@ -417,6 +423,30 @@ def test_a_stopped_compare_goes_on_from_where_it_stopped(tmp_path, capsys):
         compare(replace(cfg, lr=0.002), Simulation(num_clients=4), tmp_path, methods=methods)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
         "centralized-seed0", "centralized-seed0.unfinished-1", "local-seed0"]
+
+
+@pytest.mark.timeout(120)
+def test_a_compare_rerun_knows_its_data_by_contents_not_by_path(tmp_path):
+    import numpy as np
+
+    from simulations.compare import compare
+
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 256, (120, 8, 8, 1), dtype=np.uint8),
+              "y_train": rng.integers(0, 3, 120), "x_test": rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8),
+              "y_test": rng.integers(0, 3, 40)}
+    np.savez(tmp_path / "a.npz", **arrays)
+    np.savez(tmp_path / "copy.npz", **arrays)
+    arrays["x_train"] = arrays["x_train"][::-1].copy()
+    np.savez(tmp_path / "other.npz", **arrays)
+    cfg = FedConfig(dataset=str(tmp_path / "a.npz"), width=8, embedding_dim=16, batch_size=32,
+                    rounds=1, local_epochs=1, device="cpu")
+    out, sim = tmp_path / "cmp", Simulation(num_clients=2)
+    first = compare(cfg, sim, out, methods=("local",))["results"]["local"][0]
+    copied = compare(replace(cfg, dataset=str(tmp_path / "copy.npz")), sim, out, methods=("local",))
+    assert copied["results"]["local"][0] == {**first, "reused": "local seed 0"}
+    with pytest.raises(UsageError, match=r"other settings \(data \(SHA-256\) [0-9a-f]{64} -> [0-9a-f]{64}\)"):
+        compare(replace(cfg, dataset=str(tmp_path / "other.npz")), sim, out, methods=("local",))
 
 
 def _run_dir(path: Path, rounds: int, **settings) -> Path:
