@@ -40,7 +40,8 @@ import numpy as np
 from bench.common import CIFAR_DATA, RESULTS_DIR, add_data_arguments, write_result
 from common.config import FedConfig
 from common.datasets import DatasetError, load_dataset, subset
-from simulations.compare import COLUMNS, METHODS, compare, markdown_table, reused_note
+from simulations.compare import COLUMNS, METHODS, compare, markdown_table
+from simulations.reuse import reused_note
 from simulations.simulate import Simulation
 
 
@@ -154,7 +155,7 @@ def main() -> None:
         if args.pull_policy is not None:
             cfg = replace(cfg, pull_policy=args.pull_policy)
         report = compare(cfg, Simulation(num_clients=args.clients), out, methods=args.methods,
-                         seeds=args.seeds, timeout=6 * 3600)
+                         seeds=args.seeds, timeout=6 * 3600, kept_in=args.out)
         if (out / "compare.png").exists():  # accuracy per round, every method
             RESULTS_DIR.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(out / "compare.png", RESULTS_DIR / f"{args.name}.png")

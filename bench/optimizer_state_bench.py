@@ -21,7 +21,8 @@ from pathlib import Path
 
 from bench.common import write_result
 from bench.compare_bench import add_setting_arguments, bench_config, slice_or_exit
-from simulations.compare import compare, reused_note
+from simulations.compare import compare
+from simulations.reuse import reused_note
 from simulations.simulate import Simulation
 
 STATES = ("reset", "federated")
@@ -57,7 +58,8 @@ def main() -> None:
         base = bench_config(str(sliced), args, eval_every=args.rounds)
         for state in STATES:
             report = compare(replace(base, optimizer_state=state), Simulation(num_clients=args.clients),
-                             out / state, methods=args.methods, seeds=args.seeds, timeout=6 * 3600)
+                             out / state, methods=args.methods, seeds=args.seeds, timeout=6 * 3600,
+                             kept_in=args.out)
             results[state] = report["results"]
 
     rows, summary = [], {}

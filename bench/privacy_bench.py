@@ -129,7 +129,7 @@ def main() -> None:
             epsilons = [float(e) for e in args.epsilons.split(",")]
             report = sweep(replace(base), Simulation(num_clients=args.clients), Path(tmp) / "runs",
                            epsilons=epsilons, push_noise=base.push_noise, push_axis_epsilon=8.0,
-                           default_loss_reference=True, timeout=6 * 3600)
+                           default_loss_reference=True, timeout=6 * 3600, kept_in=None)
             rows = [[c.strip() for c in line.strip("|").split("|")]
                     for line in markdown_table(report).splitlines()[2:] if line.startswith("| ")]
             summary.update(eps8_figures(report))

@@ -35,23 +35,22 @@ Writes ``OUT/compare.md`` (the table), ``OUT/compare.json``, ``OUT/compare.png``
 (kNN accuracy per round for each method) and one run directory per method and seed.
 A finished run leaves ``arm.json`` (settings and figures) in its directory; the same
 command into the same ``OUT`` reuses it, so a comparison that stopped part-way goes on
-from the method it was on (see :func:`finished_arm`).
+from the method it was on (see :mod:`simulations.reuse`).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from rich.console import Console
@@ -69,6 +68,13 @@ from common.evaluation import evaluate_encoder
 from common.plugins import make_views
 from common.rundir import RunDir
 from simulations.commands import METHODS
+from simulations.reuse import (
+    data_digest,
+    refuse_other_settings,
+    reuse_key,
+    reused_note,
+    run_or_reuse,
+)
 from simulations.simulate import Simulation, resolve, simulate
 
 logger = logging.getLogger(__name__)
@@ -284,111 +290,6 @@ def run_federated(method: str, cfg: FedConfig, sim: Simulation, data: Dataset, o
     return result
 
 
-#: Written into a method's run directory once it finished and was evaluated: what a rerun
-#: of ``compare`` into the same ``--out`` reuses instead of training again.
-ARM_RECORD = "arm.json"
-#: Settings that do not change what a method trains or how it is evaluated: a rerun may
-#: change them and still reuse finished runs.
-NOT_TRAINING = ("round_timeout", "wait_nodes_timeout", "queue_port", "queue_host")
-
-
-def arm_settings(method: str, cfg: FedConfig, sim: Simulation, data: str) -> dict[str, Any]:
-    """What decides a method's figures at one seed: its config, the number of clients and
-    the data (``data``: :func:`data_digest` of what ``cfg.dataset`` loaded, which stands
-    for the dataset's path: the same examples under another path are the same data)."""
-    config = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAINING and k != "dataset"}
-    settings = {"method": method, "config": config, "num_clients": sim.num_clients, "data": data}
-    return json.loads(json.dumps(settings, default=str))  # as it reads back from the record
-
-
-def data_digest(data: Dataset) -> str:
-    """SHA-256 over a dataset's examples, labels and class names (train and held-out)."""
-    h = hashlib.sha256(json.dumps(list(data.class_names)).encode())
-    for tensor in (data.x_train, data.y_train, data.x_test, data.y_test):
-        h.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def finished_arm(run_out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The figures of a run that ``compare`` or ``privacy`` finished in ``run_out`` before,
-    with these settings; else None.
-
-    A finished run with other settings is refused, so a rerun cannot mix settings in one
-    table; an unfinished one (a failed or interrupted method) is moved aside to
-    ``NAME.unfinished-K`` (kept for its logs) and the method trains from scratch.
-    """
-    record = run_out / ARM_RECORD
-    if record.exists():
-        saved = json.loads(record.read_text())
-        if saved["settings"] == settings:
-            return saved["result"]
-        before, now = _flat(saved["settings"]), _flat(settings)
-        changed = [f"{_flag(k)} {before.get(k)} -> {now.get(k)}"
-                   for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
-        raise UsageError(
-            f"{run_out} holds a finished {saved['settings'].get('method')} run with other settings "
-            f"({', '.join(changed)}): choose another --out, or rerun with the settings it had "
-            "to go on with that comparison")
-    if run_out.exists():
-        k = 1
-        while (aside := run_out.with_name(f"{run_out.name}.unfinished-{k}")).exists():
-            k += 1
-        run_out.rename(aside)
-        logger.warning("%s did not finish before; moved aside to %s, training it again", run_out, aside)
-    return None
-
-
-def run_or_reuse(label: str, run_out: Path, settings: dict[str, Any],
-                 train: Callable[[], dict[str, Any]], console: Console) -> dict[str, Any]:
-    """One run of a multi-run command (``compare``, ``privacy``): its figures from the
-    record a finished run with these settings left in ``run_out``, else from ``train()``,
-    then recorded. A failure says that the runs finished so far are kept."""
-    result = finished_arm(run_out, settings)
-    if result is not None:
-        console.print(f"[bold]{label}[/bold]: finished before in {run_out}; reused")
-        return {**result, "reused": label}
-    console.print(f"[bold]{label}[/bold] -> {run_out}")
-    kept = (f"the runs finished so far are kept in {run_out.parent}: the same command with "
-            f"--out {run_out.parent} goes on from {label}")
-    try:
-        result = train()
-    except UsageError as exc:
-        raise UsageError(f"{exc}\n{kept}") from exc
-    except KeyboardInterrupt:
-        console.print(f"interrupted during {label}; {kept}", markup=False, highlight=False)
-        raise
-    (run_out / ARM_RECORD).write_text(json.dumps({"settings": settings, "result": result},
-                                                 indent=2) + "\n")
-    return result
-
-
-def reused_note(results: Iterable[dict[str, Any]]) -> str:
-    """A sentence naming the runs a table took from an earlier command (``""`` if none)."""
-    labels = [r["reused"] for r in results if r.get("reused")]
-    if not labels:
-        return ""
-    return (f"Reused from an earlier command into the same directory, their figures and wall "
-            f"times those runs': {', '.join(labels)}.")
-
-
-def _flag(key: str) -> str:
-    """``config.lr`` -> ``--lr``; ``data`` -> ``data (SHA-256)``."""
-    if key == "data":
-        return "data (SHA-256)"
-    return "--" + key.removeprefix("config.").replace("_", "-")
-
-
-def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def random_init_figures(cfg: FedConfig, data: Dataset) -> dict[str, float]:
     model, _spec = build_model(cfg, data)
     return _final_eval(model, cfg, data)
@@ -409,29 +310,44 @@ def compare(
     seeds: Sequence[int] = (0,),
     timeout: float | None = None,
     console: Console | None = None,
+    kept_in: Path | None | Literal["out"] = "out",
 ) -> dict[str, Any]:
-    """Run every method for every seed into ``out``; write and return the comparison."""
+    """Run every method for every seed into ``out``; write and return the comparison.
+
+    Runs finished before into ``out`` with the same settings are reused (see
+    :mod:`simulations.reuse`); ``kept_in`` is the ``--out`` a failure message tells the
+    user to give again (``"out"``: ``out`` itself; None: ``out`` is temporary).
+    """
     console = console or Console(stderr=True)
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if len(set(methods)) != len(methods):
+        raise UsageError(f"--methods names a method twice: {', '.join(methods)}")
     configs = {m: method_config(m, base) for m in methods}  # refuse bad names before any work
     if any(m in FEDERATED for m in methods):
         sim.check_resources(base)  # before an in-process method trains for nothing
+    digests = {seed: data_digest(load_dataset(base.dataset, seed=seed)) for seed in seeds}
+
+    def planned(method: str, seed: int) -> tuple[Path, dict[str, Any]]:
+        cfg = replace(configs[method], seed=seed)
+        return (out / f"{method}-seed{seed}",
+                reuse_key(method, cfg, sim.num_clients, sim.client_gpus, digests[seed]))
+
+    refuse_other_settings(planned(m, seed) for seed in seeds for m in methods)
     share = sim.sampled(base) / sim.num_clients
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     curves: dict[str, list[list[tuple[int, float]]]] = {m: [] for m in methods}
     baseline: list[dict[str, float]] = []
     for seed in seeds:
         data = load_dataset(base.dataset, seed=seed)
-        digest = data_digest(data)
         baseline.append(random_init_figures(replace(base, seed=seed), data))
         for method in methods:
             cfg = replace(configs[method], seed=seed)
-            run_out = out / f"{method}-seed{seed}"
+            run_out, settings = planned(method, seed)
             train = (partial(run_federated, method, cfg, sim, data, run_out, timeout)
                      if method in FEDERATED else partial(run_in_process, method, cfg, sim, data, run_out))
-            result = run_or_reuse(f"{method} seed {seed}", run_out,
-                                  arm_settings(method, cfg, sim, digest), train, console)
+            result = run_or_reuse(f"{method} seed {seed}", run_out, settings, train, console,
+                                  kept_in=out if kept_in == "out" else kept_in)
             results[method].append(result)
             curves[method].append(_curve(run_out))
             console.print(f"  linear probe {result['linear_probe_backbone']:.4f}  "

@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 
@@ -40,13 +40,12 @@ from common.config import FedConfig
 from common.datasets import load_dataset
 from common.rundir import RunDir
 from simulations.commands import PRIVATE_LOSS, SWEEP_DEFAULTS
-from simulations.compare import (
-    arm_settings,
+from simulations.compare import parse_list, random_init_figures, run_federated
+from simulations.reuse import (
     data_digest,
-    parse_list,
-    random_init_figures,
+    refuse_other_settings,
+    reuse_key,
     reused_note,
-    run_federated,
     run_or_reuse,
 )
 from simulations.simulate import CLIENT_STATE, Simulation, resolve
@@ -129,9 +128,13 @@ def sweep(
     default_loss_reference: bool = False,
     timeout: float | None = None,
     console: Console | None = None,
+    kept_in: Path | None | Literal["out"] = "out",
 ) -> dict[str, Any]:
     """Run the budget sweep, the push-noise axis and (``default_loss_reference``) the
-    non-private run with the default loss into ``out``; write and return the report."""
+    non-private run with the default loss into ``out``; write and return the report.
+
+    Runs finished before into ``out`` with the same settings are reused; ``kept_in`` as
+    for :func:`simulations.compare.compare`."""
     console = console or Console(stderr=True)
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -148,12 +151,18 @@ def sweep(
     if default_loss_reference:
         configs.append((run_settings(base, math.inf, 0.0, default_loss=True), "default loss"))
     digest = data_digest(load_dataset(base.dataset, seed=base.seed))
-    results = []
-    for cfg, axis in configs:
+
+    def planned(cfg: FedConfig, axis: str) -> tuple[str, Path, dict[str, Any]]:
         name = "eps-inf" if not cfg.dp else f"eps-{cfg.target_epsilon:g}-push-{cfg.push_noise:g}"
         name += "-default-loss" if axis == "default loss" else ""
-        result = run_or_reuse(name, out / name, arm_settings(f"privacy {axis}", cfg, sim, digest),
-                              partial(one_run, cfg, sim, out / name, timeout), console)
+        return name, out / name, reuse_key("privacy", cfg, sim.num_clients, sim.client_gpus, digest)
+
+    refuse_other_settings(planned(cfg, axis)[1:] for cfg, axis in configs)
+    results = []
+    for cfg, axis in configs:
+        name, run_out, settings = planned(cfg, axis)
+        result = run_or_reuse(name, run_out, settings, partial(one_run, cfg, sim, run_out, timeout),
+                              console, kept_in=out if kept_in == "out" else kept_in)
         result["axis"] = axis
         results.append(result)
         console.print(f"  reported epsilon {result['epsilon']:.4g}  linear probe "

@@ -1,9 +1,10 @@
 """Ctrl-C and SIGTERM: `fedcontrast server`, `client` and `compare` stop what they started.
 
-Both start Flower processes in sessions of their own (a terminal's Ctrl-C does not reach
-them), so the command itself must stop them: the SuperLink, its ServerApp process and
-`flwr run` for the server; the SuperNode for a client. Each test records every process
-the command started, interrupts the command alone, and checks that none is left.
+All three start Flower processes in sessions of their own (a terminal's Ctrl-C does not
+reach them), so the command itself must stop them: the SuperLink, its ServerApp process
+and `flwr run` for the server and for compare's simulations; the SuperNode for a client.
+Each test records every process the command started, interrupts the command alone, and
+checks that none is left.
 """
 
 from __future__ import annotations

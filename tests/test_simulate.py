@@ -319,6 +319,12 @@ def test_privacy_sweep_reports_epsilon_monotone_in_the_noise(tmp_path):
     assert [{k: v for k, v in r.items() if k != "reused"} for r in rerun] == results
     assert all(r["reused"] for r in rerun) and "Reused from an earlier command" in (
         out / "privacy.md").read_text()
+    # Without 8 among --epsilons the epsilon-8 run with noised pushes belongs to the push
+    # axis alone: the same run, reused.
+    rc, log = _run([*command[:5], "2", *command[6:]], tmp_path, 240)
+    assert rc == 0 and log.count("finished before") == 4, log
+    axes = {r["run_dir"]: r["axis"] for r in json.loads((out / "privacy.json").read_text())["results"]}
+    assert axes[high["run_dir"]] == "push axis"
 
 
 RAY_START_TIMEOUT = """\
@@ -388,7 +394,8 @@ def test_a_failed_engine_start_is_tried_three_times_and_compare_keeps_what_finis
 
 @pytest.mark.timeout(300)
 def test_a_stopped_compare_goes_on_from_where_it_stopped(tmp_path, capsys):
-    from simulations.compare import ARM_RECORD, compare
+    from simulations.compare import compare
+    from simulations.reuse import RECORD
 
     cfg = FedConfig(dataset="digits", width=8, embedding_dim=16, batch_size=32, rounds=1,
                     local_epochs=1, device="cpu")
@@ -398,7 +405,7 @@ def test_a_stopped_compare_goes_on_from_where_it_stopped(tmp_path, capsys):
     local, central = tmp_path / "local-seed0", tmp_path / "centralized-seed0"
     local_files = {f.name: f.read_bytes() for f in local.iterdir()}
     # An interrupted method leaves its directory without the record.
-    (central / ARM_RECORD).unlink()
+    (central / RECORD).unlink()
     (central / "left-by-the-stopped-run").write_text("")
     again = compare(replace(cfg, round_timeout=cfg.round_timeout + 1), sim, tmp_path, methods=methods)
     printed = capsys.readouterr().err
@@ -410,19 +417,28 @@ def test_a_stopped_compare_goes_on_from_where_it_stopped(tmp_path, capsys):
     aside = tmp_path / "centralized-seed0.unfinished-1"
     assert (aside / "left-by-the-stopped-run").exists() and not (central / "left-by-the-stopped-run").exists()
     retrained = again["results"]["centralized"][0]  # trained again: same figures, its own time
-    assert (central / ARM_RECORD).exists()
+    assert (central / RECORD).exists()
     assert retrained["wall_time_s"] != first["results"]["centralized"][0]["wall_time_s"]
     assert {k: v for k, v in retrained.items() if k != "wall_time_s"} == {
         k: v for k, v in first["results"]["centralized"][0].items() if k != "wall_time_s"}
     assert "reused" not in retrained
     report = json.loads((tmp_path / "compare.json").read_text())
     assert [len(runs) for runs in report["results"].values()] == [1, 1]  # one run each, not two
-    # Settings that change what is trained are refused, the differences named, nothing moved.
-    with pytest.raises(UsageError, match=r"local run with other settings \(--lr 0.001 -> 0.002, "
-                                         r"--num-clients 3 -> 4\)"):
-        compare(replace(cfg, lr=0.002), Simulation(num_clients=4), tmp_path, methods=methods)
+    # Settings that change what is trained are refused, the differences named, before
+    # anything trains or moves: centralized-skewed, planned first, is not started.
+    with pytest.raises(UsageError, match=r"local-seed0 holds a finished run with other settings "
+                                         r"\(--lr 0.001 -> 0.002; --num-clients 3 -> 4\)"):
+        compare(replace(cfg, lr=0.002), Simulation(num_clients=4), tmp_path,
+                methods=("centralized-skewed", "local"))
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
         "centralized-seed0", "centralized-seed0.unfinished-1", "local-seed0"]
+    # A record cut short (stopped while it was written) is an unfinished run.
+    (central / RECORD).write_text('{"settings": {"kind": "centr')
+    third = compare(cfg, sim, tmp_path, methods=methods)
+    assert (tmp_path / "centralized-seed0.unfinished-2").is_dir()
+    assert "reused" not in third["results"]["centralized"][0]
+    with pytest.raises(UsageError, match="names a method twice"):
+        compare(cfg, sim, tmp_path, methods=("local", "local"))
 
 
 @pytest.mark.timeout(120)
