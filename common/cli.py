@@ -29,6 +29,17 @@ from common import __version__
 ENTRY_POINT_GROUP = "fedcontrast.commands"
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default after its help, unless the help already says what it is
+    (``(default: ...)``) or there is none to show (``None``: the help says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 class UsageError(Exception):
     """A user-facing error: bad arguments, missing files, malformed input."""
 
@@ -137,7 +148,7 @@ def build_parser(commands: dict[str, Command] | None = None, *,
             command.name,
             help=command.help,
             description=command.description or command.help,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=DefaultsHelpFormatter,
         )
         run = command.run
         if arguments:

@@ -37,3 +37,23 @@ def test_make_help_names_every_target():
     helped = {line.split('"make ', 1)[1].split()[0] for line in makefile.splitlines()
               if line.strip().startswith('@echo "make ')}
     assert targets and targets == helped, (targets, helped)
+
+
+def test_every_command_help_states_each_default_once_and_never_as_none():
+    # argparse's defaults formatter appended "(default: None)" to flags whose help already
+    # said what their absence means, e.g. "--num-clients ... (default: 10) (default: None)".
+    import re
+
+    from common.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and "compare" in a.choices)
+    assert len(sub.choices) >= 8
+    for name, command in sub.choices.items():
+        text = " ".join(command.format_help().split())
+        assert "(default: None)" not in text, name
+        assert not re.search(r"\(default[^()]*\) \(default", text), name
+    # Defaults the help does not state are still shown.
+    simulate = " ".join(sub.choices["simulate"].format_help().split())
+    assert "virtual clients, each one partition of --dataset (default: 10) --client-cpus" in simulate
+    assert "no progress bars (default: False)" in " ".join(sub.choices["train-local"].format_help().split())
