@@ -133,7 +133,7 @@ def run_or_reuse(label: str, run_out: Path, settings: dict[str, Any],
     console.print(f"[bold]{label}[/bold] -> {run_out}")
     hint = (f"the runs finished so far are kept in {kept_in}: the same command with --out "
             f"{kept_in} goes on from {label}" if kept_in is not None else
-            "the runs finished so far were in a temporary directory: give --out to keep them")
+            "the runs finished so far were in a temporary directory, which is removed")
     try:
         result = train()
     except UsageError as exc:
