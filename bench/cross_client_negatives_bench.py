@@ -38,11 +38,12 @@ from bench.common import write_result
 from bench.compare_bench import add_setting_arguments, bench_config
 from client.app import partition_indices
 from client.cli import build_model
-from client.trainer import ContrastiveTrainer, cosine_lr
+from client.trainer import ContrastiveTrainer
 from common.config import FedConfig
 from common.datasets import Dataset, DatasetError, load_dataset, subset
 from common.evaluation import evaluate_encoder
 from common.plugins import make_views
+from common.schedule import cosine_lr
 from simulations.compare import SIMCLR, client_batches, examples_per_round, round_batches
 
 ARMS = ("skewed", "skewed + detached", "skewed + head gradient", "skewed + full gradient", "mixed")

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from client.negatives import LocalQueue, NegativeSource
 from client.state import ClientState
+from common.accounting import WITHHELD_UNDER_DP as WITHHELD_UNDER_DP
 from common.accounting import NoiseCalibration, PrivacyPlan, calibrate_noise_multiplier
 from common.config import DP_REFUSED, FedConfig, TrainConfig
 
@@ -50,9 +51,6 @@ if TYPE_CHECKING:  # Opacus (and SciPy under it) loads in seconds: only when DP-
 logger = logging.getLogger(__name__)
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-#: Reply metrics that are statistics of local data the accountant does not cover: a
-#: client under DP sends them as 0, and the server leaves them out of its rows.
-WITHHELD_UNDER_DP = ("train-loss", "alignment", "uniformity")
 
 
 def secret_generator() -> torch.Generator:

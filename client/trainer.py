@@ -32,16 +32,11 @@ from common.config import FedConfig, TrainConfig
 from common.encoders import ContrastiveModel
 from common.loss import NegativeOptions, info_nce, staleness_log_weights
 from common.plugins import make_views
+from common.schedule import cosine_lr as cosine_lr
 
 logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int, float], None]
-
-
-def cosine_lr(base_lr: float, total_steps: int) -> Callable[[int], float]:
-    """Cosine decay from ``base_lr`` to 0 over ``total_steps`` (Loshchilov & Hutter 2017)."""
-    total = max(1, total_steps)
-    return lambda step: base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
 def negative_options(cfg: TrainConfig) -> NegativeOptions:

@@ -66,6 +66,9 @@ ACCOUNTING = "replace-one-rdp/1"
 ADJACENCY = ("one example of a client replaced by another (its number of examples is "
              "public: it is sent with every reply)")
 KINDS = ("dp-sgd", "push")
+#: Reply metrics that are statistics of local data the accountant does not cover: a
+#: client under DP sends them as 0, and the server leaves them out of its rows.
+WITHHELD_UNDER_DP = ("train-loss", "alignment", "uniformity")
 #: Sensitivity of one pushed unit-norm row when one example is replaced by another.
 PUSH_SENSITIVITY = 2.0
 #: Renyi orders the epsilon is minimised over: Opacus's default grid, thinned above 2

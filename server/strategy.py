@@ -79,7 +79,7 @@ Privacy in the round rows (``--dp true``): ``epsilon`` is the largest epsilon a 
 reported this round, ``epsilon_max`` the largest over every client seen so far in the
 run (a resumed run continues from its rows), ``pushes_private`` is 0 when pushed rows
 are not noised and so not covered by any epsilon. Statistics that DP clients withhold
-(:data:`client.privacy.WITHHELD_UNDER_DP`) are left out of the rows. With
+(:data:`common.accounting.WITHHELD_UNDER_DP`) are left out of the rows. With
 ``--epsilon-budget``, the round whose ``epsilon_max`` reaches it is the last.
 """
 
@@ -103,12 +103,11 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from client.privacy import WITHHELD_UNDER_DP
-from client.trainer import cosine_lr
-from common.accounting import ADJACENCY
+from common.accounting import ADJACENCY, WITHHELD_UNDER_DP
 from common.config import FedConfig
 from common.optim_state import PREFIX as OPTIMIZER_PREFIX
 from common.rundir import RunDir
+from common.schedule import cosine_lr
 from server.queue import NegativeQueue
 
 logger = logging.getLogger(__name__)

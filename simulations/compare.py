@@ -58,7 +58,7 @@ from rich.table import Table
 
 from client.app import NodeSettings, local_images, partition_indices
 from client.cli import build_model
-from client.trainer import ContrastiveTrainer, cosine_lr
+from client.trainer import ContrastiveTrainer
 from common.checkpoint import encoder_spec, load_encoder, save_encoder
 from common.cli import UsageError
 from common.config import FedConfig, resolve_device
@@ -67,6 +67,7 @@ from common.encoders import ContrastiveModel
 from common.evaluation import evaluate_encoder
 from common.plugins import make_views
 from common.rundir import RunDir
+from common.schedule import cosine_lr
 from simulations.commands import METHODS
 from simulations.reuse import (
     data_digest,
