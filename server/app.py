@@ -47,9 +47,11 @@ from common.evaluation import evaluate_encoder
 from common.flower_env import route_logs_to_flower
 from common.plugins import make_views
 from common.rundir import RunDir
+from server.aggregation import build_strategy
 from server.queue import NegativeQueue
+from server.rounds import PLOTTED, RoundDriver
+from server.sampling import NodeTokens
 from server.service import QueueServer, ServerTLS
-from server.strategy import PLOTTED, NodeTokens, RoundDriver, build_strategy
 
 logger = logging.getLogger(__name__)
 

@@ -24,15 +24,15 @@ from common.flower_env import free_port
 from common.wire import TOKEN_METADATA_KEY
 from proto import negatives_pb2 as pb
 from proto import negatives_pb2_grpc as pb_grpc
-from server.queue import NegativeQueue
-from server.service import QueueServer
-from server.strategy import (
+from server.contract import (
     IDENTIFY,
     REPLY_METRIC_KEYS,
     check_identity_reply,
     check_push_reply,
     check_reply,
 )
+from server.queue import NegativeQueue
+from server.service import QueueServer
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "one_thread")
 

@@ -38,9 +38,9 @@ from common.evaluation import evaluate_encoder
 from common.flower_env import ProcessTree
 from common.plugins import make_views
 from common.rundir import RunDir
+from server.contract import check_reply
 from server.queue import NegativeQueue
 from server.service import QueueServer
-from server.strategy import check_reply
 from simulations.compare import compare
 from simulations.simulate import Simulation
 

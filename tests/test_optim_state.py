@@ -19,7 +19,7 @@ from common.encoders import build_encoder
 from common.rundir import RunDir
 from server.app import _Model, _resume
 from server.queue import NegativeQueue
-from server.strategy import NodeTokens
+from server.sampling import NodeTokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

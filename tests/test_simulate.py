@@ -23,7 +23,7 @@ from common.cli import UsageError
 from common.config import FedConfig, read_config_values
 from common.datasets import DatasetError, load_dataset
 from common.flower_env import ProcessTree
-from server.strategy import seeded_sample
+from server.sampling import seeded_sample
 from simulations.commands import add_simulate_arguments as add_arguments
 from simulations.compare import (
     SIMCLR,

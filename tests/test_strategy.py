@@ -25,20 +25,12 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from common.config import FedConfig
 from common.optim_state import STEP_KEY
 from common.rundir import RunDir
+from server.aggregation import WeightsKrum, build_strategy
+from server.contract import IDENTIFY, REPLY_METRIC_KEYS, TRAIN_CONFIG_KEYS
 from server.deploy import progress_line
 from server.queue import NegativeQueue
-from server.strategy import (
-    IDENTIFY,
-    REPLY_METRIC_KEYS,
-    TRAIN_CONFIG_KEYS,
-    NodeTokens,
-    NotEnoughNodes,
-    RoundDriver,
-    WeightsKrum,
-    build_strategy,
-    collapse_suspected,
-    seeded_sample,
-)
+from server.rounds import RoundDriver, collapse_suspected
+from server.sampling import NodeTokens, NotEnoughNodes, seeded_sample
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -623,7 +615,7 @@ def test_push_timing_after_sends_only_train_messages(tmp_path):
 def test_the_superlinks_reply_for_a_dead_node_counts_that_node_once(tmp_path, caplog):
     grid = FakeGrid({11: honest(), 22: unavailable, 33: lambda msg: None})
     driver, _, _ = make_driver(tmp_path, grid)
-    with caplog.at_level("WARNING", logger="server.strategy"):
+    with caplog.at_level("WARNING", logger="server.rounds"):
         result = driver.run_round(1, initial())
     row = result.row
     assert (row["sampled"], row["replied"], row["failed"], row["timed_out"]) == (3, 1, 1, 1)

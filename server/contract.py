@@ -1,0 +1,145 @@
+"""The message contract between the ServerApp and a node: keys, message types, reply checks.
+
+One TRAIN message per sampled node and round r. Server to node, a RecordDict built
+anew for every node (``configure_train`` shares one record among its messages, and
+each node's token is its own)::
+
+    "arrays": ArrayRecord   the global encoder's state_dict (version r - 1 of the weights),
+                            with --optimizer-state federated also the aggregated optimiser
+                            state under "optimizer.*" keys (common/optim_state.py)
+    "config": ConfigRecord
+        "server-round"   int    r
+        "lr"             float  the round's learning rate (cosine over the run's rounds)
+        "queue-address"  str    host:port of the negative queue service
+        "queue-tls"      bool   whether the queue service is served with TLS: the node must
+                                then verify it with the CA of its node config
+                                (``queue-root-certificates``), and must hold no such CA
+                                otherwise (a node trusting the queue over TLS only refuses
+                                an insecure one)
+        "queue-token"    str    this node's queue token (one per node id per run)
+        "queue-version"  int    r: the version every row pushed this round must carry
+        (+ whatever the wrapped strategy's configure_train adds, e.g. FedProx's mu)
+
+Node to server, the reply::
+
+    "arrays":  ArrayRecord   the locally trained weights, and the optimiser state after
+                             training when the message carried one (same keys and shapes)
+    "metrics": MetricRecord  exactly the keys of REPLY_METRIC_KEYS, on every reply
+
+With ``--push-timing before``, a push phase precedes the TRAIN messages: one QUERY
+message per node about to train, with the same "arrays" and "config"; the node pushes
+keys of those weights (version r) to the queue and replies with a MetricRecord
+"metrics" holding exactly PUSH_REPLY_METRIC_KEYS; its TRAIN reply then reports 0
+pushed rows.
+
+A node asked who it is (a QUERY of type :data:`IDENTIFY`, with a "config"
+ConfigRecord holding only "server-round") replies with a ConfigRecord "identity"
+holding "client-id", its stable identity from the node config (see
+:mod:`server.sampling`).
+
+A reply with an error (the ClientApp raised), a missing record, another key set,
+other array shapes or a non-finite value is unusable: :func:`check_reply` says why.
+Valid replies are ordered by :func:`reply_digest`, the SHA-256 of their contents, so
+that a round's result depends on what the nodes sent, not on when.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+
+TRAIN_CONFIG_KEYS = ("server-round", "lr", "queue-address", "queue-tls", "queue-token",
+                     "queue-version")
+REPLY_METRIC_KEYS = (
+    "num-examples", "train-loss", "global-hits", "global-misses", "pushed-rows",
+    "push-failures", "negatives-per-step", "alignment", "uniformity", "epsilon",
+)
+WEIGHT_KEY = "num-examples"
+#: The message type of the query asking a node for its client id (seeded sampling).
+IDENTIFY = f"{MessageType.QUERY}.identify"
+#: The reply to a push-phase QUERY (``--push-timing before``): rows pushed, pushes that failed.
+PUSH_REPLY_METRIC_KEYS = ("pushed-rows", "push-failures")
+
+
+def check_reply(msg: Message, reference: ArrayRecord) -> str | None:
+    """Why ``msg`` cannot be aggregated against the global ``reference``; None if it can."""
+    if msg.has_error():
+        return f"client error: {msg.error.reason}"
+    content = msg.content
+    if set(content.keys()) != {"arrays", "metrics"}:
+        return f"records {sorted(content.keys())}, expected ['arrays', 'metrics']"
+    arrays, metrics = content["arrays"], content["metrics"]
+    if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, MetricRecord):
+        return "'arrays' must be an ArrayRecord and 'metrics' a MetricRecord"
+    if set(metrics.keys()) != set(REPLY_METRIC_KEYS):
+        return f"metric keys {sorted(metrics.keys())}, expected {sorted(REPLY_METRIC_KEYS)}"
+    values = [metrics[k] for k in REPLY_METRIC_KEYS]
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        return "a metric is not a finite number"
+    if metrics[WEIGHT_KEY] <= 0:
+        return f"{WEIGHT_KEY} must be positive, got {metrics[WEIGHT_KEY]}"
+    if list(arrays.keys()) != list(reference.keys()):
+        return "array keys differ from the global model's"
+    for key in reference.keys():
+        mine, ref = arrays[key], reference[key]
+        if tuple(mine.shape) != tuple(ref.shape) or mine.dtype != ref.dtype:
+            return f"array {key!r} is {mine.dtype}{list(mine.shape)}, expected {ref.dtype}{list(ref.shape)}"
+        if not np.isfinite(mine.numpy()).all():
+            return f"array {key!r} has a NaN or infinite value"
+    return None
+
+
+def addressees(sent: Sequence[Message]) -> dict[str, int]:
+    """Message id -> destination node, for messages the grid has sent (it sets their ids)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+
+
+def answering_node(reply: Message, addressed: Mapping[str, int]) -> int:
+    """The node ``reply`` answers for: the addressee of the message it replies to.
+
+    Usually the reply's sender. But when a node stops sending heartbeats, the SuperLink
+    answers in its place with a "Node Unavailable" error whose sender is the SuperLink
+    itself; only ``reply_to_message_id`` ties it to the node. Counting it by sender would
+    count that node twice: once failed, once silent.
+    """
+    return addressed.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
+def reply_digest(msg: Message) -> bytes:
+    """SHA-256 of a valid reply's arrays (name, dtype, shape, bytes) and metrics: a sort
+    key that orders replies by what they hold."""
+    h = hashlib.sha256()
+    for key, array in msg.content["arrays"].items():
+        values = np.ascontiguousarray(array.numpy())
+        h.update(f"{key}|{values.dtype}|{values.shape}|".encode())
+        h.update(values.tobytes())
+    for key, value in sorted(msg.content["metrics"].items()):
+        h.update(f"{key}={value!r};".encode())
+    return h.digest()
+
+
+def check_identity_reply(msg: Message) -> str | None:
+    """Why the reply to an identify QUERY is unusable; None if it is fine."""
+    if msg.has_error():
+        return f"client error: {msg.error.reason}"
+    identity = msg.content.get("identity")
+    if not isinstance(identity, ConfigRecord) or not isinstance(identity.get("client-id"), str) \
+            or not identity["client-id"]:
+        return "expected a ConfigRecord 'identity' with a non-empty string 'client-id'"
+    return None
+
+
+def check_push_reply(msg: Message) -> str | None:
+    """Why the reply to a push-phase QUERY is unusable; None if it is fine."""
+    if msg.has_error():
+        return f"client error: {msg.error.reason}"
+    metrics = msg.content.get("metrics")
+    if not isinstance(metrics, MetricRecord) or set(metrics.keys()) != set(PUSH_REPLY_METRIC_KEYS):
+        return f"expected a MetricRecord 'metrics' with keys {sorted(PUSH_REPLY_METRIC_KEYS)}"
+    if not all(isinstance(metrics[k], int) and metrics[k] >= 0 for k in PUSH_REPLY_METRIC_KEYS):
+        return "a count is not a non-negative integer"
+    return None
