@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import DEFAULT_MAX_MESSAGE_BYTES
+from common.pull_policies import check_seeded, pull_policy, to_wire
 from common.wire import TOKEN_METADATA_KEY, parse_with_tensor, serialize_with_tensor, wire_dtype
 from proto import negatives_pb2 as pb
 from proto import negatives_pb2_grpc as pb_grpc
@@ -35,11 +36,6 @@ logger = logging.getLogger(__name__)
 TRANSIENT_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
 )
-_POLICIES = {
-    "uniform": pb.SAMPLE_POLICY_UNIFORM,
-    "recent": pb.SAMPLE_POLICY_RECENT,
-    "stratified": pb.SAMPLE_POLICY_STRATIFIED,
-}
 _COUNTERS = (
     "hits",
     "misses",
@@ -199,17 +195,16 @@ class QueueClient:
         max_version: int | None,
         seed: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        if policy not in _POLICIES:
-            raise ValueError(f"policy must be one of {sorted(_POLICIES)}, got {policy!r}")
-        if seed is not None and policy == "recent":
-            raise ValueError("a seeded pull cannot use policy 'recent' (it follows arrival order)")
+        wire_policy = to_wire(policy)
+        if seed is not None:
+            check_seeded(policy)
         request = pb.PullRequest(
             count=n,
             max_age=max_age,
             exclude_own=exclude_own,
             only_own=only_own,
             dtype=wire_dtype(dtype),
-            policy=_POLICIES[policy],
+            policy=wire_policy,
             include_versions=with_ages,
             max_version=max_version,
             seed=seed,
@@ -403,8 +398,7 @@ class GlobalNegatives:
     ) -> None:
         if exclude_own and only_own:
             raise ValueError("exclude_own and only_own cannot both be set")
-        if policy not in _POLICIES:
-            raise ValueError(f"policy must be one of {sorted(_POLICIES)}, got {policy!r}")
+        pull_policy(policy)
         if num_negatives <= 0:
             raise ValueError(f"num_negatives must be positive, got {num_negatives}")
         if max_age < 0:

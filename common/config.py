@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from common import plugins
+from common.pull_policies import PULL_POLICIES, repeatable_names, seeded_refusal
 
 #: Largest gRPC message of the negative queue service and its clients, by default (32 MiB).
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20
@@ -35,7 +36,6 @@ KEY_MODES = ("ema", "frozen", "shared")
 OPTIMIZERS = ("sgd", "adam")
 AGGREGATIONS = ("fedavg", "fedtrimmedavg", "fedmedian", "krum")
 FALSE_NEGATIVE_MODES = ("off", "drop", "positive")
-PULL_POLICIES = ("uniform", "recent", "stratified")
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
@@ -434,10 +434,10 @@ def validate(cfg: TrainConfig) -> None:
             need(cfg.max_age > 0, "staleness_gamma",
                  "< 1 with --max-age 0: every pulled row has age 0, so the weight changes "
                  "nothing; raise --max-age or set it to 1")
-        need(cfg.pull_mode != "reproducible" or cfg.pull_policy != "recent", "pull_policy",
-             "'recent' takes the rows that arrived last, an order no run can repeat, so "
-             "--pull-mode reproducible cannot use it: choose uniform or stratified, or set "
-             "--pull-mode live")
+        refusal = seeded_refusal(cfg.pull_policy)
+        need(cfg.pull_mode != "reproducible" or refusal is None, "pull_policy",
+             f"{refusal}, so --pull-mode reproducible cannot use it: choose "
+             f"{' or '.join(repeatable_names())}, or set --pull-mode live")
         need(cfg.pull_mode != "reproducible" or cfg.push_timing != "after" or cfg.max_age > 0
              or cfg.global_negatives == 0, "max_age",
              "0 with --pull-mode reproducible and --push-timing after: pulls see only rows of "

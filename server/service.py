@@ -38,6 +38,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.config import DEFAULT_MAX_MESSAGE_BYTES
+from common.pull_policies import from_wire, seeded_refusal
 from common.wire import TOKEN_METADATA_KEY, proto_to_tensor, serialize_with_tensor, torch_dtype
 from proto import negatives_pb2 as pb
 from proto import negatives_pb2_grpc as pb_grpc
@@ -59,12 +60,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NegativeQueue"].full_name
 _REPLY_OVERHEAD_BYTES = 64 * 2**10
 #: Most bytes a row's version takes in a reply that asks for versions (an int64 varint).
 _VERSION_BYTES = 10
-_POLICIES = {
-    pb.SAMPLE_POLICY_UNSPECIFIED: "uniform",
-    pb.SAMPLE_POLICY_UNIFORM: "uniform",
-    pb.SAMPLE_POLICY_RECENT: "recent",
-    pb.SAMPLE_POLICY_STRATIFIED: "stratified",
-}
 
 
 def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -223,11 +218,12 @@ class NegativeQueueServicer(pb_grpc.NegativeQueueServicer):
                 context, grpc.StatusCode.PERMISSION_DENIED, "admin tokens cannot pull rows"
             )
         problem = None
+        policy = from_wire(request.policy)
         if not 0 <= request.count <= self._max_pull:
             problem = f"count must be in [0, {self._max_pull}], got {request.count}"
         elif request.HasField("max_age") and request.max_age < 0:
             problem = f"max_age must be >= 0, got {request.max_age}"
-        elif request.policy not in _POLICIES:
+        elif policy is None:
             problem = f"unknown sample policy {request.policy}"
         elif request.dtype != pb.DTYPE_UNSPECIFIED and request.dtype not in (
             pb.DTYPE_FLOAT32,
@@ -236,8 +232,8 @@ class NegativeQueueServicer(pb_grpc.NegativeQueueServicer):
             problem = f"reply dtype {request.dtype} is not DTYPE_FLOAT32 or DTYPE_FLOAT16"
         elif request.exclude_own and request.only_own:
             problem = "exclude_own and only_own cannot both be set"
-        elif request.HasField("seed") and request.policy == pb.SAMPLE_POLICY_RECENT:
-            problem = "a seeded pull cannot use SAMPLE_POLICY_RECENT (it follows arrival order)"
+        elif request.HasField("seed") and (refusal := seeded_refusal(policy.name)):
+            problem = f"policy {refusal}"
         if problem:
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         dtype = (
@@ -247,7 +243,7 @@ class NegativeQueueServicer(pb_grpc.NegativeQueueServicer):
             request.count,
             max_age=request.max_age if request.HasField("max_age") else None,
             exclude=caller.contributor if request.exclude_own else None,
-            policy=_POLICIES[request.policy],
+            policy=policy.name,
             only=caller.contributor if request.only_own else None,
             max_version=request.max_version if request.HasField("max_version") else None,
             seed=request.seed if request.HasField("seed") else None,

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.queue import InvalidPush, NegativeQueue, QueueError, QuotaExceeded, stratified_shares
+from common.pull_policies import stratified_shares
+from server.queue import InvalidPush, NegativeQueue, QueueError, QuotaExceeded
 
 DIM = 8
 
