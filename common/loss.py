@@ -192,6 +192,22 @@ def info_nce(
         ValueError: T or T_q not finite or <= 0, mismatched shapes, or no negatives at all
             (no queue rows and ``in_batch=False``, or ``in_batch=True`` with N = 1).
     """
+    queue_t = _check_inputs(query, positive_key, negatives, temperature, in_batch,
+                            negative_log_weights, queue_temperature)
+    pos = (query * positive_key).sum(dim=1) / temperature  # N
+    cosines, temps = _similarities(query, positive_key, negatives, in_batch, temperature, queue_t)
+    parts = [c / t for c, t in zip(cosines, temps, strict=True)]  # N x K, N x N, N x N
+    opts = options or NegativeOptions()
+    if negative_log_weights is None and not opts.active:
+        all_logits = torch.cat([pos.unsqueeze(1), *parts], dim=1)  # N x (1 + K [+ 2N])
+        return torch.logsumexp(all_logits, dim=1) - pos  # N
+    return _optioned_loss(pos, cosines, parts, temps, negative_log_weights, opts)
+
+
+def _check_inputs(query: Tensor, positive_key: Tensor, negatives: Tensor | None,
+                  temperature: float, in_batch: bool, negative_log_weights: Tensor | None,
+                  queue_temperature: float | None) -> float:
+    """Raise the ``ValueError`` of :func:`info_nce` for bad inputs; return T_q."""
     _check_temperature(temperature)
     queue_t = temperature if queue_temperature is None else queue_temperature
     _check_temperature(queue_t)
@@ -218,9 +234,16 @@ def info_nce(
             f"negative_log_weights must be ({k},) finite values, one per queue negative; got "
             f"{tuple(negative_log_weights.shape)}"
         )
+    return queue_t
 
-    pos = (query * positive_key).sum(dim=1) / temperature  # N
-    cosines = []  # parts of N x M, -inf where a negative is absent
+
+def _similarities(query: Tensor, positive_key: Tensor, negatives: Tensor | None, in_batch: bool,
+                  temperature: float, queue_t: float) -> tuple[list[Tensor], list[float]]:
+    """The cosines of each query with its negatives, in parts (queue N x K, then in-batch keys
+    and queries N x N each, -inf where a negative is absent), and each part's temperature."""
+    n = query.shape[0]
+    has_queue = negatives is not None and negatives.shape[0] > 0
+    cosines = []
     if has_queue:
         cosines.append(query @ negatives.T)  # N x K
     if in_batch:
@@ -230,16 +253,16 @@ def info_nce(
         cosines.append((query @ positive_key.T).masked_fill(diag, -math.inf))  # N x N
         cosines.append((query @ query.T).masked_fill(diag, -math.inf))  # N x N
     temps = [queue_t] * has_queue + [temperature] * (2 * in_batch)  # one per part of cosines
-    parts = [c / t for c, t in zip(cosines, temps, strict=True)]
-    opts = options or NegativeOptions()
-    if negative_log_weights is None and not opts.active:
-        all_logits = torch.cat([pos.unsqueeze(1), *parts], dim=1)  # N x (1 + K [+ 2N])
-        return torch.logsumexp(all_logits, dim=1) - pos  # N
+    return cosines, temps
 
+
+def _optioned_loss(pos: Tensor, cosines: list[Tensor], parts: list[Tensor], temps: list[float],
+                   negative_log_weights: Tensor | None, opts: NegativeOptions) -> Tensor:
+    """(N,) losses with staleness weights and the :class:`NegativeOptions` of :func:`info_nce`."""
     logits = torch.cat(parts, dim=1)  # N x M
     log_w = torch.zeros(1, logits.shape[1], dtype=logits.dtype, device=logits.device)  # 1 x M
     if negative_log_weights is not None:
-        log_w[0, :k] = negative_log_weights.to(logits)
+        log_w[0, :negative_log_weights.shape[0]] = negative_log_weights.to(logits)
     present = torch.isfinite(logits)  # N x M
     suspects = (
         _false_negatives(torch.cat(cosines, dim=1).detach(), present, opts)
