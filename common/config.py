@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from common import plugins
+from common import negative_options, plugins
+from common.negative_options import FALSE_NEGATIVE_MODES
 
 #: Largest gRPC message of the negative queue service and its clients, by default (32 MiB).
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20
@@ -34,7 +35,6 @@ NORM_CHOICES = ("group", "instance", "layer", "batch")
 KEY_MODES = ("ema", "frozen", "shared")
 OPTIMIZERS = ("sgd", "adam")
 AGGREGATIONS = ("fedavg", "fedtrimmedavg", "fedmedian", "krum")
-FALSE_NEGATIVE_MODES = ("off", "drop", "positive")
 PULL_POLICIES = ("uniform", "recent", "stratified")
 
 
@@ -448,28 +448,11 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def _validate_negative_options(cfg: TrainConfig, need: Callable[[bool, str, str], None]) -> None:
-    """Ranges and combinations of the loss options (the same rules as
-    :class:`common.loss.NegativeOptions`, named by flag)."""
-    k, threshold = cfg.false_negative_top_k, cfg.false_negative_threshold
-    need(k >= 0, "false_negative_top_k", "must be zero or more")
-    need(math.isfinite(threshold) and -1 <= threshold <= 1, "false_negative_threshold",
-         "is a cosine similarity: must be in [-1, 1]")
-    selects = k > 0 or threshold < 1
-    need(cfg.false_negative_mode == "off" or selects, "false_negative_mode",
-         "needs suspects to act on: set --false-negative-top-k > 0 and/or "
-         "--false-negative-threshold < 1")
-    need(cfg.false_negative_mode != "off" or k == 0, "false_negative_top_k",
-         "is set but --false-negative-mode is off: choose drop or positive, or set it to 0")
-    need(cfg.false_negative_mode != "off" or threshold == 1, "false_negative_threshold",
-         "is set but --false-negative-mode is off: choose drop or positive, or set it to 1")
-    need(0 <= cfg.debias_tau_plus < 1, "debias_tau_plus", "must be in [0, 1)")
-    need(math.isfinite(cfg.hard_negative_beta) and cfg.hard_negative_beta >= 0,
-         "hard_negative_beta", "must be zero or more")
-    need(cfg.false_negative_mode != "positive"
-         or (cfg.debias_tau_plus == 0 and cfg.hard_negative_beta == 0), "false_negative_mode",
-         "'positive' gives a query several positives, while --debias-tau-plus and "
-         "--hard-negative-beta estimate a denominator for one positive: use mode drop with "
-         "them, or set them to 0")
+    """The loss options' rules (:func:`common.negative_options.problems`), named by flag."""
+    for name, what in negative_options.problems(
+            cfg.false_negative_mode, cfg.false_negative_top_k, cfg.false_negative_threshold,
+            cfg.debias_tau_plus, cfg.hard_negative_beta):
+        need(False, name, what)
 
 
 #: Why each setting below is refused with DP-SGD (shared with :mod:`client.privacy`).
