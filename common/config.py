@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from common import plugins
+from common import negative_options, plugins
+from common.negative_options import FALSE_NEGATIVE_MODES
 from common.pull_policies import PULL_POLICIES, repeatable_names, seeded_refusal
 
 #: Largest gRPC message of the negative queue service and its clients, by default (32 MiB).
@@ -31,11 +32,13 @@ DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20
 
 T = TypeVar("T")
 
+#: ``need(ok, field, what)``: raise ``ValueError`` naming the field's flag unless ok.
+Need = Callable[[bool, str, str], None]
+
 NORM_CHOICES = ("group", "instance", "layer", "batch")
 KEY_MODES = ("ema", "frozen", "shared")
 OPTIMIZERS = ("sgd", "adam")
 AGGREGATIONS = ("fedavg", "fedtrimmedavg", "fedmedian", "krum")
-FALSE_NEGATIVE_MODES = ("off", "drop", "positive")
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
@@ -46,25 +49,46 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: An
     return field(default=default, metadata=meta, **kw)
 
 
-@dataclass
-class TrainConfig:
-    """Local contrastive training: data, model, views, optimiser, negatives."""
+class _Part:
+    """A group of settings that checks its own ranges; :func:`validate` runs each part's
+    ``_check`` once, then the rules that tie parts together."""
 
-    # data
+    def _check(self, need: Need) -> None:
+        """Raise through ``need`` for the first of this part's settings out of range."""
+
+
+@dataclass
+class DataSettings(_Part):
+    """Which data, and the seed of everything random."""
+
     dataset: str = _f(
         "digits",
         "built-in (digits, synthetic:N, cifar10:FOLDER, dna[:KEY=VALUE,...]), a .npz path, "
         "or a plug-in package.module:name[:ARG] (see Bring your own data)",
     )
     seed: int = _f(0, "seed for data split, partition, initialisation, views, and the clients a round samples (--client-sampling)")
-    # model
+
+
+@dataclass
+class ModelSettings(_Part):
+    """The encoder: backbone, width, normalisation and embedding."""
+
     encoder: str = _f(
         "cnn", "encoder: built-in (cnn, resnet18, cnn1d) or a plug-in package.module:name"
     )
     width: int = _f(32, "base channel width of the backbone")
     embedding_dim: int = _f(128, "dimension of the projected, unit-norm embedding")
     norm: str = _f("group", "normalisation layers in the backbone", NORM_CHOICES)
-    # optimisation
+
+    def _check(self, need: Need) -> None:
+        need(self.embedding_dim > 0, "embedding_dim", "must be positive")
+        need(self.width > 0, "width", "must be positive")
+
+
+@dataclass
+class OptimSettings(_Part):
+    """The local optimiser and the loss's temperatures."""
+
     epochs: int = _f(30, "passes over the local data")
     batch_size: int = _f(128, "examples per step")
     optimizer: str = _f("adam", "optimiser", OPTIMIZERS)
@@ -75,7 +99,23 @@ class TrainConfig:
     queue_temperature: float = _f(
         0.5, "temperature of the queue negatives' logits alone (local and global queue rows; "
              "the positive and in-batch negatives keep --temperature); 0: --temperature")
-    # views
+
+    def _check(self, need: Need) -> None:
+        need(math.isfinite(self.temperature) and self.temperature > 0, "temperature",
+             "must be positive")
+        need(math.isfinite(self.queue_temperature) and self.queue_temperature >= 0,
+             "queue_temperature", "must be zero (--temperature) or positive")
+        need(self.batch_size > 0, "batch_size", "must be positive")
+        need(self.epochs >= 0, "epochs", "must be zero or more")
+        need(math.isfinite(self.lr) and self.lr > 0, "lr", "must be positive")
+        need(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        need(self.weight_decay >= 0, "weight_decay", "must be zero or more")
+
+
+@dataclass
+class ViewSettings(_Part):
+    """The two random views of each example."""
+
     views: str = _f(
         "images", "view generator: built-in (images, dna) or a plug-in package.module:name"
     )
@@ -84,7 +124,18 @@ class TrainConfig:
     )
     jitter_strength: float = _f(0.4, "colour-jitter strength (brightness/contrast for grayscale)")
     blur_p: float = _f(0.0, "probability of Gaussian blur per view")
-    # negatives and the key encoder
+
+    def _check(self, need: Need) -> None:
+        need(0 < self.crop_scale_min <= 1, "crop_scale_min", "must be in (0, 1]")
+        need(self.jitter_strength >= 0, "jitter_strength", "must be zero or more")
+        need(0 <= self.blur_p <= 1, "blur_p", "must be in [0, 1]")
+
+
+@dataclass
+class NegativeSettings(_Part):
+    """The local negatives, the key encoder, and how each query treats its negatives
+    (:mod:`common.negative_options`; README, "Choosing negatives")."""
+
     in_batch: bool = _f(True, "use the other examples of the batch as negatives (SimCLR)")
     queue_size: int = _f(0, "local FIFO queue of past keys used as negatives (0: none)")
     key_mode: str = _f(
@@ -95,7 +146,6 @@ class TrainConfig:
     )
     key_momentum: float = _f(0.99, "EMA momentum of the key encoder (key-mode ema)")
     symmetric: bool = _f(True, "average the loss over both view orders")
-    # how each query treats its negatives (common/loss.py; README, "Choosing negatives")
     false_negative_mode: str = _f(
         "off",
         "false-negative cancellation (Huynh et al. 2022): drop each query's suspected false "
@@ -115,17 +165,49 @@ class TrainConfig:
     hard_negative_beta: float = _f(
         0.0, "hard-negative weighting (Robinson et al. 2021): concentration beta >= 0 of the "
              "importance weights e^(beta x logit) over each query's negatives (0: off)")
-    # evaluation and runtime
+
+    def _check(self, need: Need) -> None:
+        need(self.queue_size >= 0, "queue_size", "must be zero or more")
+        need(0 <= self.key_momentum <= 1, "key_momentum", "must be in [0, 1]")
+        for name, what in negative_options.problems(
+                self.false_negative_mode, self.false_negative_top_k,
+                self.false_negative_threshold, self.debias_tau_plus, self.hard_negative_beta):
+            need(False, name, what)
+        if self.key_mode == "shared":
+            need(self.queue_size == 0, "queue_size",
+                 "needs a separate key encoder: use --key-mode ema or frozen with a queue")
+
+
+@dataclass
+class EvalSettings(_Part):
+    """Evaluation schedule and the device."""
+
     eval_every: int = _f(1, "evaluate on held-out data every N epochs (0: only at the end)")
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when present)")
+
+    def _check(self, need: Need) -> None:
+        need(self.eval_every >= 0, "eval_every", "must be zero or more")
+
+
+# A dataclass collects its bases' fields from the last base to the first: the parts are
+# listed in reverse so that fields, flags and run-config keys keep their order.
+@dataclass
+class TrainConfig(EvalSettings, NegativeSettings, ViewSettings, OptimSettings, ModelSettings,
+                  DataSettings):
+    """Local contrastive training: data, model, optimiser, views, negatives."""
 
     def __post_init__(self) -> None:
         validate(self)
 
+    def _check(self, need: Need) -> None:
+        if not isinstance(self, FedConfig):
+            need(self.in_batch or self.queue_size > 0, "in_batch",
+                 "is off and --queue-size is 0: there would be no negatives; enable one")
+
 
 @dataclass
-class FedConfig(TrainConfig):
-    """Federated training: everything local training takes, plus rounds and the queue."""
+class FederationSettings(_Part):
+    """Rounds, the clients a round samples, and how the data is split among them."""
 
     rounds: int = _f(5, "federated rounds")
     local_epochs: int = _f(1, "local epochs per round")
@@ -145,6 +227,21 @@ class FedConfig(TrainConfig):
     partitioner: str = _f("iid", "how data is split across clients", ("iid", "dirichlet", "shards"))
     dirichlet_alpha: float = _f(0.5, "Dirichlet concentration (partitioner dirichlet)")
     classes_per_client: int = _f(2, "classes per client (partitioner shards)")
+
+    def _check(self, need: Need) -> None:
+        need(self.rounds > 0, "rounds", "must be positive")
+        need(self.local_epochs > 0, "local_epochs", "must be positive")
+        need(0 < self.fraction_train <= 1, "fraction_train", "must be in (0, 1]")
+        need(self.min_nodes >= 1, "min_nodes", "must be at least 1")
+        need(self.round_timeout > 0, "round_timeout", "must be positive")
+        need(self.dirichlet_alpha > 0, "dirichlet_alpha", "must be positive")
+        need(self.classes_per_client >= 1, "classes_per_client", "must be at least 1")
+
+
+@dataclass
+class QueueSettings(_Part):
+    """The global queue of negatives: its size, what is pushed and how pulls sample."""
+
     global_negatives: int = _f(64, "negatives pulled from the global queue per step (0: none)")
     queue_capacity: int = _f(4096, "rows held by the global queue")
     queue_quota: int = _f(0, "most rows one node may push per round; its pushes beyond are "
@@ -188,6 +285,45 @@ class FedConfig(TrainConfig):
              "gamma^a, in (0, 1], on top of --max-age (1: every age alike)")
     queue_port: int = _f(0, "port of the queue service (0: a free one)")
     queue_host: str = _f("127.0.0.1", "address the queue service binds and advertises")
+
+    def _check(self, need: Need) -> None:
+        need(self.global_negatives >= 0, "global_negatives", "must be zero or more")
+        need(self.queue_capacity > 0, "queue_capacity", "must be positive")
+        need(self.queue_quota >= 0, "queue_quota", "must be zero (a quarter of the capacity) or more")
+        need(self.max_age >= 0, "max_age", "must be zero or more")
+        need(0 <= self.push_fraction <= 1, "push_fraction", "must be in [0, 1]")
+        need(self.refresh_every >= 1, "refresh_every", "must be at least 1")
+        need(0 <= self.queue_port < 65536, "queue_port", "must be a port number or 0")
+        self._check_staleness(need)
+        self._check_pull_mode(need)
+
+    def _check_staleness(self, need: Need) -> None:
+        need(0 < self.staleness_gamma <= 1, "staleness_gamma", "must be in (0, 1]")
+        if self.staleness_gamma < 1:
+            need(self.global_negatives > 0, "staleness_gamma",
+                 "< 1 weighs global negatives by age, but --global-negatives is 0: set it to 1 "
+                 "or pull global negatives")
+            need(self.max_age > 0, "staleness_gamma",
+                 "< 1 with --max-age 0: every pulled row has age 0, so the weight changes "
+                 "nothing; raise --max-age or set it to 1")
+
+    def _check_pull_mode(self, need: Need) -> None:
+        refusal = seeded_refusal(self.pull_policy)
+        need(self.pull_mode != "reproducible" or refusal is None, "pull_policy",
+             f"{refusal}, so --pull-mode reproducible cannot use it: choose "
+             f"{' or '.join(repeatable_names())}, or set --pull-mode live")
+        need(self.pull_mode != "reproducible" or self.push_timing != "after" or self.max_age > 0
+             or self.global_negatives == 0, "max_age",
+             "0 with --pull-mode reproducible and --push-timing after: pulls see only rows of "
+             "finished rounds, which are all older than 0 rounds, so no global negative would "
+             "ever be pulled: raise --max-age, push before training (--push-timing before), "
+             "or set --pull-mode live")
+
+
+@dataclass
+class ServerSettings(_Part):
+    """How the server waits for nodes, aggregates their weights and watches for collapse."""
+
     wait_nodes_timeout: float = _f(
         120.0, "seconds to wait for --min-nodes nodes to be online before a round starts"
     )
@@ -208,8 +344,19 @@ class FedConfig(TrainConfig):
         "while the training loss falls",
     )
     stop_on_collapse: bool = _f(False, "end the run early when collapse is suspected")
-    # privacy (example-level DP per client: DP-SGD through Opacus, noisy pushes, one
-    # RDP accountant per client composing both; see README, threat model)
+
+    def _check(self, need: Need) -> None:
+        need(self.wait_nodes_timeout > 0, "wait_nodes_timeout", "must be positive")
+        need(0 <= self.trim_beta < 0.5, "trim_beta", "must be in [0, 0.5)")
+        need(self.krum_f >= 0, "krum_f", "must be zero or more")
+        need(math.isfinite(self.collapse_uniformity), "collapse_uniformity", "must be finite")
+
+
+@dataclass
+class PrivacySettings(_Part):
+    """Example-level DP per client: DP-SGD through Opacus, noisy pushes, one accountant per
+    client composing both (README, threat model)."""
+
     dp: bool = _f(False, "train with DP-SGD (per-example clipping, Gaussian noise, Poisson sampling)")
     max_grad_norm: float = _f(1.0, "per-example gradient clipping norm C (dp)")
     noise_multiplier: float = _f(
@@ -230,6 +377,41 @@ class FedConfig(TrainConfig):
         0.0, "stop the run once the largest client epsilon reaches this (dp; 0: no limit)"
     )
 
+    def _check(self, need: Need) -> None:
+        need(math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm",
+             "must be positive")
+        need(math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0,
+             "noise_multiplier", "must be zero or more")
+        need(math.isfinite(self.target_epsilon) and self.target_epsilon >= 0, "target_epsilon",
+             "must be zero or more")
+        need(0 < self.delta < 1, "delta", "must be in (0, 1)")
+        need(math.isfinite(self.push_noise) and self.push_noise >= 0, "push_noise",
+             "must be zero or more")
+        need(math.isfinite(self.epsilon_budget) and self.epsilon_budget >= 0, "epsilon_budget",
+             "must be zero or more")
+        if not self.dp:
+            for name in ("noise_multiplier", "target_epsilon", "push_noise", "epsilon_budget"):
+                need(getattr(self, name) == 0, name,
+                     "needs --dp true: without DP-SGD the weights sent to the server are not "
+                     "private, so noise or a budget would protect nothing; enable --dp or set it to 0")
+        else:
+            need(self.noise_multiplier > 0 or self.target_epsilon > 0, "noise_multiplier",
+                 "is 0 with --dp true and no --target-epsilon: give the DP-SGD noise, or a target "
+                 "epsilon to derive it from")
+            need(self.noise_multiplier == 0 or self.target_epsilon == 0, "target_epsilon",
+                 "and --noise-multiplier are both set: give one (the noise, or the target it is "
+                 "derived from)")
+
+
+@dataclass
+class FedConfig(PrivacySettings, ServerSettings, QueueSettings, FederationSettings, TrainConfig):
+    """Federated training: everything local training takes, plus rounds and the queue."""
+
+    def _check(self, need: Need) -> None:
+        need(self.in_batch or self.queue_size > 0 or self.global_negatives > 0, "in_batch",
+             "is off with no local queue and no global negatives: there would be no negatives")
+        if self.dp:
+            _refuse_under_dp(self, need)
 
 _SCALARS = (bool, int, float, str)
 
@@ -370,7 +552,8 @@ def push_quota(cfg: FedConfig) -> int:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Raise ``ValueError`` naming the first setting that is out of range."""
+    """Raise ``ValueError`` naming the first setting that is out of range: the choices, the
+    plug-ins, then each part's own ranges and the rules between parts, once each."""
 
     def need(ok: bool, name: str, what: str) -> None:
         if not ok:
@@ -382,94 +565,10 @@ def validate(cfg: TrainConfig) -> None:
                  "must be one of " + ", ".join(f.metadata["choices"]))
     for kind in plugins.KINDS:  # imports a plug-in's module, calls nothing
         plugins.check(kind, getattr(cfg, kind))
-    need(math.isfinite(cfg.temperature) and cfg.temperature > 0, "temperature", "must be positive")
-    need(math.isfinite(cfg.queue_temperature) and cfg.queue_temperature >= 0, "queue_temperature",
-         "must be zero (--temperature) or positive")
-    need(cfg.batch_size > 0, "batch_size", "must be positive")
-    need(cfg.epochs >= 0, "epochs", "must be zero or more")
-    need(cfg.embedding_dim > 0, "embedding_dim", "must be positive")
-    need(cfg.width > 0, "width", "must be positive")
-    need(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", "must be positive")
-    need(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")
-    need(cfg.weight_decay >= 0, "weight_decay", "must be zero or more")
-    need(0 < cfg.crop_scale_min <= 1, "crop_scale_min", "must be in (0, 1]")
-    need(cfg.jitter_strength >= 0, "jitter_strength", "must be zero or more")
-    need(0 <= cfg.blur_p <= 1, "blur_p", "must be in [0, 1]")
-    need(cfg.queue_size >= 0, "queue_size", "must be zero or more")
-    need(0 <= cfg.key_momentum <= 1, "key_momentum", "must be in [0, 1]")
-    need(cfg.eval_every >= 0, "eval_every", "must be zero or more")
-    _validate_negative_options(cfg, need)
-    if not isinstance(cfg, FedConfig):
-        need(cfg.in_batch or cfg.queue_size > 0, "in_batch",
-             "is off and --queue-size is 0: there would be no negatives; enable one")
-    if cfg.key_mode == "shared":
-        need(cfg.queue_size == 0, "queue_size",
-             "needs a separate key encoder: use --key-mode ema or frozen with a queue")
-    if isinstance(cfg, FedConfig):
-        need(cfg.rounds > 0, "rounds", "must be positive")
-        need(cfg.local_epochs > 0, "local_epochs", "must be positive")
-        need(0 < cfg.fraction_train <= 1, "fraction_train", "must be in (0, 1]")
-        need(cfg.min_nodes >= 1, "min_nodes", "must be at least 1")
-        need(cfg.round_timeout > 0, "round_timeout", "must be positive")
-        need(cfg.dirichlet_alpha > 0, "dirichlet_alpha", "must be positive")
-        need(cfg.classes_per_client >= 1, "classes_per_client", "must be at least 1")
-        need(cfg.global_negatives >= 0, "global_negatives", "must be zero or more")
-        need(cfg.queue_capacity > 0, "queue_capacity", "must be positive")
-        need(cfg.queue_quota >= 0, "queue_quota", "must be zero (a quarter of the capacity) or more")
-        need(cfg.max_age >= 0, "max_age", "must be zero or more")
-        need(0 <= cfg.push_fraction <= 1, "push_fraction", "must be in [0, 1]")
-        need(cfg.refresh_every >= 1, "refresh_every", "must be at least 1")
-        need(0 <= cfg.queue_port < 65536, "queue_port", "must be a port number or 0")
-        need(cfg.wait_nodes_timeout > 0, "wait_nodes_timeout", "must be positive")
-        need(0 <= cfg.trim_beta < 0.5, "trim_beta", "must be in [0, 0.5)")
-        need(cfg.krum_f >= 0, "krum_f", "must be zero or more")
-        need(math.isfinite(cfg.collapse_uniformity), "collapse_uniformity", "must be finite")
-        need(cfg.in_batch or cfg.queue_size > 0 or cfg.global_negatives > 0, "in_batch",
-             "is off with no local queue and no global negatives: there would be no negatives")
-        need(0 < cfg.staleness_gamma <= 1, "staleness_gamma", "must be in (0, 1]")
-        if cfg.staleness_gamma < 1:
-            need(cfg.global_negatives > 0, "staleness_gamma",
-                 "< 1 weighs global negatives by age, but --global-negatives is 0: set it to 1 "
-                 "or pull global negatives")
-            need(cfg.max_age > 0, "staleness_gamma",
-                 "< 1 with --max-age 0: every pulled row has age 0, so the weight changes "
-                 "nothing; raise --max-age or set it to 1")
-        refusal = seeded_refusal(cfg.pull_policy)
-        need(cfg.pull_mode != "reproducible" or refusal is None, "pull_policy",
-             f"{refusal}, so --pull-mode reproducible cannot use it: choose "
-             f"{' or '.join(repeatable_names())}, or set --pull-mode live")
-        need(cfg.pull_mode != "reproducible" or cfg.push_timing != "after" or cfg.max_age > 0
-             or cfg.global_negatives == 0, "max_age",
-             "0 with --pull-mode reproducible and --push-timing after: pulls see only rows of "
-             "finished rounds, which are all older than 0 rounds, so no global negative would "
-             "ever be pulled: raise --max-age, push before training (--push-timing before), "
-             "or set --pull-mode live")
-        _validate_privacy(cfg, need)
-
-
-def _validate_negative_options(cfg: TrainConfig, need: Callable[[bool, str, str], None]) -> None:
-    """Ranges and combinations of the loss options (the same rules as
-    :class:`common.loss.NegativeOptions`, named by flag)."""
-    k, threshold = cfg.false_negative_top_k, cfg.false_negative_threshold
-    need(k >= 0, "false_negative_top_k", "must be zero or more")
-    need(math.isfinite(threshold) and -1 <= threshold <= 1, "false_negative_threshold",
-         "is a cosine similarity: must be in [-1, 1]")
-    selects = k > 0 or threshold < 1
-    need(cfg.false_negative_mode == "off" or selects, "false_negative_mode",
-         "needs suspects to act on: set --false-negative-top-k > 0 and/or "
-         "--false-negative-threshold < 1")
-    need(cfg.false_negative_mode != "off" or k == 0, "false_negative_top_k",
-         "is set but --false-negative-mode is off: choose drop or positive, or set it to 0")
-    need(cfg.false_negative_mode != "off" or threshold == 1, "false_negative_threshold",
-         "is set but --false-negative-mode is off: choose drop or positive, or set it to 1")
-    need(0 <= cfg.debias_tau_plus < 1, "debias_tau_plus", "must be in [0, 1)")
-    need(math.isfinite(cfg.hard_negative_beta) and cfg.hard_negative_beta >= 0,
-         "hard_negative_beta", "must be zero or more")
-    need(cfg.false_negative_mode != "positive"
-         or (cfg.debias_tau_plus == 0 and cfg.hard_negative_beta == 0), "false_negative_mode",
-         "'positive' gives a query several positives, while --debias-tau-plus and "
-         "--hard-negative-beta estimate a denominator for one positive: use mode drop with "
-         "them, or set them to 0")
+    for part in reversed(type(cfg).__mro__):  # the parts first, then what ties them together
+        check = part.__dict__.get("_check")
+        if check is not None:
+            check(cfg, need)
 
 
 #: Why each setting below is refused with DP-SGD (shared with :mod:`client.privacy`).
@@ -486,24 +585,8 @@ DP_REFUSED = {
 }
 
 
-def _validate_privacy(cfg: FedConfig, need: Callable[[bool, str, str], None]) -> None:
-    """Ranges of the privacy settings and the combinations DP-SGD cannot make private."""
-    need(math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm > 0, "max_grad_norm",
-         "must be positive")
-    need(math.isfinite(cfg.noise_multiplier) and cfg.noise_multiplier >= 0, "noise_multiplier",
-         "must be zero or more")
-    need(math.isfinite(cfg.target_epsilon) and cfg.target_epsilon >= 0, "target_epsilon",
-         "must be zero or more")
-    need(0 < cfg.delta < 1, "delta", "must be in (0, 1)")
-    need(math.isfinite(cfg.push_noise) and cfg.push_noise >= 0, "push_noise", "must be zero or more")
-    need(math.isfinite(cfg.epsilon_budget) and cfg.epsilon_budget >= 0, "epsilon_budget",
-         "must be zero or more")
-    if not cfg.dp:
-        for name in ("noise_multiplier", "target_epsilon", "push_noise", "epsilon_budget"):
-            need(getattr(cfg, name) == 0, name,
-                 "needs --dp true: without DP-SGD the weights sent to the server are not "
-                 "private, so noise or a budget would protect nothing; enable --dp or set it to 0")
-        return
+def _refuse_under_dp(cfg: FedConfig, need: Need) -> None:
+    """The combinations DP-SGD cannot make private (:data:`DP_REFUSED`)."""
     need(not cfg.in_batch, "in_batch", "with --dp true: " + DP_REFUSED["in_batch"])
     need(cfg.norm != "batch", "norm", "with --dp true: " + DP_REFUSED["norm"])
     need(cfg.queue_size == 0, "queue_size", "with --dp true: " + DP_REFUSED["queue_size"])
@@ -515,12 +598,6 @@ def _validate_privacy(cfg: FedConfig, need: Callable[[bool, str, str], None]) ->
          f"{cfg.pull_scope!r} with --dp true and --push-noise 0 would return this client's "
          "own un-noised rows as negatives, coupling its examples: use --pull-scope others "
          "or noise the pushes")
-    need(cfg.noise_multiplier > 0 or cfg.target_epsilon > 0, "noise_multiplier",
-         "is 0 with --dp true and no --target-epsilon: give the DP-SGD noise, or a target "
-         "epsilon to derive it from")
-    need(cfg.noise_multiplier == 0 or cfg.target_epsilon == 0, "target_epsilon",
-         "and --noise-multiplier are both set: give one (the noise, or the target it is "
-         "derived from)")
 
 
 def resolve_device(spec: str) -> Any:

@@ -347,7 +347,19 @@ def _check_labels(name: str, y: np.ndarray, n: int, source: Path) -> np.ndarray:
     return y.astype(np.int64)
 
 
+#: The first bytes of a zip archive, which an .npz is (``numpy.savez``).
+ZIP_MAGIC = b"PK\x03\x04"
+
+
 def _load_npz(path: Path) -> Dataset:
+    with open(path, "rb") as f:
+        head = f.read(len(ZIP_MAGIC))
+    if head != ZIP_MAGIC:
+        # np.load takes anything else for a pickle and would advise allow_pickle=True: unsafe
+        raise DatasetError(
+            f"{path}: not an .npz archive (a zip of arrays, as numpy.savez writes; this file "
+            f"starts with {head!r}); write x_train, y_train, x_test, y_test with numpy.savez"
+        )
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
@@ -365,8 +377,13 @@ def _load_npz(path: Path) -> Dataset:
             )
         try:
             arrays = {k: archive[k] for k in archive.files if k in (*NPZ_KEYS, "class_names")}
-        except (ValueError, OSError, zipfile.BadZipFile) as e:
-            raise DatasetError(f"{path}: an array could not be read without pickle ({e})") from e
+        except ValueError as e:  # numpy's text advises allow_pickle=True: not quoted
+            raise DatasetError(
+                f"{path}: an array holds Python objects, which only an unsafe pickle load could "
+                "read; this loader reads arrays without pickle: save numbers, and class names "
+                "as a string array (dtype str)") from e
+        except (OSError, zipfile.BadZipFile) as e:
+            raise DatasetError(f"{path}: an array could not be read ({e})") from e
     x_train = _check_images("x_train", arrays["x_train"], path)
     x_test = _check_images("x_test", arrays["x_test"], path)
     if x_train.shape[1:] != x_test.shape[1:]:

@@ -15,81 +15,15 @@ References:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from common.config import FALSE_NEGATIVE_MODES
+from common.negative_options import NegativeOptions
+
+__all__ = ["InfoNCELoss", "NegativeOptions", "info_nce", "staleness_log_weights"]
 
 REDUCTIONS = ("mean", "none")
-
-
-@dataclass(frozen=True)
-class NegativeOptions:
-    """How each query's negatives enter :func:`info_nce`; the defaults are plain InfoNCE.
-
-    Attributes:
-        false_negative_mode: ``"off"``; ``"drop"``: the query's suspected false negatives
-            leave its denominator; ``"positive"``: they become extra positives (Huynh et
-            al. 2022, "elimination" and "attraction").
-        false_negative_top_k: suspects are at most the k negatives most similar to the
-            query (0: no such bound).
-        false_negative_threshold: suspects have cosine similarity > this with the query
-            (1.0: no such bar). With both set, a suspect is among the top k *and* above
-            the threshold.
-        debias_tau_plus: tau+ in [0, 1), the prior probability that a negative shares the
-            query's class (Chuang et al. 2020); 0: no debiasing.
-        hard_negative_beta: beta >= 0, concentration of the importance weights on hard
-            negatives (Robinson et al. 2021); 0: uniform.
-
-    Raises:
-        ValueError: at construction, for a value out of range or a combination without a
-            meaning (see the messages).
-    """
-
-    false_negative_mode: str = "off"
-    false_negative_top_k: int = 0
-    false_negative_threshold: float = 1.0
-    debias_tau_plus: float = 0.0
-    hard_negative_beta: float = 0.0
-
-    def __post_init__(self) -> None:
-        mode, k, threshold = (self.false_negative_mode, self.false_negative_top_k,
-                              self.false_negative_threshold)
-        if mode not in FALSE_NEGATIVE_MODES:
-            raise ValueError(f"false_negative_mode must be one of {', '.join(FALSE_NEGATIVE_MODES)}, "
-                             f"got {mode!r}")
-        if k < 0:
-            raise ValueError(f"false_negative_top_k must be >= 0, got {k}")
-        if not -1.0 <= threshold <= 1.0:
-            raise ValueError(f"false_negative_threshold is a cosine in [-1, 1], got {threshold}")
-        selects = k > 0 or threshold < 1.0
-        if (mode == "off") == selects:
-            raise ValueError(
-                "false-negative cancellation needs a mode (drop, positive) together with a top k > 0 "
-                f"and/or a threshold < 1; got mode {mode!r}, top_k {k}, threshold {threshold}"
-            )
-        if not 0.0 <= self.debias_tau_plus < 1.0:
-            raise ValueError(f"debias_tau_plus must be in [0, 1), got {self.debias_tau_plus}")
-        if not (math.isfinite(self.hard_negative_beta) and self.hard_negative_beta >= 0):
-            raise ValueError(f"hard_negative_beta must be a finite number >= 0, "
-                             f"got {self.hard_negative_beta}")
-        if mode == "positive" and self.reweights:
-            raise ValueError(
-                "false_negative_mode 'positive' (several positives per query) cannot be combined "
-                "with debias_tau_plus or hard_negative_beta, whose estimators assume one positive: "
-                "use mode 'drop', or turn the estimator off"
-            )
-
-    @property
-    def reweights(self) -> bool:
-        """Whether the debiased / hard-negative estimator replaces the plain denominator."""
-        return self.debias_tau_plus > 0 or self.hard_negative_beta > 0
-
-    @property
-    def active(self) -> bool:
-        return self.false_negative_mode != "off" or self.reweights
 
 
 def staleness_log_weights(ages: Tensor, gamma: float) -> Tensor:
@@ -192,6 +126,22 @@ def info_nce(
         ValueError: T or T_q not finite or <= 0, mismatched shapes, or no negatives at all
             (no queue rows and ``in_batch=False``, or ``in_batch=True`` with N = 1).
     """
+    queue_t = _check_inputs(query, positive_key, negatives, temperature, in_batch,
+                            negative_log_weights, queue_temperature)
+    pos = (query * positive_key).sum(dim=1) / temperature  # N
+    cosines, temps = _similarities(query, positive_key, negatives, in_batch, temperature, queue_t)
+    parts = [c / t for c, t in zip(cosines, temps, strict=True)]  # N x K, N x N, N x N
+    opts = options or NegativeOptions()
+    if negative_log_weights is None and not opts.active:
+        all_logits = torch.cat([pos.unsqueeze(1), *parts], dim=1)  # N x (1 + K [+ 2N])
+        return torch.logsumexp(all_logits, dim=1) - pos  # N
+    return _optioned_loss(pos, cosines, parts, temps, negative_log_weights, opts)
+
+
+def _check_inputs(query: Tensor, positive_key: Tensor, negatives: Tensor | None,
+                  temperature: float, in_batch: bool, negative_log_weights: Tensor | None,
+                  queue_temperature: float | None) -> float:
+    """Raise the ``ValueError`` of :func:`info_nce` for bad inputs; return T_q."""
     _check_temperature(temperature)
     queue_t = temperature if queue_temperature is None else queue_temperature
     _check_temperature(queue_t)
@@ -218,9 +168,16 @@ def info_nce(
             f"negative_log_weights must be ({k},) finite values, one per queue negative; got "
             f"{tuple(negative_log_weights.shape)}"
         )
+    return queue_t
 
-    pos = (query * positive_key).sum(dim=1) / temperature  # N
-    cosines = []  # parts of N x M, -inf where a negative is absent
+
+def _similarities(query: Tensor, positive_key: Tensor, negatives: Tensor | None, in_batch: bool,
+                  temperature: float, queue_t: float) -> tuple[list[Tensor], list[float]]:
+    """The cosines of each query with its negatives, in parts (queue N x K, then in-batch keys
+    and queries N x N each, -inf where a negative is absent), and each part's temperature."""
+    n = query.shape[0]
+    has_queue = negatives is not None and negatives.shape[0] > 0
+    cosines = []
     if has_queue:
         cosines.append(query @ negatives.T)  # N x K
     if in_batch:
@@ -230,16 +187,16 @@ def info_nce(
         cosines.append((query @ positive_key.T).masked_fill(diag, -math.inf))  # N x N
         cosines.append((query @ query.T).masked_fill(diag, -math.inf))  # N x N
     temps = [queue_t] * has_queue + [temperature] * (2 * in_batch)  # one per part of cosines
-    parts = [c / t for c, t in zip(cosines, temps, strict=True)]
-    opts = options or NegativeOptions()
-    if negative_log_weights is None and not opts.active:
-        all_logits = torch.cat([pos.unsqueeze(1), *parts], dim=1)  # N x (1 + K [+ 2N])
-        return torch.logsumexp(all_logits, dim=1) - pos  # N
+    return cosines, temps
 
+
+def _optioned_loss(pos: Tensor, cosines: list[Tensor], parts: list[Tensor], temps: list[float],
+                   negative_log_weights: Tensor | None, opts: NegativeOptions) -> Tensor:
+    """(N,) losses with staleness weights and the :class:`NegativeOptions` of :func:`info_nce`."""
     logits = torch.cat(parts, dim=1)  # N x M
     log_w = torch.zeros(1, logits.shape[1], dtype=logits.dtype, device=logits.device)  # 1 x M
     if negative_log_weights is not None:
-        log_w[0, :k] = negative_log_weights.to(logits)
+        log_w[0, :negative_log_weights.shape[0]] = negative_log_weights.to(logits)
     present = torch.isfinite(logits)  # N x M
     suspects = (
         _false_negatives(torch.cat(cosines, dim=1).detach(), present, opts)

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -57,6 +58,30 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
+#: Flags whose value is a secret: their values never reach a run file (a process's command
+#: line, e.g. Flower's ``flwr-serverapp --token``, is recorded in versions.json).
+#: A flag naming a file or folder (``--tokens-file``) holds a path, not the secret.
+SECRET_FLAG = re.compile(r"^--?[\w-]*(token|password|passwd|secret|api-?key|private-?key)[\w-]*(?<!-file)(?<!-path)(?<!-dir)$", re.I)
+REDACTED = "<redacted>"
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """``argv`` with the value of every secret flag (``--token X``, ``--token=X``) replaced."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        flag, eq, _value = arg.partition("=")
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+        elif SECRET_FLAG.match(flag) and eq:
+            out.append(f"{flag}={REDACTED}")
+        else:
+            out.append(arg)
+            hide_next = bool(SECRET_FLAG.match(arg))
+    return out
+
+
 class RunDir:
     """Writes one run's outputs under ``path`` (created if missing)."""
 
@@ -78,7 +103,7 @@ class RunDir:
             "platform": platform.platform(),
             "packages": package_versions(),
             "git_commit": git_commit(),
-            "command": sys.argv,
+            "command": redact_argv(sys.argv),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **extra,
         }

@@ -1,0 +1,24 @@
+"""What a run directory records about the process that wrote it."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from common.rundir import REDACTED, RunDir, redact_argv
+
+
+def test_a_secret_flags_value_never_reaches_the_recorded_command_line() -> None:
+    argv = ["flwr-serverapp", "--token", "s3cr3t", "--queue-token=abc", "--db-password", "pw",
+            "--tokens-file", "tokens.txt", "--ssl-keyfile", "key.pem", "--rounds", "3"]
+    assert redact_argv(argv) == [
+        "flwr-serverapp", "--token", REDACTED, f"--queue-token={REDACTED}", "--db-password",
+        REDACTED, "--tokens-file", "tokens.txt", "--ssl-keyfile", "key.pem", "--rounds", "3"]
+
+
+def test_versions_json_holds_no_token_of_the_command_line(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["flwr-serverapp", "--token", "0123456789abcdef"])
+    RunDir(tmp_path).write_versions()
+    text = (tmp_path / "versions.json").read_text()
+    assert "0123456789abcdef" not in text
+    assert json.loads(text)["command"] == ["flwr-serverapp", "--token", REDACTED]
