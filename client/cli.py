@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from rich.table import Table
 
 from client.negatives import LocalQueue
 from client.trainer import ContrastiveTrainer, cosine_lr
-from common.checkpoint import encoder_spec, load_encoder, read_checkpoint, save_encoder
+from common import model as run_model
+from common.checkpoint import load_encoder, read_checkpoint, save_encoder
 from common.cli import UsageError
 from common.config import (
     FedConfig,
@@ -42,15 +44,6 @@ PLOTTED = ("loss", "retrieval_head", "alignment_head", "uniformity_head", "knn_b
            "retrieval_backbone")
 
 
-def build_model(cfg: TrainConfig, data: Dataset) -> tuple[ContrastiveModel, dict[str, Any]]:
-    """The encoder a config asks for, initialised from ``cfg.seed``."""
-    spec = encoder_spec(cfg.encoder, data.in_channels, cfg.embedding_dim, cfg.norm, cfg.width)
-    torch.manual_seed(cfg.seed)
-    model = build_encoder(cfg.encoder, in_channels=data.in_channels,
-                          embedding_dim=cfg.embedding_dim, norm=cfg.norm, width=cfg.width)
-    return model, spec
-
-
 def train_local(cfg: TrainConfig, out: Path, *, quiet: bool = False,
                 console: Console | None = None) -> dict[str, Any]:
     """Train on ``cfg.dataset`` for ``cfg.epochs`` and write the run directory; return the summary."""
@@ -60,7 +53,8 @@ def train_local(cfg: TrainConfig, out: Path, *, quiet: bool = False,
     run = RunDir(out)
     run.write_config(cfg)
     run.write_versions(device=str(device))
-    model, spec = build_model(cfg, data)
+    spec = run_model.model_spec(cfg, data.in_channels)
+    model = run_model.build_model(cfg, data.in_channels)
     random_init = copy.deepcopy(model).eval()
     views = make_views(cfg)
 
@@ -187,3 +181,19 @@ def run_train_local(args: argparse.Namespace) -> int:
     Console().print(summary_table(summary))
     print(f"run directory: {Path(out).resolve()}")
     return 0
+
+
+def _build_model_and_spec(cfg: TrainConfig, data: Dataset) -> tuple[ContrastiveModel, dict[str, Any]]:
+    return (run_model.build_model(cfg, data.in_channels),
+            run_model.model_spec(cfg, data.in_channels))
+
+
+def __getattr__(name: str) -> Any:
+    """``build_model(cfg, data) -> (model, spec)``, moved to :mod:`common.model`, still
+    importable from here for a while, with a DeprecationWarning."""
+    if name != "build_model":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn("client.cli.build_model moved to common.model: build_model(cfg, "
+                  "data.in_channels) is the model, model_spec(cfg, data.in_channels) its spec",
+                  DeprecationWarning, stacklevel=2)
+    return _build_model_and_spec
