@@ -94,9 +94,17 @@ def train_local(cfg: TrainConfig, out: Path, *, quiet: bool = False,
             logger.info("epoch %d/%d %s", epoch, cfg.epochs, info)
     if cfg.epochs == 0:
         save_encoder(model, spec, run.file("encoder.pt"), epoch=0)
-    trained = evaluate(model, final=True)
-    baseline = evaluate(random_init, final=True)
-    summary = {
+    summary = _summary(cfg, data, device, start, trained=evaluate(model, final=True),
+                       random_init=evaluate(random_init, final=True))
+    run.write_json("summary.json", summary)
+    run.plot("epoch", PLOTTED, title=f"train-local on {data.name}")
+    return summary
+
+
+def _summary(cfg: TrainConfig, data: Dataset, device: torch.device, start: float, *,
+             trained: dict[str, float], random_init: dict[str, float]) -> dict[str, Any]:
+    """``summary.json`` of a train-local run that started at ``start`` (perf_counter)."""
+    return {
         "dataset": data.name,
         "device": str(device),
         "epochs": cfg.epochs,
@@ -104,12 +112,9 @@ def train_local(cfg: TrainConfig, out: Path, *, quiet: bool = False,
         "test_examples": len(data.x_test),
         "wall_time_s": time.perf_counter() - start,
         "trained": trained,
-        "random_init": baseline,
+        "random_init": random_init,
         "raw_pixel_knn": raw_pixel_knn(data),
     }
-    run.write_json("summary.json", summary)
-    run.plot("epoch", PLOTTED, title=f"train-local on {data.name}")
-    return summary
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
