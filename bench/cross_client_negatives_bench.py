@@ -36,12 +36,12 @@ from torch.nn import functional as F
 
 from bench.common import write_result
 from bench.compare_bench import add_setting_arguments, bench_config
-from client.app import partition_indices
-from client.cli import build_model
+from client.data import partition_indices
 from client.trainer import ContrastiveTrainer
 from common.config import FedConfig
 from common.datasets import Dataset, DatasetError, load_dataset, subset
 from common.evaluation import evaluate_encoder
+from common.model import build_model
 from common.plugins import make_views
 from common.schedule import cosine_lr
 from simulations.compare import SIMCLR, client_batches, examples_per_round, round_batches
@@ -78,7 +78,7 @@ class ExtraNegativesTrainer(ContrastiveTrainer):
 
 def train(cfg: FedConfig, data: Dataset, arm: str, parts: list[Tensor], extra: int):
     """One arm for ``cfg.rounds`` round-equivalents of the federated budget; the model."""
-    model, _spec = build_model(cfg, data)
+    model = build_model(cfg, data.in_channels)
     generator = torch.Generator().manual_seed(cfg.seed)
     lr_at = cosine_lr(cfg.lr, cfg.rounds)
     state = {"round": 1}

@@ -21,12 +21,12 @@ import time
 import torch
 
 from bench.common import add_data_arguments, write_result
-from client.app import push_keys
+from client.round import push_keys
 from client.stub import GlobalNegatives, QueueClient
 from client.trainer import ContrastiveTrainer
 from common.config import FedConfig
 from common.datasets import load_dataset
-from common.encoders import build_encoder
+from common.model import build_model
 from server.queue import NegativeQueue
 from server.service import QueueServer
 
@@ -72,9 +72,7 @@ def main() -> None:
             filler.push(rows[i:i + 1024], 0)
         filler.close()
         client = QueueClient(server.address, "bench-token")
-        torch.manual_seed(0)
-        model = build_encoder(cfg.encoder, in_channels=data.in_channels,
-                              embedding_dim=cfg.embedding_dim, norm=cfg.norm, width=cfg.width)
+        model = build_model(cfg, data.in_channels)  # initialised from cfg.seed (0)
         source = TimedSource(GlobalNegatives(client, args.negatives, cfg.max_age, cfg.refresh_every))
         with_q = ContrastiveTrainer(model, cfg, device=torch.device("cpu"), sources=[source])
         without = ContrastiveTrainer(model, cfg, device=torch.device("cpu"),

@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from rich.table import Table
 
 from client.negatives import LocalQueue
 from client.trainer import ContrastiveTrainer, cosine_lr
-from common.checkpoint import encoder_spec, load_encoder, read_checkpoint, save_encoder
+from common import model as run_model
+from common.checkpoint import load_encoder, read_checkpoint, save_encoder
 from common.cli import UsageError
 from common.config import (
     FedConfig,
@@ -42,15 +44,6 @@ PLOTTED = ("loss", "retrieval_head", "alignment_head", "uniformity_head", "knn_b
            "retrieval_backbone")
 
 
-def build_model(cfg: TrainConfig, data: Dataset) -> tuple[ContrastiveModel, dict[str, Any]]:
-    """The encoder a config asks for, initialised from ``cfg.seed``."""
-    spec = encoder_spec(cfg.encoder, data.in_channels, cfg.embedding_dim, cfg.norm, cfg.width)
-    torch.manual_seed(cfg.seed)
-    model = build_encoder(cfg.encoder, in_channels=data.in_channels,
-                          embedding_dim=cfg.embedding_dim, norm=cfg.norm, width=cfg.width)
-    return model, spec
-
-
 def train_local(cfg: TrainConfig, out: Path, *, quiet: bool = False,
                 console: Console | None = None) -> dict[str, Any]:
     """Train on ``cfg.dataset`` for ``cfg.epochs`` and write the run directory; return the summary."""
@@ -60,7 +53,8 @@ def train_local(cfg: TrainConfig, out: Path, *, quiet: bool = False,
     run = RunDir(out)
     run.write_config(cfg)
     run.write_versions(device=str(device))
-    model, spec = build_model(cfg, data)
+    spec = run_model.model_spec(cfg, data.in_channels)
+    model = run_model.build_model(cfg, data.in_channels)
     random_init = copy.deepcopy(model).eval()
     views = make_views(cfg)
 
@@ -100,9 +94,17 @@ def train_local(cfg: TrainConfig, out: Path, *, quiet: bool = False,
             logger.info("epoch %d/%d %s", epoch, cfg.epochs, info)
     if cfg.epochs == 0:
         save_encoder(model, spec, run.file("encoder.pt"), epoch=0)
-    trained = evaluate(model, final=True)
-    baseline = evaluate(random_init, final=True)
-    summary = {
+    summary = _summary(cfg, data, device, start, trained=evaluate(model, final=True),
+                       random_init=evaluate(random_init, final=True))
+    run.write_json("summary.json", summary)
+    run.plot("epoch", PLOTTED, title=f"train-local on {data.name}")
+    return summary
+
+
+def _summary(cfg: TrainConfig, data: Dataset, device: torch.device, start: float, *,
+             trained: dict[str, float], random_init: dict[str, float]) -> dict[str, Any]:
+    """``summary.json`` of a train-local run that started at ``start`` (perf_counter)."""
+    return {
         "dataset": data.name,
         "device": str(device),
         "epochs": cfg.epochs,
@@ -110,12 +112,9 @@ def train_local(cfg: TrainConfig, out: Path, *, quiet: bool = False,
         "test_examples": len(data.x_test),
         "wall_time_s": time.perf_counter() - start,
         "trained": trained,
-        "random_init": baseline,
+        "random_init": random_init,
         "raw_pixel_knn": raw_pixel_knn(data),
     }
-    run.write_json("summary.json", summary)
-    run.plot("epoch", PLOTTED, title=f"train-local on {data.name}")
-    return summary
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -187,3 +186,19 @@ def run_train_local(args: argparse.Namespace) -> int:
     Console().print(summary_table(summary))
     print(f"run directory: {Path(out).resolve()}")
     return 0
+
+
+def _build_model_and_spec(cfg: TrainConfig, data: Dataset) -> tuple[ContrastiveModel, dict[str, Any]]:
+    return (run_model.build_model(cfg, data.in_channels),
+            run_model.model_spec(cfg, data.in_channels))
+
+
+def __getattr__(name: str) -> Any:
+    """``build_model(cfg, data) -> (model, spec)``, moved to :mod:`common.model`, still
+    importable from here for a while, with a DeprecationWarning."""
+    if name != "build_model":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn("client.cli.build_model moved to common.model: build_model(cfg, "
+                  "data.in_channels) is the model, model_spec(cfg, data.in_channels) its spec",
+                  DeprecationWarning, stacklevel=2)
+    return _build_model_and_spec

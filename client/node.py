@@ -1,7 +1,7 @@
 """``fedcontrast client``: one Flower SuperNode that trains FedContrast on this machine's data.
 
 Runs ``flower-supernode`` with the node config the ClientApp reads (see
-:mod:`client.app`): ``partition-id``/``num-partitions`` or ``data-path``,
+:mod:`client.settings`): ``partition-id``/``num-partitions`` or ``data-path``,
 ``client-id``, an absolute ``state-dir`` and, with ``--root-certificates``,
 ``queue-root-certificates`` (the same CA verifies the negative queue's TLS). The
 SuperNode gets its own ``FLWR_HOME`` (inside the state directory unless

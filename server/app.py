@@ -34,17 +34,17 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common import optim_state
-from common.checkpoint import encoder_spec, read_checkpoint, save_encoder
+from common.checkpoint import read_checkpoint, save_encoder
 from common.config import FedConfig, from_run_config, push_quota, resolve_device
 from common.datasets import Dataset, load_dataset
-from common.encoders import ContrastiveModel, build_encoder
+from common.encoders import ContrastiveModel
 from common.evaluation import evaluate_encoder
 from common.flower_env import route_logs_to_flower
+from common.model import build_model, model_spec
 from common.plugins import make_views
 from common.rundir import RunDir
 from server.aggregation import build_strategy
@@ -137,12 +137,8 @@ class _Model:
         self.data = data
         self.run_dir = run_dir
         self.device = resolve_device(cfg.device)
-        self.spec = encoder_spec(cfg.encoder, data.in_channels, cfg.embedding_dim, cfg.norm, cfg.width)
-        torch.manual_seed(cfg.seed)
-        self.module: ContrastiveModel = build_encoder(
-            cfg.encoder, in_channels=data.in_channels, embedding_dim=cfg.embedding_dim,
-            norm=cfg.norm, width=cfg.width,
-        )
+        self.spec = model_spec(cfg, data.in_channels)
+        self.module: ContrastiveModel = build_model(cfg, data.in_channels)
         self.tokens: NodeTokens | None = None
         # --optimizer-state federated: the nodes' optimiser state, aggregated with the
         # weights; zeros (a fresh optimiser) until round 1 is aggregated or a resume sets it.

@@ -56,15 +56,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from client.app import NodeSettings, local_images, partition_indices
-from client.cli import build_model
+from client.data import local_images, partition_indices
+from client.settings import NodeSettings
 from client.trainer import ContrastiveTrainer
-from common.checkpoint import encoder_spec, load_encoder, save_encoder
+from common.checkpoint import load_encoder, save_encoder
 from common.cli import UsageError
 from common.config import FedConfig, resolve_device
 from common.datasets import Dataset, load_dataset
 from common.encoders import ContrastiveModel
 from common.evaluation import evaluate_encoder
+from common.model import build_model, model_spec
 from common.plugins import make_views
 from common.rundir import RunDir
 from common.schedule import cosine_lr
@@ -204,7 +205,7 @@ def train_in_process(
     ``eval_every``-th round and after the last.
     """
     device = resolve_device(cfg.device)
-    model, _spec = build_model(cfg, data)
+    model = build_model(cfg, data.in_channels)
     generator = torch.Generator().manual_seed(cfg.seed)
     lr_at = cosine_lr(cfg.lr, cfg.rounds)
     state = {"round": 1}
@@ -267,8 +268,8 @@ def run_in_process(method: str, cfg: FedConfig, sim: Simulation, data: Dataset,
         )
         finals.append(_final_eval(model, cfg, data))
         if method != "local":
-            spec = encoder_spec(cfg.encoder, data.in_channels, cfg.embedding_dim, cfg.norm, cfg.width)
-            save_encoder(model, spec, run.file("encoder.pt"), round=cfg.rounds)
+            save_encoder(model, model_spec(cfg, data.in_channels), run.file("encoder.pt"),
+                         round=cfg.rounds)
     for rnd in sorted(curves):
         run.append_metrics({"round": rnd, "knn_backbone": statistics.fmean(curves[rnd])})
     result = {key: statistics.fmean(f[key] for f in finals) for key in finals[0]}
@@ -292,7 +293,7 @@ def run_federated(method: str, cfg: FedConfig, sim: Simulation, data: Dataset, o
 
 
 def random_init_figures(cfg: FedConfig, data: Dataset) -> dict[str, float]:
-    model, _spec = build_model(cfg, data)
+    model = build_model(cfg, data.in_channels)
     return _final_eval(model, cfg, data)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import replace
 
 import grpc
@@ -13,7 +14,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from client import app as client_app
 from client import trainer as trainer_module
-from client.app import NodeSettings
+from client.round import train_round
+from client.settings import NodeSettings
 from client.state import StateDir, default_state_dir
 from client.stub import QueueClient
 from common import optim_state
@@ -135,10 +137,10 @@ def test_optimiser_state_sent_with_the_weights_is_continued_and_sent_back(images
     images4d = x.unsqueeze(1)
     common = dict(lr=1e-3, queue_address=f"127.0.0.1:{free_port()}", queue_token=TOKEN,
                   queue_version=3, seed=11)
-    fresh, _ = client_app.train_round(cfg, images4d, weights, **common)
-    zero, _ = client_app.train_round(cfg, images4d, weights, **common,
-                                     optimizer_state=optim_state.initial_arrays(model, cfg))
-    continued, _ = client_app.train_round(cfg, images4d, weights, **common, optimizer_state=state)
+    fresh, _ = train_round(cfg, images4d, weights, **common)
+    zero, _ = train_round(cfg, images4d, weights, **common,
+                          optimizer_state=optim_state.initial_arrays(model, cfg))
+    continued, _ = train_round(cfg, images4d, weights, **common, optimizer_state=state)
     assert set(fresh) == set(weights)  # no state sent, none returned
     assert all(torch.equal(fresh[k], zero[k]) for k in fresh)
     assert any(not torch.equal(fresh[k], continued[k]) for k in fresh)
@@ -258,6 +260,15 @@ def test_node_settings_defaults(monkeypatch, tmp_path):
         NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 1, "client-id": "../x"})
     with pytest.raises(ValueError, match="data-path needs client-id"):  # no "partition-None"
         NodeSettings.from_node_config({"data-path": str(tmp_path / "site.npz")})
+
+
+@pytest.mark.parametrize(("name", "home"), [("push_keys", "client.round"),
+                                            ("partition_indices", "client.data"),
+                                            ("build_model", "common.model")])
+def test_names_moved_out_of_the_app_still_import_with_a_deprecation_warning(name, home):
+    with pytest.warns(DeprecationWarning, match=f"moved to {home}"):
+        moved = getattr(client_app, name)
+    assert moved is getattr(importlib.import_module(home), name)
 
 
 # -- differential privacy -------------------------------------------------------------

@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from client.app import NodeSettings, queue_root_certificates
 from client.commands import add_client_arguments as client_arguments
 from client.node import node_config, supernode_command
+from client.settings import NodeSettings, queue_root_certificates
 from client.stub import QueueClient
 from common.cli import UsageError
 from common.flower_env import ProcessTree, flower_env, free_port

@@ -13,8 +13,9 @@ import textwrap
 import pytest
 import torch
 
-from client.app import NodeSettings, local_images
 from client.cli import evaluate_run, train_local
+from client.data import local_images
+from client.settings import NodeSettings
 from common import plugins
 from common.checkpoint import encoder_spec, load_encoder, read_checkpoint, save_encoder
 from common.config import (

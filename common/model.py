@@ -1,0 +1,50 @@
+"""The run's encoder, built from its config: the one place a config becomes a model.
+
+``fedcontrast train-local``, the ServerApp, the ClientApp and the in-process comparisons
+all build their :class:`~common.encoders.ContrastiveModel` here, so a run's settings
+(``--encoder``, ``--embedding-dim``, ``--norm``, ``--width``, ``--seed``) mean the same
+model everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from common.checkpoint import encoder_spec
+from common.config import TrainConfig
+from common.encoders import ContrastiveModel, build_encoder
+
+
+def model_spec(cfg: TrainConfig, in_channels: int) -> dict[str, Any]:
+    """The checkpoint spec (:func:`common.checkpoint.encoder_spec`) of the run's encoder."""
+    return encoder_spec(cfg.encoder, in_channels, cfg.embedding_dim, cfg.norm, cfg.width)
+
+
+def build_model(cfg: TrainConfig, in_channels: int,
+                state: Mapping[str, torch.Tensor] | None = None) -> ContrastiveModel:
+    """The run's encoder for ``in_channels``-channel items.
+
+    Without ``state`` it is initialised from ``cfg.seed`` (torch's global generator is
+    seeded with it first), so every process builds the same initial model. With
+    ``state`` (a node's received global weights) it holds those weights; its random
+    initialisation is overwritten, so the global generator is not reseeded.
+
+    Raises:
+        ValueError: ``state`` does not fit the encoder the config asks for.
+    """
+    if state is None:
+        torch.manual_seed(cfg.seed)
+    model = build_encoder(cfg.encoder, in_channels=in_channels, embedding_dim=cfg.embedding_dim,
+                          norm=cfg.norm, width=cfg.width)
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"the server's weights do not fit this node's {cfg.encoder} encoder for "
+                f"{in_channels}-channel items: {exc}"
+            ) from exc
+    return model
