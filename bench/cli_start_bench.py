@@ -28,17 +28,17 @@ _LAZY = "fedcontrast --help (light command modules)"
 _ONE = "fedcontrast train-local --help (flags from the light module)"
 _CODE = "train-local's code imported (what running it adds first)"
 #: The modules the entry points named before session 12: the commands' code.
-COMMAND_CODE = ("client.cli", "client.node", "server.cli", "server.deploy",
+COMMAND_CODE = ("client.train_local", "client.node", "server.queue_server", "server.deploy",
                 "simulations.simulate", "simulations.compare", "simulations.privacy")
 _ARMS = {
     # The old path: every entry point's module imported (they held the commands and their
     # flags), then the parser with every command's flags.
     _EAGER: f"import {', '.join(COMMAND_CODE)}\n"
-            "from common.cli import build_parser, discover_commands\n"
+            "from common.runtime.cli import build_parser, discover_commands\n"
             "build_parser(discover_commands(), arguments=True).print_help()",
-    _LAZY: "from common.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass",
-    _ONE: "from common.cli import main\ntry: main(['train-local', '--help'])\nexcept SystemExit: pass",
-    _CODE: "import client.cli",
+    _LAZY: "from common.runtime.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass",
+    _ONE: "from common.runtime.cli import main\ntry: main(['train-local', '--help'])\nexcept SystemExit: pass",
+    _CODE: "import client.train_local",
 }
 
 

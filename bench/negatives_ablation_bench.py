@@ -41,9 +41,9 @@ from typing import Any
 
 from bench.common import CIFAR_DATA, add_data_arguments, write_result
 from bench.compare_bench import bench_config, write_slice
-from common.cli import UsageError
 from common.config import FedConfig
 from common.datasets import DatasetError, load_dataset
+from common.errors import UsageError
 from simulations.compare import method_config, run_federated
 from simulations.simulate import Simulation
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench.common import write_result
 from common.config import FedConfig
-from common.flower_env import _proc_table, descendants
+from common.runtime.flower_env import _proc_table, descendants
 from simulations.simulate import Simulation, simulate
 
 EXAMPLES_PER_CLIENT = 50

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import add_data_arguments, write_result
-from client.cli import train_local
+from client.train_local import train_local
 from common.config import TrainConfig
 
 # metric -> True when higher is better

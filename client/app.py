@@ -1,6 +1,6 @@
 """The ClientApp: Flower's messages to a node, answered by one local round.
 
-A thin adapter (see ``server/strategy.py`` for the message contract): it reads the
+A thin adapter (see ``server/contract.py`` for the message contract): it reads the
 settings from the run config and the node's data and identity from the node config
 (:mod:`client.settings`, which lists its keys), calls the round
 (:mod:`client.round`, plain torch plus the queue stub) and wraps what it returns in
@@ -100,7 +100,7 @@ def push(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Flower's entry point for a TRAIN message (contract in ``server/strategy.py``)."""
+    """Flower's entry point for a TRAIN message (contract in ``server/contract.py``)."""
     cfg = from_run_config(FedConfig, context.run_config)
     node = NodeSettings.from_node_config(context.node_config)
     config = msg.content["config"]

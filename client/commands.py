@@ -8,8 +8,8 @@ mistyped flag is refused at once; each command's code is imported when it runs.
 import argparse
 from pathlib import Path
 
-from common.cli import Command, deferred
 from common.config import TrainConfig, add_config_arguments
+from common.runtime.cli import Command, deferred
 
 
 def add_train_local_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +75,7 @@ train_local_command = Command(
         "summary.json (trained vs random-init encoder) and curves.png."
     ),
     add_arguments=add_train_local_arguments,
-    run=deferred("client.cli:run_train_local"),
+    run=deferred("client.train_local:run_train_local"),
 )
 
 evaluate_command = Command(
@@ -87,7 +87,7 @@ evaluate_command = Command(
         "uniformity at the backbone and the head, beside the same architecture at random init."
     ),
     add_arguments=add_evaluate_arguments,
-    run=deferred("client.cli:run_evaluate"),
+    run=deferred("client.train_local:run_evaluate"),
 )
 
 client_command = Command(

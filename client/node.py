@@ -19,8 +19,8 @@ from typing import Any
 
 from client.state import check_client_id, default_state_dir
 from common import plugins
-from common.cli import UsageError
-from common.flower_env import (
+from common.errors import UsageError
+from common.runtime.flower_env import (
     ProcessTree,
     flower_env,
     free_port,

@@ -27,7 +27,12 @@ import torch.nn.functional as F
 
 from common.config import DEFAULT_MAX_MESSAGE_BYTES
 from common.pull_policies import check_seeded, pull_policy, to_wire
-from common.wire import TOKEN_METADATA_KEY, parse_with_tensor, serialize_with_tensor, wire_dtype
+from common.runtime.wire import (
+    TOKEN_METADATA_KEY,
+    parse_with_tensor,
+    serialize_with_tensor,
+    wire_dtype,
+)
 from proto import negatives_pb2 as pb
 from proto import negatives_pb2_grpc as pb_grpc
 
@@ -97,7 +102,7 @@ class QueueClient:
             self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.NegativeQueueStub(self._channel)
         # Push and Pull move bytes that are mostly one tensor: they skip the generated
-        # (de)serialisers and go through common.wire, which copies the tensor once.
+        # (de)serialisers and go through common.runtime.wire, which copies the tensor once.
         service = f"/{pb.DESCRIPTOR.services_by_name['NegativeQueue'].full_name}"
         self._push_bytes = self._channel.unary_unary(
             f"{service}/Push",

@@ -3,7 +3,7 @@
 Nothing here downloads. ``digits`` ships with scikit-learn; generated data (``synthetic``,
 ``dna``) is made from the seed; every other dataset is a file or folder the user already
 has. Items are images (N, C, H, W) for the image built-ins and whatever a plug-in makes
-otherwise, e.g. one-hot DNA sequences (N, 4, L) (:mod:`common.dna`).
+otherwise, e.g. one-hot DNA sequences (N, 4, L) (:mod:`common.examples.dna`).
 
 Spec strings understood by :func:`load_dataset`:
 
@@ -16,7 +16,7 @@ Spec strings understood by :func:`load_dataset`:
 - ``synthetic:N``: N generated 8x8 grayscale training images (and N/5 test images)
   of 10 classes, each a noisy, shifted copy of its class's smooth template. Tiny data
   for scale tests (1,000 clients x 50 examples is ``synthetic:50000``).
-- ``dna`` or ``dna:KEY=VALUE,...``: synthetic genomes (:func:`common.dna.genomes`).
+- ``dna`` or ``dna:KEY=VALUE,...``: synthetic genomes (:func:`common.examples.dna.genomes`).
 - ``package.module:name`` or ``package.module:name:ARG``: a plug-in
   :class:`~common.plugins.DatasetFactory`, called as ``name(ARG, seed=seed)``.
 

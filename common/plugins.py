@@ -10,7 +10,7 @@ checkpoints (which record the encoder's spec) and every process of a federation.
 Where a plug-in must live: importable in every process that loads data, builds the
 encoder or draws views, i.e. the CLI, the ServerApp and every ClientApp. Install its
 package into the environment, or, for ``flwr run``, put the module under ``common/``
-(which the Flower app bundle packs; ``common/dna.py`` is the worked example).
+(which the Flower app bundle packs; ``common/examples/dna.py`` is the worked example).
 
 Contracts (checked where the object is used; a breach raises :class:`PluginError`
 naming the plug-in and the contract):
@@ -53,16 +53,16 @@ BUILTINS: dict[str, dict[str, str]] = {
         "digits": "common.datasets:digits",
         "synthetic": "common.datasets:synthetic",
         "cifar10": "common.datasets:cifar10",
-        "dna": "common.dna:genomes",
+        "dna": "common.examples.dna:genomes",
     },
     "encoder": {
         "cnn": "common.encoders:cnn",
         "resnet18": "common.encoders:resnet18",
-        "cnn1d": "common.dna:encoder",
+        "cnn1d": "common.examples.dna:encoder",
     },
     "views": {
         "images": "common.augment:image_views",
-        "dna": "common.dna:views",
+        "dna": "common.examples.dna:views",
     },
 }
 

@@ -13,7 +13,7 @@ Run config: every :class:`~common.config.FedConfig` key, plus
   certificate and key unless ``--insecure``. Every TRAIN message tells the node whether
   the queue is TLS (``queue-tls``).
 
-Run directory (see :mod:`common.rundir`)::
+Run directory (see :mod:`common.runtime.rundir`)::
 
     config.json  versions.json  metrics.csv  metrics.jsonl  (one row per round)
     encoder.pt   (every round; common.checkpoint format with "round", "next_slot",
@@ -43,10 +43,10 @@ from common.config import FedConfig, from_run_config, push_quota, resolve_device
 from common.datasets import Dataset, load_dataset
 from common.encoders import ContrastiveModel
 from common.evaluation import evaluate_encoder
-from common.flower_env import route_logs_to_flower
 from common.model import build_model, model_spec
 from common.plugins import make_views
-from common.rundir import RunDir
+from common.runtime.flower_env import route_logs_to_flower
+from common.runtime.rundir import RunDir
 from server.aggregation import build_strategy
 from server.queue import NegativeQueue
 from server.rounds import PLOTTED, RoundDriver

@@ -8,10 +8,10 @@ mistyped flag is refused at once; each command's code is imported when it runs.
 import argparse
 from pathlib import Path
 
-from common.cli import Command, deferred
 from common.config import DEFAULT_MAX_MESSAGE_BYTES, FedConfig, add_config_arguments
+from common.runtime.cli import Command, deferred
 
-#: The queue's storage precisions: torch dtype names (``server.cli`` maps them).
+#: The queue's storage precisions: torch dtype names (``server.queue_server`` maps them).
 STORAGE_DTYPE_NAMES = ("float16", "float32")
 TOKENS_FILE_HELP = (
     "tokens file: one 'TOKEN SLOT' pair per line, SLOT a contributor number >= 0 or the word "
@@ -140,5 +140,5 @@ queue_server_command = Command(
         "gracefully and writes the snapshot."
     ),
     add_arguments=add_queue_server_arguments,
-    run=deferred("server.cli:run"),
+    run=deferred("server.queue_server:run"),
 )

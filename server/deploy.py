@@ -39,14 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import server
-from common.cli import UsageError
 from common.config import (
     FedConfig,
     from_args,
     read_config_values,
     to_run_config,
 )
-from common.flower_env import (
+from common.errors import UsageError
+from common.runtime.flower_env import (
     ProcessTree,
     flower_env,
     stopped_on_exit,

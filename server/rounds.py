@@ -42,7 +42,7 @@ from flwr.serverapp.exception import AggregationError, InconsistentMessageReplie
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import FedConfig
-from common.rundir import RunDir
+from common.runtime.rundir import RunDir
 from common.schedule import cosine_lr
 from server.aggregation import combine_metrics
 from server.contract import addressees, answering_node, check_push_reply, check_reply, reply_digest

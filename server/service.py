@@ -39,7 +39,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.config import DEFAULT_MAX_MESSAGE_BYTES
 from common.pull_policies import from_wire, seeded_refusal
-from common.wire import TOKEN_METADATA_KEY, proto_to_tensor, serialize_with_tensor, torch_dtype
+from common.runtime.wire import (
+    TOKEN_METADATA_KEY,
+    proto_to_tensor,
+    serialize_with_tensor,
+    torch_dtype,
+)
 from proto import negatives_pb2 as pb
 from proto import negatives_pb2_grpc as pb_grpc
 from server.queue import NegativeQueue, QuotaExceeded

@@ -9,8 +9,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from common.cli import Command, deferred
 from common.config import FedConfig, add_config_arguments
+from common.runtime.cli import Command, deferred
 from simulations.scenario import scenario_names
 
 #: The simulation's own defaults where they differ from FedConfig's. Ten clients of

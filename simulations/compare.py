@@ -60,14 +60,14 @@ from client.data import local_images, partition_indices
 from client.settings import NodeSettings
 from client.trainer import ContrastiveTrainer
 from common.checkpoint import load_encoder, save_encoder
-from common.cli import UsageError
 from common.config import FedConfig, resolve_device
 from common.datasets import Dataset, load_dataset
 from common.encoders import ContrastiveModel
+from common.errors import UsageError
 from common.evaluation import evaluate_encoder
 from common.model import build_model, model_spec
 from common.plugins import make_views
-from common.rundir import RunDir
+from common.runtime.rundir import RunDir
 from common.schedule import cosine_lr
 from simulations.commands import METHODS
 from simulations.reuse import (

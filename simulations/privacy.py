@@ -35,10 +35,10 @@ from typing import Any, Literal
 from rich.console import Console
 
 from client.state import StateDir
-from common.cli import UsageError
 from common.config import FedConfig
 from common.datasets import load_dataset
-from common.rundir import RunDir
+from common.errors import UsageError
+from common.runtime.rundir import RunDir
 from simulations.commands import PRIVATE_LOSS, SWEEP_DEFAULTS
 from simulations.compare import parse_list, random_init_figures, run_federated
 from simulations.reuse import (

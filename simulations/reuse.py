@@ -30,10 +30,10 @@ from typing import Any
 
 from rich.console import Console
 
-from common.cli import UsageError
 from common.config import FedConfig, resolve_device
 from common.datasets import Dataset
-from common.rundir import RunDir, git_commit, package_versions
+from common.errors import UsageError
+from common.runtime.rundir import RunDir, git_commit, package_versions
 
 logger = logging.getLogger(__name__)
 

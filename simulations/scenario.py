@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.cli import UsageError
 from common.config import FedConfig
+from common.errors import UsageError
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 SIMULATION_KEYS = ("num-clients", "client-cpus", "client-gpus")

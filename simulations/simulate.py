@@ -32,11 +32,11 @@ from typing import Any
 
 from rich.console import Console
 
-from client.cli import evaluate_run, summary_table
 from client.state import clients_under
-from common.cli import UsageError
+from client.train_local import evaluate_run, summary_table
 from common.config import FedConfig, from_args, read_config_values
-from common.flower_env import (
+from common.errors import UsageError
+from common.runtime.flower_env import (
     ProcessTree,
     flower_env,
     free_port,

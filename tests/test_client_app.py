@@ -22,8 +22,8 @@ from common import optim_state
 from common.accounting import PrivacyAccountant
 from common.config import FedConfig, push_quota, to_run_config
 from common.encoders import build_encoder
-from common.flower_env import free_port
-from common.wire import TOKEN_METADATA_KEY
+from common.runtime.flower_env import free_port
+from common.runtime.wire import TOKEN_METADATA_KEY
 from proto import negatives_pb2 as pb
 from proto import negatives_pb2_grpc as pb_grpc
 from server.contract import (

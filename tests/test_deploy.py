@@ -11,8 +11,8 @@ from flwr.common.config import parse_config_args
 
 from client.commands import add_client_arguments as client_arguments
 from client.node import node_config, supernode_command
-from common.cli import UsageError
 from common.config import FedConfig, from_run_config
+from common.errors import UsageError
 from server.commands import add_server_arguments as server_arguments
 from server.deploy import (
     app_dir,
@@ -121,7 +121,7 @@ def test_resume_needs_a_run_directory(tmp_path):
 
 @pytest.mark.parametrize("command", ["server", "simulate"])
 def test_a_run_directory_with_rounds_is_refused_before_anything_starts(tmp_path, capsys, command):
-    from common.cli import main
+    from common.runtime.cli import main
 
     out = tmp_path / "run"
     out.mkdir()
@@ -181,11 +181,11 @@ def test_node_config_refuses_what_flower_cannot_carry(tmp_path):
 
 
 def test_node_data_may_be_a_dataset_plugin_and_a_wrong_one_is_named():
-    args = client_args("--superlink", "h:1", "--insecure", "--data-path", "common.dna:genomes:n=200",
+    args = client_args("--superlink", "h:1", "--insecure", "--data-path", "common.examples.dna:genomes:n=200",
                        "--client-id", "lab-a")
-    assert node_config(args)["data-path"] == "common.dna:genomes:n=200"
-    with pytest.raises(UsageError, match="common.dna:nope"):
-        node_config(client_args("--superlink", "h:1", "--insecure", "--data-path", "common.dna:nope",
+    assert node_config(args)["data-path"] == "common.examples.dna:genomes:n=200"
+    with pytest.raises(UsageError, match="common.examples.dna:nope"):
+        node_config(client_args("--superlink", "h:1", "--insecure", "--data-path", "common.examples.dna:nope",
                                 "--client-id", "lab-a"))
     with pytest.raises(UsageError, match="no such file"):
         node_config(client_args("--superlink", "h:1", "--insecure", "--data-path", "missing.npz",

@@ -30,8 +30,8 @@ from client.commands import add_client_arguments as client_arguments
 from client.node import node_config, supernode_command
 from client.settings import NodeSettings, queue_root_certificates
 from client.stub import QueueClient
-from common.cli import UsageError
-from common.flower_env import ProcessTree, flower_env, free_port
+from common.errors import UsageError
+from common.runtime.flower_env import ProcessTree, flower_env, free_port
 from server.app import queue_tls
 from server.commands import add_server_arguments as server_arguments
 from server.deploy import queue_tls_run_config, read_public_keys, superlink_command

@@ -20,12 +20,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from torch import nn
 
 from client import app as client_app
-from client.cli import evaluate_run
 from client.state import StateDir
+from client.train_local import evaluate_run
 from common.checkpoint import encoder_spec, load_encoder, read_checkpoint, save_encoder
 from common.config import FedConfig, load_config, to_run_config
 from common.datasets import DatasetError, load_dataset
-from common.dna import (
+from common.encoders import build_encoder
+from common.evaluation import evaluate_encoder
+from common.examples.dna import (
     GenomeSpec,
     SequenceViews,
     motifs,
@@ -33,11 +35,9 @@ from common.dna import (
     reverse_complement,
     strand_gap,
 )
-from common.encoders import build_encoder
-from common.evaluation import evaluate_encoder
-from common.flower_env import ProcessTree
 from common.plugins import make_views
-from common.rundir import RunDir
+from common.runtime.flower_env import ProcessTree
+from common.runtime.rundir import RunDir
 from server.contract import check_reply
 from server.queue import NegativeQueue
 from server.service import QueueServer
@@ -49,8 +49,8 @@ logger = logging.getLogger(__name__)
 CPU = torch.device("cpu")
 FEDCONTRAST = str(Path(sys.executable).parent / "fedcontrast")
 #: The DNA plug-ins by import path, as a user's own would be named.
-PLUGINS = ["--dataset", "common.dna:genomes", "--encoder", "common.dna:encoder",
-           "--views", "common.dna:views"]
+PLUGINS = ["--dataset", "common.examples.dna:genomes", "--encoder", "common.examples.dna:encoder",
+           "--views", "common.examples.dna:views"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -154,8 +154,8 @@ def test_a_random_init_encoder_is_far_from_solving_the_families():
     assert abs(gap) < 0.05
 
 
-TINY = FedConfig(dataset="common.dna:genomes:train=96,test=32", encoder="common.dna:encoder",
-                 views="common.dna:views", width=8, embedding_dim=16, batch_size=32,
+TINY = FedConfig(dataset="common.examples.dna:genomes:train=96,test=32", encoder="common.examples.dna:encoder",
+                 views="common.examples.dna:views", width=8, embedding_dim=16, batch_size=32,
                  global_negatives=64, push_fraction=0.5, device="cpu", seed=3, in_batch=False,
                  key_mode="frozen", dp=True, noise_multiplier=1.0, push_noise=2.0)
 
@@ -233,7 +233,7 @@ def test_a_simulated_federation_learns_strand_invariant_families(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["replied"] for r in rows] == [3] * 5
     assert all(r["pushed_rows"] > 0 for r in rows) and rows[-1]["global_hits"] > 0  # the queue
-    assert read_checkpoint(out / "encoder.pt")["spec"]["encoder"] == "common.dna:encoder"
+    assert read_checkpoint(out / "encoder.pt")["spec"]["encoder"] == "common.examples.dna:encoder"
 
     figures = evaluate_run(out, device="cpu")  # the run's encoder vs the same one at random init
     trained, random_init = figures["trained"], figures["random_init"]

@@ -2,14 +2,14 @@
 
 from pathlib import Path
 
-from common import docs
+from common.runtime import docs
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_readme_reference_is_current():
     text = docs.README.read_text()
-    assert docs.render(text) == text, "README reference is stale: run `python -m common.docs`"
+    assert docs.render(text) == text, "README reference is stale: run `python -m common.runtime.docs`"
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
@@ -44,7 +44,7 @@ def test_every_command_help_states_each_default_once_and_never_as_none():
     # said what their absence means, e.g. "--num-clients ... (default: 10) (default: None)".
     import re
 
-    from common.cli import build_parser
+    from common.runtime.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.choices and "compare" in a.choices)

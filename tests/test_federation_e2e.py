@@ -22,7 +22,7 @@ import torch
 
 from common.checkpoint import read_checkpoint
 from common.config import FedConfig, load_config
-from common.flower_env import ProcessTree, flower_env, free_port, wait_for_port
+from common.runtime.flower_env import ProcessTree, flower_env, free_port, wait_for_port
 from server.sampling import seeded_sample
 
 pytestmark = pytest.mark.e2e

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from common.flower_env import (
+from common.runtime.flower_env import (
     ProcessTree,
     descendants,
     flower_env,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from common.config import FedConfig, TrainConfig
+from common.config import FedConfig
 from common.model import build_model, model_spec
 
 CFG = FedConfig(width=4, embedding_dim=8)
@@ -32,14 +30,3 @@ def test_received_weights_are_loaded_and_leave_the_global_generator_unseeded():
     assert not torch.equal(torch.rand(1), after_a_seeded_build)
     with pytest.raises(ValueError, match="do not fit this node's cnn encoder for 3-channel"):
         build_model(CFG, 3, weights)
-
-
-def test_the_cli_builder_still_imports_with_a_deprecation_warning():
-    from client import cli
-
-    with pytest.warns(DeprecationWarning, match="common.model"):
-        build = cli.build_model
-    model, spec = build(TrainConfig(width=4, embedding_dim=8), SimpleNamespace(in_channels=1))
-    assert spec == model_spec(CFG, 1)
-    assert all(torch.equal(v, build_model(CFG, 1).state_dict()[k])
-               for k, v in model.state_dict().items())

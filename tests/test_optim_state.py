@@ -16,7 +16,7 @@ from common import optim_state
 from common.config import FedConfig
 from common.datasets import load_dataset
 from common.encoders import build_encoder
-from common.rundir import RunDir
+from common.runtime.rundir import RunDir
 from server.app import _Model, _resume
 from server.queue import NegativeQueue
 from server.sampling import NodeTokens

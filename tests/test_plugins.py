@@ -13,9 +13,9 @@ import textwrap
 import pytest
 import torch
 
-from client.cli import evaluate_run, train_local
 from client.data import local_images
 from client.settings import NodeSettings
+from client.train_local import evaluate_run, train_local
 from common import plugins
 from common.checkpoint import encoder_spec, load_encoder, read_checkpoint, save_encoder
 from common.config import (
@@ -127,7 +127,7 @@ def test_builtins_are_import_paths_resolved_like_any_other():
     ({"encoder": "nowhere.to_be:found"}, r"cannot import module 'nowhere.to_be' "
                                          r"\(ModuleNotFoundError.*importable in every process"),
     ({"dataset": "imagenet.v2:load"}, "cannot import module 'imagenet.v2'"),
-    ({"encoder": "common.dna:encodr"}, "'common.dna' has no attribute 'encodr'; did you mean encoder"),
+    ({"encoder": "common.examples.dna:encodr"}, "'common.examples.dna' has no attribute 'encodr'; did you mean encoder"),
     ({"views": user("NOT_CALLABLE")}, "is a int, not callable; expected ViewFactory"),
     ({"encoder": user("two_arguments")}, r"signature \(in_channels, embedding_dim\), which "
                                          "cannot be called as EncoderFactory"),
@@ -198,10 +198,10 @@ def test_import_paths_pass_through_flags_and_the_flower_run_config():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, FedConfig)
     args = parser.parse_args(["--dataset", user("signals:20"), "--encoder", user("pooled"),
-                              "--views", "common.dna:views"])
+                              "--views", "common.examples.dna:views"])
     cfg = from_args(FedConfig, args)
     assert (cfg.dataset, cfg.encoder, cfg.views) == (user("signals:20"), user("pooled"),
-                                                     "common.dna:views")
+                                                     "common.examples.dna:views")
     assert from_run_config(FedConfig, to_run_config(cfg)) == cfg
 
 

@@ -19,7 +19,7 @@ from common.augment import image_views
 from common.config import FedConfig, TrainConfig
 from common.datasets import load_dataset
 from common.encoders import build_encoder
-from common.flower_env import free_port
+from common.runtime.flower_env import free_port
 
 CPU = torch.device("cpu")
 CFG = FedConfig(width=8, embedding_dim=16, in_batch=False, key_mode="frozen", dp=True,
@@ -199,7 +199,7 @@ def test_trainer_refuses_batchnorm_in_batch_negatives_and_own_unnoised_rows():
 def test_opacus_is_imported_only_when_dp_is_used():
     # Opacus and SciPy under it take seconds to import: every command, ClientApp and
     # --help would pay them. Loading every command and the apps must leave them out.
-    code = ("import sys; from common.cli import discover_commands; discover_commands(); "
+    code = ("import sys; from common.runtime.cli import discover_commands; discover_commands(); "
             "import client.app, server.app; print('opacus' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

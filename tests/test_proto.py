@@ -11,7 +11,12 @@ import pytest
 import torch
 from google.protobuf import descriptor_pb2
 
-from common.wire import parse_with_tensor, proto_to_tensor, serialize_with_tensor, tensor_to_proto
+from common.runtime.wire import (
+    parse_with_tensor,
+    proto_to_tensor,
+    serialize_with_tensor,
+    tensor_to_proto,
+)
 from proto import negatives_pb2 as pb
 from proto import negatives_pb2_grpc as pb_grpc
 

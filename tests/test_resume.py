@@ -24,7 +24,7 @@ from flwr.app import Context, RecordDict
 from client import app as client_app
 from common.checkpoint import read_checkpoint
 from common.config import FedConfig, to_run_config
-from common.rundir import RunDir
+from common.runtime.rundir import RunDir
 from server import app as server_app
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "one_thread")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from common.rundir import REDACTED, RunDir, redact_argv
+from common.runtime.rundir import REDACTED, RunDir, redact_argv
 
 
 def test_a_secret_flags_value_never_reaches_the_recorded_command_line() -> None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.stub import QueueClient
-from common.wire import proto_to_tensor, tensor_to_proto
+from common.runtime.wire import proto_to_tensor, tensor_to_proto
 from proto import negatives_pb2 as pb
 from proto import negatives_pb2_grpc as pb_grpc
 from server.queue import NegativeQueue
@@ -466,7 +466,7 @@ def test_tls_round_trip(queue, tmp_path):
 
 def _start_command(args: list[str]) -> tuple[subprocess.Popen, str]:
     script = (
-        "import sys; from common.cli import build_parser; "
+        "import sys; from common.runtime.cli import build_parser; "
         "from server.commands import queue_server_command as c; "
         "args = build_parser({c.name: c}).parse_args(sys.argv[1:]); sys.exit(args._run(args))"
     )
@@ -546,9 +546,9 @@ def test_queue_server_command_keeps_its_rows_across_a_restart(tmp_path):
 def test_queue_server_command_needs_tls_or_insecure(tmp_path):
     import argparse
 
-    from common.cli import UsageError
-    from server.cli import read_tokens_file
+    from common.errors import UsageError
     from server.commands import queue_server_command
+    from server.queue_server import read_tokens_file
 
     parser = argparse.ArgumentParser()
     queue_server_command.add_arguments(parser)

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from client.state import StateDir
-from common.cli import UsageError
 from common.config import FedConfig, read_config_values
 from common.datasets import DatasetError, load_dataset
-from common.flower_env import ProcessTree
+from common.errors import UsageError
+from common.runtime.flower_env import ProcessTree
 from server.sampling import seeded_sample
 from simulations.commands import add_simulate_arguments as add_arguments
 from simulations.compare import (
@@ -466,7 +466,7 @@ def test_a_compare_rerun_knows_its_data_by_contents_not_by_path(tmp_path):
 
 
 def _run_dir(path: Path, rounds: int, **settings) -> Path:
-    from common.rundir import RunDir
+    from common.runtime.rundir import RunDir
 
     run = RunDir(path)
     run.write_config(FedConfig(**settings))

@@ -24,7 +24,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.config import FedConfig
 from common.optim_state import STEP_KEY
-from common.rundir import RunDir
+from common.runtime.rundir import RunDir
 from server.aggregation import WeightsKrum, build_strategy
 from server.contract import IDENTIFY, REPLY_METRIC_KEYS, TRAIN_CONFIG_KEYS
 from server.deploy import progress_line

@@ -13,7 +13,7 @@ from common.checkpoint import load_encoder
 
 
 def fedcontrast(*args, timeout=240):
-    return subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "common.runtime.cli", *args], capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -71,7 +71,7 @@ def test_malformed_npz_is_one_line(tmp_path):
 
 
 def test_a_command_whose_module_fails_to_import_is_listed_and_says_why(monkeypatch, capsys):
-    from common import cli
+    from common.runtime import cli
 
     broken = cli.Command(name="broken", help="a command whose module is missing",
                          add_arguments=cli.deferred("no_such_module:add_arguments"),
@@ -91,7 +91,7 @@ def test_a_command_whose_module_fails_to_import_is_listed_and_says_why(monkeypat
 
 def test_the_command_help_lines_are_those_of_the_installed_entry_points():
     # pyproject.toml names each Command in a light command module; its deferred run exists.
-    from common.cli import deferred, discover_commands
+    from common.runtime.cli import deferred, discover_commands
 
     commands = discover_commands()
     assert sorted(commands) == ["client", "compare", "evaluate", "privacy", "queue-server",
@@ -113,7 +113,7 @@ def test_version_and_help():
     assert r.returncode == 0 and "--device" in r.stdout and "--dataset" in r.stdout
 
 
-HEAVY = ["torch", "flwr", "grpc", "client.cli", "client.node", "server.cli", "server.deploy",
+HEAVY = ["torch", "flwr", "grpc", "client.train_local", "client.node", "server.queue_server", "server.deploy",
          "simulations.simulate", "simulations.compare", "simulations.privacy"]
 
 
@@ -124,11 +124,11 @@ HEAVY = ["torch", "flwr", "grpc", "client.cli", "client.node", "server.cli", "se
     (["-v", "evaluate", "--help"], ["client.commands"], HEAVY),  # flags need no torch
     (["compare", "--help"], ["simulations.commands"], HEAVY),
     (["compare", "--no-such-flag"], [], HEAVY),  # refused before any import
-    (["evaluate", "/nonexistent"], ["client.cli", "torch"],  # running it loads its code only
+    (["evaluate", "/nonexistent"], ["client.train_local", "torch"],  # running it loads its code only
      [m for m in HEAVY if m.startswith(("simulations.", "server.", "client.node"))]),
 ])
 def test_the_command_line_loads_only_the_commands_it_names(argv, loaded, absent):
-    code = ("import sys; from common.cli import main\n"
+    code = ("import sys; from common.runtime.cli import main\n"
             f"try: main({argv!r})\nexcept SystemExit: pass\n"
             f"print([m in sys.modules for m in {loaded + absent!r}])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

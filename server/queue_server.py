@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common.cli import UsageError
+from common.errors import UsageError
 from server.commands import STORAGE_DTYPE_NAMES
 from server.queue import NegativeQueue
 from server.service import QueueServer, ServerTLS

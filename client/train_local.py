@@ -1,7 +1,7 @@
 """``fedcontrast train-local``: contrastive training on one dataset.
 
 The building block of every client, and the centralized upper bound of the
-federated experiments. Writes a run directory (see :mod:`common.rundir`).
+federated experiments. Writes a run directory (see :mod:`common.runtime.rundir`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import copy
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ from client.negatives import LocalQueue
 from client.trainer import ContrastiveTrainer, cosine_lr
 from common import model as run_model
 from common.checkpoint import load_encoder, read_checkpoint, save_encoder
-from common.cli import UsageError
 from common.config import (
     FedConfig,
     TrainConfig,
@@ -34,9 +32,10 @@ from common.config import (
 )
 from common.datasets import Dataset, load_dataset
 from common.encoders import ContrastiveModel, build_encoder
+from common.errors import UsageError
 from common.evaluation import evaluate_encoder, raw_pixel_knn
 from common.plugins import make_views
-from common.rundir import RunDir
+from common.runtime.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -186,19 +185,3 @@ def run_train_local(args: argparse.Namespace) -> int:
     Console().print(summary_table(summary))
     print(f"run directory: {Path(out).resolve()}")
     return 0
-
-
-def _build_model_and_spec(cfg: TrainConfig, data: Dataset) -> tuple[ContrastiveModel, dict[str, Any]]:
-    return (run_model.build_model(cfg, data.in_channels),
-            run_model.model_spec(cfg, data.in_channels))
-
-
-def __getattr__(name: str) -> Any:
-    """``build_model(cfg, data) -> (model, spec)``, moved to :mod:`common.model`, still
-    importable from here for a while, with a DeprecationWarning."""
-    if name != "build_model":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn("client.cli.build_model moved to common.model: build_model(cfg, "
-                  "data.in_channels) is the model, model_spec(cfg, data.in_channels) its spec",
-                  DeprecationWarning, stacklevel=2)
-    return _build_model_and_spec

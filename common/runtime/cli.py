@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from common import __version__
+from common.errors import UsageError
 
 ENTRY_POINT_GROUP = "fedcontrast.commands"
 
@@ -38,10 +39,6 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "(default" in text or action.default is None:
             return text
         return super()._get_help_string(action)
-
-
-class UsageError(Exception):
-    """A user-facing error: bad arguments, missing files, malformed input."""
 
 
 class CommandUnavailable(UsageError):
@@ -197,8 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # `python -m common.cli` runs this file as __main__; delegate to the imported module so
+    # `python -m common.runtime.cli` runs this file as __main__; delegate to the imported module so
     # entry points compare against the same Command class.
-    from common.cli import main as _main
+    from common.runtime.cli import main as _main
 
     sys.exit(_main())

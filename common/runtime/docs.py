@@ -1,6 +1,6 @@
 """Generate the README's reference of commands, flags and settings from the code.
 
-``python -m common.docs`` rewrites the part of README.md between the markers
+``python -m common.runtime.docs`` rewrites the part of README.md between the markers
 below; ``tests/test_docs.py`` fails when that part is stale. Settings are listed
 once (flag and Flower run-config key side by side); each command then lists only
 its own flags and which settings it takes.
@@ -13,10 +13,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from common.cli import build_parser, discover_commands
 from common.config import FedConfig, TrainConfig, flag_name, key_name
+from common.runtime.cli import build_parser, discover_commands
 
-BEGIN = "<!-- BEGIN GENERATED REFERENCE (python -m common.docs) -->"
+BEGIN = "<!-- BEGIN GENERATED REFERENCE (python -m common.runtime.docs) -->"
 END = "<!-- END GENERATED REFERENCE -->"
 README = Path(__file__).resolve().parent.parent / "README.md"
 
