@@ -365,7 +365,8 @@ def test_many_clients_push_and_pull_at_once(queue):
     queue = NegativeQueue(4096, DIM, max_age=2)
     tokens = {f"t{i}": i for i in range(threads)}
     failures: list[str] = []
-    with QueueServer(queue, tokens, max_workers=8) as srv:
+    # Half the threads share one client and its token: let them all be in flight at once.
+    with QueueServer(queue, tokens, max_workers=8, max_calls_per_token=threads) as srv:
         shared = QueueClient(srv.address, "t0", timeout=10)
 
         def work(i: int) -> None:
