@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -17,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from queue_server_process import QueueServerProcess
 
 from client.stub import QueueClient
 from common.wire import proto_to_tensor, tensor_to_proto
@@ -25,7 +21,6 @@ from proto import negatives_pb2_grpc as pb_grpc
 from server.queue import NegativeQueue
 from server.service import SERVICE_NAME, TOKEN_METADATA_KEY, QueueServer, ServerTLS
 
-ROOT = Path(__file__).resolve().parent.parent
 DIM = 8
 TOKENS = {"token-a": 0, "token-b": 1}
 ADMIN = "token-admin"
@@ -465,48 +460,6 @@ def test_tls_round_trip(queue, tmp_path):
 # -------------------------------------------------------------------- command
 
 
-def _start_command(args: list[str]) -> tuple[subprocess.Popen, str]:
-    script = (
-        "import sys; from common.cli import build_parser; "
-        "from server.commands import queue_server_command as c; "
-        "args = build_parser({c.name: c}).parse_args(sys.argv[1:]); sys.exit(args._run(args))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    errors = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe nobody drains
-    process = subprocess.Popen(
-        [sys.executable, "-c", script, "queue-server", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=errors,
-        text=True,
-    )
-    process.errors = errors
-    try:  # also when the test times out while waiting for the first line
-        line = process.stdout.readline()
-        if "listening on" not in line:
-            raise AssertionError(f"queue-server did not start: {line!r} {_stderr(process)}")
-    except BaseException:
-        process.kill()
-        process.wait()
-        raise
-    return process, line.split("listening on ", 1)[1].split()[0]
-
-
-def _stderr(process: subprocess.Popen) -> str:
-    process.errors.seek(0)
-    return process.errors.read()
-
-
-def _stop_command(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        assert process.wait(timeout=20) == 0, _stderr(process)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
 @pytest.mark.timeout(90)
 def test_queue_server_command_keeps_its_rows_across_a_restart(tmp_path):
     tokens = tmp_path / "tokens.txt"
@@ -524,23 +477,17 @@ def test_queue_server_command_keeps_its_rows_across_a_restart(tmp_path):
         "--snapshot",
         str(snapshot),
     ]
-    process, address = _start_command(args)
-    try:
-        with QueueClient(address, "token-admin", timeout=30) as admin, QueueClient(
-            address, "token-a", timeout=30
-        ) as a:
-            assert admin.advance(1)
-            assert a.push(unit(5), version=1)
-    finally:
-        _stop_command(process)
+    with QueueServerProcess(args) as process, QueueClient(
+        process.address, "token-admin", timeout=30
+    ) as admin, QueueClient(process.address, "token-a", timeout=30) as a:
+        assert admin.advance(1)
+        assert a.push(unit(5), version=1)
     assert snapshot.exists()
 
-    process, address = _start_command(args)
-    try:
-        with QueueClient(address, "token-a", timeout=30) as a:
-            stats = a.stats()
-    finally:
-        _stop_command(process)
+    with QueueServerProcess(args) as process, QueueClient(
+        process.address, "token-a", timeout=30
+    ) as a:
+        stats = a.stats()
     assert (stats["size"], stats["version"]) == (5, 1)
 
 
