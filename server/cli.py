@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import stat
 import threading
 from pathlib import Path
@@ -108,6 +109,23 @@ def _check_flags(args: argparse.Namespace) -> torch.device:
         raise UsageError(str(exc)) from None
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """UsageError when ``host:port`` cannot be bound (in use, or no such address), said in
+    one line before gRPC tries and logs its own multi-line error."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As gRPC binds: a port whose last connections linger in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UsageError(
+                f"--host {host} --port {port}: cannot listen ({exc.strerror or exc})"
+            ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     device = _check_flags(args)
     tls = _tls(args)
@@ -121,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         storage_dtype=STORAGE_DTYPES[args.storage_dtype],
     )
+    _check_port_free(args.host, args.port)
     snapshot = Path(args.snapshot) if args.snapshot else None
     if snapshot is not None:
         remove_stale_temporaries(snapshot)
