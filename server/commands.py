@@ -75,12 +75,8 @@ def add_queue_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=128, help="embedding dimension")
     parser.add_argument("--capacity", type=int, default=4096, help="rows kept (ring buffer)")
     parser.add_argument("--max-age", type=int, default=2, help="rounds a row is kept")
-    parser.add_argument(
-        "--quota",
-        type=int,
-        default=None,
-        help="most rows one contributor may push per version; unset: no quota",
-    )
+    parser.add_argument("--quota", type=int, default=None,
+                        help="most rows one contributor may push per version; unset: no quota")
     parser.add_argument("--device", default="cpu",
                         help="torch device holding the rows: cpu, cuda, cuda:N or auto")
     parser.add_argument(
