@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from common.config import TrainConfig, add_config_arguments
-from common.runtime.cli import Command, deferred
+from common.runtime.cli import Command, deferred, port_number
 
 
 def add_train_local_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
                      help="this node's OpenSSH ECDSA private key, when the SuperLink authenticates "
                           "nodes (`ssh-keygen -t ecdsa -b 384 -N '' -f KEY`; the server registers "
                           "KEY.pub). Needs TLS")
-    sec.add_argument("--port", type=int, default=0,
+    sec.add_argument("--port", type=port_number, default=0,
                      help="the SuperNode's local ClientAppIo port (0: a free one)")
     sec.add_argument("--flwr-home", type=Path, default=None,
                      help="the SuperNode's FLWR_HOME (default: STATE_DIR/flwr-home)")

@@ -29,6 +29,8 @@ from common.pull_policies import PULL_POLICIES, repeatable_names, seeded_refusal
 
 #: Largest gRPC message of the negative queue service and its clients, by default (32 MiB).
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20
+#: Calls one queue token may have in flight at once (``server.service.QueueServer``).
+DEFAULT_MAX_CALLS_PER_TOKEN = 4
 
 T = TypeVar("T")
 

@@ -19,9 +19,10 @@ Run directory (see :mod:`common.runtime.rundir`)::
     encoder.pt   (every round; common.checkpoint format with "round", "next_slot",
                   "client_slots" and "optimizer_state")
     queue.pt     (NegativeQueue.snapshot, every round)
-    summary.json (status, rounds, final eval, queue, queue_tls, privacy, and contributors:
-                  slot -> the client id it belongs to, null for a node that did not
-                  identify itself, and the rows it pushed in this run)
+    summary.json (status, rounds, final eval, queue, queue_tls, privacy, dropped_replies:
+                  replies refused by kind over the run (server.contract.REFUSAL_KINDS),
+                  and contributors: slot -> the client id it belongs to, null for a
+                  node that did not identify itself, and the rows it pushed in this run)
     curves.png
 """
 
@@ -49,7 +50,7 @@ from common.runtime.flower_env import route_logs_to_flower
 from common.runtime.rundir import RunDir
 from server.aggregation import build_strategy
 from server.queue import NegativeQueue
-from server.rounds import PLOTTED, RoundDriver
+from server.rounds import PLOTTED, RoundDriver, dropped_totals
 from server.sampling import NodeTokens
 from server.service import QueueServer, ServerTLS
 
@@ -254,6 +255,7 @@ def main(grid: Grid, context: Context) -> None:
             "first_round": last_done + 1,
             "last_round": rows[-1]["round"] if rows else last_done,
             "counted_rounds": sum(int(r.get("counted", 0)) for r in rows),
+            "dropped_replies": dropped_totals(rows),
             "wall_time_s": time.monotonic() - start,
             "final_eval": driver.last_eval,
             "queue": queue.stats(),

@@ -8,8 +8,13 @@ mistyped flag is refused at once; each command's code is imported when it runs.
 import argparse
 from pathlib import Path
 
-from common.config import DEFAULT_MAX_MESSAGE_BYTES, FedConfig, add_config_arguments
-from common.runtime.cli import Command, deferred
+from common.config import (
+    DEFAULT_MAX_CALLS_PER_TOKEN,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    FedConfig,
+    add_config_arguments,
+)
+from common.runtime.cli import Command, deferred, port_number
 
 #: The queue's storage precisions: torch dtype names (``server.queue_server`` maps them).
 STORAGE_DTYPE_NAMES = ("float16", "float32")
@@ -33,7 +38,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     link = parser.add_argument_group("superlink")
     link.add_argument("--host", default="127.0.0.1",
                       help="address the SuperLink listens on (SuperNodes and flwr connect here)")
-    link.add_argument("--port", type=int, default=9092, help="the SuperLink's port")
+    link.add_argument("--port", type=port_number, default=9092, help="the SuperLink's port")
     link.add_argument("--superlink", default=None, metavar="HOST:PORT",
                       help="use this running SuperLink instead of starting one")
     link.add_argument("--insecure", action="store_true",
@@ -66,17 +71,14 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_queue_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (printed)")
+    parser.add_argument("--port", type=port_number, default=0, help="port; 0 picks a free one (printed)")
     parser.add_argument("--dim", type=int, default=128, help="embedding dimension")
     parser.add_argument("--capacity", type=int, default=4096, help="rows kept (ring buffer)")
     parser.add_argument("--max-age", type=int, default=2, help="rounds a row is kept")
-    parser.add_argument(
-        "--quota",
-        type=int,
-        default=None,
-        help="most rows one contributor may push per version; unset: no quota",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device holding the rows")
+    parser.add_argument("--quota", type=int, default=None,
+                        help="most rows one contributor may push per version; unset: no quota")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device holding the rows: cpu, cuda, cuda:N or auto")
     parser.add_argument(
         "--storage-dtype",
         choices=STORAGE_DTYPE_NAMES,
@@ -114,7 +116,15 @@ def add_queue_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-message-mb",
         type=float,
         default=DEFAULT_MAX_MESSAGE_BYTES / 2**20,
-        help="largest gRPC message accepted or sent, in MiB",
+        help="largest gRPC message accepted or sent, in MiB (at most 2047, gRPC's limit)",
+    )
+    parser.add_argument(
+        "--max-calls-per-token",
+        type=int,
+        default=DEFAULT_MAX_CALLS_PER_TOKEN,
+        help="calls one token may have in flight at once; one more is refused with "
+        "RESOURCE_EXHAUSTED, so one token holder keeps at most this many of the 8 RPC "
+        "threads busy (0: no limit)",
     )
 
 

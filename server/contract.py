@@ -38,7 +38,8 @@ holding "client-id", its stable identity from the node config (see
 :mod:`server.sampling`).
 
 A reply with an error (the ClientApp raised), a missing record, another key set,
-other array shapes or a non-finite value is unusable: :func:`check_reply` says why.
+a metric of another type, other array shapes or a non-finite value is unusable:
+:func:`check_reply` says why, as one of :data:`REFUSAL_KINDS` and a short detail.
 Valid replies are ordered by :func:`reply_digest`, the SHA-256 of their contents, so
 that a round's result depends on what the nodes sent, not on when.
 """
@@ -48,9 +49,12 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+
+from common.runtime.text import brief
 
 TRAIN_CONFIG_KEYS = ("server-round", "lr", "queue-address", "queue-tls", "queue-token",
                      "queue-version")
@@ -65,31 +69,74 @@ IDENTIFY = f"{MessageType.QUERY}.identify"
 PUSH_REPLY_METRIC_KEYS = ("pushed-rows", "push-failures")
 
 
-def check_reply(msg: Message, reference: ArrayRecord) -> str | None:
-    """Why ``msg`` cannot be aggregated against the global ``reference``; None if it can."""
+#: Why a TRAIN reply is unusable, as counted in the round rows (``dropped_<kind>``) and in
+#: ``summary.json`` (``dropped_replies``).
+REFUSAL_KINDS = (
+    "client-error",     # the ClientApp raised: Flower sent back its error
+    "records",          # other records than "arrays" and "metrics", or of other types
+    "metric-keys",      # other metric keys than REPLY_METRIC_KEYS
+    "metric-type",      # a metric that is no int or float (a list, say)
+    "metric-value",     # a metric that is NaN or infinite, or num-examples <= 0
+    "array-keys",       # other array names, or in another order, than the global model's
+    "array-shape",      # an array of another shape or dtype than the global model's
+    "array-data",       # an array whose bytes do not match its shape and dtype
+    "array-nonfinite",  # an array holding a NaN or infinite value
+)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a reply is unusable: one of :data:`REFUSAL_KINDS` and a short detail."""
+
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}"
+
+
+def check_reply(msg: Message, reference: ArrayRecord) -> Refusal | None:
+    """Why ``msg`` cannot be aggregated against the global ``reference``; None if it can.
+
+    Every detail is one short line (:func:`common.runtime.text.brief`): a node chooses what its
+    reply holds, error text included.
+    """
+    problem = _reply_problem(msg, reference)
+    return None if problem is None else Refusal(problem[0], brief(problem[1]))
+
+
+def _reply_problem(msg: Message, reference: ArrayRecord) -> tuple[str, str] | None:
     if msg.has_error():
-        return f"client error: {msg.error.reason}"
+        return "client-error", str(msg.error.reason)
     content = msg.content
     if set(content.keys()) != {"arrays", "metrics"}:
-        return f"records {sorted(content.keys())}, expected ['arrays', 'metrics']"
+        return "records", f"records {sorted(content.keys())}, expected ['arrays', 'metrics']"
     arrays, metrics = content["arrays"], content["metrics"]
     if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, MetricRecord):
-        return "'arrays' must be an ArrayRecord and 'metrics' a MetricRecord"
+        return "records", "'arrays' must be an ArrayRecord and 'metrics' a MetricRecord"
     if set(metrics.keys()) != set(REPLY_METRIC_KEYS):
-        return f"metric keys {sorted(metrics.keys())}, expected {sorted(REPLY_METRIC_KEYS)}"
-    values = [metrics[k] for k in REPLY_METRIC_KEYS]
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-        return "a metric is not a finite number"
+        return "metric-keys", f"metric keys {sorted(metrics.keys())}, expected {sorted(REPLY_METRIC_KEYS)}"
+    for key in REPLY_METRIC_KEYS:
+        value = metrics[key]
+        if type(value) not in (int, float):
+            return "metric-type", f"metric {key!r} is a {type(value).__name__}, not a number"
+        if not math.isfinite(value):
+            return "metric-value", f"metric {key!r} is {value}"
     if metrics[WEIGHT_KEY] <= 0:
-        return f"{WEIGHT_KEY} must be positive, got {metrics[WEIGHT_KEY]}"
+        return "metric-value", f"{WEIGHT_KEY} must be positive, got {metrics[WEIGHT_KEY]}"
     if list(arrays.keys()) != list(reference.keys()):
-        return "array keys differ from the global model's"
+        return "array-keys", "array keys differ from the global model's"
     for key in reference.keys():
         mine, ref = arrays[key], reference[key]
         if tuple(mine.shape) != tuple(ref.shape) or mine.dtype != ref.dtype:
-            return f"array {key!r} is {mine.dtype}{list(mine.shape)}, expected {ref.dtype}{list(ref.shape)}"
-        if not np.isfinite(mine.numpy()).all():
-            return f"array {key!r} has a NaN or infinite value"
+            return "array-shape", (f"array {key!r} is {mine.dtype}{list(mine.shape)}, "
+                                   f"expected {ref.dtype}{list(ref.shape)}")
+        try:
+            values = mine.numpy()
+        except (ValueError, TypeError):
+            return "array-data", f"array {key!r}: its bytes are no {mine.dtype}{list(mine.shape)}"
+        if not np.isfinite(values).all():
+            return "array-nonfinite", f"array {key!r} has a NaN or infinite value"
     return None
 
 

@@ -11,7 +11,8 @@ Ages and versions:
   queue to a new version and evicts rows older than ``max_age``.
 - A push at a version ahead of the queue's is refused (the encoder that made it
   does not exist yet); so is a push older than ``max_age`` (it would be evicted
-  already). A push at the previous version after an advance is accepted, so a
+  already), and one at a negative version (versions start at 0: at version 0 the
+  age bound alone would let versions that never existed take quota). A push at the previous version after an advance is accepted, so a
   client that finishes its round late still contributes.
 
 The queue validates pushes and pulls and keeps the counters; its parts are rooms of
@@ -43,7 +44,7 @@ import torch
 from common.pull_policies import Eligibility, check_seeded, pull_policy
 from server.quotas import Quotas
 from server.ring_buffer import RingBuffer
-from server.snapshot import read_snapshot, write_snapshot
+from server.snapshot import SNAPSHOT_FORMAT, SnapshotError, read_snapshot, write_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +247,8 @@ class NegativeQueue:
     def _check_version_locked(self, version: int) -> None:
         if version > self._version:
             raise InvalidPush(f"version {version} is ahead of the queue's version {self._version}")
+        if version < 0:
+            raise InvalidPush(f"version {version} is negative; versions start at 0")
         if version < self._version - self.max_age:
             raise InvalidPush(
                 f"version {version} is older than the queue accepts "
@@ -365,12 +368,16 @@ class NegativeQueue:
         """Replace the contents with a snapshot written by :meth:`snapshot`.
 
         The configuration (capacity, max_age, quota, device, dtype, tolerance) stays this
-        queue's own; rows, versions, quota use and counters come from the file.
-        If the snapshot holds more rows than ``capacity``, the newest are kept;
-        rows older than ``max_age`` are evicted.
+        queue's own; rows, versions, quota use and counters come from the file, which is
+        validated as a push would be: its structure and checksum
+        (:func:`server.snapshot.read_snapshot`), then every row (finite, unit norm within
+        the tolerance). If the snapshot holds more rows than ``capacity``, the newest
+        are kept; rows over today's quota for their contributor and version are dropped,
+        with a warning; rows older than ``max_age`` are evicted.
 
         Raises:
-            ValueError: the file is not a queue snapshot or its dim differs.
+            SnapshotError: the file is no valid queue snapshot for this queue; the queue
+                is unchanged.
         """
         state = read_snapshot(path, self.dim)
         rows, versions, contributors = state["rows"], state["versions"], state["contributors"]
@@ -384,12 +391,26 @@ class NegativeQueue:
                 versions[-self.capacity :],
                 contributors[-self.capacity :],
             )
+        if rows.shape[0]:
+            try:  # checked, not renormalised: a restored queue holds the bytes it saved
+                self._validated(rows)
+            except InvalidPush as exc:
+                raise SnapshotError(path, f"holds an invalid row: {exc}") from None
+        if state["checksum"] is None:
+            logger.warning("%s has no checksum (written before format %d); its rows passed "
+                           "validation", path, SNAPSHOT_FORMAT)
+        keep = self._quotas.within(contributors, versions)
+        if not bool(keep.all()):
+            logger.warning("snapshot %s: dropped %d rows over today's quota of %s rows per "
+                           "contributor and version", path, int((~keep).sum()),
+                           self.quota_per_version)
+            rows, versions, contributors = rows[keep], versions[keep], contributors[keep]
         with self._lock:
             self._ring.reset(rows, versions, contributors)
-            self._version = int(state["version"])
+            self._version = state["version"]
             self._quotas.load(state["quota_used"])
             self._counters.update(
-                {k: int(v) for k, v in state["counters"].items() if k in self._counters}
+                {k: v for k, v in state["counters"].items() if k in self._counters}
             )
             self._evict_locked()
         logger.info(

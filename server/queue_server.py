@@ -10,16 +10,19 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import stat
 import threading
 from pathlib import Path
 
 import torch
 
+from common.config import resolve_device
 from common.errors import UsageError
 from server.commands import STORAGE_DTYPE_NAMES
 from server.queue import NegativeQueue
 from server.service import QueueServer, ServerTLS
+from server.snapshot import remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -78,25 +81,70 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def run(args: argparse.Namespace) -> int:
-    tls = _tls(args)
-    tokens, admins = read_tokens_file(args.tokens_file)
+#: gRPC's message size limits are C ints: at most 2 GiB - 1 bytes.
+MAX_MESSAGE_MB = 2047
+
+
+def _check_flags(args: argparse.Namespace) -> torch.device:
+    """The device for the rows; UsageError for a flag that would otherwise fail later,
+    with a traceback."""
     if args.snapshot_every < 0:
         raise UsageError(f"--snapshot-every must be >= 0, got {args.snapshot_every}")
     if args.torch_threads < 1:
         raise UsageError(f"--torch-threads must be >= 1, got {args.torch_threads}")
+    if not 0 < args.max_message_mb <= MAX_MESSAGE_MB:
+        raise UsageError(
+            f"--max-message-mb must be in (0, {MAX_MESSAGE_MB}] (gRPC's limit), "
+            f"got {args.max_message_mb}"
+        )
+    if args.max_calls_per_token < 0:
+        raise UsageError(f"--max-calls-per-token must be >= 0, got {args.max_calls_per_token}")
+    if args.snapshot is not None:
+        snapshot = Path(args.snapshot)
+        if snapshot.is_dir():
+            raise UsageError(f"--snapshot {snapshot} is a directory; name a file in it")
+    try:
+        return resolve_device(args.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """UsageError when ``host:port`` cannot be bound (in use, or no such address), said in
+    one line before gRPC tries and logs its own multi-line error."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As gRPC binds: a port whose last connections linger in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UsageError(
+                f"--host {host} --port {port}: cannot listen ({exc.strerror or exc})"
+            ) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    device = _check_flags(args)
+    tls = _tls(args)
+    tokens, admins = read_tokens_file(args.tokens_file)
     torch.set_num_threads(args.torch_threads)
     queue = NegativeQueue(
         args.capacity,
         args.dim,
         max_age=args.max_age,
         quota_per_version=args.quota,
-        device=args.device,
+        device=device,
         storage_dtype=STORAGE_DTYPES[args.storage_dtype],
     )
+    _check_port_free(args.host, args.port)
     snapshot = Path(args.snapshot) if args.snapshot else None
-    if snapshot is not None and snapshot.exists():
-        queue.restore(snapshot)
+    if snapshot is not None:
+        remove_stale_temporaries(snapshot)
+        if snapshot.exists():
+            queue.restore(snapshot)
     server = QueueServer(
         queue,
         tokens,
@@ -105,14 +153,18 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         tls=tls,
         max_message_bytes=int(args.max_message_mb * 2**20),
+        max_calls_per_token=args.max_calls_per_token or None,
     )
+    try:
+        server.start()
+    except OSError as exc:
+        raise UsageError(f"--host {args.host} --port {args.port}: {exc}") from None
 
     stop = threading.Event()
     previous = {
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        server.start()
         print(f"queue-server listening on {server.address} (pid {os.getpid()})", flush=True)
         while not stop.wait(args.snapshot_every or None):
             if snapshot is not None:

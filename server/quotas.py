@@ -40,6 +40,16 @@ class Quotas:
             return None
         return max(0, self.per_version - self._used.get((contributor, version), 0))
 
+    def within(self, contributors: torch.Tensor, versions: torch.Tensor) -> torch.Tensor:
+        """Mask of the rows (oldest first, with these contributors and versions) that fit in
+        the quota: for each (contributor, version), its first ``per_version`` rows."""
+        counts: dict[tuple[int, int], int] = {}
+        keep = []
+        for key in zip(contributors.tolist(), versions.tolist(), strict=True):
+            counts[key] = counts.get(key, 0) + 1
+            keep.append(self.per_version is None or counts[key] <= self.per_version)
+        return torch.tensor(keep, dtype=torch.bool)
+
     def forget_before(self, oldest: int) -> None:
         """Drop the records of versions before ``oldest``."""
         self._used = {k: v for k, v in self._used.items() if k[1] >= oldest}
@@ -51,5 +61,8 @@ class Quotas:
         ).reshape(-1, 3)
 
     def load(self, used: torch.Tensor) -> None:
-        """Replace the records with those of :meth:`to_tensor`'s form."""
-        self._used = {(int(c), int(v)): int(k) for c, v, k in used.tolist()}
+        """Replace the records with those of :meth:`to_tensor`'s form (use over the
+        quota, from a snapshot of a queue with a larger one, counts as the quota)."""
+        cap = self.per_version
+        self._used = {(int(c), int(v)): int(k) if cap is None else min(int(k), cap)
+                      for c, v, k in used.tolist()}

@@ -14,8 +14,10 @@ write the round row, the checkpoint and the queue snapshot.
 With ``--push-timing before``, every node's pulls can find version-r rows of every
 other node from its first step; a failed push phase is logged and the node still trains.
 
-Unusable replies are dropped and logged with their reason; the round goes on with the
-others. A round counts when at least ``min_nodes`` valid replies arrived; otherwise
+Unusable replies are dropped and logged in one line with their reason; the round goes
+on with the others. The round row counts them by reason (``dropped_<kind>``, one column
+per :data:`server.contract.REFUSAL_KINDS` entry that occurred), and ``summary.json``
+totals them (:func:`dropped_totals`). A round counts when at least ``min_nodes`` valid replies arrived; otherwise
 the global weights stay as they were.
 
 Replies are aggregated in the order of their contents' SHA-256 digests
@@ -45,7 +47,14 @@ from common.config import FedConfig
 from common.runtime.rundir import RunDir
 from common.schedule import cosine_lr
 from server.aggregation import combine_metrics
-from server.contract import addressees, answering_node, check_push_reply, check_reply, reply_digest
+from server.contract import (
+    REFUSAL_KINDS,
+    addressees,
+    answering_node,
+    check_push_reply,
+    check_reply,
+    reply_digest,
+)
 from server.privacy import RunPrivacy
 from server.queue import NegativeQueue
 from server.sampling import NodeSampler, NodeTokens, OnlineNodes
@@ -72,6 +81,17 @@ def row_key(key: str) -> str:
     return key.replace("-", "_")
 
 
+def dropped_column(kind: str) -> str:
+    """The round-row column counting the replies refused for ``kind``."""
+    return row_key(f"dropped-{kind}")
+
+
+def dropped_totals(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Replies refused over ``rows``, by kind (every kind of :data:`REFUSAL_KINDS`)."""
+    return {kind: sum(int(r.get(dropped_column(kind)) or 0) for r in rows)
+            for kind in REFUSAL_KINDS}
+
+
 @dataclass
 class RoundResult:
     """What one round produced."""
@@ -91,6 +111,7 @@ class Screened:
     failed: int
     dropped: int
     missing: list[int]
+    by_kind: dict[str, int] = field(default_factory=dict)
 
 
 class RoundDriver:
@@ -181,6 +202,7 @@ class RoundDriver:
             "round": rnd, "counted": int(counted), "lr": lr, "sampled": len(messages),
             "replied": len(screened.valid), "failed": screened.failed,
             "dropped": screened.dropped, "timed_out": len(screened.missing),
+            **{dropped_column(kind): n for kind, n in screened.by_kind.items()},
         }
         if self.cfg.client_sampling == "seeded" and len(messages) < len(online):
             row["sampled_clients"] = " ".join(sorted(
@@ -259,6 +281,7 @@ class RoundDriver:
         nodes that did not answer."""
         valid: list[Message] = []
         failed = dropped = 0
+        by_kind: dict[str, int] = {}
         addressed = addressees(messages)
         for msg in replies:
             reason = check_reply(msg, reference)
@@ -267,6 +290,7 @@ class RoundDriver:
             else:
                 failed += msg.has_error()
                 dropped += not msg.has_error()
+                by_kind[reason.kind] = by_kind.get(reason.kind, 0) + 1
                 logger.warning("round %d: reply for node %d not used: %s",
                                rnd, answering_node(msg, addressed), reason)
         answered = {answering_node(m, addressed) for m in replies}
@@ -279,7 +303,7 @@ class RoundDriver:
         # order: aggregating in an order fixed by the replies' contents makes a round's
         # result a function of what the nodes sent, not of when.
         valid.sort(key=reply_digest)
-        return Screened(valid, failed, dropped, missing)
+        return Screened(valid, failed, dropped, missing, by_kind)
 
     def aggregate(self, rnd: int, valid: list[Message]
                   ) -> tuple[ArrayRecord | None, MetricRecord | None]:

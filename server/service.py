@@ -9,9 +9,13 @@ tokens file) and keeps a separate set of admin tokens, which may call
 (``grpc.health.v1.Health``) needs no token, so probes work without secrets.
 
 Status codes: missing or unknown token ``UNAUTHENTICATED``; a token of the wrong
-kind ``PERMISSION_DENIED``; a bad payload ``INVALID_ARGUMENT``; over quota
-``RESOURCE_EXHAUSTED``; a message over ``max_message_bytes`` is refused by gRPC
-itself with ``RESOURCE_EXHAUSTED``. None of them changes the queue.
+kind ``PERMISSION_DENIED``; a bad payload ``INVALID_ARGUMENT``; over quota, a
+request larger than any valid one of its method, or more calls in flight than the
+token's limit ``RESOURCE_EXHAUSTED``; a message over ``max_message_bytes`` is
+refused by gRPC itself with ``RESOURCE_EXHAUSTED``, before the service sees it (so
+``Stats.rejected``, which counts the service's own refusals, does not count it).
+None of them changes the queue. Every status detail and log line about a request is
+one short line (:func:`common.runtime.text.brief`), whatever the request held.
 
 Usage (tests, a Flower ``lifespan``)::
 
@@ -37,8 +41,9 @@ import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.config import DEFAULT_MAX_MESSAGE_BYTES
+from common.config import DEFAULT_MAX_CALLS_PER_TOKEN, DEFAULT_MAX_MESSAGE_BYTES
 from common.pull_policies import from_wire, seeded_refusal
+from common.runtime.text import brief
 from common.runtime.wire import (
     TOKEN_METADATA_KEY,
     proto_to_tensor,
@@ -50,6 +55,7 @@ from proto import negatives_pb2_grpc as pb_grpc
 from server.queue import NegativeQueue, QuotaExceeded
 
 __all__ = [
+    "DEFAULT_MAX_CALLS_PER_TOKEN",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "SERVICE_NAME",
     "TOKEN_METADATA_KEY",
@@ -65,6 +71,12 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NegativeQueue"].full_name
 _REPLY_OVERHEAD_BYTES = 64 * 2**10
 #: Most bytes a row's version takes in a reply that asks for versions (an int64 varint).
 _VERSION_BYTES = 10
+#: Room in a Push request for everything but its rows' bytes (dtype, a 2-entry shape,
+#: version, framing): a request larger than a full-capacity float32 push and this is
+#: refused before it is parsed.
+_PUSH_OVERHEAD_BYTES = 4 * 2**10
+#: Largest Pull, Stats or Advance request (a few scalar fields; unknown fields included).
+_SMALL_REQUEST_BYTES = 2**10
 
 
 def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -117,17 +129,62 @@ class _Rejections:
             return dict(self._counts)
 
 
-class _AuthInterceptor(grpc.ServerInterceptor):
-    """Resolves the metadata token to a caller before any queue method runs."""
+class _InFlight:
+    """Calls in flight per token, against at most ``limit`` each (thread-safe)."""
 
-    def __init__(self, resolve: Callable[[str | None], _Caller | None], rejections: _Rejections):
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._calls: dict[str, int] = {}
+
+    def enter(self, token: str) -> bool:
+        """Count one more call of ``token``; False (and nothing counted) when at the limit."""
+        with self._lock:
+            calls = self._calls.get(token, 0)
+            if self.limit is not None and calls >= self.limit:
+                return False
+            self._calls[token] = calls + 1
+            return True
+
+    def leave(self, token: str) -> None:
+        with self._lock:
+            calls = self._calls.pop(token) - 1
+            if calls:
+                self._calls[token] = calls
+
+
+class _AuthInterceptor(grpc.ServerInterceptor):
+    """Resolves the metadata token to a caller before any queue method runs; bounds the
+    request's size and the token's calls in flight before the request is parsed.
+
+    Refusals are counted when the method's handler runs, not when the call arrives: a
+    message gRPC refuses for its size never reaches a handler, and is not counted under
+    a status it was not answered with.
+    """
+
+    def __init__(
+        self,
+        resolve: Callable[[str | None], _Caller | None],
+        rejections: _Rejections,
+        request_limits: Mapping[str, int],
+        in_flight: _InFlight,
+    ):
         self._resolve = resolve
         self._rejections = rejections
         self._prefix = f"/{SERVICE_NAME}/"
+        self._request_limits = request_limits
+        self._in_flight = in_flight
+
+    def _refusal(self, method: str, code: grpc.StatusCode, detail: str):
+        """A handler that refuses the call with ``code``, counted when it runs."""
+        return grpc.unary_unary_rpc_method_handler(
+            lambda request, context: _refuse(self._rejections, context, code, f"{method}: {detail}")
+        )
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self._prefix):
+        method = handler_call_details.method
+        if handler is None or not method.startswith(self._prefix):
             return handler
         token = None
         for key, value in handler_call_details.invocation_metadata or ():
@@ -135,40 +192,59 @@ class _AuthInterceptor(grpc.ServerInterceptor):
                 token = value
                 break
         caller = self._resolve(token)
+        name = method[len(self._prefix):]
         if caller is None:
-            self._rejections.add(grpc.StatusCode.UNAUTHENTICATED)
             detail = (
                 f"missing token in metadata key {TOKEN_METADATA_KEY!r}"
                 if token is None
                 else "unknown token"
             )
-            logger.warning("refused %s: %s", handler_call_details.method, detail)
-            return grpc.unary_unary_rpc_method_handler(
-                lambda request, context: context.abort(grpc.StatusCode.UNAUTHENTICATED, detail)
-            )
+            return self._refusal(name, grpc.StatusCode.UNAUTHENTICATED, detail)
         behavior, parse = handler.unary_unary, handler.request_deserializer
         serialize = handler.response_serializer
-        rejections = self._rejections
+        rejections, in_flight = self._rejections, self._in_flight
+        size_limit = self._request_limits[name]
+        refuse = partial(_refuse, rejections)
 
         # Parse here rather than in gRPC, so that bytes that are no protobuf of the
-        # right type are INVALID_ARGUMENT, not gRPC's generic INTERNAL.
+        # right type are INVALID_ARGUMENT, not gRPC's generic INTERNAL, and so that a
+        # request's size is checked before anything is built from it.
         def authenticated(raw: bytes, context: grpc.ServicerContext):
+            if len(raw) > size_limit:
+                refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       f"{name} request of {len(raw)} bytes is larger than any valid one "
+                       f"({size_limit} bytes)")
+            if not in_flight.enter(token):
+                refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       f"this token already has {in_flight.limit} calls in flight; "
+                       "wait for one to finish")
             try:
-                request = parse(raw)
-            except DecodeError as exc:
-                rejections.add(grpc.StatusCode.INVALID_ARGUMENT)
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid message: {exc}"
-                )
-            reset = _CALLER.set(caller)
-            try:
-                return behavior(request, context)
+                try:
+                    request = parse(raw)
+                except DecodeError as exc:
+                    refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                           brief(f"request is not a valid message: {exc}"))
+                reset = _CALLER.set(caller)
+                try:
+                    return behavior(request, context)
+                finally:
+                    _CALLER.reset(reset)
             finally:
-                _CALLER.reset(reset)
+                in_flight.leave(token)
 
         return grpc.unary_unary_rpc_method_handler(
             authenticated, response_serializer=partial(_serialized, serialize)
         )
+
+
+def _refuse(
+    rejections: _Rejections, context: grpc.ServicerContext, code: grpc.StatusCode, detail: str
+):
+    """Count, log (one short line) and abort the call with ``code``."""
+    detail = brief(detail)
+    rejections.add(code)
+    logger.info("refused %s: %s", code.name, detail)
+    context.abort(code, detail)
 
 
 def _serialized(serialize: Callable[[Any], bytes], reply: Any) -> bytes:
@@ -185,9 +261,7 @@ class NegativeQueueServicer(pb_grpc.NegativeQueueServicer):
         self._rejections = rejections
 
     def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, detail: str):
-        self._rejections.add(code)
-        logger.info("refused %s: %s", code.name, detail)
-        context.abort(code, detail)
+        _refuse(self._rejections, context, code, detail)
 
     def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushResponse:
         caller = _CALLER.get()
@@ -315,6 +389,14 @@ class QueueServer:
         max_pull: most rows one Pull may ask for; larger counts are refused
             (default: what fits in a float32 reply with versions under ``max_message_bytes``).
         max_workers: threads serving RPCs.
+        max_calls_per_token: calls one token may have in flight at once (``None``: no
+            limit); one more is refused with ``RESOURCE_EXHAUSTED`` before its request
+            is parsed, so one token holder keeps at most this many of the
+            ``max_workers`` threads busy. A client of the run makes one call at a time.
+
+    Requests larger than any valid one of their method (a Push of ``capacity`` float32
+    rows and its framing; a few hundred bytes for the others) are refused with
+    ``RESOURCE_EXHAUSTED`` before they are parsed.
     """
 
     def __init__(
@@ -329,6 +411,7 @@ class QueueServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_pull: int | None = None,
         max_workers: int = 8,
+        max_calls_per_token: int | None = DEFAULT_MAX_CALLS_PER_TOKEN,
     ) -> None:
         # A float32 row and its version, so that any Pull up to max_pull fits in a reply.
         fits = (max_message_bytes - _REPLY_OVERHEAD_BYTES) // (queue.dim * 4 + _VERSION_BYTES)
@@ -342,8 +425,16 @@ class QueueServer:
             raise ValueError(
                 f"max_pull must be in [1, {fits}] for max_message_bytes {max_message_bytes}"
             )
+        if max_calls_per_token is not None and max_calls_per_token < 1:
+            raise ValueError(f"max_calls_per_token must be >= 1 or None, got {max_calls_per_token}")
         self.queue = queue
         self.host = host
+        self.max_calls_per_token = max_calls_per_token
+        self.request_limits = {
+            "Push": min(max_message_bytes,
+                        queue.capacity * queue.dim * 4 + _PUSH_OVERHEAD_BYTES),
+            **dict.fromkeys(("Pull", "Stats", "Advance"), _SMALL_REQUEST_BYTES),
+        }
         self.max_message_bytes = max_message_bytes
         self.max_pull = max_pull
         self._requested_port = port
@@ -423,7 +514,10 @@ class QueueServer:
             futures.ThreadPoolExecutor(
                 max_workers=self._max_workers, thread_name_prefix="queue-rpc"
             ),
-            interceptors=[_AuthInterceptor(self._resolve, self._rejections)],
+            interceptors=[_AuthInterceptor(
+                self._resolve, self._rejections, self.request_limits,
+                _InFlight(self.max_calls_per_token),
+            )],
             options=server_options(self.max_message_bytes),
         )
         pb_grpc.add_NegativeQueueServicer_to_server(

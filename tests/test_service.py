@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -17,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from queue_server_process import QueueServerProcess, fedcontrast
 
 from client.stub import QueueClient
 from common.runtime.wire import proto_to_tensor, tensor_to_proto
@@ -25,7 +21,6 @@ from proto import negatives_pb2_grpc as pb_grpc
 from server.queue import NegativeQueue
 from server.service import SERVICE_NAME, TOKEN_METADATA_KEY, QueueServer, ServerTLS
 
-ROOT = Path(__file__).resolve().parent.parent
 DIM = 8
 TOKENS = {"token-a": 0, "token-b": 1}
 ADMIN = "token-admin"
@@ -259,6 +254,14 @@ BAD_REQUESTS = {
     "no rows": ("Push", _push(torch.empty(0, DIM)), A, INVALID),
     "version ahead": ("Push", _push(version=1), A, INVALID),
     "negative version": ("Push", _push(version=-5), A, INVALID),
+    # At version 0 the age bound alone would admit these: versions that never existed.
+    "version -1 at version 0": ("Push", _push(version=-1), A, INVALID),
+    "version -2 at version 0": ("Push", _push(version=-2), A, INVALID),
+    "a shape of 600 entries": ("Push", _push(shape=[2, DIM] + [1] * 598), A, INVALID),
+    "a shape of 200,000 entries": ("Push", _push(shape=[1] * 200_000), A, EXHAUSTED),
+    "a pull padded with unknown fields": (
+        "Pull", pb.PullRequest.FromString(pb.PullRequest(count=1).SerializeToString()
+                                          + b"\x9a\x05" + b"\x81\x10" + bytes(2049)), A, EXHAUSTED),
     "over quota": ("Push", _push(unit(33)), A, EXHAUSTED),
     "push with admin token": ("Push", _push(), ADMIN, DENIED),
     "push without token": ("Push", _push(), None, UNAUTHENTICATED),
@@ -312,7 +315,7 @@ def test_bad_request_is_refused_and_changes_nothing(
     with pytest.raises(grpc.RpcError) as info:
         getattr(raw, method)(request_, metadata=meta(token), timeout=5)
     assert info.value.code() == code, info.value.details()
-    assert info.value.details()
+    assert info.value.details() and len(info.value.details()) <= 200
     _assert_same_state(before, _state(queue, tmp_path / "after.pt"))
     assert _queue_stats(raw) == stats_before
     rejected = raw.Stats(pb.StatsRequest(), metadata=meta(), timeout=5).rejected
@@ -346,6 +349,54 @@ def test_the_largest_pull_allowed_fits_in_a_reply_with_its_versions():
     assert reply.ByteSize() <= limit
 
 
+def test_an_oversized_message_without_a_token_is_not_counted_as_unauthenticated(raw):
+    rows = F.normalize(torch.randn(MAX_MESSAGE // (DIM * 4) + 1, DIM), dim=1)
+    with pytest.raises(grpc.RpcError) as info:
+        raw.Push(_push(rows), metadata=meta(None), timeout=5)
+    assert info.value.code() == EXHAUSTED  # gRPC's own limit, before any handler
+    assert "UNAUTHENTICATED" not in raw.Stats(pb.StatsRequest(), metadata=meta(), timeout=5).rejected
+
+
+class _HeldQueue(NegativeQueue):
+    """Pulls by contributor 0 wait until released; others answer at once."""
+
+    def __init__(self):
+        super().__init__(64, DIM)
+        self.held = threading.Semaphore(0)
+        self.release = threading.Event()
+
+    def pull(self, n, *args, exclude=None, only=None, **kwargs):
+        if 0 in (exclude, only):
+            self.held.release()
+            self.release.wait(30)
+        return super().pull(n, *args, exclude=exclude, only=only, **kwargs)
+
+
+@pytest.mark.timeout(60)
+def test_a_token_cannot_have_more_calls_in_flight_than_its_limit():
+    queue, limit = _HeldQueue(), 2
+    with QueueServer(queue, TOKENS, max_calls_per_token=limit, max_workers=4) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.NegativeQueueStub(channel)
+        held = [stub.Pull.future(pb.PullRequest(count=1, only_own=True), metadata=meta(), timeout=30)
+                for _ in range(limit)]
+        try:
+            for _ in range(limit):
+                assert queue.held.acquire(timeout=30)  # both calls are inside the queue
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Pull(pb.PullRequest(count=1), metadata=meta(), timeout=10)
+            assert info.value.code() == EXHAUSTED and "in flight" in info.value.details()
+            # Another token is served meanwhile.
+            stub.Pull(pb.PullRequest(count=1), metadata=meta("token-b"), timeout=10)
+        finally:
+            queue.release.set()
+        for call in held:
+            call.result()
+        stub.Pull(pb.PullRequest(count=1), metadata=meta(), timeout=10)  # its calls are back
+        assert stub.Stats(pb.StatsRequest(), metadata=meta(), timeout=5).rejected == {
+            "RESOURCE_EXHAUSTED": 1}
+
+
 def test_bytes_that_are_no_message_are_invalid_argument(server, queue, tmp_path):
     before = _state(queue, tmp_path / "before.pt")
     with grpc.insecure_channel(server.address) as channel:
@@ -365,7 +416,8 @@ def test_many_clients_push_and_pull_at_once(queue):
     queue = NegativeQueue(4096, DIM, max_age=2)
     tokens = {f"t{i}": i for i in range(threads)}
     failures: list[str] = []
-    with QueueServer(queue, tokens, max_workers=8) as srv:
+    # Half the threads share one client and its token: let them all be in flight at once.
+    with QueueServer(queue, tokens, max_workers=8, max_calls_per_token=threads) as srv:
         shared = QueueClient(srv.address, "t0", timeout=10)
 
         def work(i: int) -> None:
@@ -464,48 +516,6 @@ def test_tls_round_trip(queue, tmp_path):
 # -------------------------------------------------------------------- command
 
 
-def _start_command(args: list[str]) -> tuple[subprocess.Popen, str]:
-    script = (
-        "import sys; from common.runtime.cli import build_parser; "
-        "from server.commands import queue_server_command as c; "
-        "args = build_parser({c.name: c}).parse_args(sys.argv[1:]); sys.exit(args._run(args))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    errors = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe nobody drains
-    process = subprocess.Popen(
-        [sys.executable, "-c", script, "queue-server", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=errors,
-        text=True,
-    )
-    process.errors = errors
-    try:  # also when the test times out while waiting for the first line
-        line = process.stdout.readline()
-        if "listening on" not in line:
-            raise AssertionError(f"queue-server did not start: {line!r} {_stderr(process)}")
-    except BaseException:
-        process.kill()
-        process.wait()
-        raise
-    return process, line.split("listening on ", 1)[1].split()[0]
-
-
-def _stderr(process: subprocess.Popen) -> str:
-    process.errors.seek(0)
-    return process.errors.read()
-
-
-def _stop_command(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        assert process.wait(timeout=20) == 0, _stderr(process)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
 @pytest.mark.timeout(90)
 def test_queue_server_command_keeps_its_rows_across_a_restart(tmp_path):
     tokens = tmp_path / "tokens.txt"
@@ -523,23 +533,17 @@ def test_queue_server_command_keeps_its_rows_across_a_restart(tmp_path):
         "--snapshot",
         str(snapshot),
     ]
-    process, address = _start_command(args)
-    try:
-        with QueueClient(address, "token-admin", timeout=30) as admin, QueueClient(
-            address, "token-a", timeout=30
-        ) as a:
-            assert admin.advance(1)
-            assert a.push(unit(5), version=1)
-    finally:
-        _stop_command(process)
+    with QueueServerProcess(args) as process, QueueClient(
+        process.address, "token-admin", timeout=30
+    ) as admin, QueueClient(process.address, "token-a", timeout=30) as a:
+        assert admin.advance(1)
+        assert a.push(unit(5), version=1)
     assert snapshot.exists()
 
-    process, address = _start_command(args)
-    try:
-        with QueueClient(address, "token-a", timeout=30) as a:
-            stats = a.stats()
-    finally:
-        _stop_command(process)
+    with QueueServerProcess(args) as process, QueueClient(
+        process.address, "token-a", timeout=30
+    ) as a:
+        stats = a.stats()
     assert (stats["size"], stats["version"]) == (5, 1)
 
 
@@ -559,3 +563,70 @@ def test_queue_server_command_needs_tls_or_insecure(tmp_path):
     tokens.write_text("token-a zero\n")
     with pytest.raises(UsageError, match="tokens.txt:1"):
         read_tokens_file(tokens)
+
+
+@pytest.fixture
+def tokens_file(tmp_path) -> Path:
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("token-a 0\n")
+    tokens.chmod(0o600)
+    return tokens
+
+
+def _refused_in_one_line(*args: str, expect: str) -> None:
+    result = fedcontrast(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--port", "70000"], "not a port number"),
+    (["--port", "-1"], "not a port number"),
+    (["--max-message-mb", "5000"], "--max-message-mb"),
+    (["--max-calls-per-token", "-1"], "--max-calls-per-token"),
+    (["--device", "nonsense"], "--device"),
+], ids=["port 70000", "port -1", "message 5000 MiB", "negative call limit", "unknown device"])
+@pytest.mark.timeout(120)
+def test_queue_server_refuses_bad_flags_in_one_line(tokens_file, args, expect):
+    _refused_in_one_line("queue-server", "--insecure", "--tokens-file", str(tokens_file), *args,
+                         expect=expect)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.timeout(120)
+def test_queue_server_refuses_cuda_without_cuda(tokens_file):
+    _refused_in_one_line("queue-server", "--insecure", "--tokens-file", str(tokens_file),
+                         "--device", "cuda", expect="CUDA is not available")
+
+
+@pytest.mark.timeout(120)
+def test_queue_server_refuses_a_snapshot_that_is_a_directory_or_damaged(tokens_file, tmp_path):
+    base = ["queue-server", "--insecure", "--tokens-file", str(tokens_file)]
+    _refused_in_one_line(*base, "--snapshot", str(tmp_path), expect="is a directory")
+    damaged = tmp_path / "queue.pt"
+    damaged.write_bytes(b"PK\x03\x04 not really")
+    _refused_in_one_line(*base, "--snapshot", str(damaged), expect=str(damaged))
+
+
+@pytest.mark.timeout(120)
+def test_queue_server_refuses_a_port_in_use_in_one_line(tokens_file, server):
+    _refused_in_one_line("queue-server", "--insecure", "--tokens-file", str(tokens_file),
+                         "--port", str(server.port), expect="cannot listen")
+
+
+@pytest.mark.parametrize("command", ["client", "server"])
+def test_other_commands_refuse_a_port_out_of_range_in_one_line(command):
+    _refused_in_one_line(command, "--port", "70000", expect="not a port number")
+
+
+@pytest.mark.timeout(90)
+def test_queue_server_clears_a_killed_saves_temporary_file(tokens_file, tmp_path):
+    snapshot = tmp_path / "queue.pt"
+    stale = tmp_path / "queue.pt.k1ll3d.pt.tmp"
+    stale.write_bytes(b"half a snapshot")
+    with QueueServerProcess(["--insecure", "--dim", str(DIM), "--tokens-file", str(tokens_file),
+                             "--snapshot", str(snapshot)]):
+        assert not stale.exists()
+    assert snapshot.exists()

@@ -26,10 +26,10 @@ from common.config import FedConfig
 from common.optim_state import STEP_KEY
 from common.runtime.rundir import RunDir
 from server.aggregation import WeightsKrum, build_strategy
-from server.contract import IDENTIFY, REPLY_METRIC_KEYS, TRAIN_CONFIG_KEYS
+from server.contract import IDENTIFY, REFUSAL_KINDS, REPLY_METRIC_KEYS, TRAIN_CONFIG_KEYS
 from server.deploy import progress_line
 from server.queue import NegativeQueue
-from server.rounds import RoundDriver, collapse_suspected
+from server.rounds import RoundDriver, collapse_suspected, dropped_column, dropped_totals
 from server.sampling import NodeTokens, NotEnoughNodes, seeded_sample
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -170,8 +170,13 @@ def test_error_replies_are_dropped_and_the_round_goes_on(tmp_path, caplog):
     assert "bad data: no such file x.npz" in caplog.text
 
 
-@pytest.mark.parametrize("bad", ["missing-metric", "extra-record", "nan", "shape"])
-def test_malformed_replies_are_dropped_not_fatal(tmp_path, bad):
+# bad reply -> the kind it is counted under
+MALFORMED = {"missing-metric": "metric-keys", "extra-record": "records", "nan": "array-nonfinite",
+             "shape": "array-shape", "list-metric": "metric-type", "nan-metric": "metric-value"}
+
+
+@pytest.mark.parametrize("bad, kind", MALFORMED.items(), ids=MALFORMED.keys())
+def test_malformed_replies_are_dropped_not_fatal_and_counted_by_kind(tmp_path, caplog, bad, kind):
     def node(msg: Message) -> Message:
         state = msg.content["arrays"].to_torch_state_dict()
         m = metrics()
@@ -184,6 +189,10 @@ def test_malformed_replies_are_dropped_not_fatal(tmp_path, bad):
             state["w"][0] = math.nan
         elif bad == "shape":
             state["w"] = torch.zeros(5)
+        elif bad == "list-metric":
+            m["train-loss"] = [1.0] * 10_000
+        elif bad == "nan-metric":
+            m["train-loss"] = math.nan
         content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(m), **records})
         return Message(content=content, reply_to=msg)
 
@@ -191,7 +200,22 @@ def test_malformed_replies_are_dropped_not_fatal(tmp_path, bad):
     driver, _, _ = make_driver(tmp_path, grid)
     result = driver.run_round(1, initial())
     assert result.counted and result.row["dropped"] == 1
+    assert result.row[dropped_column(kind)] == 1
     assert np.allclose(result.arrays["w"].numpy(), 1.0)
+    assert dropped_totals(RunDir(tmp_path).read_metrics()) == {
+        k: int(k == kind) for k in REFUSAL_KINDS}
+    refusals = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert len(refusals) == 1 and kind in refusals[0]
+    assert "\n" not in refusals[0] and len(refusals[0]) < 300
+
+
+def test_a_client_error_of_any_length_is_logged_in_one_short_line(tmp_path, caplog):
+    grid = FakeGrid({1: honest(1.0), 2: failing("x" * 100_000 + "\nsecond line")})
+    driver, _, _ = make_driver(tmp_path, grid)
+    result = driver.run_round(1, initial())
+    assert result.counted and result.row[dropped_column("client-error")] == 1
+    (line,) = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert "\n" not in line and len(line) < 300
 
 
 def test_metrics_are_weighted_means_sums_and_maxima(tmp_path):

@@ -119,7 +119,8 @@ class _SlowQueue(NegativeQueue):
 def test_every_call_has_a_deadline_and_deadline_errors_are_retried(caplog):
     # Without a deadline each call would wait out HOLD and then succeed: rows, True, stats.
     slow = _SlowQueue()
-    with QueueServer(slow, TOKENS) as server, QueueClient(
+    # The held handlers stay in flight after their deadlines: no per-token limit here.
+    with QueueServer(slow, TOKENS, max_calls_per_token=None) as server, QueueClient(
         server.address, "token-a", timeout=0.2, retries=1, backoff=0.01
     ) as client, caplog.at_level(logging.DEBUG, logger="client.stub"):
         try:

@@ -10,8 +10,9 @@ and its siblings import nothing heavy), which also defines the command's flags; 
 ``run`` is a :func:`deferred` reference into the module that does the work. So
 ``fedcontrast --help`` and ``fedcontrast NAME --help`` import no torch or Flower, and
 running NAME imports only NAME's code. ``run`` returns the exit status; raising :class:`UsageError`
-(or ``ValueError`` / ``FileNotFoundError`` from argument checking) prints one
-line on stderr and exits with status 2, without a traceback.
+(or ``ValueError`` / ``OSError`` from argument checking: a missing file, a directory
+where a file belongs, a port in use) prints one line on stderr and exits with status 2,
+without a traceback; so does a malformed flag (:class:`OneLineErrorParser`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,25 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "(default" in text or action.default is None:
             return text
         return super()._get_help_string(action)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr and exit status 2, as
+    :func:`main` reports a :class:`UsageError` (argparse's own prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def port_number(text: str) -> int:
+    """An argparse ``type``: a TCP port, 0 to 65535 (0: the system picks a free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0 to 65535)")
+    return port
 
 
 class CommandUnavailable(UsageError):
@@ -130,7 +150,7 @@ def build_parser(commands: dict[str, Command] | None = None, *,
     leaves out the commands' own flags (and the imports they need): enough for the
     top-level help, which lists only names and help lines."""
     commands = discover_commands() if commands is None else commands
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="fedcontrast",
         description="Federated contrastive learning with a global queue of negatives.",
     )
@@ -185,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         return int(args._run(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
+    except (UsageError, ValueError, OSError) as exc:
         print(f"fedcontrast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

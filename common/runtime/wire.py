@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError, Message
 
+from common.runtime.text import brief
 from proto import negatives_pb2 as pb
 
 #: gRPC metadata key that carries the caller's queue token (lower case, as gRPC requires).
@@ -41,6 +42,9 @@ _WIRE_TO_NUMPY = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT16: np.dtype(
 # (3, 4) cannot occur in these proto3 messages and are refused.
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _TENSOR_DATA = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
+
+#: Most dimensions a decoded tensor may have (torch's own limit is 64).
+MAX_TENSOR_DIMS = 8
 
 M = TypeVar("M", bound=Message)
 
@@ -169,23 +173,38 @@ def _describe(t: torch.Tensor, dtype: torch.dtype, msg: pb.Tensor) -> np.ndarray
 def _decode(
     wire: int, shape: Sequence[int], data: bytes | memoryview, expected_dim: int | None
 ) -> torch.Tensor:
-    """A CPU tensor that owns a copy of ``data``, checked against ``wire`` and ``shape``."""
+    """A CPU tensor that owns a copy of ``data``, checked against ``wire`` and ``shape``.
+
+    The number of dimensions is checked before the shape is read: a hostile message can
+    carry millions of shape entries, and nothing may be built from them (nor quoted in
+    the error).
+    """
     torch_dtype(wire)  # refuses unknown and unspecified dtypes with a clear message
+    rank = len(shape)
+    if expected_dim is not None and rank != 2:
+        raise ValueError(f"tensor has {rank} dimensions, not (n, {expected_dim})")
+    if rank > MAX_TENSOR_DIMS:
+        raise ValueError(f"tensor has {rank} dimensions; at most {MAX_TENSOR_DIMS} are accepted")
     shape = tuple(shape)
     if min(shape, default=0) < 0:
-        raise ValueError(f"tensor shape {list(shape)} has a negative dimension")
-    if expected_dim is not None and (len(shape) != 2 or shape[1] != expected_dim):
-        raise ValueError(f"tensor shape {list(shape)} is not (n, {expected_dim})")
+        raise ValueError(f"tensor shape {_shape_text(shape)} has a negative dimension")
+    if expected_dim is not None and shape[1] != expected_dim:
+        raise ValueError(f"tensor shape {_shape_text(shape)} is not (n, {expected_dim})")
     np_dtype = _WIRE_TO_NUMPY[wire]
     expected_bytes = math.prod(shape) * np_dtype.itemsize
     if len(data) != expected_bytes:
         raise ValueError(
-            f"tensor of shape {list(shape)} and dtype {_dtype_name(wire)} needs "
+            f"tensor of shape {_shape_text(shape)} and dtype {_dtype_name(wire)} needs "
             f"{expected_bytes} bytes, got {len(data)}"
         )
     # astype copies: the tensor must be writable and must not keep the message alive.
     array = np.frombuffer(data, dtype=np_dtype).astype(np_dtype.newbyteorder("="))
     return torch.from_numpy(array.reshape(shape))
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    """``shape`` for an error message, never long (a product of int64s can be huge)."""
+    return brief(str(list(shape)), 80)
 
 
 @functools.cache
