@@ -74,7 +74,8 @@ def main() -> None:
         client = QueueClient(server.address, "bench-token")
         torch.manual_seed(0)
         model = build_encoder(cfg.encoder, in_channels=data.in_channels,
-                              embedding_dim=cfg.embedding_dim, norm=cfg.norm, width=cfg.width)
+                              embedding_dim=cfg.embedding_dim, norm=cfg.norm, width=cfg.width,
+                              weight_standardization=cfg.weight_standardization)
         source = TimedSource(GlobalNegatives(client, args.negatives, cfg.max_age, cfg.refresh_every))
         with_q = ContrastiveTrainer(model, cfg, device=torch.device("cpu"), sources=[source])
         without = ContrastiveTrainer(model, cfg, device=torch.device("cpu"),

@@ -185,7 +185,8 @@ def partition_indices(cfg: FedConfig, labels: torch.Tensor, num_partitions: int)
 def build_model(cfg: FedConfig, in_channels: int, state: Mapping[str, torch.Tensor]) -> ContrastiveModel:
     """The run's encoder holding the received global weights."""
     model = build_encoder(cfg.encoder, in_channels=in_channels, embedding_dim=cfg.embedding_dim,
-                          norm=cfg.norm, width=cfg.width)
+                          norm=cfg.norm, width=cfg.width,
+                          weight_standardization=cfg.weight_standardization)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -44,10 +44,12 @@ PLOTTED = ("loss", "retrieval_head", "alignment_head", "uniformity_head", "knn_b
 
 def build_model(cfg: TrainConfig, data: Dataset) -> tuple[ContrastiveModel, dict[str, Any]]:
     """The encoder a config asks for, initialised from ``cfg.seed``."""
-    spec = encoder_spec(cfg.encoder, data.in_channels, cfg.embedding_dim, cfg.norm, cfg.width)
+    spec = encoder_spec(cfg.encoder, data.in_channels, cfg.embedding_dim, cfg.norm, cfg.width,
+                        cfg.weight_standardization)
     torch.manual_seed(cfg.seed)
     model = build_encoder(cfg.encoder, in_channels=data.in_channels,
-                          embedding_dim=cfg.embedding_dim, norm=cfg.norm, width=cfg.width)
+                          embedding_dim=cfg.embedding_dim, norm=cfg.norm, width=cfg.width,
+                          weight_standardization=cfg.weight_standardization)
     return model, spec
 
 
@@ -162,7 +164,8 @@ def evaluate_run(run: Path, dataset: str | None = None, *, seed: int | None = No
     torch.manual_seed(cfg.seed)  # the run's own initialisation, for a like-for-like baseline
     random_init = build_encoder(read_checkpoint(run)["spec"]["encoder"],
                                 in_channels=model.in_channels, embedding_dim=model.embedding_dim,
-                                norm=cfg.norm, width=cfg.width)
+                                norm=cfg.norm, width=cfg.width,
+                                weight_standardization=cfg.weight_standardization)
     kw = dict(device=torch_device, views=make_views(cfg), seed=seed, linear_probe=True)
     return {"dataset": data.name, "trained": evaluate_encoder(model, data, **kw),
             "random_init": evaluate_encoder(random_init, data, **kw),

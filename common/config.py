@@ -64,6 +64,9 @@ class TrainConfig:
     width: int = _f(32, "base channel width of the backbone")
     embedding_dim: int = _f(128, "dimension of the projected, unit-norm embedding")
     norm: str = _f("group", "normalisation layers in the backbone", NORM_CHOICES)
+    weight_standardization: bool = _f(
+        False, "weight-standardised backbone convolutions (zero mean, unit variance per output "
+               "channel; Qiao et al. 2019), DP-compatible")
     # optimisation
     epochs: int = _f(30, "passes over the local data")
     batch_size: int = _f(128, "examples per step")

@@ -135,11 +135,12 @@ class _Model:
         self.data = data
         self.run_dir = run_dir
         self.device = resolve_device(cfg.device)
-        self.spec = encoder_spec(cfg.encoder, data.in_channels, cfg.embedding_dim, cfg.norm, cfg.width)
+        self.spec = encoder_spec(cfg.encoder, data.in_channels, cfg.embedding_dim, cfg.norm, cfg.width,
+                                 cfg.weight_standardization)
         torch.manual_seed(cfg.seed)
         self.module: ContrastiveModel = build_encoder(
             cfg.encoder, in_channels=data.in_channels, embedding_dim=cfg.embedding_dim,
-            norm=cfg.norm, width=cfg.width,
+            norm=cfg.norm, width=cfg.width, weight_standardization=cfg.weight_standardization,
         )
         self.tokens: NodeTokens | None = None
         # --optimizer-state federated: the nodes' optimiser state, aggregated with the

@@ -266,7 +266,8 @@ def run_in_process(method: str, cfg: FedConfig, sim: Simulation, data: Dataset,
         )
         finals.append(_final_eval(model, cfg, data))
         if method != "local":
-            spec = encoder_spec(cfg.encoder, data.in_channels, cfg.embedding_dim, cfg.norm, cfg.width)
+            spec = encoder_spec(cfg.encoder, data.in_channels, cfg.embedding_dim, cfg.norm,
+                                cfg.width, cfg.weight_standardization)
             save_encoder(model, spec, run.file("encoder.pt"), round=cfg.rounds)
     for rnd in sorted(curves):
         run.append_metrics({"round": rnd, "knn_backbone": statistics.fmean(curves[rnd])})

@@ -203,3 +203,13 @@ def test_ws_models_pass_opacus_validation() -> None:
 
     assert validators.ModuleValidator.validate(_ws_model("resnet18"), strict=False) == []
 
+
+def test_a_checkpoint_rebuilds_the_weight_standardised_encoder(tmp_path) -> None:
+    from common.checkpoint import encoder_spec, load_encoder, save_encoder
+
+    model = _ws_model("cnn").eval()
+    save_encoder(model, encoder_spec("cnn", 1, 8, "group", 4, True), tmp_path / "encoder.pt")
+    loaded = load_encoder(tmp_path)
+    assert any(isinstance(m, WSConv2d) for m in loaded.modules())
+    x = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(loaded(x), model(x))
