@@ -80,7 +80,8 @@ class TrainConfig:
              "the positive and in-batch negatives keep --temperature); 0: --temperature")
     # views
     views: str = _f(
-        "images", "view generator: built-in (images, dna) or a plug-in package.module:name"
+        "images", "view generator: built-in (images; digits: images without the flip, plus "
+                  "small rotations and noise; dna) or a plug-in package.module:name"
     )
     crop_scale_min: float = _f(
         0.5, "smallest crop fraction kept by the random crop (images: area; dna: length)"

@@ -62,6 +62,7 @@ BUILTINS: dict[str, dict[str, str]] = {
     },
     "views": {
         "images": "common.augment:image_views",
+        "digits": "common.augment:digit_views",
         "dna": "common.dna:views",
     },
 }
