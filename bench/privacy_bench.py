@@ -53,7 +53,8 @@ def step_times(cfg: FedConfig, x: torch.Tensor, blocks: int = 6, per_block: int 
     def trainer(private: bool) -> ContrastiveTrainer:
         torch.manual_seed(0)
         model = build_encoder(cfg.encoder, in_channels=x.shape[1], embedding_dim=cfg.embedding_dim,
-                              norm=cfg.norm, width=cfg.width)
+                              norm=cfg.norm, width=cfg.width,
+                              weight_standardization=cfg.weight_standardization)
         dp = (DPSGD(noise_multiplier=1.0, max_grad_norm=cfg.max_grad_norm, num_examples=x.shape[0],
                     batch_size=cfg.batch_size) if private else None)
         return ContrastiveTrainer(model, cfg, device=torch.device("cpu"), sources=[Fixed()], dp=dp)

@@ -43,6 +43,7 @@ from client.state import ClientState
 from common.accounting import WITHHELD_UNDER_DP as WITHHELD_UNDER_DP
 from common.accounting import NoiseCalibration, PrivacyPlan, calibrate_noise_multiplier
 from common.config import DP_REFUSED, FedConfig, TrainConfig
+from common.encoders import register_opacus_grad_samplers
 
 if TYPE_CHECKING:  # Opacus (and SciPy under it) loads in seconds: only when DP-SGD is set up
     from opacus.grad_sample import GradSampleHooks
@@ -86,6 +87,7 @@ def check_model(model: nn.Module) -> None:
     """Refuse a model whose per-example gradients Opacus cannot compute (BatchNorm)."""
     from opacus.validators import ModuleValidator
 
+    register_opacus_grad_samplers()  # weight-standardised convs (--weight-standardization)
     was_training = model.training
     model.train()
     errors = ModuleValidator.validate(model, strict=False)

@@ -158,9 +158,11 @@ def evaluate_run(run: Path, dataset: str | None = None, *, seed: int | None = No
         raise UsageError(f"the encoder takes {model.in_channels}-channel items, {dataset} has "
                          f"{data.in_channels}")
     torch.manual_seed(cfg.seed)  # the run's own initialisation, for a like-for-like baseline
-    random_init = build_encoder(read_checkpoint(run)["spec"]["encoder"],
-                                in_channels=model.in_channels, embedding_dim=model.embedding_dim,
-                                norm=cfg.norm, width=cfg.width)
+    spec = read_checkpoint(run)["spec"]  # the trained encoder's own architecture
+    random_init = build_encoder(spec["encoder"], in_channels=model.in_channels,
+                                embedding_dim=model.embedding_dim, norm=spec["norm"],
+                                width=spec["width"],
+                                weight_standardization=spec.get("weight_standardization", False))
     kw = dict(device=torch_device, views=make_views(cfg), seed=seed, linear_probe=True)
     return {"dataset": data.name, "trained": evaluate_encoder(model, data, **kw),
             "random_init": evaluate_encoder(random_init, data, **kw),

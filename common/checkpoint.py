@@ -29,10 +29,11 @@ FORMAT = "fedcontrast-encoder/1"
 
 
 def encoder_spec(
-    encoder: str, in_channels: int, embedding_dim: int, norm: str, width: int
+    encoder: str, in_channels: int, embedding_dim: int, norm: str, width: int,
+    weight_standardization: bool = False,
 ) -> dict[str, Any]:
     return {"encoder": encoder, "in_channels": in_channels, "embedding_dim": embedding_dim,
-            "norm": norm, "width": width}
+            "norm": norm, "width": width, "weight_standardization": weight_standardization}
 
 
 def save_encoder(
@@ -67,6 +68,8 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Contra
     model = build_encoder(
         spec["encoder"], in_channels=spec["in_channels"], embedding_dim=spec["embedding_dim"],
         norm=spec["norm"], width=spec["width"],
+        # checkpoints written before the setting existed had plain convolutions
+        weight_standardization=spec.get("weight_standardization", False),
     )
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval()

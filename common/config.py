@@ -81,6 +81,9 @@ class ModelSettings(_Part):
     width: int = _f(32, "base channel width of the backbone")
     embedding_dim: int = _f(128, "dimension of the projected, unit-norm embedding")
     norm: str = _f("group", "normalisation layers in the backbone", NORM_CHOICES)
+    weight_standardization: bool = _f(
+        True, "weight-standardised backbone convolutions (zero mean, unit variance per output "
+               "channel; Qiao et al. 2019), DP-compatible")
 
     def _check(self, need: Need) -> None:
         need(self.embedding_dim > 0, "embedding_dim", "must be positive")
@@ -96,8 +99,8 @@ class OptimSettings(_Part):
     optimizer: str = _f("adam", "optimiser", OPTIMIZERS)
     lr: float = _f(1e-3, "learning rate (cosine-decayed over the run)")
     momentum: float = _f(0.9, "SGD momentum (optimizer sgd)")
-    weight_decay: float = _f(1e-6, "weight decay")
-    temperature: float = _f(0.2, "InfoNCE temperature")
+    weight_decay: float = _f(5e-4, "weight decay")
+    temperature: float = _f(0.1, "InfoNCE temperature")
     queue_temperature: float = _f(
         0.5, "temperature of the queue negatives' logits alone (local and global queue rows; "
              "the positive and in-batch negatives keep --temperature); 0: --temperature")
@@ -119,16 +122,20 @@ class ViewSettings(_Part):
     """The two random views of each example."""
 
     views: str = _f(
-        "images", "view generator: built-in (images, dna) or a plug-in package.module:name"
+        "auto", "view generator: auto (the dataset's own: digits for digits, dna for dna, "
+                "images otherwise), a built-in (images; digits: images without the flip, plus "
+                "small rotations and noise; dna) or a plug-in package.module:name"
     )
     crop_scale_min: float = _f(
-        0.5, "smallest crop fraction kept by the random crop (images: area; dna: length)"
+        0.0, "smallest crop fraction kept by the random crop (images: area; dna: length); "
+             "0: the views' own (images and dna 0.5, digits 0.8)"
     )
     jitter_strength: float = _f(0.4, "colour-jitter strength (brightness/contrast for grayscale)")
     blur_p: float = _f(0.0, "probability of Gaussian blur per view")
 
     def _check(self, need: Need) -> None:
-        need(0 < self.crop_scale_min <= 1, "crop_scale_min", "must be in (0, 1]")
+        need(0 <= self.crop_scale_min <= 1, "crop_scale_min",
+             "must be in (0, 1], or 0 for the views' own")
         need(self.jitter_strength >= 0, "jitter_strength", "must be zero or more")
         need(0 <= self.blur_p <= 1, "blur_p", "must be in [0, 1]")
 
@@ -522,8 +529,14 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
+#: Settings added after runs were saved, with the value that reproduces those runs: a saved
+#: config without the key ran that way, whatever today's default is.
+ADDED_SINCE = {"weight_standardization": False}
+
+
 def read_config_values(path: str | Path) -> tuple[str, dict[str, Any]]:
-    """Return ``(kind, values)`` from a file written by :func:`save_config`."""
+    """Return ``(kind, values)`` from a file written by :func:`save_config`; a setting the
+    file predates takes the value its run had (:data:`ADDED_SINCE`)."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
@@ -531,7 +544,7 @@ def read_config_values(path: str | Path) -> tuple[str, dict[str, Any]]:
         raise FileNotFoundError(f"no config file at {path}")
     try:
         payload = json.loads(path.read_text())
-        return str(payload["kind"]), dict(payload["config"])
+        return str(payload["kind"]), {**ADDED_SINCE, **dict(payload["config"])}
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} is not a FedContrast config.json ({exc})") from exc
 

@@ -9,6 +9,14 @@ Normalisation defaults to GroupNorm (Wu & He 2018) everywhere. BatchNorm mixes
 statistics across the examples of a batch, which breaks the per-example independence
 that DP-SGD's clipping needs (and Opacus refuses it); every layer used by default
 (Conv2d, Linear, GroupNorm) has per-sample gradients in Opacus.
+
+Weight standardisation (``--weight-standardization``; Qiao et al. 2019, "Micro-Batch
+Training with Batch-Channel Normalization and Weight Standardization", arXiv:1903.10520,
+as in BiT, Kolesnikov et al. 2020) replaces each backbone convolution by
+:class:`WSConv1d` / :class:`WSConv2d`, which convolve with the weight standardised to
+zero mean and unit variance per output channel. It is per example (the weight's
+statistics, not the batch's), so DP-SGD still applies: :func:`register_opacus_grad_samplers`
+gives Opacus their per-sample gradients.
 """
 
 from __future__ import annotations
@@ -60,6 +68,125 @@ def make_norm(kind: str, channels: int, dims: int = 2) -> nn.Module:
     if kind == "layer":
         return nn.GroupNorm(1, channels)
     raise ValueError(f"unknown norm {kind!r}: choose one of {', '.join(NORM_KINDS)}")
+
+
+#: Added to the per-channel weight variance before the square root (Qiao et al. add 1e-5
+#: to the standard deviation; a variance floor keeps the same order for small fan-ins).
+WS_EPS = 1e-5
+
+
+def standardize_weight(weight: Tensor, eps: float = WS_EPS) -> Tensor:
+    """``weight`` (O, I, *kernel) minus its mean, over its std, per output channel O
+    (the std is sqrt(biased variance + eps))."""
+    w = weight.flatten(1)
+    mean = w.mean(dim=1, keepdim=True)
+    var = w.var(dim=1, unbiased=False, keepdim=True)
+    return ((w - mean) * torch.rsqrt(var + eps)).view_as(weight)
+
+
+class WSConv1d(nn.Conv1d):
+    """``nn.Conv1d`` that convolves with :func:`standardize_weight` of its weight."""
+
+    eps = WS_EPS
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, standardize_weight(self.weight, self.eps), self.bias)
+
+
+class WSConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that convolves with :func:`standardize_weight` of its weight."""
+
+    eps = WS_EPS
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, standardize_weight(self.weight, self.eps), self.bias)
+
+
+_WS_OF = {nn.Conv1d: WSConv1d, nn.Conv2d: WSConv2d}
+
+
+def standardize_convs(module: nn.Module) -> nn.Module:
+    """Make every plain ``nn.Conv1d`` / ``nn.Conv2d`` in ``module`` weight-standardised,
+    in place, and return ``module``.
+
+    Each conv is replaced by its :class:`WSConv1d` / :class:`WSConv2d` twin holding the
+    same parameter objects, so ``state_dict`` keys, shapes and an optimiser built before
+    are unchanged. Convs with string padding (``"same"``) are refused (the per-sample
+    gradient below takes numeric padding).
+    """
+    for name, child in module.named_children():
+        cls = _WS_OF.get(type(child))
+        if cls is None:
+            standardize_convs(child)
+            continue
+        if isinstance(child.padding, str) or child.padding_mode != "zeros":
+            raise ValueError(f"weight standardisation needs numeric zero padding, {name} has "
+                             f"padding={child.padding!r}, padding_mode={child.padding_mode!r}")
+        twin = cls(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
+                   padding=child.padding, dilation=child.dilation, groups=child.groups,
+                   bias=child.bias is not None, device="meta")
+        twin.weight = child.weight
+        twin.bias = child.bias
+        twin.train(child.training)
+        setattr(module, name, twin)
+    return module
+
+
+def _ws_conv_grad_sample(
+    layer: WSConv1d | WSConv2d, activations: list[Tensor], backprops: Tensor
+) -> dict[nn.Parameter, Tensor]:
+    """Opacus grad sampler of :class:`WSConv1d` / :class:`WSConv2d`: each example's
+    gradient with respect to the standardised weight (unfolded input times output
+    gradient, as Opacus does for a plain conv), then through the standardisation.
+
+    For one output channel with m weights, w_hat = (w - mean) / s, s = sqrt(var + eps):
+    dL/dw = (g - mean(g) - w_hat mean(g w_hat)) / s with g = dL/dw_hat; the map is the
+    same for every example, so it applies to all of them at once.
+    """
+    x = activations[0].to(backprops.dtype)
+    n = x.shape[0]
+    weight = layer.weight
+    ret: dict[nn.Parameter, Tensor] = {}
+    if n == 0:
+        if weight.requires_grad:
+            ret[weight] = torch.zeros_like(weight).unsqueeze(0)
+        if layer.bias is not None and layer.bias.requires_grad:
+            ret[layer.bias] = torch.zeros_like(layer.bias).unsqueeze(0)
+        return ret
+    if isinstance(layer, nn.Conv1d):  # as a 1 x L image
+        x = x.unsqueeze(-2)
+        kernel, padding = (1, *layer.kernel_size), (0, *layer.padding)
+        stride, dilation = (1, *layer.stride), (1, *layer.dilation)
+    else:
+        kernel, padding, stride, dilation = (
+            layer.kernel_size, layer.padding, layer.stride, layer.dilation)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # N x IK x P
+    grads = backprops.reshape(n, layer.out_channels, -1)  # N x O x P
+    if weight.requires_grad:
+        g, o = layer.groups, layer.out_channels
+        cols = cols.view(n, g, -1, cols.shape[-1])  # N x G x (I/G)K x P
+        grads_g = grads.view(n, g, o // g, -1)  # N x G x O/G x P
+        g_hat = torch.einsum("ngop,ngqp->ngoq", grads_g, cols).reshape(n, o, -1)  # N x O x m
+        with torch.no_grad():
+            w = weight.detach().flatten(1)
+            var = w.var(dim=1, unbiased=False, keepdim=True)
+            inv_s = torch.rsqrt(var + layer.eps)
+            w_hat = (w - w.mean(dim=1, keepdim=True)) * inv_s  # O x m
+        dw = g_hat - g_hat.mean(dim=2, keepdim=True) - w_hat * (g_hat * w_hat).mean(
+            dim=2, keepdim=True)
+        ret[weight] = (dw * inv_s).view(n, *weight.shape)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = grads.sum(dim=2)
+    return ret
+
+
+def register_opacus_grad_samplers() -> None:
+    """Register :func:`_ws_conv_grad_sample` with Opacus for the weight-standardised convs
+    (idempotent). Imports Opacus, so it is called where DP-SGD is set up; without it
+    Opacus would fall back to its slower functorch path for these layers."""
+    from opacus.grad_sample.utils import register_grad_sampler
+
+    register_grad_sampler([WSConv1d, WSConv2d])(_ws_conv_grad_sample)
 
 
 def _conv_block(in_ch: int, out_ch: int, norm: str, stride: int = 1) -> nn.Sequential:
@@ -271,6 +398,7 @@ def build_encoder(
     embedding_dim: int = 128,
     norm: str = "group",
     width: int | None = None,
+    weight_standardization: bool = False,
 ) -> ContrastiveModel:
     """Build the encoder that ``name`` names, a built-in or an import path.
 
@@ -281,6 +409,8 @@ def build_encoder(
         embedding_dim: D, the length of the normalised embedding.
         norm: backbone normalisation, see :func:`make_norm`.
         width: backbone base width; the factory's own default when ``None``.
+        weight_standardization: make the backbone's convolutions weight-standardised
+            (:func:`standardize_convs`; any encoder, plug-ins included).
 
     Raises:
         ValueError: unknown name or norm, or ``embedding_dim <= 0``.
@@ -302,8 +432,9 @@ def build_encoder(
             f"embedding_dim={embedding_dim} and built in_channels={model.in_channels}, "
             f"embedding_dim={model.embedding_dim}"
         )
+    if weight_standardization:
+        standardize_convs(model.backbone)
     model.encoder_name = name
-    logger.debug(
-        "built encoder %s: F=%d D=%d norm=%s", name, model.feature_dim, embedding_dim, norm
-    )
+    logger.debug("built encoder %s: F=%d D=%d norm=%s ws=%s", name, model.feature_dim,
+                 embedding_dim, norm, weight_standardization)
     return model

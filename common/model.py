@@ -2,7 +2,8 @@
 
 ``fedcontrast train-local``, the ServerApp, the ClientApp and the in-process comparisons
 all build their :class:`~common.encoders.ContrastiveModel` here, so a run's settings
-(``--encoder``, ``--embedding-dim``, ``--norm``, ``--width``, ``--seed``) mean the same
+(``--encoder``, ``--embedding-dim``, ``--norm``, ``--width``,
+``--weight-standardization``, ``--seed``) mean the same
 model everywhere.
 """
 
@@ -20,7 +21,8 @@ from common.encoders import ContrastiveModel, build_encoder
 
 def model_spec(cfg: TrainConfig, in_channels: int) -> dict[str, Any]:
     """The checkpoint spec (:func:`common.checkpoint.encoder_spec`) of the run's encoder."""
-    return encoder_spec(cfg.encoder, in_channels, cfg.embedding_dim, cfg.norm, cfg.width)
+    return encoder_spec(cfg.encoder, in_channels, cfg.embedding_dim, cfg.norm, cfg.width,
+                        cfg.weight_standardization)
 
 
 def build_model(cfg: TrainConfig, in_channels: int,
@@ -38,7 +40,8 @@ def build_model(cfg: TrainConfig, in_channels: int,
     if state is None:
         torch.manual_seed(cfg.seed)
     model = build_encoder(cfg.encoder, in_channels=in_channels, embedding_dim=cfg.embedding_dim,
-                          norm=cfg.norm, width=cfg.width)
+                          norm=cfg.norm, width=cfg.width,
+                          weight_standardization=cfg.weight_standardization)
     if state is not None:
         try:
             model.load_state_dict(state)

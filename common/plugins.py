@@ -62,6 +62,7 @@ BUILTINS: dict[str, dict[str, str]] = {
     },
     "views": {
         "images": "common.augment:image_views",
+        "digits": "common.augment:digit_views",
         "dna": "common.examples.dna:views",
     },
 }
@@ -222,9 +223,21 @@ def resolve(kind: str, spec: str) -> Callable[..., Any]:
     return obj
 
 
+#: ``--views auto``: the views a built-in dataset comes with (by its name before any
+#: ``:ARG``); any other dataset gets ``images``.
+DATASET_VIEWS = {"digits": "digits", "dna": "dna"}
+
+
+def views_for(cfg: TrainConfig) -> str:
+    """The views a run uses: ``cfg.views``, with ``auto`` resolved by the dataset."""
+    if cfg.views != "auto":
+        return cfg.views
+    return DATASET_VIEWS.get(cfg.dataset.split(":", 1)[0], "images")
+
+
 def check(kind: str, spec: str) -> None:
     """Resolve ``spec`` without calling it (a dataset path is left to the loader)."""
-    if kind == "dataset" and parse(kind, spec) is None:
+    if (kind == "dataset" and parse(kind, spec) is None) or (kind == "views" and spec == "auto"):
         return
     resolve(kind, spec)
 
@@ -261,19 +274,20 @@ def _describe(t: Tensor) -> str:
 
 
 def make_views(cfg: TrainConfig) -> ViewFn:
-    """The run's view function (``cfg.views``), checked on every call."""
-    factory: ViewFactory = resolve("views", cfg.views)
+    """The run's view function (``spec``, :func:`views_for`), checked on every call."""
+    spec = views_for(cfg)
+    factory: ViewFactory = resolve("views", spec)
     try:
         fn = factory(cfg)
     except Exception as exc:  # the plug-in's own code: name it, keep the cause
         raise PluginError(
-            f"--views {cfg.views!r}: calling it with the run's settings raised "
+            f"--views {spec!r}: calling it with the run's settings raised "
             f"{type(exc).__name__}: {exc}. It must be a factory, {_PROTOCOLS['views']}: "
             "a view function itself is not (wrap it: def views(cfg): return my_views)"
         ) from exc
     if not callable(fn):
-        raise PluginError(f"--views {cfg.views!r} returned a {type(fn).__name__} when called "
+        raise PluginError(f"--views {spec!r} returned a {type(fn).__name__} when called "
                           f"with the run's settings; expected {_PROTOCOLS['views']} (a view "
                           "function itself is not a factory: wrap it, def views(cfg): return "
                           "my_views)")
-    return CheckedViews(fn, cfg.views)
+    return CheckedViews(fn, spec)

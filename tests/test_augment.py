@@ -123,3 +123,27 @@ def test_invalid_params_are_refused(bad: dict) -> None:
 
 def test_lists_from_config_files_become_tuples() -> None:
     assert AugmentParams(crop_scale=[0.3, 1.0]).crop_scale == (0.3, 1.0)  # type: ignore[arg-type]
+
+
+def test_digit_views_are_a_builtin_keep_shape_and_range_and_follow_the_seed() -> None:
+    from common.config import TrainConfig
+    from common.plugins import make_views
+
+    view = make_views(TrainConfig(views="digits", crop_scale_min=0.8))
+    x = batch((6, 1, 8, 8))
+    v = view(x, gen(3))
+    assert v.shape == x.shape and v.dtype == x.dtype and v.min() >= 0 and v.max() <= 1
+    assert torch.equal(v, view(x, gen(3)))
+    assert not torch.equal(v, view(x, gen(4)))
+
+
+def test_digit_views_never_flip(monkeypatch: pytest.MonkeyPatch) -> None:
+    # no crop, jitter, rotation or noise left: an image that a flip would change comes back
+    from common import augment
+    from common.config import TrainConfig
+
+    monkeypatch.setattr(augment, "DIGIT_ROTATION_DEG", 0.0)
+    monkeypatch.setattr(augment, "DIGIT_NOISE_STD", 0.0)
+    view = augment.digit_views(TrainConfig(crop_scale_min=1.0, jitter_strength=0.0))
+    x = batch((64, 1, 8, 8))
+    torch.testing.assert_close(view(x, gen(0)), x, atol=1e-5, rtol=0)

@@ -10,8 +10,12 @@ from common.encoders import (
     ContrastiveModel,
     ProjectionHead,
     SmallCNN,
+    WSConv1d,
+    WSConv2d,
     build_encoder,
     make_norm,
+    register_opacus_grad_samplers,
+    standardize_convs,
 )
 from common.plugins import builtin_names
 
@@ -113,3 +117,99 @@ def test_contrastive_model_composes_any_backbone_and_head() -> None:
     model = ContrastiveModel(backbone, ProjectionHead(backbone.feature_dim, 16, 8, norm="layer"))
     assert model.encoder_name == "smallcnn"
     assert model(torch.rand(2, 3, 16, 16)).shape == (2, 8)
+
+
+# --- weight standardisation ------------------------------------------------------------
+
+#: (encoder, input shape) for each built-in backbone, small enough to run in a test
+WS_ENCODERS = {"cnn": (1, 8, 8), "resnet18": (3, 8, 8), "cnn1d": (4, 24)}
+
+
+def _ws_model(name: str) -> ContrastiveModel:
+    torch.manual_seed(0)
+    return build_encoder(name, in_channels=WS_ENCODERS[name][0], embedding_dim=8, width=4,
+                         weight_standardization=True)
+
+
+@pytest.mark.parametrize("name", list(WS_ENCODERS))
+def test_weight_standardization_makes_every_backbone_conv_standardised(name: str) -> None:
+    plain = build_encoder(name, in_channels=WS_ENCODERS[name][0], embedding_dim=8, width=4)
+    model = _ws_model(name)
+    convs = [m for m in model.backbone.modules() if isinstance(m, nn.Conv1d | nn.Conv2d)]
+    assert convs and all(isinstance(m, WSConv1d | WSConv2d) for m in convs)
+    assert not any(isinstance(m, WSConv1d | WSConv2d) for m in plain.modules())
+    # same parameters under the same names: checkpoints and federated weights line up
+    assert {k: v.shape for k, v in model.state_dict().items()} == {
+        k: v.shape for k, v in plain.state_dict().items()}
+    x = torch.rand(2, *WS_ENCODERS[name])
+    assert model.features(x).shape == (2, model.feature_dim)
+    assert model(x).shape == (2, 8)
+
+
+@pytest.mark.parametrize("cls", [nn.Conv1d, nn.Conv2d])
+def test_the_weight_a_ws_conv_convolves_with_has_zero_mean_and_unit_variance(cls) -> None:
+    conv = standardize_convs(nn.Sequential(cls(3, 5, 3, padding=1, bias=False)))[0]
+    with torch.no_grad():
+        conv.weight.mul_(7.0).add_(torch.randn_like(conv.weight))  # far from standardised
+    used = []  # the weight the forward pass convolves with, captured where it is applied
+    original = conv._conv_forward
+    conv._conv_forward = lambda x, w, b: used.append(w) or original(x, w, b)
+    conv(torch.rand(2, 3, 6) if cls is nn.Conv1d else torch.rand(2, 3, 6, 6))
+    assert len(used) == 1
+    w = used[0].flatten(1)  # O x (I K)
+    torch.testing.assert_close(w.mean(dim=1), torch.zeros(5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(w.var(dim=1, unbiased=False), torch.ones(5), atol=1e-3, rtol=0)
+
+
+def test_a_ws_conv_is_invariant_to_the_scale_and_shift_of_its_weight() -> None:
+    conv = standardize_convs(nn.Sequential(nn.Conv2d(2, 4, 3, bias=False)))[0]
+    x = torch.rand(3, 2, 5, 5)
+    before = conv(x)
+    with torch.no_grad():
+        conv.weight.mul_(3.0).add_(0.5)
+    # up to eps (1e-5) against a weight variance of about 0.02: a relative 1e-3
+    torch.testing.assert_close(conv(x), before, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("name", list(WS_ENCODERS))
+def test_opacus_per_sample_gradients_through_ws_convs_equal_per_example_autograd(
+    name: str
+) -> None:
+    import opacus
+
+    register_opacus_grad_samplers()
+    model = _ws_model(name)
+    reference = _ws_model(name)
+    x = torch.randn(4, *WS_ENCODERS[name], generator=torch.Generator().manual_seed(1))
+    expected = []
+    for i in range(len(x)):
+        reference.zero_grad()
+        reference(x[i : i + 1]).pow(2).sum().backward()
+        expected.append([p.grad.clone() for p in reference.parameters()])
+    gsm = opacus.GradSampleModule(model)
+    gsm(x).pow(2).sum().backward()
+    for j, (pname, p) in enumerate(model.named_parameters()):
+        for i in range(len(x)):
+            torch.testing.assert_close(p.grad_sample[i], expected[i][j], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, pname=pname: f"{pname}: {m}")
+    # the registered sampler, not Opacus's generic functorch fallback, did the WS convs
+    assert not any(hasattr(m, "ft_compute_sample_grad") for m in model.modules()
+                   if isinstance(m, WSConv1d | WSConv2d))
+
+
+def test_ws_models_pass_opacus_validation() -> None:
+    from opacus import validators
+
+    assert validators.ModuleValidator.validate(_ws_model("resnet18"), strict=False) == []
+
+
+def test_a_checkpoint_rebuilds_the_weight_standardised_encoder(tmp_path) -> None:
+    from common.checkpoint import encoder_spec, load_encoder, save_encoder
+
+    model = _ws_model("cnn").eval()
+    save_encoder(model, encoder_spec("cnn", 1, 8, "group", 4, True), tmp_path / "encoder.pt")
+    loaded = load_encoder(tmp_path)
+    assert any(isinstance(m, WSConv2d) for m in loaded.modules())
+    x = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(loaded(x), model(x))

@@ -122,7 +122,7 @@ def test_builtins_are_import_paths_resolved_like_any_other():
 @pytest.mark.parametrize("settings, message", [
     ({"encoder": "vit"}, r"--encoder 'vit' is neither .* built-ins: cnn, cnn1d, resnet18; .*"
                          r"EncoderFactory\(in_channels: int"),
-    ({"views": "imgs"}, r"built-ins: dna, images; .*ViewFactory\(cfg: TrainConfig\) -> ViewFn"),
+    ({"views": "imgs"}, r"built-ins: digits, dna, images; .*ViewFactory\(cfg: TrainConfig\) -> ViewFn"),
     ({"encoder": "cnn:8"}, "only datasets take an argument"),
     ({"encoder": "nowhere.to_be:found"}, r"cannot import module 'nowhere.to_be' "
                                          r"\(ModuleNotFoundError.*importable in every process"),

@@ -34,23 +34,25 @@ def digits():
     return load_dataset("digits")
 
 
-def _model(cfg=CFG, seed=0, norm="group"):
+def _model(cfg=CFG, seed=0, norm="group", weight_standardization=False):
     torch.manual_seed(seed)
     return build_encoder("cnn", in_channels=1, embedding_dim=cfg.embedding_dim, norm=norm,
-                         width=cfg.width)
+                         width=cfg.width, weight_standardization=weight_standardization)
 
 
 def _flat(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_per_example_gradients_sum_both_forward_passes_of_the_symmetric_loss(digits):
+@pytest.mark.parametrize("ws", [False, True], ids=["plain", "weight-standardized"])
+def test_per_example_gradients_sum_both_forward_passes_of_the_symmetric_loss(digits, ws):
     # The symmetric loss runs the trainable encoder on view 1 and on view 2. Opacus must
     # give each example the sum of its gradients from both passes: compare with autograd
-    # run on one example at a time (GroupNorm makes a row's output independent of the batch).
+    # run on one example at a time (GroupNorm makes a row's output independent of the batch;
+    # weight standardisation uses the weight's statistics, not the batch's).
     assert CFG.symmetric
     n = 6
-    model = _model()
+    model = _model(weight_standardization=ws)
     key = copy.deepcopy(model).requires_grad_(False)
     reference = copy.deepcopy(model)
     g = torch.Generator().manual_seed(1)

@@ -252,7 +252,7 @@ class SequenceViews:
 def views(cfg: TrainConfig) -> SequenceViews:
     """The ``dna`` views (a :class:`~common.plugins.ViewFactory`): windows of at least
     ``crop_scale_min`` of the read, reverse complement with probability 1/2."""
-    return SequenceViews(min_crop=cfg.crop_scale_min)
+    return SequenceViews(min_crop=cfg.crop_scale_min or 0.5)
 
 
 @torch.no_grad()
