@@ -144,3 +144,13 @@ def test_a_round_trains_from_the_kept_model_and_keeps_its_state_for_one_run(tmp_
     _w, _m, second = train_byol_round(cfg, x, received, lr=1e-3, seed=1, run_id=5, local=again)
     assert (second.fedema_lambda > 0) == (update == "fedema")
     assert not all(torch.equal(second.target[k], kept.target[k]) for k in kept.target)  # target went on
+
+
+def test_compare_runs_each_byol_method_as_its_byol_update_without_the_queue():
+    from simulations.compare import method_config
+
+    base = FedConfig(global_negatives=128, key_mode="ema", in_batch=False, push_fraction=0.3)
+    for method in ("fedbyol", "fedu", "fedema"):
+        cfg = method_config(method, base)
+        assert (cfg.objective, cfg.byol_update, cfg.global_negatives, cfg.push_fraction) == (
+            "byol", method, 0, 0.0)
