@@ -16,6 +16,9 @@ and the TRAIN message that follows pushes nothing more.
 A node with bad data or configuration raises: Flower returns the error to the
 server, which logs it and goes on with the other nodes.
 
+With ``--objective byol`` the round is :func:`client.byol_round.train_byol_round` (no
+queue), from the client's own model of the run kept in its state directory.
+
 With ``--dp true`` (see :mod:`client.privacy`) the round's releases are recorded in the
 client's accountant, and saved, before training starts; the reply's ``epsilon`` is the
 client's epsilon with them, and the statistics of local data that the accountant does
@@ -32,6 +35,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.byol_round import load_local, save_local, train_byol_round
 from client.data import local_images
 from client.privacy import plan_round
 from client.round import push_round, train_round
@@ -117,19 +121,24 @@ def train(msg: Message, context: Context) -> Message:
                              queue_version=int(config["queue-version"]))
         state_dir.save(state)  # the round's releases are on disk before any is made
     received, optimizer_state = optim_state.split(msg.content["arrays"].to_torch_state_dict())
-    weights, metrics = train_round(
-        cfg, x, received,
-        lr=float(config["lr"]),
-        queue_address=str(config["queue-address"]),
-        queue_token=str(config["queue-token"]),
-        queue_version=int(config["queue-version"]),
-        seed=state.seed(cfg.seed, server_round),
-        privacy=privacy,
-        queue_root_certificates=queue_ca,
-        # The reply carries optimiser state exactly when the message did: its keys
-        # must be those of the server's arrays.
-        optimizer_state=optimizer_state or None,
-    )
+    if cfg.objective == "byol":
+        weights, metrics = _byol_round(cfg, x, received, state_dir, context.run_id,
+                                       lr=float(config["lr"]), seed=state.seed(cfg.seed, server_round),
+                                       optimizer_state=optimizer_state or None)
+    else:
+        weights, metrics = train_round(
+            cfg, x, received,
+            lr=float(config["lr"]),
+            queue_address=str(config["queue-address"]),
+            queue_token=str(config["queue-token"]),
+            queue_version=int(config["queue-version"]),
+            seed=state.seed(cfg.seed, server_round),
+            privacy=privacy,
+            queue_root_certificates=queue_ca,
+            # The reply carries optimiser state exactly when the message did: its keys
+            # must be those of the server's arrays.
+            optimizer_state=optimizer_state or None,
+        )
     state.record_round(context.run_id, server_round)
     state_dir.save(state)
     logger.info("client %s round %d: loss %.4f, %d rows pushed, %d queue misses, epsilon %.4g",
@@ -137,3 +146,12 @@ def train(msg: Message, context: Context) -> Message:
                 metrics["global-misses"], metrics["epsilon"])
     content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
+
+
+def _byol_round(cfg: FedConfig, x: Any, received: dict[str, Any], state_dir: StateDir,
+                run_id: int, **round_args: Any) -> tuple[dict[str, Any], dict[str, float | int]]:
+    """``--objective byol``: the round from the client's own model of this run, kept after it."""
+    weights, metrics, kept = train_byol_round(cfg, x, received, run_id=run_id,
+                                              local=load_local(state_dir, run_id), **round_args)
+    save_local(state_dir, kept)
+    return weights, metrics

@@ -164,7 +164,7 @@ def train_round(
     finally:
         client.close()
     geometry = (0.0, 0.0) if cfg.dp else local_geometry(model, x, cfg, device)
-    metrics = _round_metrics(cfg, x.shape[0], epochs, counters, geometry, privacy)
+    metrics = round_metrics(cfg, x.shape[0], epochs, counters, geometry, privacy)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if optimizer_state is not None:
         state.update(optim_state.export_arrays(model, optimizer, cfg))
@@ -208,7 +208,7 @@ def _global_sources(client: QueueClient, cfg: FedConfig, privacy: RoundPrivacy |
                             seed=seed if reproducible else None)]
 
 
-def _round_metrics(cfg: FedConfig, num_examples: int, epochs: Sequence[EpochStats],
+def round_metrics(cfg: FedConfig, num_examples: int, epochs: Sequence[EpochStats],
                    counters: Mapping[str, int], geometry: tuple[float, float],
                    privacy: RoundPrivacy | None) -> dict[str, float | int]:
     """The reply's metrics: training, queue traffic, local geometry and the round's epsilon."""

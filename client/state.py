@@ -13,7 +13,9 @@ named after its stable ``client-id``:
 - otherwise ``~/.fedcontrast/clients/<client-id>``.
 
 The directory holds ``state.json``, written atomically (temp file + rename): a crash
-leaves the previous state, never half of one. One SuperNode runs one ClientApp at a
+leaves the previous state, never half of one. Tensors a client keeps between rounds (a
+BYOL client's own online network and target, :mod:`client.byol_round`) go into files of
+their own beside it (:meth:`StateDir.save_tensors`), written the same way. One SuperNode runs one ClientApp at a
 time, so there is one writer. Format 2 added the privacy fields (accountant, noise
 calibration, un-noised pushes); a format-1 file reads as a client that has released
 nothing under DP.
@@ -29,6 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from common.accounting import NoiseCalibration, PrivacyAccountant
 
@@ -151,3 +155,26 @@ class StateDir:
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
         os.replace(tmp, self.file)
         return self.file
+
+    def load_tensors(self, name: str) -> dict[str, Any] | None:
+        """The tensor file ``name`` of this directory (plain data and tensors, loaded with
+        ``weights_only``); None when there is none yet. ValueError when it is unreadable."""
+        path = self.path / name
+        if not path.exists():
+            return None
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several kinds on a damaged file
+            raise ValueError(f"{path} is not a readable tensor file ({exc}); delete it to start afresh") from exc
+        if not isinstance(payload, dict):
+            raise ValueError(f"{path} holds a {type(payload).__name__}, not a dict of tensors")
+        return payload
+
+    def save_tensors(self, name: str, payload: Mapping[str, Any]) -> Path:
+        """Write ``payload`` (plain data and tensors) as ``name``, atomically."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.path / name
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(dict(payload), tmp)
+        os.replace(tmp, path)
+        return path

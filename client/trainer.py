@@ -208,17 +208,7 @@ class ContrastiveTrainer:
             self._momentum_update()
             self.step += 1
             return 0.0, 0, False
-        negatives, log_weights, had_rows = self._bank()
-        if negatives is None and not self.cfg.in_batch and x.shape[0] > 0:
-            # No in-batch negatives and every source empty (round 1 of a fresh queue,
-            # an unreachable service): random unit vectors are data-independent
-            # negatives that keep the loss defined without touching private data. Their
-            # number is fixed by the config, not the batch: under DP the batch size is a
-            # Poisson draw, and one example's loss must not depend on how many others came.
-            count = max(1, getattr(self.cfg, "global_negatives", 0) or self.cfg.batch_size)
-            negatives = nn.functional.normalize(
-                torch.randn(count, self.model.embedding_dim, generator=self.generator), dim=1,
-            ).to(self.device)
+        negatives, log_weights, had_rows = self._negatives(x.shape[0])
         x = x.to(self.device, non_blocking=True)
         loss, keys = self.loss_on(x, negatives, log_weights)
         mean = loss.mean()
@@ -233,6 +223,22 @@ class ContrastiveTrainer:
             s.observe(keys)
         self.step += 1
         return float(mean.detach()), 0 if negatives is None else int(negatives.shape[0]), had_rows
+
+    def _negatives(self, batch_size: int) -> tuple[Tensor | None, Tensor | None, bool]:
+        """The step's negatives (K, D), their log-weights and whether a source had rows
+        (:meth:`_bank`), or random unit vectors when there would be none."""
+        negatives, log_weights, had_rows = self._bank()
+        if negatives is None and not self.cfg.in_batch and batch_size > 0:
+            # No in-batch negatives and every source empty (round 1 of a fresh queue,
+            # an unreachable service): random unit vectors are data-independent
+            # negatives that keep the loss defined without touching private data. Their
+            # number is fixed by the config, not the batch: under DP the batch size is a
+            # Poisson draw, and one example's loss must not depend on how many others came.
+            count = max(1, getattr(self.cfg, "global_negatives", 0) or self.cfg.batch_size)
+            negatives = nn.functional.normalize(
+                torch.randn(count, self.model.embedding_dim, generator=self.generator), dim=1,
+            ).to(self.device)
+        return negatives, log_weights, had_rows
 
     @torch.no_grad()
     def _momentum_update(self) -> None:

@@ -26,6 +26,8 @@ import torch
 from common.encoders import ContrastiveModel, build_encoder
 
 FORMAT = "fedcontrast-encoder/1"
+#: State-dict keys of BYOL's predictor (see :class:`common.encoders.ContrastiveModel`).
+PREDICTOR_PREFIX = "predictor."
 
 
 def encoder_spec(
@@ -62,7 +64,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> ContrastiveModel:
-    """Rebuild a trained encoder from a checkpoint file or a run directory (``encoder.pt``)."""
+    """Rebuild a trained encoder from a checkpoint file or a run directory (``encoder.pt``).
+
+    A BYOL run's checkpoint also holds the predictor (``predictor.*``, what ``--resume``
+    continues from); the encoder returned is backbone and head only, without it.
+    """
     payload = read_checkpoint(path)
     spec = payload["spec"]
     model = build_encoder(
@@ -71,5 +77,6 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Contra
         # checkpoints written before the setting existed had plain convolutions
         weight_standardization=spec.get("weight_standardization", False),
     )
-    model.load_state_dict(payload["state_dict"])
+    model.load_state_dict({k: v for k, v in payload["state_dict"].items()
+                           if not k.startswith(PREDICTOR_PREFIX)})
     return model.to(device).eval()

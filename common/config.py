@@ -41,6 +41,8 @@ NORM_CHOICES = ("group", "instance", "layer", "batch")
 KEY_MODES = ("ema", "frozen", "shared")
 OPTIMIZERS = ("sgd", "adam")
 AGGREGATIONS = ("fedavg", "fedtrimmedavg", "fedmedian", "krum")
+OBJECTIVES = ("infonce", "byol")
+BYOL_UPDATES = ("fedbyol", "fedu", "fedema")
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
@@ -413,10 +415,56 @@ class PrivacySettings(_Part):
 
 
 @dataclass
-class FedConfig(PrivacySettings, ServerSettings, QueueSettings, FederationSettings, TrainConfig):
+class ObjectiveSettings(_Part):
+    """The local objective: InfoNCE (the default), or BYOL and the federated method that
+    takes the global model into each client's local one (client/divergence.py)."""
+
+    objective: str = _f(
+        "infonce",
+        "the local loss: infonce (contrastive, with the negatives of the settings above) or "
+        "byol (Grill et al. 2020: a predictor on the online projection regresses an EMA "
+        "target's projection of the other view, 2 - 2 cos, both view orders; no negatives, "
+        "so the queue settings must be off; --key-mode and --temperature do not apply)",
+        OBJECTIVES,
+    )
+    byol_update: str = _f(
+        "fedbyol",
+        "objective byol: how a client takes the global online encoder and predictor: "
+        "fedbyol (replaces its own), fedu (Zhuang et al. ICCV 2021: the predictor only when "
+        "the divergence is below --fedu-threshold) or fedema (Zhuang et al. ICLR 2022: an "
+        "EMA of global into local, weight mu = min(lambda x divergence, 1) on the local one)",
+        BYOL_UPDATES,
+    )
+    byol_tau: float = _f(0.99, "objective byol: EMA momentum of the target encoder, per step")
+    fedu_threshold: float = _f(
+        0.4, "byol-update fedu: the divergence below which the global predictor replaces the "
+             "local one (the divergence is the mean over the online encoder's weight tensors "
+             "of their L2 distance, as in the authors' code)")
+    fedema_lambda: float = _f(
+        0.0, "byol-update fedema: lambda of mu = min(lambda x divergence, 1) (0: autoscaled "
+             "per client, lambda = --fedema-autoscale / the first divergence it measures)")
+    fedema_autoscale: float = _f(
+        0.7, "byol-update fedema with --fedema-lambda 0: the mu each client starts from, "
+             "in (0, 1] (tau of the paper's autoscaler)")
+
+    def _check(self, need: Need) -> None:
+        need(0 <= self.byol_tau <= 1, "byol_tau", "must be in [0, 1]")
+        need(math.isfinite(self.fedu_threshold) and self.fedu_threshold >= 0, "fedu_threshold",
+             "must be zero or more")
+        need(math.isfinite(self.fedema_lambda) and self.fedema_lambda >= 0, "fedema_lambda",
+             "must be zero (autoscaled) or more")
+        need(0 < self.fedema_autoscale <= 1, "fedema_autoscale", "must be in (0, 1]")
+
+
+@dataclass
+class FedConfig(ObjectiveSettings, PrivacySettings, ServerSettings, QueueSettings,
+                FederationSettings, TrainConfig):
     """Federated training: everything local training takes, plus rounds and the queue."""
 
     def _check(self, need: Need) -> None:
+        if self.objective == "byol":
+            _refuse_with_byol(self, need)
+            return
         need(self.in_batch or self.queue_size > 0 or self.global_negatives > 0, "in_batch",
              "is off with no local queue and no global negatives: there would be no negatives")
         if self.dp:
@@ -613,6 +661,16 @@ def _refuse_under_dp(cfg: FedConfig, need: Need) -> None:
          f"{cfg.pull_scope!r} with --dp true and --push-noise 0 would return this client's "
          "own un-noised rows as negatives, coupling its examples: use --pull-scope others "
          "or noise the pushes")
+
+
+def _refuse_with_byol(cfg: FedConfig, need: Need) -> None:
+    """What ``--objective byol`` has no use for, or does not support yet."""
+    for name in ("global_negatives", "push_fraction", "queue_size"):
+        need(not getattr(cfg, name), name,
+             "with --objective byol: BYOL uses no negatives; set --global-negatives 0 "
+             "--push-fraction 0 --queue-size 0")
+    need(not cfg.dp, "dp", "with --objective byol is not supported yet: BYOL's loss is per "
+                           "example, but its private training is not wired up; set --dp false")
 
 
 def resolve_device(spec: str) -> Any:

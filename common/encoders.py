@@ -340,6 +340,9 @@ class ContrastiveModel(nn.Module):
 
     Attributes:
         in_channels, feature_dim (F), embedding_dim (D), encoder_name.
+        predictor: BYOL's prediction MLP on the projection (D -> D), or ``None`` (the
+            default: its state dict then holds backbone and head only). Set by
+            :func:`common.model.build_model` for ``--objective byol``.
     """
 
     def __init__(
@@ -352,6 +355,7 @@ class ContrastiveModel(nn.Module):
         self.feature_dim: int = backbone.feature_dim
         self.embedding_dim: int = head.out_dim
         self.encoder_name = encoder_name or type(backbone).__name__.lower()
+        self.predictor: nn.Module | None = None
 
     def features(self, x: Tensor) -> Tensor:
         """Backbone features (N, F), the representation that downstream metrics probe."""
@@ -364,6 +368,13 @@ class ContrastiveModel(nn.Module):
     def embed(self, x: Tensor) -> Tensor:
         """Alias of :meth:`forward`."""
         return self(x)
+
+    def predict(self, x: Tensor) -> Tensor:
+        """BYOL's online prediction q(g(f(x))) (N, D), not normalised (Grill et al. 2020):
+        the predictor reads the projection before its normalisation."""
+        if self.predictor is None:
+            raise ValueError("this model has no predictor: build it with --objective byol")
+        return self.predictor(self.head(self.backbone(x)))
 
 
 def with_projection_head(backbone: nn.Module, embedding_dim: int) -> ContrastiveModel:

@@ -1,5 +1,6 @@
 """InfoNCE, per example, with queue negatives and optional in-batch negatives, and the
-options that change how each query treats its negatives (all off by default).
+options that change how each query treats its negatives (all off by default); and
+BYOL's regression loss (:func:`byol_loss`), per example by construction.
 
 References:
     Oord, Li & Vinyals 2018, "Representation Learning with Contrastive Predictive Coding"
@@ -9,7 +10,9 @@ References:
     in-batch negatives). Huynh et al. 2022, "Boosting Contrastive Self-Supervised Learning
     with False Negative Cancellation" (WACV; false negatives dropped or attracted).
     Chuang et al. 2020, "Debiased Contrastive Learning" (NeurIPS; tau+). Robinson et al.
-    2021, "Contrastive Learning with Hard Negative Samples" (ICLR; beta).
+    2021, "Contrastive Learning with Hard Negative Samples" (ICLR; beta). Grill et al.
+    2020, "Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning"
+    (NeurIPS; BYOL).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import Tensor, nn
 
 from common.negative_options import NegativeOptions
 
-__all__ = ["InfoNCELoss", "NegativeOptions", "info_nce", "staleness_log_weights"]
+__all__ = ["InfoNCELoss", "NegativeOptions", "byol_loss", "info_nce", "staleness_log_weights"]
 
 REDUCTIONS = ("mean", "none")
 
@@ -325,3 +328,26 @@ class InfoNCELoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, queue_temperature={self.queue_temperature}, "
                 f"in_batch={self.in_batch}, reduction={self.reduction!r}, options={self.options}")
+
+
+def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """BYOL's loss per example, ``||p/|p| - z'/|z'|||^2 = 2 - 2 cos(p, sg(z'))``.
+
+    Grill et al. 2020, eq. 2: the online network's prediction ``p`` of one view regresses
+    the target network's projection ``z'`` of the other; no gradient reaches the target
+    (it is detached here). Example i's loss depends on example i alone. BYOL's total
+    loss adds the same term with the views swapped (see :class:`client.byol.BYOLTrainer`).
+
+    Args:
+        prediction: p (N, D), the online predictor's output, any norm.
+        target: z' (N, D), the target projection of the other view, any norm.
+
+    Returns:
+        (N,) losses in [0, 4].
+    """
+    if prediction.shape != target.shape or prediction.ndim != 2:
+        raise ValueError(f"prediction and target must both be (N, D), got "
+                         f"{tuple(prediction.shape)} and {tuple(target.shape)}")
+    p = nn.functional.normalize(prediction, dim=1)  # N x D
+    z = nn.functional.normalize(target.detach(), dim=1)  # N x D, stop-gradient
+    return 2.0 - 2.0 * (p * z).sum(dim=1)

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from common.checkpoint import encoder_spec
-from common.config import TrainConfig
-from common.encoders import ContrastiveModel, build_encoder
+from common.config import FedConfig, TrainConfig
+from common.encoders import ContrastiveModel, ProjectionHead, build_encoder
 
 
 def model_spec(cfg: TrainConfig, in_channels: int) -> dict[str, Any]:
@@ -34,6 +34,10 @@ def build_model(cfg: TrainConfig, in_channels: int,
     ``state`` (a node's received global weights) it holds those weights; its random
     initialisation is overwritten, so the global generator is not reseeded.
 
+    With ``--objective byol`` the model also has BYOL's predictor (Grill et al. 2020), an
+    MLP D -> F -> D on the projection (the paper's 256 -> 4096 -> 256, scaled to the
+    encoder), built after the encoder so the encoder's initialisation is the same.
+
     Raises:
         ValueError: ``state`` does not fit the encoder the config asks for.
     """
@@ -42,6 +46,8 @@ def build_model(cfg: TrainConfig, in_channels: int,
     model = build_encoder(cfg.encoder, in_channels=in_channels, embedding_dim=cfg.embedding_dim,
                           norm=cfg.norm, width=cfg.width,
                           weight_standardization=cfg.weight_standardization)
+    if isinstance(cfg, FedConfig) and cfg.objective == "byol":
+        model.predictor = ProjectionHead(model.embedding_dim, model.feature_dim, model.embedding_dim)
     if state is not None:
         try:
             model.load_state_dict(state)

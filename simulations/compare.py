@@ -10,6 +10,13 @@ Methods (``--methods``, all by default):
   ages), but every client pulls only the rows it pushed itself: a per-client queue.
   The difference to ``fedcontrast`` is the sharing alone.
 - ``fedcontrast``: negatives pulled from the global queue (the settings as given).
+- ``fedbyol``, ``fedu``, ``fedema``: the BYOL-based methods the field compares against
+  (``--objective byol``, no queue; see :mod:`client.divergence`): FedBYOL, FedU
+  (Zhuang et al., ICCV 2021: divergence-aware predictor update, ``--fedu-threshold``) and
+  FedEMA (Zhuang et al., ICLR 2022: divergence-aware EMA of the global model into each
+  local one, lambda autoscaled, ``--fedema-autoscale``); all three send the online
+  encoder and predictor, which the server averages, and keep their EMA target
+  (``--byol-tau``) at home.
 - ``centralized``: all training data in one place (the upper bound), SimCLR as fedavg.
 - ``centralized-skewed``: all training data in one place and one model trained step
   after step, as ``centralized``, but every batch drawn from a single client's
@@ -30,6 +37,10 @@ through ``simulate`` (Flower's simulation engine and the real queue service); th
 run in this process. Every encoder is
 evaluated the same way on the held-out split (kNN and a linear probe on backbone
 features, alignment and uniformity of the head).
+
+Beside the figures, each federated method's megabytes sent per client and round
+(:func:`sent_megabytes`): what its messages carry, so that accuracy can be weighed
+against traffic.
 
 Writes ``OUT/compare.md`` (the table), ``OUT/compare.json``, ``OUT/compare.png``
 (kNN accuracy per round for each method) and one run directory per method and seed.
@@ -59,7 +70,7 @@ from rich.table import Table
 from client.data import local_images, partition_indices
 from client.settings import NodeSettings
 from client.trainer import ContrastiveTrainer
-from common.checkpoint import load_encoder, save_encoder
+from common.checkpoint import load_encoder, read_checkpoint, save_encoder
 from common.config import FedConfig, resolve_device
 from common.datasets import Dataset, load_dataset
 from common.encoders import ContrastiveModel
@@ -81,7 +92,9 @@ from simulations.simulate import Simulation, resolve, simulate
 
 logger = logging.getLogger(__name__)
 
-FEDERATED = ("fedavg", "fedmoco", "fedcontrast")
+FEDERATED = ("fedavg", "fedmoco", "fedcontrast", "fedbyol", "fedu", "fedema")
+#: The BYOL-based methods, each a value of --byol-update.
+BYOL_METHODS = ("fedbyol", "fedu", "fedema")
 #: SimCLR: one network for both views, in-batch negatives, no queue (fedavg, local and both
 #: centralized methods);
 #: so no queue rows to weigh by age either.
@@ -90,7 +103,8 @@ SIMCLR = {"global_negatives": 0, "push_fraction": 0.0, "in_batch": True, "key_mo
 #: The table's columns: (result key, header).
 COLUMNS = (("linear_probe_backbone", "linear probe"), ("knn_backbone", "kNN"),
            ("retrieval_head", "retrieval"), ("alignment_head", "alignment"),
-           ("uniformity_head", "uniformity"), ("wall_time_s", "wall time (s)"))
+           ("uniformity_head", "uniformity"), ("mb_sent_per_client_round", "MB sent/client/round"),
+           ("wall_time_s", "wall time (s)"))
 #: The accuracies compared seed by seed against the reference method.
 PAIRED = (("linear_probe_backbone", "linear probe"), ("knn_backbone", "kNN"))
 
@@ -127,6 +141,8 @@ def method_config(method: str, base: FedConfig) -> FedConfig:
         return replace(base, pull_scope="own")
     if method in ("fedavg", "local", "centralized", "centralized-skewed"):
         return replace(base, **SIMCLR)
+    if method in BYOL_METHODS:  # SIMCLR's settings turn the queue off, as BYOL needs
+        return replace(base, **SIMCLR, objective="byol", byol_update=method)
     raise UsageError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
 
 
@@ -273,6 +289,8 @@ def run_in_process(method: str, cfg: FedConfig, sim: Simulation, data: Dataset,
     for rnd in sorted(curves):
         run.append_metrics({"round": rnd, "knn_backbone": statistics.fmean(curves[rnd])})
     result = {key: statistics.fmean(f[key] for f in finals) for key in finals[0]}
+    if method == "local":
+        result["mb_sent_per_client_round"] = 0.0
     result["wall_time_s"] = time.perf_counter() - start
     result["clients_averaged"] = len(finals)
     run.write_json("summary.json", {"method": method, "final_eval": result})
@@ -288,8 +306,27 @@ def run_federated(method: str, cfg: FedConfig, sim: Simulation, data: Dataset, o
     if status != 0:
         raise UsageError(f"{method}: the simulation failed; see {out / 'server.log'}")
     result = _final_eval(load_encoder(out / "encoder.pt"), cfg, data)
+    result["mb_sent_per_client_round"] = sent_megabytes(out, cfg)
     result["wall_time_s"] = wall
     return result
+
+
+def sent_megabytes(run: Path, cfg: FedConfig) -> float:
+    """Megabytes (1e6 bytes) one client sends per round it trains in the run at ``run``.
+
+    The arrays of its reply, counted from the run's final global arrays, which have the
+    same keys and shapes (the weights; with a BYOL method also the predictor; with
+    ``--optimizer-state federated`` also the optimiser's state; the server sends the same
+    arrays to it), plus the rows it pushed to the queue (float32, ``embedding_dim`` each;
+    the mean over the run's replies). Payload only, no protocol overhead.
+    """
+    payload = read_checkpoint(run / "encoder.pt")
+    arrays = [*payload["state_dict"].values(), *dict(payload.get("optimizer_state") or {}).values()]
+    reply = sum(t.numel() * t.element_size() for t in arrays)
+    rows = RunDir(run).read_metrics()
+    replies = sum(int(r.get("replied", 0)) for r in rows)
+    pushed = sum(int(r.get("pushed_rows", 0)) for r in rows)
+    return (reply + 4 * cfg.embedding_dim * pushed / max(1, replies)) / 1e6
 
 
 def random_init_figures(cfg: FedConfig, data: Dataset) -> dict[str, float]:
@@ -395,7 +432,10 @@ def markdown_table(report: dict[str, Any]) -> str:
               f"{b['num_clients']} clients). "
               "Linear probe and kNN on backbone features of the held-out split; held-out "
               "instance retrieval (a view found among 256 candidates by its other view), "
-              "alignment and uniformity of the head."]
+              "alignment and uniformity of the head. MB sent/client/round: the arrays of a "
+              "client's reply (weights, a BYOL method's predictor, the optimiser state when it "
+              "is federated) and the queue rows it pushes, per round it trains; local sends "
+              "nothing, the centralized methods are not federated."]
     if note := reused_note(r for runs in report["results"].values() for r in runs):
         lines += ["", note]
     paired = report.get("paired")

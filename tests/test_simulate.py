@@ -530,3 +530,28 @@ def test_in_process_training_is_evaluated_after_the_last_round_even_without_eval
     seen = []
     train_in_process(cfg, data.x_train, data, on_eval=lambda rnd, _m: seen.append(rnd))
     assert seen == [3]  # the comparison's curve always has its final point
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_compare_runs_the_byol_methods_and_counts_what_each_client_sends(tmp_path):
+    from client.byol_round import BYOL_STATE
+    from common import optim_state
+    from common.model import build_model
+
+    out = tmp_path / "cmp"
+    rc, log = _run([FEDCONTRAST, "compare", "--out", str(out), "--rounds", "2",
+                    "--methods", "fedbyol,fedu,fedema", *TINY], tmp_path, 850)
+    assert rc == 0, log
+    report = json.loads((out / "compare.json").read_text())
+    assert list(report["results"]) == ["fedbyol", "fedu", "fedema"]
+    cfg = method_config("fedema", FedConfig(width=8, embedding_dim=16))
+    model = build_model(cfg, 1)
+    arrays = [*model.state_dict().values(), *optim_state.initial_arrays(model, cfg).values()]
+    sent = sum(t.numel() * t.element_size() for t in arrays) / 1e6  # encoder, predictor, Adam
+    for method, runs in report["results"].items():
+        assert runs[0]["knn_backbone"] > 0.0 and runs[0]["mb_sent_per_client_round"] == pytest.approx(sent)
+        assert read_config_values(out / f"{method}-seed0")[1]["byol_update"] == method
+    assert "MB sent/client/round" in (out / "compare.md").read_text()
+    kept = torch.load(out / "fedema-seed0" / CLIENT_STATE / "partition-0" / BYOL_STATE, weights_only=True)
+    assert kept["fedema_lambda"] > 0  # autoscaled in round 2, from the model kept after round 1
