@@ -17,7 +17,7 @@ def test_a_fresh_model_is_initialised_from_the_seed():
     assert all(torch.equal(v, second.state_dict()[k]) for k, v in first.state_dict().items())
     assert any(not torch.equal(v, other.state_dict()[k]) for k, v in first.state_dict().items())
     assert model_spec(CFG, 1) == {"encoder": "cnn", "in_channels": 1, "embedding_dim": 8,
-                                  "norm": "group", "width": 4}
+                                  "norm": "group", "width": 4, "weight_standardization": True}
 
 
 def test_received_weights_are_loaded_and_leave_the_global_generator_unseeded():
