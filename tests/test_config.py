@@ -49,7 +49,7 @@ def test_every_field_becomes_a_flag_with_its_default_in_the_help():
     options = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
     for f in dataclasses.fields(FedConfig):
         action = options[flag_name(f.name)]
-        assert "(default: " in action.help
+        assert "(default: " in parser._hidden_help.get(action, action.help)
 
 
 def test_flags_override_base_and_unset_flags_keep_it():

@@ -1,4 +1,4 @@
-"""README stays true to the code: the generated reference and the two opening commands."""
+"""README and docs stay true to the code: the generated reference and the two opening commands."""
 
 from pathlib import Path
 
@@ -7,9 +7,9 @@ from common.runtime import docs
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_readme_reference_is_current():
-    text = docs.README.read_text()
-    assert docs.render(text) == text, "README reference is stale: run `python -m common.runtime.docs`"
+def test_reference_is_current():
+    assert docs.REFERENCE.read_text() == docs.reference(), (
+        "docs/reference.md is stale: run `python -m common.runtime.docs`")
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
@@ -57,3 +57,28 @@ def test_every_command_help_states_each_default_once_and_never_as_none():
     simulate = " ".join(sub.choices["simulate"].format_help().split())
     assert "virtual clients, each one partition of --dataset (default: 10) --client-cpus" in simulate
     assert "no progress bars (default: False)" in " ".join(sub.choices["train-local"].format_help().split())
+
+
+def test_simulate_help_fits_a_screen_and_help_all_shows_every_setting(monkeypatch, capsys):
+    import dataclasses
+
+    import pytest
+
+    from common.config import EXPERIMENTS, FedConfig, flag_name, setting_group
+    from common.runtime.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "100")
+    simulate = build_parser(arguments=True)._subparsers._group_actions[0].choices["simulate"]
+    short = simulate.format_help()
+    assert len(short.splitlines()) <= 100
+    assert "--hard-negative-beta" not in short and "--help-all" in short
+    with pytest.raises(SystemExit):
+        simulate.parse_args(["--help-all"])
+    full = capsys.readouterr().out
+    assert EXPERIMENTS in full
+    for f in dataclasses.fields(FedConfig):
+        assert flag_name(f.name) in full
+    assert setting_group(next(f for f in dataclasses.fields(FedConfig)
+                              if f.name == "pull_policy")) == EXPERIMENTS
+    # A hidden setting is still a flag.
+    assert simulate.parse_args(["--hard-negative-beta", "1"]).hard_negative_beta == 1.0
