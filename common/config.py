@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import types
 import typing
@@ -33,6 +34,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20
 DEFAULT_MAX_CALLS_PER_TOKEN = 4
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 #: ``need(ok, field, what)``: raise ``ValueError`` naming the field's flag unless ok.
 Need = Callable[[bool, str, str], None]
@@ -587,7 +589,9 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def read_config_values(path: str | Path) -> tuple[str, dict[str, Any]]:
-    """Return ``(kind, values)`` from a file written by :func:`save_config`."""
+    """Return ``(kind, values)`` from a file written by :func:`save_config`, without the
+    settings this version no longer has: a warning names them (CHANGELOG.md says what
+    replaced them)."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
@@ -595,9 +599,14 @@ def read_config_values(path: str | Path) -> tuple[str, dict[str, Any]]:
         raise FileNotFoundError(f"no config file at {path}")
     try:
         payload = json.loads(path.read_text())
-        return str(payload["kind"]), dict(payload["config"])
+        kind, values = str(payload["kind"]), dict(payload["config"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} is not a FedContrast config.json ({exc})") from exc
+    unknown = sorted(set(values) - {f.name for f in fields(FedConfig)})
+    if unknown:
+        logger.warning("%s: ignoring %s, no longer a setting (see CHANGELOG.md): %s", path,
+                       "this key" if len(unknown) == 1 else "these keys", ", ".join(unknown))
+    return kind, {k: v for k, v in values.items() if k not in unknown}
 
 
 def load_config(path: str | Path) -> TrainConfig:
