@@ -82,3 +82,24 @@ def test_simulate_help_fits_a_screen_and_help_all_shows_every_setting(monkeypatc
                               if f.name == "pull_policy")) == EXPERIMENTS
     # A hidden setting is still a flag.
     assert simulate.parse_args(["--hard-negative-beta", "1"]).hard_negative_beta == 1.0
+
+
+def test_no_text_dates_anything_by_a_work_period_counter():
+    # When something was measured or changed is a date or a commit, which a reader can look
+    # up; "session" alone (a TLS or Ray session) is fine.
+    import re
+    import subprocess
+
+    counter = re.compile(r"[Ss]essions? [0-9]+|session-[0-9]+")
+    try:
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True,
+                                text=True).stdout.split()
+        paths = [ROOT / name for name in listed]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: the project's folders
+        paths = [p for p in ROOT.rglob("*") if ".venv" not in p.parts and ".git" not in p.parts]
+    texts = [p for p in paths if p.is_file() and (p.suffix in (".md", ".py", ".toml")
+                                                   or p.parent == ROOT / "bench" / "results")]
+    assert len(texts) > 50
+    found = [f"{p.relative_to(ROOT)}: {m[0]}" for p in texts if p.suffix != ".png"
+             for m in counter.finditer(p.read_text(errors="replace"))]
+    assert not found, found
