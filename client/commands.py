@@ -43,7 +43,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--num-partitions", type=int, default=None, help="partitions of the dataset")
     data.add_argument("--data-path", default=None,
                       help="a local .npz file with the arrays x_train, y_train, x_test and "
-                           "y_test (see Bring your own data), or a dataset plug-in "
+                           "y_test (see docs/plugins.md), or a dataset plug-in "
                            "package.module:name[:ARG] (used instead of a partition)")
     ident = parser.add_argument_group("identity")
     ident.add_argument("--client-id", default=None,

@@ -79,7 +79,7 @@ class DataSettings(_Part):
     dataset: str = _f(
         "digits",
         "built-in (digits, synthetic:N, cifar10:FOLDER, dna[:KEY=VALUE,...]), a .npz path, "
-        "or a plug-in package.module:name[:ARG] (see Bring your own data)",
+        "or a plug-in package.module:name[:ARG] (see docs/plugins.md)",
     )
     seed: int = _f(0, "seed for data split, partition, initialisation, views, and the clients a round samples (--client-sampling)")
 
@@ -149,7 +149,7 @@ class ViewSettings(_Part):
 @dataclass
 class NegativeSettings(_Part):
     """The local negatives, the key encoder, and how each query treats its negatives
-    (:mod:`common.negative_options`; README, "Choosing negatives")."""
+    (:mod:`common.negative_options`; docs/queue.md, "Choosing negatives")."""
 
     in_batch: bool = _f(True, "use the other examples of the batch as negatives (SimCLR)")
     queue_size: int = _f(0, "local FIFO queue of past keys used as negatives (0: none)", group=EXPERIMENTS)
@@ -378,7 +378,7 @@ class ServerSettings(_Part):
 @dataclass
 class PrivacySettings(_Part):
     """Example-level DP per client: DP-SGD through Opacus, noisy pushes, one accountant per
-    client composing both (README, threat model)."""
+    client composing both (docs/privacy.md)."""
 
     dp: bool = _f(False, "train with DP-SGD (per-example clipping, Gaussian noise, Poisson sampling)")
     max_grad_norm: float = _f(1.0, "per-example gradient clipping norm C (dp)")
