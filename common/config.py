@@ -113,7 +113,8 @@ class OptimSettings(_Part):
     temperature: float = _f(0.2, "InfoNCE temperature")
     queue_temperature: float = _f(
         0.5, "temperature of the queue negatives' logits alone (local and global queue rows; "
-             "the positive and in-batch negatives keep --temperature); 0: --temperature", group=EXPERIMENTS)
+             "the positive and in-batch negatives keep --temperature); 0: --temperature",
+             group=EXPERIMENTS)
 
     def _check(self, need: Need) -> None:
         need(math.isfinite(self.temperature) and self.temperature > 0, "temperature",
@@ -135,9 +136,13 @@ class ViewSettings(_Part):
         "images", "view generator: built-in (images, dna) or a plug-in package.module:name"
     )
     crop_scale_min: float = _f(
-        0.5, "smallest crop fraction kept by the random crop (images: area; dna: length)", group=MORE,
+        0.5, "smallest crop fraction kept by the random crop (images: area; dna: length)",
+        group=MORE,
     )
-    jitter_strength: float = _f(0.4, "colour-jitter strength (brightness/contrast for grayscale)", group=MORE)
+    jitter_strength: float = _f(
+        0.4, "colour-jitter strength (brightness/contrast for grayscale)",
+        group=MORE,
+    )
     blur_p: float = _f(0.0, "probability of Gaussian blur per view", group=MORE)
 
     def _check(self, need: Need) -> None:
@@ -152,7 +157,10 @@ class NegativeSettings(_Part):
     (:mod:`common.negative_options`; docs/queue.md, "Choosing negatives")."""
 
     in_batch: bool = _f(True, "use the other examples of the batch as negatives (SimCLR)")
-    queue_size: int = _f(0, "local FIFO queue of past keys used as negatives (0: none)", group=EXPERIMENTS)
+    queue_size: int = _f(
+        0, "local FIFO queue of past keys used as negatives (0: none)",
+        group=EXPERIMENTS,
+    )
     key_mode: str = _f(
         "shared",
         "shared: one network, gradients through both views (SimCLR); "
@@ -180,7 +188,8 @@ class NegativeSettings(_Part):
              "expected share of negatives of the query's own class (0: off)", group=EXPERIMENTS)
     hard_negative_beta: float = _f(
         0.0, "hard-negative weighting (Robinson et al. 2021): concentration beta >= 0 of the "
-             "importance weights e^(beta x logit) over each query's negatives (0: off)", group=EXPERIMENTS)
+             "importance weights e^(beta x logit) over each query's negatives (0: off)",
+             group=EXPERIMENTS)
 
     def _check(self, need: Need) -> None:
         need(self.queue_size >= 0, "queue_size", "must be zero or more")
@@ -198,7 +207,10 @@ class NegativeSettings(_Part):
 class EvalSettings(_Part):
     """Evaluation schedule and the device."""
 
-    eval_every: int = _f(1, "evaluate on held-out data every N epochs (0: only at the end)", group=MORE)
+    eval_every: int = _f(
+        1, "evaluate on held-out data every N epochs (0: only at the end)",
+        group=MORE,
+    )
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when present)")
 
     def _check(self, need: Need) -> None:
@@ -346,7 +358,8 @@ class ServerSettings(_Part):
     """How the server waits for nodes, aggregates their weights and watches for collapse."""
 
     wait_nodes_timeout: float = _f(
-        120.0, "seconds to wait for --min-nodes nodes to be online before a round starts", group=MORE,
+        120.0, "seconds to wait for --min-nodes nodes to be online before a round starts",
+        group=MORE,
     )
     aggregation: str = _f("fedavg", "how the server combines the clients' weights", AGGREGATIONS)
     optimizer_state: str = _f(
@@ -358,7 +371,10 @@ class ServerSettings(_Part):
         ("federated", "reset"),
         group=EXPERIMENTS,
     )
-    trim_beta: float = _f(0.2, "fraction trimmed from each tail (aggregation fedtrimmedavg)", group=MORE)
+    trim_beta: float = _f(
+        0.2, "fraction trimmed from each tail (aggregation fedtrimmedavg)",
+        group=MORE,
+    )
     krum_f: int = _f(0, "number of malicious clients tolerated (aggregation krum)", group=MORE)
     collapse_uniformity: float = _f(
         -0.1,

@@ -92,8 +92,8 @@ def test_no_text_dates_anything_by_a_work_period_counter():
 
     counter = re.compile(r"[Ss]essions? [0-9]+|session-[0-9]+")
     try:
-        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True,
-                                text=True).stdout.split()
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                                cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
         paths = [ROOT / name for name in listed]
     except (OSError, subprocess.CalledProcessError):  # not a git checkout: the project's folders
         paths = [p for p in ROOT.rglob("*") if ".venv" not in p.parts and ".git" not in p.parts]
