@@ -1,5 +1,5 @@
 """What ``fedcontrast --help`` costs a user: every command's module imported to build
-the parser (as before session 12) against the light command modules, which hold the
+the parser (as before cf18402) against the light command modules, which hold the
 commands' names and flags and import their code only to run them (now), side by side;
 ``fedcontrast train-local --help`` and a command's own code imported beside them.
 
@@ -23,11 +23,11 @@ from bench.common import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_EAGER = "every command module imported (fedcontrast --help before session 12)"
+_EAGER = "every command module imported (fedcontrast --help before cf18402)"
 _LAZY = "fedcontrast --help (light command modules)"
 _ONE = "fedcontrast train-local --help (flags from the light module)"
 _CODE = "train-local's code imported (what running it adds first)"
-#: The modules the entry points named before session 12: the commands' code.
+#: The modules the entry points named before cf18402: the commands' code.
 COMMAND_CODE = ("client.train_local", "client.node", "server.queue_server", "server.deploy",
                 "simulations.simulate", "simulations.compare", "simulations.privacy")
 _ARMS = {

@@ -1,5 +1,5 @@
 """What loading the default dataset costs a fresh process: digits through scikit-learn
-(``load_digits`` and a stratified ``train_test_split``, as before session 11) against
+(``load_digits`` and a stratified ``train_test_split``, as before 1155476) against
 ``common.datasets`` (the same file and the same indices, without importing scikit-learn),
 side by side.
 

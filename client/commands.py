@@ -13,9 +13,9 @@ from common.runtime.cli import Command, deferred, port_number
 
 
 def add_train_local_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="run directory to write (default: runs/train-local-DATASET-TIME)")
-    parser.add_argument("--config", type=Path, default=None,
+    parser.add_argument("--config", type=Path, default=None, metavar="PATH",
                         help="start from a saved config.json (or a run directory); flags override it")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_arguments(parser, TrainConfig)
@@ -43,7 +43,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--num-partitions", type=int, default=None, help="partitions of the dataset")
     data.add_argument("--data-path", default=None,
                       help="a local .npz file with the arrays x_train, y_train, x_test and "
-                           "y_test (see Bring your own data), or a dataset plug-in "
+                           "y_test (see docs/plugins.md), or a dataset plug-in "
                            "package.module:name[:ARG] (used instead of a partition)")
     ident = parser.add_argument_group("identity")
     ident.add_argument("--client-id", default=None,
@@ -53,7 +53,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
                             "clients/ID or ~/.fedcontrast/clients/ID)")
     sec = parser.add_argument_group("connection")
     sec.add_argument("--insecure", action="store_true", help="no TLS (loopback and tests only)")
-    sec.add_argument("--root-certificates", type=Path, default=None,
+    sec.add_argument("--root-certificates", type=Path, metavar="PEM", default=None,
                      help="CA certificate (PEM) that signed the SuperLink's certificate; it also "
                           "verifies the negative queue, which is then reached over TLS only")
     sec.add_argument("--auth-supernode-private-key", type=Path, default=None, metavar="KEY",
@@ -62,7 +62,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
                           "KEY.pub). Needs TLS")
     sec.add_argument("--port", type=port_number, default=0,
                      help="the SuperNode's local ClientAppIo port (0: a free one)")
-    sec.add_argument("--flwr-home", type=Path, default=None,
+    sec.add_argument("--flwr-home", type=Path, default=None, metavar="DIR",
                      help="the SuperNode's FLWR_HOME (default: STATE_DIR/flwr-home)")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import types
 import typing
@@ -33,6 +34,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20
 DEFAULT_MAX_CALLS_PER_TOKEN = 4
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 #: ``need(ok, field, what)``: raise ``ValueError`` naming the field's flag unless ok.
 Need = Callable[[bool, str, str], None]
@@ -45,11 +47,22 @@ OBJECTIVES = ("infonce", "byol")
 BYOL_UPDATES = ("fedbyol", "fedu", "fedema")
 
 
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
-    """A dataclass field carrying its help text (and choices) for the CLI and docs."""
-    meta = {"help": help}
+#: The help's groups beyond the parts' own, shown only by ``--help-all``: finer settings, and
+#: the variants of the loss and the queue that experiments measure (docs/experiments.md).
+MORE = "more settings"
+EXPERIMENTS = "experiments: variants of the loss and the queue (see docs/experiments.md)"
+HIDDEN_GROUPS = (MORE, EXPERIMENTS)
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, *,
+       group: str | None = None, **kw: Any) -> Any:
+    """A dataclass field carrying its help text (and choices) for the CLI and docs; ``group``
+    puts it in one of :data:`HIDDEN_GROUPS` instead of its part's group of the help."""
+    meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = choices
+    if group is not None:
+        meta["group"] = group
     return field(default=default, metadata=meta, **kw)
 
 
@@ -68,7 +81,7 @@ class DataSettings(_Part):
     dataset: str = _f(
         "digits",
         "built-in (digits, synthetic:N, cifar10:FOLDER, dna[:KEY=VALUE,...]), a .npz path, "
-        "or a plug-in package.module:name[:ARG] (see Bring your own data)",
+        "or a plug-in package.module:name[:ARG] (see docs/plugins.md)",
     )
     seed: int = _f(0, "seed for data split, partition, initialisation, views, and the clients a round samples (--client-sampling)")
 
@@ -81,7 +94,7 @@ class ModelSettings(_Part):
         "cnn", "encoder: built-in (cnn, resnet18, cnn1d) or a plug-in package.module:name"
     )
     width: int = _f(32, "base channel width of the backbone")
-    embedding_dim: int = _f(128, "dimension of the projected, unit-norm embedding")
+    embedding_dim: int = _f(128, "dimension of the projected, unit-norm embedding", group=MORE)
     norm: str = _f("group", "normalisation layers in the backbone", NORM_CHOICES)
     weight_standardization: bool = _f(
         True, "weight-standardised backbone convolutions (zero mean, unit variance per output "
@@ -100,12 +113,13 @@ class OptimSettings(_Part):
     batch_size: int = _f(128, "examples per step")
     optimizer: str = _f("adam", "optimiser", OPTIMIZERS)
     lr: float = _f(1e-3, "learning rate (cosine-decayed over the run)")
-    momentum: float = _f(0.9, "SGD momentum (optimizer sgd)")
-    weight_decay: float = _f(5e-4, "weight decay")
+    momentum: float = _f(0.9, "SGD momentum (optimizer sgd)", group=MORE)
+    weight_decay: float = _f(5e-4, "weight decay", group=MORE)
     temperature: float = _f(0.1, "InfoNCE temperature")
     queue_temperature: float = _f(
         0.5, "temperature of the queue negatives' logits alone (local and global queue rows; "
-             "the positive and in-batch negatives keep --temperature); 0: --temperature")
+             "the positive and in-batch negatives keep --temperature); 0: --temperature",
+             group=EXPERIMENTS)
 
     def _check(self, need: Need) -> None:
         need(math.isfinite(self.temperature) and self.temperature > 0, "temperature",
@@ -130,10 +144,14 @@ class ViewSettings(_Part):
     )
     crop_scale_min: float = _f(
         0.0, "smallest crop fraction kept by the random crop (images: area; dna: length); "
-             "0: the views' own (images and dna 0.5, digits 0.8)"
+             "0: the views' own (images and dna 0.5, digits 0.8)",
+        group=MORE,
     )
-    jitter_strength: float = _f(0.4, "colour-jitter strength (brightness/contrast for grayscale)")
-    blur_p: float = _f(0.0, "probability of Gaussian blur per view")
+    jitter_strength: float = _f(
+        0.4, "colour-jitter strength (brightness/contrast for grayscale)",
+        group=MORE,
+    )
+    blur_p: float = _f(0.0, "probability of Gaussian blur per view", group=MORE)
 
     def _check(self, need: Need) -> None:
         need(0 <= self.crop_scale_min <= 1, "crop_scale_min",
@@ -145,37 +163,42 @@ class ViewSettings(_Part):
 @dataclass
 class NegativeSettings(_Part):
     """The local negatives, the key encoder, and how each query treats its negatives
-    (:mod:`common.negative_options`; README, "Choosing negatives")."""
+    (:mod:`common.negative_options`; docs/queue.md, "Choosing negatives")."""
 
     in_batch: bool = _f(True, "use the other examples of the batch as negatives (SimCLR)")
-    queue_size: int = _f(0, "local FIFO queue of past keys used as negatives (0: none)")
+    queue_size: int = _f(
+        0, "local FIFO queue of past keys used as negatives (0: none)",
+        group=EXPERIMENTS,
+    )
     key_mode: str = _f(
         "shared",
         "shared: one network, gradients through both views (SimCLR); "
         "ema: momentum key encoder (MoCo); frozen: key encoder fixed at its start",
         KEY_MODES,
     )
-    key_momentum: float = _f(0.99, "EMA momentum of the key encoder (key-mode ema)")
-    symmetric: bool = _f(True, "average the loss over both view orders")
+    key_momentum: float = _f(0.99, "EMA momentum of the key encoder (key-mode ema)", group=MORE)
+    symmetric: bool = _f(True, "average the loss over both view orders", group=MORE)
     false_negative_mode: str = _f(
         "off",
         "false-negative cancellation (Huynh et al. 2022): drop each query's suspected false "
         "negatives from its denominator, or make them extra positives; suspects are picked by "
         "--false-negative-top-k and/or --false-negative-threshold",
         FALSE_NEGATIVE_MODES,
+        group=EXPERIMENTS,
     )
     false_negative_top_k: int = _f(
         0, "suspected false negatives: at most the k negatives most similar to the query "
-           "(0: no such bound)")
+           "(0: no such bound)", group=EXPERIMENTS)
     false_negative_threshold: float = _f(
         1.0, "suspected false negatives: cosine similarity with the query above this, in "
-             "[-1, 1] (1: no such bar; with a top k, both must hold)")
+             "[-1, 1] (1: no such bar; with a top k, both must hold)", group=EXPERIMENTS)
     debias_tau_plus: float = _f(
         0.0, "debiased contrastive loss (Chuang et al. 2020): class prior tau+ in [0, 1), the "
-             "expected share of negatives of the query's own class (0: off)")
+             "expected share of negatives of the query's own class (0: off)", group=EXPERIMENTS)
     hard_negative_beta: float = _f(
         0.0, "hard-negative weighting (Robinson et al. 2021): concentration beta >= 0 of the "
-             "importance weights e^(beta x logit) over each query's negatives (0: off)")
+             "importance weights e^(beta x logit) over each query's negatives (0: off)",
+             group=EXPERIMENTS)
 
     def _check(self, need: Need) -> None:
         need(self.queue_size >= 0, "queue_size", "must be zero or more")
@@ -193,7 +216,10 @@ class NegativeSettings(_Part):
 class EvalSettings(_Part):
     """Evaluation schedule and the device."""
 
-    eval_every: int = _f(1, "evaluate on held-out data every N epochs (0: only at the end)")
+    eval_every: int = _f(
+        1, "evaluate on held-out data every N epochs (0: only at the end)",
+        group=MORE,
+    )
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when present)")
 
     def _check(self, need: Need) -> None:
@@ -232,9 +258,10 @@ class FederationSettings(_Part):
         "restarts and --resume) or flower (Flower's unseeded draw over node ids, no identify "
         "message, a new slot per node)",
         ("seeded", "flower"),
+        group=EXPERIMENTS,
     )
     min_nodes: int = _f(2, "minimum nodes that must reply for a round to count")
-    round_timeout: float = _f(300.0, "seconds to wait for replies in one round")
+    round_timeout: float = _f(300.0, "seconds to wait for replies in one round", group=MORE)
     partitioner: str = _f("iid", "how data is split across clients", ("iid", "dirichlet", "shards"))
     dirichlet_alpha: float = _f(0.5, "Dirichlet concentration (partitioner dirichlet)")
     classes_per_client: int = _f(2, "classes per client (partitioner shards)")
@@ -256,7 +283,7 @@ class QueueSettings(_Part):
     global_negatives: int = _f(64, "negatives pulled from the global queue per step (0: none)")
     queue_capacity: int = _f(4096, "rows held by the global queue")
     queue_quota: int = _f(0, "most rows one node may push per round; its pushes beyond are "
-                             "refused (0: a quarter of --queue-capacity)")
+                             "refused (0: a quarter of --queue-capacity)", group=MORE)
     max_age: int = _f(1, "rows older than this many rounds are evicted and never pulled")
     push_fraction: float = _f(0.2, "fraction of local examples whose keys are pushed per round")
     push_timing: str = _f(
@@ -266,19 +293,22 @@ class QueueSettings(_Part):
         "pushes before any node trains, so every pull of the round can find rows of the "
         "encoder it starts from (one more message per node and round)",
         ("after", "before"),
+        group=EXPERIMENTS,
     )
-    refresh_every: int = _f(1, "pull fresh global negatives every N steps")
+    refresh_every: int = _f(1, "pull fresh global negatives every N steps", group=EXPERIMENTS)
     pull_scope: str = _f(
         "others",
         "whose rows a client pulls: others (never its own), all, or own (only its own: a "
         "per-client queue, the fedmoco baseline)",
         ("others", "all", "own"),
+        group=EXPERIMENTS,
     )
     pull_policy: str = _f(
         "uniform",
         "how the queue samples a pull among eligible rows: uniform, the most recent, or "
         "stratified (equal shares per age present, uniform within an age)",
         PULL_POLICIES,
+        group=EXPERIMENTS,
     )
     pull_mode: str = _f(
         "reproducible",
@@ -290,10 +320,11 @@ class QueueSettings(_Part):
         "finished earlier, sampled by the queue's own generator: a run depends on the order "
         "its clients happen to run in)",
         ("reproducible", "live"),
+        group=EXPERIMENTS,
     )
     staleness_gamma: float = _f(
         1.0, "a global negative of age a rounds enters the loss's denominator with weight "
-             "gamma^a, in (0, 1], on top of --max-age (1: every age alike)")
+             "gamma^a, in (0, 1], on top of --max-age (1: every age alike)", group=EXPERIMENTS)
     queue_port: int = _f(0, "port of the queue service (0: a free one)")
     queue_host: str = _f("127.0.0.1", "address the queue service binds and advertises")
 
@@ -336,7 +367,8 @@ class ServerSettings(_Part):
     """How the server waits for nodes, aggregates their weights and watches for collapse."""
 
     wait_nodes_timeout: float = _f(
-        120.0, "seconds to wait for --min-nodes nodes to be online before a round starts"
+        120.0, "seconds to wait for --min-nodes nodes to be online before a round starts",
+        group=MORE,
     )
     aggregation: str = _f("fedavg", "how the server combines the clients' weights", AGGREGATIONS)
     optimizer_state: str = _f(
@@ -346,15 +378,20 @@ class ServerSettings(_Part):
         "continues from it (messages grow 3x with adam, 2x with sgd); reset: a fresh "
         "optimiser every round (see common/optim_state.py)",
         ("federated", "reset"),
+        group=EXPERIMENTS,
     )
-    trim_beta: float = _f(0.2, "fraction trimmed from each tail (aggregation fedtrimmedavg)")
-    krum_f: int = _f(0, "number of malicious clients tolerated (aggregation krum)")
+    trim_beta: float = _f(
+        0.2, "fraction trimmed from each tail (aggregation fedtrimmedavg)",
+        group=MORE,
+    )
+    krum_f: int = _f(0, "number of malicious clients tolerated (aggregation krum)", group=MORE)
     collapse_uniformity: float = _f(
         -0.1,
         "warn of collapse when the server's eval uniformity (head) rises above this "
         "while the training loss falls",
+        group=MORE,
     )
-    stop_on_collapse: bool = _f(False, "end the run early when collapse is suspected")
+    stop_on_collapse: bool = _f(False, "end the run early when collapse is suspected", group=MORE)
 
     def _check(self, need: Need) -> None:
         need(self.wait_nodes_timeout > 0, "wait_nodes_timeout", "must be positive")
@@ -366,7 +403,7 @@ class ServerSettings(_Part):
 @dataclass
 class PrivacySettings(_Part):
     """Example-level DP per client: DP-SGD through Opacus, noisy pushes, one accountant per
-    client composing both (README, threat model)."""
+    client composing both (docs/privacy.md)."""
 
     dp: bool = _f(False, "train with DP-SGD (per-example clipping, Gaussian noise, Poisson sampling)")
     max_grad_norm: float = _f(1.0, "per-example gradient clipping norm C (dp)")
@@ -378,7 +415,7 @@ class PrivacySettings(_Part):
         "epsilon the client's whole planned run (DP-SGD steps and push releases, every "
         "round it could be sampled in) must not exceed; sets the noise (dp; 0: none)",
     )
-    delta: float = _f(1e-5, "delta of the reported (epsilon, delta) (dp)")
+    delta: float = _f(1e-5, "delta of the reported (epsilon, delta) (dp)", group=MORE)
     push_noise: float = _f(
         0.0,
         "Gaussian noise std added to each pushed unit-norm row before renormalising "
@@ -499,6 +536,41 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+#: The help's group of each part's settings, in the order the help shows them.
+PART_GROUPS: dict[type, str] = {
+    DataSettings: "data and model", ModelSettings: "data and model",
+    OptimSettings: "training", ViewSettings: "training", NegativeSettings: "training",
+    EvalSettings: "training", FederationSettings: "federation", ServerSettings: "federation",
+    QueueSettings: "global queue", PrivacySettings: "privacy (--dp true)",
+    ObjectiveSettings: EXPERIMENTS,
+}
+
+
+def setting_group(f: dataclasses.Field) -> str:
+    """The group of the help a setting belongs to: its own (one of :data:`HIDDEN_GROUPS`),
+    else its part's."""
+    if "group" in f.metadata:
+        return f.metadata["group"]
+    return next(title for part, title in PART_GROUPS.items() if f.name in part.__annotations__)
+
+
+#: Short value names in the help, so that a flag and its help share a line.
+_METAVARS: dict[type, str] = {int: "N", float: "X"}
+
+
+class _HelpAll(argparse.Action):
+    """``--help-all``: the help with every setting, those of :data:`HIDDEN_GROUPS` too."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        for action, text in parser._hidden_help.items():
+            action.help = text
+        parser.print_help()
+        parser.exit()
+
+
 def add_config_arguments(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -507,33 +579,44 @@ def add_config_arguments(
     exclude: set[str] | None = None,
     defaults: Mapping[str, Any] | None = None,
 ) -> None:
-    """Add one flag per field of the dataclass ``cls``, with its help and default.
+    """Add one flag per field of the dataclass ``cls``, with its help and default, in the
+    groups of :func:`setting_group`; those of :data:`HIDDEN_GROUPS` show only in
+    ``--help-all``, which this adds.
 
     Flags are left out of the parsed namespace unless given (``argparse.SUPPRESS``),
     so :func:`from_args` can tell an explicit flag from a default and layer flags
     over a saved config. ``defaults`` states a command's own defaults (the same
     mapping must be passed to :func:`from_args` as ``base``).
     """
-    group = parser.add_argument_group("settings")
+    chosen = [f for f in fields(cls) if (only is None or f.name in only)
+              and not (exclude and f.name in exclude)]
+    titles = [*dict.fromkeys(PART_GROUPS.values()), *HIDDEN_GROUPS]
+    groups = {title: parser.add_argument_group(title) for title in titles
+              if any(setting_group(f) == title for f in chosen)}
+    hidden = getattr(parser, "_hidden_help", None)
+    if hidden is None:
+        hidden = parser._hidden_help = {}
+        parser.add_argument("--help-all", action=_HelpAll,
+                            help="show this help with every setting, the finer ones and those "
+                                 "of experiments too")
     defaults = dict(defaults or {})
-    for f in fields(cls):
-        if (only is not None and f.name not in only) or (exclude and f.name in exclude):
-            continue
+    for f in chosen:
         tp = _field_type(cls, f)
         default = defaults.get(f.name, f.default)
         shown = str(default).lower() if tp is bool else default
-        kwargs: dict[str, Any] = {
-            "dest": f.name,
-            "default": argparse.SUPPRESS,
-            "help": f"{f.metadata.get('help', '')} (default: {shown})",
-        }
+        text = f"{f.metadata.get('help', '')} (default: {shown})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
         if tp is bool:
             kwargs.update(type=_parse_bool, metavar="BOOL")
         else:
-            kwargs["type"] = tp
+            kwargs.update(type=tp, metavar=_METAVARS.get(tp))
         if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        group.add_argument(flag_name(f.name), **kwargs)
+            kwargs.update(choices=f.metadata["choices"], metavar=None)
+        if setting_group(f) in HIDDEN_GROUPS:
+            kwargs["help"] = argparse.SUPPRESS
+        action = groups[setting_group(f)].add_argument(flag_name(f.name), **kwargs)
+        if setting_group(f) in HIDDEN_GROUPS:
+            hidden[action] = text
 
 
 def from_args(cls: type[T], args: argparse.Namespace, *, base: Mapping[str, Any] | None = None) -> T:
@@ -583,8 +666,10 @@ ADDED_SINCE = {"weight_standardization": False}
 
 
 def read_config_values(path: str | Path) -> tuple[str, dict[str, Any]]:
-    """Return ``(kind, values)`` from a file written by :func:`save_config`; a setting the
-    file predates takes the value its run had (:data:`ADDED_SINCE`)."""
+    """Return ``(kind, values)`` from a file written by :func:`save_config`, without the
+    settings this version no longer has: a warning names them (CHANGELOG.md says what
+    replaced them); a setting the file predates takes the value its run had
+    (:data:`ADDED_SINCE`)."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
@@ -592,9 +677,14 @@ def read_config_values(path: str | Path) -> tuple[str, dict[str, Any]]:
         raise FileNotFoundError(f"no config file at {path}")
     try:
         payload = json.loads(path.read_text())
-        return str(payload["kind"]), {**ADDED_SINCE, **dict(payload["config"])}
+        kind, values = str(payload["kind"]), {**ADDED_SINCE, **dict(payload["config"])}
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} is not a FedContrast config.json ({exc})") from exc
+    unknown = sorted(set(values) - {f.name for f in fields(FedConfig)})
+    if unknown:
+        logger.warning("%s: ignoring %s, no longer a setting (see CHANGELOG.md): %s", path,
+                       "this key" if len(unknown) == 1 else "these keys", ", ".join(unknown))
+    return kind, {k: v for k, v in values.items() if k not in unknown}
 
 
 def load_config(path: str | Path) -> TrainConfig:

@@ -171,7 +171,7 @@ def _resume(source: Path, run_dir: RunDir, model: _Model,
             queue: NegativeQueue) -> tuple[int, int, dict[str, int]]:
     """Load weights, queue and metrics of ``source``; return the last round done, the next
     free contributor slot and the clients' slots (client id -> slot; empty for a
-    checkpoint written before session 17, whose clients then get new slots)."""
+    checkpoint written before 24d6180 (2026-12-02), whose clients then get new slots)."""
     payload = read_checkpoint(source / "encoder.pt")
     if payload["spec"] != model.spec:
         raise ValueError(
@@ -201,7 +201,7 @@ def _resume(source: Path, run_dir: RunDir, model: _Model,
     if not client_slots and len(queue):
         logger.warning(
             "resuming %s: its checkpoint names no client's contributor slot (a run with "
-            "--client-sampling flower, or one from before session 17), so the nodes get new "
+            "--client-sampling flower, or one written before 24d6180), so the nodes get new "
             "slots and, for --max-age rounds, the %d restored queue rows are no node's own "
             "(--pull-scope others may pull a client's own rows, own finds none)",
             source, len(queue))

@@ -27,13 +27,13 @@ TOKENS_FILE_HELP = (
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
-    run.add_argument("--out", type=Path, default=None,
+    run.add_argument("--out", type=Path, default=None, metavar="DIR",
                      help="run directory (default: --resume's directory, or runs/fed-DATASET-TIME)")
-    run.add_argument("--resume", type=Path, default=None,
+    run.add_argument("--resume", type=Path, default=None, metavar="DIR",
                      help="continue this run directory up to --rounds; its config.json is the base")
-    run.add_argument("--config", type=Path, default=None,
+    run.add_argument("--config", type=Path, default=None, metavar="PATH",
                      help="start from a saved config.json (or a run directory); flags override it")
-    run.add_argument("--timeout", type=float, default=None,
+    run.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                      help="stop the run after this many seconds (default: no limit)")
     link = parser.add_argument_group("superlink")
     link.add_argument("--host", default="127.0.0.1",
@@ -43,12 +43,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                       help="use this running SuperLink instead of starting one")
     link.add_argument("--insecure", action="store_true",
                       help="no TLS and no node authentication (loopback and tests only)")
-    link.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (PEM) of the SuperLink's certificate")
-    link.add_argument("--ssl-certfile", type=Path,
+    link.add_argument("--ssl-ca-certfile", type=Path, metavar="PEM",
+                      help="CA certificate (PEM) of the SuperLink's certificate")
+    link.add_argument("--ssl-certfile", type=Path, metavar="PEM",
                       help="the SuperLink's certificate (PEM); also the negative queue's unless "
                            "--queue-ssl-certfile, so it must name --queue-host too (a SAN for "
                            "that IP or DNS name)")
-    link.add_argument("--ssl-keyfile", type=Path,
+    link.add_argument("--ssl-keyfile", type=Path, metavar="PEM",
                       help="the SuperLink's private key (PEM); also the negative queue's unless "
                            "--queue-ssl-keyfile")
     link.add_argument("--auth-list-public-keys", type=Path, nargs="+", metavar="FILE",
@@ -57,14 +58,14 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                            "-b 384` writes KEY.pub), one or several separated by commas or newlines. "
                            "They are registered once the SuperLink is up: start the clients after "
                            "the server logs that the keys are registered")
-    link.add_argument("--flwr-home", type=Path, default=None,
+    link.add_argument("--flwr-home", type=Path, default=None, metavar="DIR",
                       help="Flower's working directory (default: a temporary one, removed at exit)")
     queue = parser.add_argument_group("negative queue (served by the ServerApp)")
-    queue.add_argument("--queue-ssl-certfile", type=Path, default=None,
+    queue.add_argument("--queue-ssl-certfile", type=Path, metavar="PEM", default=None,
                        help="the queue's TLS certificate (PEM), signed by the CA the clients "
                             "trust, naming --queue-host (default: --ssl-certfile). Read where "
                             "the ServerApp runs (with --superlink: that machine)")
-    queue.add_argument("--queue-ssl-keyfile", type=Path, default=None,
+    queue.add_argument("--queue-ssl-keyfile", type=Path, metavar="PEM", default=None,
                        help="the queue's private key (PEM; default: --ssl-keyfile)")
     add_config_arguments(parser, FedConfig)
 

@@ -44,17 +44,17 @@ def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--client-gpus", type=float, default=None,
                      help="GPU share per virtual client, e.g. 0.25: four clients per GPU "
                           "(default: 0, CPU only)")
-    sim.add_argument("--timeout", type=float, default=None,
+    sim.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                      help="stop the simulation after this many seconds (default: no limit)")
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
-    run.add_argument("--out", type=Path, default=None,
+    run.add_argument("--out", type=Path, default=None, metavar="DIR",
                      help="run directory (default: --resume's directory, or runs/sim-DATASET-TIME)")
-    run.add_argument("--resume", type=Path, default=None,
+    run.add_argument("--resume", type=Path, default=None, metavar="DIR",
                      help="continue this simulation's run directory up to --rounds")
-    run.add_argument("--config", type=Path, default=None,
+    run.add_argument("--config", type=Path, default=None, metavar="PATH",
                      help="start from a saved config.json (or a run directory); flags override it")
     add_simulation_arguments(parser)
     add_config_arguments(parser, FedConfig, defaults=SIMULATION_DEFAULTS)
@@ -62,14 +62,14 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("comparison")
-    run.add_argument("--out", type=Path, default=None,
+    run.add_argument("--out", type=Path, default=None, metavar="DIR",
                      help="directory for the table, plot and one run per method and seed; "
                           "the same command again with the same --out reuses the methods and "
                           "seeds it finished (default: runs/compare-DATASET-TIME)")
     run.add_argument("--methods", default=",".join(METHODS),
                      help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
     run.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1 (default: 0)")
-    run.add_argument("--config", type=Path, default=None,
+    run.add_argument("--config", type=Path, default=None, metavar="PATH",
                      help="start from a saved config.json (or a run directory); flags override it")
     add_simulation_arguments(parser)
     add_config_arguments(parser, FedConfig, defaults=SIMULATION_DEFAULTS)
@@ -77,7 +77,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("privacy sweep")
-    run.add_argument("--out", type=Path, default=None,
+    run.add_argument("--out", type=Path, default=None, metavar="DIR",
                      help="directory for the table, plot and runs; the same command again with "
                           "the same --out reuses the runs it finished (default: runs/privacy-DATASET-TIME)")
     run.add_argument("--epsilons", default="1,2,4,8,inf",
@@ -90,7 +90,7 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
                      help="also run the federation without DP and with the default loss "
                           "(in-batch negatives, as `fedcontrast simulate` trains): what giving up "
                           "the per-example loss costs on top of the noise (default: on)")
-    run.add_argument("--config", type=Path, default=None,
+    run.add_argument("--config", type=Path, default=None, metavar="PATH",
                      help="start from a saved config.json (or a run directory); flags override it")
     add_simulation_arguments(parser)
     add_config_arguments(parser, FedConfig, defaults=SWEEP_DEFAULTS)

@@ -70,7 +70,7 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
     settings_in = dict(data.get("settings", {}))
     bad = sorted(set(settings_in) - set(fields))
     if bad:
-        raise UsageError(f"scenario {path}: unknown settings {bad} (see the settings table in README)")
+        raise UsageError(f"scenario {path}: unknown settings {bad} (see the settings in docs/reference.md)")
     sim_in = dict(data.get("simulation", {}))
     bad = sorted(set(sim_in) - set(SIMULATION_KEYS))
     if bad:

@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import json
 
 import pytest
 
@@ -49,7 +50,7 @@ def test_every_field_becomes_a_flag_with_its_default_in_the_help():
     options = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
     for f in dataclasses.fields(FedConfig):
         action = options[flag_name(f.name)]
-        assert "(default: " in action.help
+        assert "(default: " in parser._hidden_help.get(action, action.help)
 
 
 def test_flags_override_base_and_unset_flags_keep_it():
@@ -77,3 +78,14 @@ def test_saved_config_reloads_equal(tmp_path):
     save_config(cfg, tmp_path / "config.json")
     assert load_config(tmp_path / "config.json") == cfg
     assert load_config(tmp_path) == cfg  # a run directory works too
+
+
+def test_saved_config_with_a_removed_setting_loads_with_a_warning_naming_it(tmp_path, caplog):
+    cfg = TrainConfig(epochs=3)
+    save_config(cfg, tmp_path / "config.json")
+    payload = json.loads((tmp_path / "config.json").read_text())
+    payload["config"]["retired_setting"] = 0.5
+    (tmp_path / "config.json").write_text(json.dumps(payload))
+    with caplog.at_level("WARNING", logger="common.config"):
+        assert load_config(tmp_path) == cfg
+    assert "retired_setting" in caplog.text and "CHANGELOG.md" in caplog.text

@@ -1,7 +1,7 @@
 """The DNA modality: generator, views, encoder, and a federation that learns strand-invariant families.
 
-Figures measured on two shared cores (seed 0, width 16, embedding 32) are in the README's
-"Bring your own data"; the tests assert margins well inside them.
+Figures measured on two shared cores (seed 0, width 16, embedding 32) are in docs/plugins.md
+(the DNA example); the tests assert margins well inside them.
 """
 
 from __future__ import annotations

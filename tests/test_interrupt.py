@@ -161,7 +161,7 @@ def test_sigterm_stops_the_client_and_its_supernode(tmp_path):
 def test_ctrl_c_held_down_while_the_client_stops_still_leaves_nothing_running(tmp_path):
     # The first signal starts the stop; more of them (Ctrl-C pressed again, or `timeout`
     # passing on the one the terminal sent it, as `timeout fedcontrast ...` does) must not
-    # cut it short. Before session 17 they could: a second SIGINT interrupted the stop, and
+    # cut it short. Before 458514a they could: a second SIGINT interrupted the stop, and
     # the Flower processes it had not yet signalled were left running (2 of 3 runs here).
     def held_down(proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + 60

@@ -167,7 +167,7 @@ def _server_model(tmp_path, name: str, **overrides):
     return _Model(cfg, load_dataset("digits", seed=0), RunDir(tmp_path / name))
 
 
-@pytest.mark.parametrize("old", [dict(optimizer_state="reset"),  # no state (pre-session-8 runs)
+@pytest.mark.parametrize("old", [dict(optimizer_state="reset"),  # no state (runs before 21af163)
                                  dict(optimizer="sgd", momentum=0.9)])  # another optimiser's state
 def test_resume_without_matching_state_warns_and_starts_a_fresh_optimiser(tmp_path, caplog, old):
     before = _server_model(tmp_path, "old", **old)

@@ -1,7 +1,7 @@
 """Plug-ins: built-ins and import paths resolve alike; a broken plug-in is named with its contract.
 
 The user's plug-ins below live in a module of their own outside the project, as the
-README's "Bring your own data" describes, and reach every entry point by import path.
+docs/plugins.md describes, and reach every entry point by import path.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Worked examples of the plug-in interface, shipped as built-ins (see Bring your own data)."""
+"""Worked examples of the plug-in interface, shipped as built-ins (see docs/plugins.md)."""

@@ -41,6 +41,19 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             return text
         return super()._get_help_string(action)
 
+    def add_usage(self, usage, actions, groups, prefix=None) -> None:
+        """A usage line of what must be given (positionals, required flags) and
+        ``[options]`` for the rest, which the groups below list."""
+        if usage is None:
+            needed = [a for a in actions if a.required or not a.option_strings]
+            words = [a.option_strings[0] + " " + self._metavar(a) if a.option_strings
+                     else self._metavar(a) for a in needed]
+            usage = " ".join(["%(prog)s", "[options]", *words])
+        super().add_usage(usage, actions, groups, prefix)
+
+    def _metavar(self, action: argparse.Action) -> str:
+        return action.metavar or (action.dest if not action.option_strings else action.dest.upper())
+
 
 class OneLineErrorParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line on stderr and exit status 2, as

@@ -1,9 +1,9 @@
-"""Generate the README's reference of commands, flags and settings from the code.
+"""Generate the reference of commands, flags and settings from the code.
 
-``python -m common.runtime.docs`` rewrites the part of README.md between the markers
-below; ``tests/test_docs.py`` fails when that part is stale. Settings are listed
-once (flag and Flower run-config key side by side); each command then lists only
-its own flags and which settings it takes.
+``python -m common.runtime.docs`` writes ``docs/reference.md``; ``tests/test_docs.py``
+fails when that file is stale. Settings are listed once (flag and Flower run-config key
+side by side, with the group of the help they are in); each command then lists only its
+own flags and how many settings it takes.
 """
 
 from __future__ import annotations
@@ -13,12 +13,17 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from common.config import FedConfig, TrainConfig, flag_name, key_name
+from common.config import (
+    HIDDEN_GROUPS,
+    FedConfig,
+    TrainConfig,
+    flag_name,
+    key_name,
+    setting_group,
+)
 from common.runtime.cli import build_parser, discover_commands
 
-BEGIN = "<!-- BEGIN GENERATED REFERENCE (python -m common.runtime.docs) -->"
-END = "<!-- END GENERATED REFERENCE -->"
-README = Path(__file__).resolve().parents[2] / "README.md"
+REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
 
 
 def _escape(text: str) -> str:
@@ -31,7 +36,8 @@ def _shown(value: object) -> str:
 
 def settings_table() -> str:
     local = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    rows = ["| flag | run-config key | default | scope | meaning |", "|---|---|---|---|---|"]
+    rows = ["| flag | run-config key | default | scope | group | meaning |",
+            "|---|---|---|---|---|---|"]
     for f in dataclasses.fields(FedConfig):
         default = _shown(f.default)
         if f.name in local and local[f.name].default != f.default:
@@ -40,8 +46,9 @@ def settings_table() -> str:
         if f.metadata.get("choices"):
             meaning += f" (one of: {', '.join(f.metadata['choices'])})"
         scope = "all" if f.name in local else "federated"
+        group = setting_group(f).split(":")[0]
         rows.append(f"| `{flag_name(f.name)}` | `{key_name(f.name)}` | {default} | {scope} | "
-                    f"{_escape(meaning)} |")
+                    f"{group} | {_escape(meaning)} |")
     return "\n".join(rows)
 
 
@@ -50,7 +57,7 @@ def _command_flags(parser: argparse.ArgumentParser) -> tuple[list[str], int]:
     settings = {flag_name(f.name) for f in dataclasses.fields(FedConfig)}
     rows, n_settings = [], 0
     for action in parser._actions:
-        if not action.option_strings or action.dest == "help":
+        if not action.option_strings or action.dest in ("help", "help_all"):
             continue
         if action.option_strings[0] in settings:
             n_settings += 1
@@ -71,7 +78,7 @@ def commands_reference() -> str:
     parts = []
     for name, command in commands.items():
         rows, n_settings = _command_flags(sub.choices[name])
-        parts.append(f"#### `fedcontrast {name}`\n\n{command.description or command.help}\n")
+        parts.append(f"### `fedcontrast {name}`\n\n{command.description or command.help}\n")
         if rows:
             parts.append("| flag | meaning |\n|---|---|\n" + "\n".join(rows) + "\n")
         if n_settings:
@@ -80,13 +87,18 @@ def commands_reference() -> str:
 
 
 def reference() -> str:
+    hidden = " and ".join(f"*{title.split(':')[0]}*" for title in HIDDEN_GROUPS)
     return "\n".join([
-        BEGIN,
+        "# Reference",
         "",
-        "### Commands",
+        "Generated from the code by `python -m common.runtime.docs`; a test fails when it is "
+        "stale. `fedcontrast NAME --help` shows a command's flags in groups; the settings "
+        f"of the groups {hidden} show only with `--help-all`.",
+        "",
+        "## Commands",
         "",
         commands_reference(),
-        "### Settings",
+        "## Settings",
         "",
         "One table for the command line and the Flower run config "
         "(`[tool.flwr.app.config]`, `flwr run --run-config`). "
@@ -94,26 +106,16 @@ def reference() -> str:
         "",
         settings_table(),
         "",
-        END,
     ])
 
 
-def render(readme_text: str) -> str:
-    if BEGIN not in readme_text or END not in readme_text:
-        raise ValueError(f"README.md lacks the markers {BEGIN!r} ... {END!r}")
-    head, rest = readme_text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return head + reference() + tail
-
-
 def main() -> int:
-    text = README.read_text()
-    new = render(text)
-    if new != text:
-        README.write_text(new)
-        print(f"updated {README}")
+    text = reference()
+    if REFERENCE.exists() and REFERENCE.read_text() == text:
+        print(f"{REFERENCE} is up to date")
     else:
-        print(f"{README} is up to date")
+        REFERENCE.write_text(text)
+        print(f"updated {REFERENCE}")
     return 0
 
 
