@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from client.commands import add_client_arguments as client_arguments
 from client.node import node_config, supernode_command
 from common.config import FedConfig, from_run_config
 from common.errors import UsageError
+from common.runtime.flower_env import ProcessTree, flower_env, free_port
 from server.commands import add_server_arguments as server_arguments
 from server.deploy import (
     app_dir,
@@ -190,3 +192,46 @@ def test_node_data_may_be_a_dataset_plugin_and_a_wrong_one_is_named():
     with pytest.raises(UsageError, match="no such file"):
         node_config(client_args("--superlink", "h:1", "--insecure", "--data-path", "missing.npz",
                                 "--client-id", "lab-a"))
+
+
+FEDCONTRAST = str(Path(sys.executable).parent / "fedcontrast")
+
+
+def run_command(tmp_path: Path, *argv: str) -> tuple[int, str]:
+    """`fedcontrast ARGV` as a process of its own (stopped if it outlives 120 s): its status
+    and what it wrote."""
+    log = tmp_path / "command.log"
+    tree = ProcessTree()
+    try:
+        proc = tree.start([FEDCONTRAST, *argv], env=flower_env(tmp_path / "home"), log=log,
+                          cwd=tmp_path)
+        return proc.wait(timeout=120), log.read_text()
+    finally:
+        tree.stop()
+
+
+@pytest.mark.timeout(150)
+def test_a_server_without_its_dataset_stops_before_anything_starts(tmp_path):
+    out = tmp_path / "run"
+    rc, said = run_command(tmp_path, "server", "--insecure", "--port", str(free_port()),
+                           "--out", str(out), "--dataset", "/nonexistent/data.npz")
+    assert rc == 2, said
+    assert said.strip().splitlines() == [
+        "fedcontrast server: error: --dataset /nonexistent/data.npz: no such file: "
+        "/nonexistent/data.npz (expected an .npz archive with arrays x_train, y_train, x_test, "
+        "y_test) (the server shapes the encoder with it and evaluates on its test split: give "
+        "one this machine can read)"]
+    assert not out.exists()  # no SuperLink, no run directory
+
+
+@pytest.mark.timeout(150)
+def test_a_client_with_a_malformed_data_file_stops_before_anything_starts(tmp_path):
+    data = tmp_path / "site.npz"
+    data.write_text("x_train,y_train\n1,2\n")
+    rc, said = run_command(tmp_path, "client", "--superlink", f"127.0.0.1:{free_port()}",
+                           "--insecure", "--data-path", str(data), "--client-id", "site",
+                           "--state-dir", str(tmp_path / "state"))
+    assert rc == 2, said
+    (line,) = said.strip().splitlines()
+    assert line.startswith(f"fedcontrast client: error: --data-path {data}: {data}: not an .npz archive")
+    assert not (tmp_path / "state").exists()  # no SuperNode
