@@ -235,3 +235,30 @@ def test_a_client_with_a_malformed_data_file_stops_before_anything_starts(tmp_pa
     (line,) = said.strip().splitlines()
     assert line.startswith(f"fedcontrast client: error: --data-path {data}: {data}: not an .npz archive")
     assert not (tmp_path / "state").exists()  # no SuperNode
+
+
+def test_a_run_without_a_counted_round_failed_and_one_with_some_is_told_apart():
+    from server.app import final_status
+
+    counted, uncounted = {"round": 1, "counted": 1}, {"round": 2, "counted": 0}
+    assert final_status([counted, {**counted, "round": 2}], 2, None) == "completed"
+    assert final_status([counted, uncounted], 2, None).startswith(
+        "completed with uncounted rounds: round(s) 2 of 2 had fewer than --min-nodes 2")
+    assert final_status([{**uncounted, "round": 1}, uncounted], 2, None).startswith(
+        "failed: NoRoundCounted: none of the 2 rounds counted")
+    assert final_status([counted], 2, "collapse") == "stopped early: collapse"
+
+
+def test_the_outcome_line_and_status_come_from_this_runs_summary(tmp_path):
+    from server.deploy import EXIT_FAILED, EXIT_UNCOUNTED_ROUNDS, run_outcome
+
+    (tmp_path / "summary.json").write_text('{"run_id": 7, "status": "completed with uncounted '
+                                           'rounds: round(s) 1 of 2 ..."}')
+    assert run_outcome(tmp_path, "7", "finished:completed") == (
+        EXIT_UNCOUNTED_ROUNDS, "run 7 completed with uncounted rounds: round(s) 1 of 2 ...")
+    # another run's summary says nothing of this one: the log's first error does
+    (tmp_path / "server.log").write_text("INFO :  starting\nTraceback (most recent call last):\n"
+                                         "server.sampling.NotEnoughNodes: 1 node(s) online\n")
+    code, line = run_outcome(tmp_path, "8", "finished:failed")
+    assert code == EXIT_FAILED and line.startswith(
+        "run 8 failed: server.sampling.NotEnoughNodes: 1 node(s) online (full log:")

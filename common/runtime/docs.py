@@ -18,7 +18,7 @@ from common.runtime.cli import build_parser, discover_commands
 
 BEGIN = "<!-- BEGIN GENERATED REFERENCE (python -m common.runtime.docs) -->"
 END = "<!-- END GENERATED REFERENCE -->"
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _escape(text: str) -> str:
