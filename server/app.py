@@ -133,7 +133,7 @@ def server_dataset(cfg: FedConfig) -> Dataset:
     except ValueError as exc:
         raise ValueError(
             f"the server needs --dataset {cfg.dataset!r} to shape the encoder and evaluate it: {exc}"
-        ) from exc
+        ) from None  # the message holds the cause: one traceback in the log, not two
 
 
 class NoRoundCounted(RuntimeError):
