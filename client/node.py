@@ -8,7 +8,7 @@ SuperNode gets its own ``FLWR_HOME`` (inside the state directory unless
 ``--flwr-home`` says otherwise) and its own ClientAppIo port, so several clients can
 share a host. Ctrl-C and SIGTERM stop the SuperNode and every ClientApp it started.
 
-A SuperNode ends by itself, with status 0, when the SuperLink no longer knows its node:
+A SuperNode ends by itself, with status 0 (or of its own SIGINT), when the SuperLink no longer knows its node:
 the server was restarted (a new SuperLink answers the old node with UNAUTHENTICATED).
 The command then starts a new SuperNode, which joins the new SuperLink as a new node
 with the same client id and state, ``--reconnect-attempts`` times in a row at most (a
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,10 @@ def supernode_command(args: argparse.Namespace, config: dict[str, Any], port: in
 #: A SuperNode that ran this long had joined the federation: its end starts a new count
 #: of reconnect attempts.
 SERVED_S = 60.0
+#: How a SuperNode ends when the SuperLink no longer knows it: it sends itself SIGINT, and
+#: exits 0, or dies of the signal when it arrives during its own shutdown. (This command
+#: stops it with SIGTERM.)
+ENDED_BY_SUPERLINK = frozenset({0, -signal.SIGINT, 128 + signal.SIGINT})
 #: Seconds between a SuperNode's end and the start of the next one.
 RECONNECT_PAUSE_S = 2.0
 
@@ -146,7 +151,7 @@ def supervise(tree: ProcessTree, cmd: list[str], env: dict[str, str], home: Path
         tree.stop(roots=[node])  # the ClientApps it started too
         if time.monotonic() - started >= SERVED_S:
             attempts = 0
-        if status != 0 and attempts == 0:
+        if status not in ENDED_BY_SUPERLINK and attempts == 0:
             return _failed(status, args)
         if attempts >= args.reconnect_attempts:
             logger.error(
