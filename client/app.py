@@ -13,8 +13,11 @@ With ``--push-timing before`` the node also answers the round's push-phase QUERY
 (:func:`push`): it pushes keys of the round's global weights before any node trains,
 and the TRAIN message that follows pushes nothing more.
 
-A node with bad data or configuration raises: Flower returns the error to the
-server, which logs it and goes on with the other nodes.
+A node with bad data or configuration (a ``ValueError``: a partition its data cannot
+give, a malformed file, a queue whose TLS disagrees) answers with an error reply that
+says what is wrong and what to do, and logs that one line (:func:`answered`); the
+server logs it and goes on with the other nodes. Anything else raises, and Flower
+reports it with its traceback.
 
 With ``--objective byol`` the round is :func:`client.byol_round.train_byol_round` (no
 queue), from the client's own model of the run kept in its state directory.
@@ -27,13 +30,16 @@ not cover (:data:`client.privacy.WITHHELD_UNDER_DP`) are sent as 0.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from client.byol_round import load_local, save_local, train_byol_round
 from client.data import local_images
@@ -69,7 +75,28 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(_MOVED[name]), name)
 
 
+Handler = Callable[[Message, Context], Message]
+
+
+def answered(handler: Handler) -> Handler:
+    """``handler`` with its ``ValueError`` answered as an error reply and one log line."""
+
+    @functools.wraps(handler)
+    def answer(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except ValueError as exc:
+            who = context.node_config.get("client-id") or f"node {context.node_id}"
+            logger.error("client %s cannot answer the %s message: %s", who,
+                         msg.metadata.message_type, exc)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                 reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+    return answer
+
+
 @app.query("identify")
+@answered
 def identify(msg: Message, context: Context) -> Message:
     """Flower's entry point for the identify QUERY (``--client-sampling seeded``): the
     node's client id, by which the server orders the nodes it samples from. Reads the
@@ -80,6 +107,7 @@ def identify(msg: Message, context: Context) -> Message:
 
 
 @app.query()
+@answered
 def push(msg: Message, context: Context) -> Message:
     """Flower's entry point for the push phase's QUERY message (``--push-timing before``)."""
     cfg = from_run_config(FedConfig, context.run_config)
@@ -103,6 +131,7 @@ def push(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@answered
 def train(msg: Message, context: Context) -> Message:
     """Flower's entry point for a TRAIN message (contract in ``server/contract.py``)."""
     cfg = from_run_config(FedConfig, context.run_config)

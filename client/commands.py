@@ -64,6 +64,10 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
                      help="the SuperNode's local ClientAppIo port (0: a free one)")
     sec.add_argument("--flwr-home", type=Path, default=None, metavar="DIR",
                      help="the SuperNode's FLWR_HOME (default: STATE_DIR/flwr-home)")
+    sec.add_argument("--reconnect-attempts", type=int, default=10, metavar="N",
+                     help="when the SuperLink ends this node (a restarted server), join it again "
+                          "as a new node, at most N times in a row; 0: exit 1 instead, to be "
+                          "started again")
 
 
 train_local_command = Command(
@@ -98,7 +102,8 @@ client_command = Command(
         "of a dataset (--partition-id/--num-partitions) or the client's own file "
         "(--data-path). The node gets its own FLWR_HOME and ClientAppIo port, so several "
         "clients can share a host. Ctrl-C and SIGTERM stop the SuperNode and every ClientApp "
-        "it started; the command exits with the SuperNode's status."
+        "it started. When the server restarts, the client joins the new SuperLink by itself "
+        "(--reconnect-attempts)."
     ),
     add_arguments=add_client_arguments,
     run=deferred("client.node:run_node"),

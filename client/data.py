@@ -27,7 +27,14 @@ def local_images(cfg: FedConfig, node: NodeSettings) -> torch.Tensor:
                              "a dataset plug-in package.module:name[:ARG]")
         return load_dataset(node.data_path, seed=cfg.seed).x_train
     data = load_dataset(cfg.dataset, seed=cfg.seed)
-    parts = partition_indices(cfg, data.y_train, node.num_partitions)
+    try:
+        parts = partition_indices(cfg, data.y_train, node.num_partitions)
+    except ValueError as exc:
+        raise ValueError(
+            f"partition {node.partition_id} of {node.num_partitions} of --dataset {cfg.dataset} "
+            f"({len(data.y_train)} training items, --partitioner {cfg.partitioner}): {exc}; start "
+            "this client with a --num-partitions the data can give, or run the server with "
+            "other partition settings") from exc
     return data.x_train[torch.as_tensor(parts[node.partition_id], dtype=torch.long)]
 
 

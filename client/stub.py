@@ -42,8 +42,9 @@ TRANSIENT_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
 )
 _COUNTERS = (
-    "hits",
-    "misses",
+    "hits",  # pulls that returned rows
+    "misses",  # pulls that failed (queue unreachable, refused, malformed reply)
+    "empty_pulls",  # pulls the queue answered with no row (nothing eligible yet)
     "rows_pulled",
     "pushes",
     "push_failures",
@@ -238,6 +239,8 @@ class QueueClient:
         with self._lock:
             if pulled is None:
                 self._counters["misses"] += 1
+            elif pulled[0].shape[0] == 0:
+                self._counters["empty_pulls"] += 1
             else:
                 self._counters["hits"] += 1
                 self._counters["rows_pulled"] += pulled[0].shape[0]
@@ -270,7 +273,8 @@ class QueueClient:
         )
 
     def counters(self) -> dict[str, int]:
-        """Hits, misses, push failures, retries, ... since this client was made."""
+        """Hits (pulls with rows), misses, empty pulls, push failures, retries, ... since this
+        client was made."""
         with self._lock:
             return dict(self._counters)
 

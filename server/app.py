@@ -22,7 +22,14 @@ Run directory (see :mod:`common.runtime.rundir`)::
     summary.json (status, rounds, final eval, queue, queue_tls, privacy, dropped_replies:
                   replies refused by kind over the run (server.contract.REFUSAL_KINDS),
                   and contributors: slot -> the client id it belongs to, null for a
-                  node that did not identify itself, and the rows it pushed in this run)
+                  node that did not identify itself, and the rows it pushed in this run
+                  and the runs it resumes)
+
+The final status (``summary.json`` ``status``, see docs/operations.md) is ``completed``,
+``completed with uncounted rounds: ...`` when some round had fewer than ``min_nodes``
+valid replies, ``stopped early: ...``, or ``failed: ...``. A run in which no round
+counted has only the initial encoder: it is ``failed`` and the ServerApp raises
+:class:`NoRoundCounted`, so that Flower reports the run as failed too.
     curves.png
 """
 
@@ -127,7 +134,28 @@ def server_dataset(cfg: FedConfig) -> Dataset:
     except ValueError as exc:
         raise ValueError(
             f"the server needs --dataset {cfg.dataset!r} to shape the encoder and evaluate it: {exc}"
-        ) from exc
+        ) from None  # the message holds the cause: one traceback in the log, not two
+
+
+class NoRoundCounted(RuntimeError):
+    """Every round of the run had too few valid replies: the encoder is still the initial one."""
+
+
+def final_status(rows: list[dict[str, Any]], min_nodes: int, stopped_early: str | None) -> str:
+    """The run's status from its round rows (those of the runs it resumes included)."""
+    uncounted = [int(r["round"]) for r in rows if not int(r.get("counted", 0))]
+    if rows and len(uncounted) == len(rows):
+        return (f"failed: NoRoundCounted: none of the {len(rows)} rounds counted (each had fewer "
+                f"than --min-nodes {min_nodes} valid replies), so the encoder is the initial one: "
+                "see server.log for the nodes' errors, fix or start more clients, or lower "
+                "--min-nodes, then run again")
+    if stopped_early:
+        return "stopped early: " + stopped_early
+    if uncounted:
+        return (f"completed with uncounted rounds: round(s) {', '.join(map(str, uncounted))} of "
+                f"{len(rows)} had fewer than --min-nodes {min_nodes} valid replies and left the "
+                "weights as they were (see server.log)")
+    return "completed"
 
 
 class _Model:
@@ -141,6 +169,8 @@ class _Model:
         self.spec = model_spec(cfg, data.in_channels)
         self.module: ContrastiveModel = build_model(cfg, data.in_channels)
         self.tokens: NodeTokens | None = None
+        #: contributor slot -> rows pushed, this run's and those of the runs it resumes.
+        self.pushed_by_slot: dict[int, int] = {}
         # --optimizer-state federated: the nodes' optimiser state, aggregated with the
         # weights; zeros (a fresh optimiser) until round 1 is aggregated or a resume sets it.
         self.optimizer_state = (optim_state.initial_arrays(self.module, cfg)
@@ -160,6 +190,7 @@ class _Model:
         client_slots = dict(sorted(self.tokens.client_slots.items())) if self.tokens else {}
         save_encoder(self.load(arrays), self.spec, self.run_dir.file("encoder.pt"),
                      round=rnd, next_slot=next_slot, client_slots=client_slots,
+                     pushed_by_slot=dict(sorted(self.pushed_by_slot.items())),
                      optimizer_state=self.optimizer_state)
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
@@ -169,9 +200,10 @@ class _Model:
 
 def _resume(source: Path, run_dir: RunDir, model: _Model,
             queue: NegativeQueue) -> tuple[int, int, dict[str, int]]:
-    """Load weights, queue and metrics of ``source``; return the last round done, the next
-    free contributor slot and the clients' slots (client id -> slot; empty for a
-    checkpoint written before 24d6180 (2026-12-02), whose clients then get new slots)."""
+    """Load weights, queue, metrics and the rows each slot pushed of ``source``; return the
+    last round done, the next free contributor slot and the clients' slots (client id ->
+    slot; empty for a checkpoint written before 24d6180 (2026-12-02), whose clients then
+    get new slots)."""
     payload = read_checkpoint(source / "encoder.pt")
     if payload["spec"] != model.spec:
         raise ValueError(
@@ -179,6 +211,7 @@ def _resume(source: Path, run_dir: RunDir, model: _Model,
             f"{model.spec} (use the settings in {source / 'config.json'})"
         )
     model.module.load_state_dict(payload["state_dict"])
+    model.pushed_by_slot = {int(s): int(n) for s, n in dict(payload.get("pushed_by_slot") or {}).items()}
     saved = dict(payload.get("optimizer_state") or {})
     if model.optimizer_state:
         if set(saved) == set(model.optimizer_state) and all(
@@ -210,6 +243,31 @@ def _resume(source: Path, run_dir: RunDir, model: _Model,
     return last, int(payload.get("next_slot", 0)), client_slots
 
 
+def write_summary(summary: dict[str, Any], run_dir: RunDir, cfg: FedConfig, driver: RoundDriver,
+                  *, first_round: int, wall_time_s: float) -> None:
+    """``summary.json`` (``summary`` completed with the run's figures) and ``curves.png``."""
+    rows = run_dir.read_metrics()
+    client_of = driver.tokens.client_of()
+    slots = set(driver.tokens.slots.values()) | set(driver.pushed_by_slot)
+    summary.update({
+        "rounds": cfg.rounds,
+        "first_round": first_round,
+        "last_round": rows[-1]["round"] if rows else first_round - 1,
+        "counted_rounds": sum(int(r.get("counted", 0)) for r in rows),
+        "dropped_replies": dropped_totals(rows),
+        "wall_time_s": wall_time_s,
+        "final_eval": driver.last_eval,
+        "queue": driver.queue.stats(),
+        "queue_tls": driver.queue_tls,
+        "contributors": {str(slot): {"client_id": client_of.get(slot),
+                                     "pushed_rows": driver.pushed_by_slot.get(slot, 0)}
+                         for slot in sorted(slots)},
+        "privacy": driver.privacy_summary(),
+    })
+    run_dir.write_json("summary.json", summary)
+    run_dir.plot("round", PLOTTED, title=f"FedContrast on {cfg.dataset}")
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Rounds ``1..rounds`` (or the rest of a resumed run), writing the run directory."""
@@ -235,6 +293,7 @@ def main(grid: Grid, context: Context) -> None:
     driver = RoundDriver(
         grid, build_strategy(cfg), cfg, queue=queue, tokens=tokens, queue_address=server.address,
         queue_tls=_service["tls"], run_dir=run_dir, save_checkpoint=model.save, evaluate=model.evaluate,
+        pushed_by_slot=model.pushed_by_slot,
     )
     logger.info("run %d: rounds %d..%d, queue at %s (%s), run directory %s",
                 context.run_id, last_done + 1, cfg.rounds, server.address,
@@ -244,28 +303,14 @@ def main(grid: Grid, context: Context) -> None:
     arrays = model.arrays()
     try:
         arrays = driver.run(arrays, last_done + 1, cfg.rounds)
-        summary["status"] = "stopped early: " + driver.stopped_early if driver.stopped_early else "completed"
+        summary["status"] = final_status(run_dir.read_metrics(), cfg.min_nodes, driver.stopped_early)
     except Exception as exc:
         summary["status"] = f"failed: {type(exc).__name__}: {exc}"
         raise
     finally:
-        rows = run_dir.read_metrics()
-        summary.update({
-            "rounds": cfg.rounds,
-            "first_round": last_done + 1,
-            "last_round": rows[-1]["round"] if rows else last_done,
-            "counted_rounds": sum(int(r.get("counted", 0)) for r in rows),
-            "dropped_replies": dropped_totals(rows),
-            "wall_time_s": time.monotonic() - start,
-            "final_eval": driver.last_eval,
-            "queue": queue.stats(),
-            "queue_tls": driver.queue_tls,
-            "contributors": {str(slot): {"client_id": tokens.client_of().get(slot),
-                                         "pushed_rows": driver.pushed_by_slot.get(slot, 0)}
-                             for slot in sorted(set(tokens.slots.values()))},
-            "privacy": driver.privacy_summary(),
-        })
-        run_dir.write_json("summary.json", summary)
-        run_dir.plot("round", PLOTTED, title=f"FedContrast on {cfg.dataset}")
+        write_summary(summary, run_dir, cfg, driver, first_round=last_done + 1,
+                      wall_time_s=time.monotonic() - start)
     logger.info("run %d %s: %s", context.run_id, summary["status"],
                 json.dumps({k: summary[k] for k in ("last_round", "counted_rounds", "final_eval")}))
+    if summary["status"].startswith("failed: NoRoundCounted"):
+        raise NoRoundCounted(summary["status"].removeprefix("failed: NoRoundCounted: "))

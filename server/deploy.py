@@ -18,8 +18,13 @@ What it does, in order:
    own output reaches us only through Flower's log stream, kept in
    ``RUN_DIR/server.log``);
 5. checks the run's final status with ``flwr ls`` (``flwr run`` exits 0 even when
-   the ServerApp failed), prints the run directory;
+   the ServerApp failed) and ``RUN_DIR/summary.json``, prints one line saying how the
+   run ended and the run directory, and exits with the status of docs/operations.md
+   (0 completed, 3 completed with uncounted rounds, 1 failed);
 6. stops every process it started, on success, failure, Ctrl-C or SIGTERM.
+
+What can be checked before anything starts is: the flags, the run directory, the TLS
+files and the dataset the ServerApp shapes the encoder with (:func:`check_dataset`).
 """
 
 from __future__ import annotations
@@ -39,12 +44,14 @@ from pathlib import Path
 from typing import Any
 
 import server
+from common import plugins
 from common.config import (
     FedConfig,
     from_args,
     read_config_values,
     to_run_config,
 )
+from common.datasets import load_dataset
 from common.errors import UsageError
 from common.runtime.flower_env import (
     ProcessTree,
@@ -58,6 +65,9 @@ from common.runtime.flower_env import (
 logger = logging.getLogger(__name__)
 
 CONNECTION = "fedcontrast"
+#: Exit statuses of a run that started (docs/operations.md); 2 (a usage error) and 130
+#: (interrupted) come from the command line.
+EXIT_COMPLETED, EXIT_FAILED, EXIT_UNCOUNTED_ROUNDS = 0, 1, 3
 _RUN_ID = re.compile(r"(?:Successfully started run|run_id `?)\s*(\d+)")
 
 
@@ -116,6 +126,30 @@ def resolve_settings(args: argparse.Namespace) -> tuple[FedConfig, Path, Path | 
     cfg = from_args(FedConfig, args, base=base)
     out = args.out or resume or Path("runs") / f"fed-{Path(cfg.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg, out.expanduser().resolve(), resume
+
+
+def check_dataset(cfg: FedConfig, superlink: str | None) -> None:
+    """Refuse a ``--dataset`` the ServerApp could not load, before anything starts.
+
+    The ServerApp loads it where the SuperLink runs: here, unless ``--superlink`` names
+    one, whose machine may hold a path this one lacks (then only a warning). A plug-in of
+    another package is imported, not called (it may generate data for minutes).
+    """
+    spec = cfg.dataset
+    parsed = plugins.parse("dataset", spec)
+    own = parsed is None or parsed[0].startswith("common.")
+    if superlink and parsed is None and not Path(spec).expanduser().exists():
+        logger.warning("--dataset %s is not on this machine; the ServerApp reads it where the "
+                       "SuperLink %s runs", spec, superlink)
+        return
+    try:
+        if own:
+            load_dataset(spec, seed=cfg.seed)
+        else:
+            plugins.check("dataset", spec)
+    except ValueError as exc:
+        raise UsageError(f"--dataset {spec}: {exc} (the server shapes the encoder with it and "
+                         "evaluates on its test split: give one this machine can read)") from exc
 
 
 def superlink_command(args: argparse.Namespace) -> list[str]:
@@ -291,7 +325,8 @@ def log_tail(path: Path, lines: int = 30) -> str:
 
 
 def first_error(text: str) -> str | None:
-    """The first ``SomeError: message`` line of a traceback in ``text``."""
+    """The first ``SomeError: message`` line of a traceback in ``text`` (any exception class:
+    ``server.sampling.NotEnoughNodes: ...`` too)."""
     for line in text.splitlines():
         match = _ERROR_LINE.match(line)
         if match:
@@ -299,7 +334,8 @@ def first_error(text: str) -> str | None:
     return None
 
 
-_ERROR_LINE = re.compile(r"^\s*[A-Za-z_.]*(Error|Exception): \S")
+# A dotted module path, then a CamelCase class name (not an all-caps log level), then ": ".
+_ERROR_LINE = re.compile(r"^\s*(?:[a-z_][\w]*\.)*[A-Z]\w*[a-z]\w*: \S")
 
 
 def refuse_finished_rounds(out: Path, resume: Path | None, rounds: int) -> None:
@@ -329,6 +365,7 @@ def deploy(args: argparse.Namespace) -> int:
     cfg, out, resume = resolve_settings(args)
     queue_tls = queue_tls_run_config(args)
     app_dir()  # fail before starting anything when this is no source checkout
+    check_dataset(cfg, args.superlink)
     refuse_finished_rounds(out, resume, cfg.rounds)
     out.mkdir(parents=True, exist_ok=True)
     home = (args.flwr_home.expanduser().resolve() if args.flwr_home
@@ -402,17 +439,38 @@ def follow_run(
     _show_new_rows(out, shown, cfg.rounds)
     if "run_id" not in found:
         raise UsageError(f"flwr run did not start a run:\n{log_tail(out / 'server.log')}")
-    status = run_status(env, found["run_id"])
-    if status != "finished:completed":
-        cause = first_error(log_tail(out / "server.log", lines=400))
-        print(f"run {found['run_id']} ended {status}; last lines of {out / 'server.log'}:\n"
-              f"{log_tail(out / 'server.log')}", file=sys.stderr)
-        if cause:
-            print(f"first error in the log: {cause}", file=sys.stderr)
-        print(f"run directory: {out}")
-        return 1
+    return report_outcome(out, found["run_id"], run_status(env, found["run_id"]))
+
+
+def run_outcome(out: Path, run_id: str, flower_status: str) -> tuple[int, str]:
+    """The exit status and the one line that says how run ``run_id`` ended and what to do.
+
+    ``summary.json`` (when this run wrote it) says why; else the log's first error.
+    """
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        summary = {}
+    status = str(summary.get("status", "")) if str(summary.get("run_id")) == run_id else ""
+    log = out / "server.log"
+    if flower_status != "finished:completed" or status.startswith("failed"):
+        cause = (status.removeprefix("failed: ") if status.startswith("failed")
+                 else first_error(log_tail(log, lines=400)))
+        if cause is None:
+            return EXIT_FAILED, (f"run {run_id} ended {flower_status}; last lines of {log}:\n"
+                                 f"{log_tail(log)}")
+        return EXIT_FAILED, f"run {run_id} failed: {cause} (full log: {log})"
+    if status.startswith("completed with uncounted rounds"):
+        return EXIT_UNCOUNTED_ROUNDS, f"run {run_id} {status}"
+    return EXIT_COMPLETED, f"run {run_id} {status or 'completed'}"
+
+
+def report_outcome(out: Path, run_id: str, flower_status: str) -> int:
+    """Print how the run ended (stderr unless it completed) and the run directory."""
+    code, line = run_outcome(out, run_id, flower_status)
+    print(line, file=sys.stdout if code == EXIT_COMPLETED else sys.stderr, flush=True)
     print(f"run directory: {out}")
-    return 0
+    return code
 
 
 def _read_rows(out: Path) -> list[dict[str, Any]]:

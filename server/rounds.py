@@ -130,6 +130,8 @@ class RoundDriver:
         save_checkpoint: ``(arrays, round)`` -> writes ``encoder.pt``.
         evaluate: ``arrays`` -> server-side eval metrics; ``None`` when the server has
             no labelled data.
+        pushed_by_slot: contributor slot -> rows pushed before (a resumed run's); the
+            driver adds each round's to it, in place.
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class RoundDriver:
         save_checkpoint: Callable[[ArrayRecord, int], None],
         evaluate: Callable[[ArrayRecord], dict[str, float]] | None = None,
         poll_interval: float = 1.0,
+        pushed_by_slot: dict[int, int] | None = None,
     ) -> None:
         self.grid = grid
         self.strategy = strategy
@@ -160,7 +163,7 @@ class RoundDriver:
         self.nodes = NodeSampler(grid, cfg, poll_interval)
         self.lr_at = cosine_lr(cfg.lr, cfg.rounds)
         self.losses: list[float] = []
-        self.pushed_by_slot: dict[int, int] = {}
+        self.pushed_by_slot: dict[int, int] = {} if pushed_by_slot is None else pushed_by_slot
         # The queue's overwritten_rows counter at the last round's end (a resumed queue
         # brings its own).
         self.overwritten_seen = queue.stats()["counters"]["overwritten_rows"]

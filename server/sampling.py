@@ -213,9 +213,13 @@ class NodeSampler:
                            "resumed run", rnd, node_id, reason)
             return
         client_id = str(msg.content["identity"]["client-id"])
-        twins = [n for n, c in self.client_ids.items() if c == client_id and n != node_id]
-        if twins:
-            logger.warning("round %d: nodes %d and %s both report client id %r: which of "
-                           "them a round samples is not reproducible", rnd, node_id,
-                           ", ".join(map(str, twins)), client_id)
+        earlier = [n for n, c in self.client_ids.items() if c == client_id and n != node_id]
+        if earlier:
+            # Most often a restarted SuperNode: the earlier node is gone, though the SuperLink
+            # lists it until it misses its heartbeats; nothing here tells the two cases apart.
+            logger.warning("round %d: node %d reports client id %r, as node %s did before: a "
+                           "restarted SuperNode of that client takes over its queue slot; if both "
+                           "are running, two clients share the id, and which of them a round "
+                           "samples is not reproducible", rnd, node_id, client_id,
+                           ", ".join(map(str, earlier)))
         self.client_ids[node_id] = client_id

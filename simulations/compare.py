@@ -80,6 +80,7 @@ from common.model import build_model, model_spec
 from common.plugins import make_views
 from common.runtime.rundir import RunDir
 from common.schedule import cosine_lr
+from server.deploy import EXIT_UNCOUNTED_ROUNDS
 from simulations.commands import METHODS
 from simulations.reuse import (
     data_digest,
@@ -303,6 +304,9 @@ def run_federated(method: str, cfg: FedConfig, sim: Simulation, data: Dataset, o
     start = time.perf_counter()
     status = simulate(cfg, sim, out, timeout=timeout)
     wall = time.perf_counter() - start
+    if status == EXIT_UNCOUNTED_ROUNDS:
+        raise UsageError(f"{method}: some rounds did not count, so it did not train on the "
+                         f"budget of the others; see {out / 'summary.json'}")
     if status != 0:
         raise UsageError(f"{method}: the simulation failed; see {out / 'server.log'}")
     result = _final_eval(load_encoder(out / "encoder.pt"), cfg, data)

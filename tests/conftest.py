@@ -2,8 +2,31 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
+
+#: A queue token as the ServerApp makes them (``secrets.token_urlsafe(32)``: 43 characters of
+#: the URL-safe alphabet), standing alone. Random, so it mixes digits and both cases; asking
+#: for all three keeps long identifiers in copied source files out (one token in ~1,500 has
+#: no digit and goes unseen).
+TOKEN_SHAPE = re.compile(rb"(?<![A-Za-z0-9_-])(?=[A-Za-z0-9_-]*[0-9])(?=[A-Za-z0-9_-]*[A-Z])"
+                         rb"(?=[A-Za-z0-9_-]*[a-z])[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")
+
+
+def secrets_on_disk(root: Path, secrets: list[bytes] = ()) -> list[str]:
+    """Every file under ``root`` holding a token-shaped string or one of ``secrets``, with
+    what it holds: run directories, logs, state and Flower's homes alike."""
+    found = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+        data = path.read_bytes()
+        hits = [m.group().decode() for m in TOKEN_SHAPE.finditer(data)]
+        hits += [f"secret #{i}" for i, secret in enumerate(secrets) if secret in data]
+        if hits:
+            found.append(f"{path.relative_to(root)}: {hits[:3]}")
+    return found
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from client.commands import add_client_arguments as client_arguments
 from client.node import node_config, supernode_command
 from common.config import FedConfig, from_run_config
 from common.errors import UsageError
+from common.runtime.flower_env import ProcessTree, flower_env, free_port
 from server.commands import add_server_arguments as server_arguments
 from server.deploy import (
     app_dir,
@@ -190,3 +192,73 @@ def test_node_data_may_be_a_dataset_plugin_and_a_wrong_one_is_named():
     with pytest.raises(UsageError, match="no such file"):
         node_config(client_args("--superlink", "h:1", "--insecure", "--data-path", "missing.npz",
                                 "--client-id", "lab-a"))
+
+
+FEDCONTRAST = str(Path(sys.executable).parent / "fedcontrast")
+
+
+def run_command(tmp_path: Path, *argv: str) -> tuple[int, str]:
+    """`fedcontrast ARGV` as a process of its own (stopped if it outlives 120 s): its status
+    and what it wrote."""
+    log = tmp_path / "command.log"
+    tree = ProcessTree()
+    try:
+        proc = tree.start([FEDCONTRAST, *argv], env=flower_env(tmp_path / "home"), log=log,
+                          cwd=tmp_path)
+        return proc.wait(timeout=120), log.read_text()
+    finally:
+        tree.stop()
+
+
+@pytest.mark.timeout(150)
+def test_a_server_without_its_dataset_stops_before_anything_starts(tmp_path):
+    out = tmp_path / "run"
+    rc, said = run_command(tmp_path, "server", "--insecure", "--port", str(free_port()),
+                           "--out", str(out), "--dataset", "/nonexistent/data.npz")
+    assert rc == 2, said
+    assert said.strip().splitlines() == [
+        "fedcontrast server: error: --dataset /nonexistent/data.npz: no such file: "
+        "/nonexistent/data.npz (expected an .npz archive with arrays x_train, y_train, x_test, "
+        "y_test) (the server shapes the encoder with it and evaluates on its test split: give "
+        "one this machine can read)"]
+    assert not out.exists()  # no SuperLink, no run directory
+
+
+@pytest.mark.timeout(150)
+def test_a_client_with_a_malformed_data_file_stops_before_anything_starts(tmp_path):
+    data = tmp_path / "site.npz"
+    data.write_text("x_train,y_train\n1,2\n")
+    rc, said = run_command(tmp_path, "client", "--superlink", f"127.0.0.1:{free_port()}",
+                           "--insecure", "--data-path", str(data), "--client-id", "site",
+                           "--state-dir", str(tmp_path / "state"))
+    assert rc == 2, said
+    (line,) = said.strip().splitlines()
+    assert line.startswith(f"fedcontrast client: error: --data-path {data}: {data}: not an .npz archive")
+    assert not (tmp_path / "state").exists()  # no SuperNode
+
+
+def test_a_run_without_a_counted_round_failed_and_one_with_some_is_told_apart():
+    from server.app import final_status
+
+    counted, uncounted = {"round": 1, "counted": 1}, {"round": 2, "counted": 0}
+    assert final_status([counted, {**counted, "round": 2}], 2, None) == "completed"
+    assert final_status([counted, uncounted], 2, None).startswith(
+        "completed with uncounted rounds: round(s) 2 of 2 had fewer than --min-nodes 2")
+    assert final_status([{**uncounted, "round": 1}, uncounted], 2, None).startswith(
+        "failed: NoRoundCounted: none of the 2 rounds counted")
+    assert final_status([counted], 2, "collapse") == "stopped early: collapse"
+
+
+def test_the_outcome_line_and_status_come_from_this_runs_summary(tmp_path):
+    from server.deploy import EXIT_FAILED, EXIT_UNCOUNTED_ROUNDS, run_outcome
+
+    (tmp_path / "summary.json").write_text('{"run_id": 7, "status": "completed with uncounted '
+                                           'rounds: round(s) 1 of 2 ..."}')
+    assert run_outcome(tmp_path, "7", "finished:completed") == (
+        EXIT_UNCOUNTED_ROUNDS, "run 7 completed with uncounted rounds: round(s) 1 of 2 ...")
+    # another run's summary says nothing of this one: the log's first error does
+    (tmp_path / "server.log").write_text("INFO :  starting\nTraceback (most recent call last):\n"
+                                         "server.sampling.NotEnoughNodes: 1 node(s) online\n")
+    code, line = run_outcome(tmp_path, "8", "finished:failed")
+    assert code == EXIT_FAILED and line.startswith(
+        "run 8 failed: server.sampling.NotEnoughNodes: 1 node(s) online (full log:")

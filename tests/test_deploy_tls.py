@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import secrets_on_disk
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -228,7 +229,15 @@ def test_tls_run_admits_registered_nodes_only(credentials, tmp_path):
         assert summary["queue_tls"] is True
         assert re.search(r"queue service listening on 127\.0\.0\.1:\d+ \(TLS\)",
                          (run / "server.log").read_text(errors="replace"))
-        assert rows[0]["global_hits"] > 0 and rows[0]["pushed_rows"] > 0
+        # round 1's pulls were answered (no miss) with no row yet; its pushes all arrived
+        assert rows[0]["global_misses"] == 0 and rows[0]["pushed_rows"] > 0
+        assert rows[0]["push_failures"] == 0
         assert summary["privacy"]["dp"] is False and summary["privacy"]["note"]
     finally:
         tree.stop()
+    # Neither the queue tokens nor a line of a private key reached a file of the run, a log,
+    # the clients' state or Flower's homes (the keys are read where they are).
+    # (Lines holding private bytes: the PKCS#8 key's second, the OpenSSH keys' last.)
+    keys = [credentials["key"].read_bytes().splitlines()[2],
+            *(credentials[f"node{i}"].read_bytes().splitlines()[-2] for i in range(3))]
+    assert secrets_on_disk(tmp_path, keys) == []

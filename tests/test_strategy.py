@@ -428,7 +428,7 @@ def test_two_nodes_with_one_client_id_are_reported(tmp_path, caplog):
     grid = FakeGrid({1: identified("a"), 2: identified("a"), 3: identified("b")})
     driver, _, _ = make_driver(tmp_path, grid, cfg=FedConfig(**{**SAMPLING, "rounds": 1}))
     driver.run(initial(), 1, 1)
-    assert "both report client id 'a'" in caplog.text
+    assert "node 2 reports client id 'a', as node 1 did before" in caplog.text
 
 
 def test_collapse_rule():
