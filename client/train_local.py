@@ -22,7 +22,7 @@ from rich.table import Table
 from client.negatives import LocalQueue
 from client.trainer import ContrastiveTrainer, cosine_lr
 from common import model as run_model
-from common.checkpoint import load_encoder, read_checkpoint, save_encoder
+from common.checkpoint import encoder_from_spec, load_encoder, read_checkpoint, save_encoder
 from common.config import (
     FedConfig,
     TrainConfig,
@@ -31,7 +31,7 @@ from common.config import (
     resolve_device,
 )
 from common.datasets import Dataset, load_dataset
-from common.encoders import ContrastiveModel, build_encoder
+from common.encoders import ContrastiveModel
 from common.errors import UsageError
 from common.evaluation import evaluate_encoder, raw_pixel_knn
 from common.plugins import make_views
@@ -158,11 +158,8 @@ def evaluate_run(run: Path, dataset: str | None = None, *, seed: int | None = No
         raise UsageError(f"the encoder takes {model.in_channels}-channel items, {dataset} has "
                          f"{data.in_channels}")
     torch.manual_seed(cfg.seed)  # the run's own initialisation, for a like-for-like baseline
-    spec = read_checkpoint(run)["spec"]  # the trained encoder's own architecture
-    random_init = build_encoder(spec["encoder"], in_channels=model.in_channels,
-                                embedding_dim=model.embedding_dim, norm=spec["norm"],
-                                width=spec["width"],
-                                weight_standardization=spec.get("weight_standardization", False))
+    # the trained encoder's own architecture, initialised as the run was
+    random_init = encoder_from_spec(read_checkpoint(run)["spec"])
     kw = dict(device=torch_device, views=make_views(cfg), seed=seed, linear_probe=True)
     return {"dataset": data.name, "trained": evaluate_encoder(model, data, **kw),
             "random_init": evaluate_encoder(random_init, data, **kw),

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from common.encoders import ContrastiveModel, build_encoder
+from common.encoders import ContrastiveModel, build_encoder, with_head_norm
 
 FORMAT = "fedcontrast-encoder/1"
 #: State-dict keys of BYOL's predictor (see :class:`common.encoders.ContrastiveModel`).
@@ -63,6 +63,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def encoder_from_spec(spec: dict[str, Any]) -> ContrastiveModel:
+    """A freshly initialised encoder of the architecture ``spec`` records."""
+    model = build_encoder(
+        spec["encoder"], in_channels=spec["in_channels"], embedding_dim=spec["embedding_dim"],
+        norm=spec["norm"], width=spec["width"],
+        # checkpoints written before the setting existed had plain convolutions
+        weight_standardization=spec.get("weight_standardization", False),
+    )
+    if spec.get("head_norm"):  # a BYOL run's projection head (common.model)
+        with_head_norm(model, spec["head_norm"])
+    return model
+
+
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> ContrastiveModel:
     """Rebuild a trained encoder from a checkpoint file or a run directory (``encoder.pt``).
 
@@ -70,13 +83,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Contra
     continues from); the encoder returned is backbone and head only, without it.
     """
     payload = read_checkpoint(path)
-    spec = payload["spec"]
-    model = build_encoder(
-        spec["encoder"], in_channels=spec["in_channels"], embedding_dim=spec["embedding_dim"],
-        norm=spec["norm"], width=spec["width"],
-        # checkpoints written before the setting existed had plain convolutions
-        weight_standardization=spec.get("weight_standardization", False),
-    )
+    model = encoder_from_spec(payload["spec"])
     model.load_state_dict({k: v for k, v in payload["state_dict"].items()
                            if not k.startswith(PREDICTOR_PREFIX)})
     return model.to(device).eval()

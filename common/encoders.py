@@ -386,6 +386,26 @@ def with_projection_head(backbone: nn.Module, embedding_dim: int) -> Contrastive
     return ContrastiveModel(backbone, head)
 
 
+def with_head_norm(model: ContrastiveModel, norm: str) -> ContrastiveModel:
+    """``model`` with a new projection head of the same sizes whose hidden layer is
+    normalised by ``norm`` (see :class:`ProjectionHead`); the head is initialised afresh.
+
+    BYOL needs it: without batch statistics in its projector and predictor the
+    projection collapses to a constant (Grill et al. 2020 use BatchNorm there; measured
+    here on digits in docs/experiments.md).
+
+    Raises:
+        ValueError: the model's head is not a :class:`ProjectionHead` (a plug-in's own).
+    """
+    head = model.head
+    if not isinstance(head, ProjectionHead):
+        raise ValueError(f"a head norm needs the built-in ProjectionHead, this encoder has a "
+                         f"{type(head).__name__}")
+    first = head.net[0]
+    model.head = ProjectionHead(first.in_features, first.out_features, head.out_dim, norm=norm)
+    return model
+
+
 def cnn(
     in_channels: int, *, embedding_dim: int = 128, norm: str = "group", width: int | None = None
 ) -> ContrastiveModel:

@@ -16,13 +16,25 @@ import torch
 
 from common.checkpoint import encoder_spec
 from common.config import FedConfig, TrainConfig
-from common.encoders import ContrastiveModel, ProjectionHead, build_encoder
+from common.encoders import ContrastiveModel, ProjectionHead, build_encoder, with_head_norm
+
+#: BYOL's projector and predictor normalise their hidden layer by the batch, as in Grill et
+#: al. 2020: with no normalisation or GroupNorm there, BYOL's projection collapsed on digits
+#: (docs/experiments.md). BYOL refuses --dp, so batch statistics are allowed.
+BYOL_HEAD_NORM = "batch"
 
 
 def model_spec(cfg: TrainConfig, in_channels: int) -> dict[str, Any]:
     """The checkpoint spec (:func:`common.checkpoint.encoder_spec`) of the run's encoder."""
-    return encoder_spec(cfg.encoder, in_channels, cfg.embedding_dim, cfg.norm, cfg.width,
+    spec = encoder_spec(cfg.encoder, in_channels, cfg.embedding_dim, cfg.norm, cfg.width,
                         cfg.weight_standardization)
+    if _byol(cfg):
+        spec["head_norm"] = BYOL_HEAD_NORM
+    return spec
+
+
+def _byol(cfg: TrainConfig) -> bool:
+    return isinstance(cfg, FedConfig) and cfg.objective == "byol"
 
 
 def build_model(cfg: TrainConfig, in_channels: int,
@@ -36,7 +48,9 @@ def build_model(cfg: TrainConfig, in_channels: int,
 
     With ``--objective byol`` the model also has BYOL's predictor (Grill et al. 2020), an
     MLP D -> F -> D on the projection (the paper's 256 -> 4096 -> 256, scaled to the
-    encoder), built after the encoder so the encoder's initialisation is the same.
+    encoder), built after the encoder so the encoder's initialisation is the same; its
+    projector and predictor normalise their hidden layer by BatchNorm, as the paper's do
+    (:data:`BYOL_HEAD_NORM`: without it the projection collapses, docs/experiments.md).
 
     Raises:
         ValueError: ``state`` does not fit the encoder the config asks for.
@@ -46,8 +60,10 @@ def build_model(cfg: TrainConfig, in_channels: int,
     model = build_encoder(cfg.encoder, in_channels=in_channels, embedding_dim=cfg.embedding_dim,
                           norm=cfg.norm, width=cfg.width,
                           weight_standardization=cfg.weight_standardization)
-    if isinstance(cfg, FedConfig) and cfg.objective == "byol":
-        model.predictor = ProjectionHead(model.embedding_dim, model.feature_dim, model.embedding_dim)
+    if _byol(cfg):
+        with_head_norm(model, BYOL_HEAD_NORM)
+        model.predictor = ProjectionHead(model.embedding_dim, model.feature_dim, model.embedding_dim,
+                                         norm=BYOL_HEAD_NORM)
     if state is not None:
         try:
             model.load_state_dict(state)

@@ -90,12 +90,16 @@ def test_fedema_autoscales_lambda_so_the_first_comparison_gives_mu_tau():
     assert first.target is None and first.online["predictor.w"].equal(GLOBAL["predictor.w"])
 
 
-def test_a_byol_model_adds_a_predictor_and_leaves_the_encoder_as_the_default_builds_it():
+def test_a_byol_model_keeps_the_default_backbone_and_adds_batch_normalised_heads():
     default = build_model(FedConfig(width=4, embedding_dim=8), 1).state_dict()
     byol = build_model(byol_cfg(), 1).state_dict()
-    assert all(torch.equal(default[k], byol[k]) for k in default)
-    assert sorted(set(byol) - set(default)) == [
-        "predictor.net.0.bias", "predictor.net.0.weight", "predictor.net.3.bias", "predictor.net.3.weight"]
+    backbone = [k for k in default if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(default[k], byol[k]) for k in backbone)
+    bn = ["bias", "num_batches_tracked", "running_mean", "running_var", "weight"]
+    assert sorted(set(byol) - set(default)) == sorted(
+        [f"head.net.1.{p}" for p in bn]
+        + [f"predictor.net.{i}.{p}" for i in (0, 3) for p in ("bias", "weight")]
+        + [f"predictor.net.1.{p}" for p in bn])
 
 
 def test_a_checkpoint_with_a_predictor_loads_as_the_encoder(tmp_path):
