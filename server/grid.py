@@ -1,10 +1,11 @@
 """The ServerApp's grid, with replies collected as they arrive.
 
-Flower's grid (``HttpGrid.send_and_receive``) pulls replies every 3 s, so a round
-waits 1.5 s on average, and up to 3 s, after its last reply; on a 10-client round of
-a few seconds that is a third of its time. :class:`PromptGrid` wraps the grid and
-pulls after 50 ms, then at intervals growing by half up to 0.5 s: a few dozen cheap
-pulls a minute. Everything else is the wrapped grid's.
+Flower's grid for a deployment (``HttpGrid.send_and_receive``, the one ``fedcontrast
+server`` runs the ServerApp with) pulls replies every 3 s, so a round waits 1.5 s on
+average, and up to 3 s, after its last reply. :class:`PromptGrid` wraps the grid and
+pulls every :data:`PULL_INTERVAL_S`, the interval of Flower's in-memory grid, which
+the simulation engine gives the ServerApp (so ``simulate`` waits as before). Everything
+else is the wrapped grid's.
 
 Replies come back in arrival order, as Flower's do; the round driver screens them
 into digest order (:meth:`server.rounds.RoundDriver.screen`), so how often replies
@@ -20,13 +21,12 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-#: Seconds before the first pull, and the most between two.
-FIRST_PULL_S = 0.05
-MAX_PULL_INTERVAL_S = 0.5
+#: Seconds between two pulls: Flower's in-memory grid's interval, ten cheap calls a second.
+PULL_INTERVAL_S = 0.1
 
 
 class PromptGrid:
-    """``grid`` with :meth:`send_and_receive` pulling early and often (see module doc)."""
+    """``grid`` with :meth:`send_and_receive` pulling every :data:`PULL_INTERVAL_S`."""
 
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
@@ -40,14 +40,13 @@ class PromptGrid:
         have passed (``None``: no limit)."""
         waiting = set(self._grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
-        interval = FIRST_PULL_S
         replies: list[Message] = []
         while waiting:
-            pause = interval if deadline is None else min(interval, deadline - time.monotonic())
+            pause = PULL_INTERVAL_S if deadline is None else min(PULL_INTERVAL_S,
+                                                                 deadline - time.monotonic())
             if pause <= 0:
                 break
             time.sleep(pause)
-            interval = min(MAX_PULL_INTERVAL_S, interval * 1.5)
             pulled = list(self._grid.pull_messages(waiting))
             replies.extend(pulled)
             waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
