@@ -19,11 +19,13 @@ so nothing but the harness differs. The breakdown puts the difference where it g
   (run config, node settings, state directory, the node's data, records to tensors
   and back), timed here in process, per message and per round (over the engine's
   parallel actors);
-- waiting: the rest of a simulated round beyond its compute and the set-up: message
-  transport, Ray scheduling, clients waiting on each other, and the ServerApp's reply
-  polling (Flower's grid pulls replies every 3 s). Its compute is the in-process
-  round, or with ``--threads 1`` (one thread, as an actor with one CPU trains) the
-  in-process training spread over the actors plus aggregation and evaluation.
+- stragglers (with ``--threads 1``, one thread, as an actor with one CPU trains): the
+  in-process clients' rounds taken in order by as many workers as the engine has
+  actors, against their training spread evenly over them;
+- waiting: the rest of a simulated round beyond its compute, stragglers and set-up:
+  message transport, Ray scheduling, the ServerApp's reply polling. Its compute is
+  the in-process round, or with ``--threads 1`` the in-process training spread over
+  the actors plus aggregation and evaluation.
 
     python -m bench.sim_overhead_bench [--clients 10] [--rounds 3] [--local-epochs 2]
         [--dataset digits] [--repeats 2]
@@ -83,8 +85,18 @@ def fedavg(replies: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torc
             for k in replies[0][0]}
 
 
-def run_in_process(cfg: FedConfig, clients: int, home: Path) -> dict[str, float]:
-    """The federation's rounds in this process; seconds spent in each part."""
+def makespan(seconds: list[float], workers: int) -> float:
+    """When the last of ``seconds`` finishes, each job taken in order by the first free
+    of ``workers`` (as the engine's actor pool takes messages)."""
+    free = [0.0] * workers
+    for s in seconds:
+        free[free.index(min(free))] += s
+    return max(free)
+
+
+def run_in_process(cfg: FedConfig, clients: int, home: Path, actors: int) -> dict[str, float]:
+    """The federation's rounds in this process; seconds spent in each part, and the
+    median round's training as ``actors`` parallel workers would finish it."""
     t = time.perf_counter()
     data = load_dataset(cfg.dataset, seed=cfg.seed)
     xs = [local_images(cfg, node(i, clients, home)) for i in range(clients)]
@@ -92,17 +104,21 @@ def run_in_process(cfg: FedConfig, clients: int, home: Path) -> dict[str, float]
     arrays = {**model.state_dict(), **optim_state.initial_arrays(model, cfg)}
     parts = {"data": time.perf_counter() - t, "train": 0.0, "aggregate": 0.0, "evaluate": 0.0}
     lr_at = cosine_lr(cfg.lr, cfg.rounds)
-    rounds = []
+    rounds, makespans = [], []
     for rnd in range(1, cfg.rounds + 1):
         start = time.perf_counter()
         weights, opt = optim_state.split(arrays)
         replies = []
+        client_s = []
         for i, x in enumerate(xs):
+            client_start = time.perf_counter()
             state = StateDir(home, f"partition-{i}").load()
             new, metrics = train_round(cfg, x, weights, lr=lr_at(rnd - 1), queue_address="127.0.0.1:1",
                                        queue_token="", queue_version=rnd, seed=state.seed(cfg.seed, rnd),
                                        optimizer_state=opt or None)
             replies.append((new, int(metrics["num-examples"])))
+            client_s.append(time.perf_counter() - client_start)
+        makespans.append(makespan(client_s, actors))
         t = time.perf_counter()
         parts["train"] += t - start
         arrays = fedavg(replies)
@@ -114,6 +130,7 @@ def run_in_process(cfg: FedConfig, clients: int, home: Path) -> dict[str, float]
             parts["evaluate"] += time.perf_counter() - t
         rounds.append(time.perf_counter() - start)
     parts["round_s"] = statistics.median(rounds)
+    parts["makespan"] = statistics.median(makespans)
     parts["wall"] = parts["data"] + sum(rounds)
     return parts
 
@@ -179,6 +196,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
     cfg = workload(args)
+    actors = min(args.clients, os.cpu_count() or 1)
     inproc, sims, setups, loads = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="sim-overhead-") as tmp:
         for rep in range(args.repeats):
@@ -186,11 +204,10 @@ def main() -> None:
             sims.append(run_simulated(cfg, args.clients, Path(tmp) / f"sim-{rep}"))
             print("simulate", sims[-1], flush=True)
             loads.append(os.getloadavg()[0])
-            inproc.append(run_in_process(cfg, args.clients, Path(tmp) / f"home-{rep}"))
+            inproc.append(run_in_process(cfg, args.clients, Path(tmp) / f"home-{rep}", actors))
             print("in-process", inproc[-1], flush=True)
             setups.append(message_setup(cfg, args.clients, Path(tmp) / f"setup-{rep}"))
     med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
-    actors = min(args.clients, os.cpu_count() or 1)
     setup = {k: med(setups, k) for k in setups[0]}
     setup_round = sum(setup.values()) * args.clients / actors
     in_round, sim_round = med(inproc, "round_s"), med(sims, "round_s")
@@ -199,7 +216,9 @@ def main() -> None:
     # as an actor with one CPU does), and its serial aggregation and evaluation.
     train_round_s = med(inproc, "train") / args.rounds
     serial_s = (med(inproc, "aggregate") + med(inproc, "evaluate")) / args.rounds
-    ideal = train_round_s / actors + serial_s if torch.get_num_threads() == 1 else None
+    one_thread = torch.get_num_threads() == 1
+    ideal = train_round_s / actors + serial_s if one_thread else None
+    stragglers = med(inproc, "makespan") - train_round_s / actors if one_thread else None
     rows = [
         ["whole run (wall)", f"{med(inproc, 'wall'):.1f}", f"{med(sims, 'wall'):.1f}",
          f"{med(sims, 'wall') / med(inproc, 'wall'):.2f}"],
@@ -215,8 +234,10 @@ def main() -> None:
          f"{setup_round:.2f}", ""],
         ["  compute: training over the actors, aggregation, evaluation (one-thread arm only)", "",
          "-" if ideal is None else f"{ideal:.2f}", ""],
-        ["  waiting (transport, scheduling, stragglers, reply polling)", "",
-         f"{sim_round - (in_round if ideal is None else ideal) - setup_round:.2f}", ""],
+        ["  stragglers: the clients' uneven rounds on the actors (one-thread arm only)", "",
+         "-" if stragglers is None else f"{stragglers:.2f}", ""],
+        ["  waiting (transport, scheduling, reply polling)", "",
+         f"{sim_round - (in_round if ideal is None else ideal + stragglers) - setup_round:.2f}", ""],
     ]
     write_result(
         args.name, ["part", "in-process s", "simulate s", "ratio"], rows,
