@@ -49,7 +49,7 @@ from common.plugins import make_views
 from common.runtime.flower_env import route_logs_to_flower
 from common.runtime.rundir import RunDir
 from server.aggregation import build_strategy
-from server.grid import PromptGrid
+from server.grid import prompt_grid
 from server.queue import NegativeQueue
 from server.rounds import PLOTTED, RoundDriver, dropped_totals
 from server.sampling import NodeTokens
@@ -234,7 +234,7 @@ def main(grid: Grid, context: Context) -> None:
     tokens = NodeTokens(server.add_token, first_slot=first_slot, client_slots=client_slots)
     model.tokens = tokens
     driver = RoundDriver(
-        PromptGrid(grid), build_strategy(cfg), cfg, queue=queue, tokens=tokens, queue_address=server.address,
+        prompt_grid(grid), build_strategy(cfg), cfg, queue=queue, tokens=tokens, queue_address=server.address,
         queue_tls=_service["tls"], run_dir=run_dir, save_checkpoint=model.save, evaluate=model.evaluate,
     )
     logger.info("run %d: rounds %d..%d, queue at %s (%s), run directory %s",

@@ -2,10 +2,11 @@
 
 Flower's grid for a deployment (``HttpGrid.send_and_receive``, the one ``fedcontrast
 server`` runs the ServerApp with) pulls replies every 3 s, so a round waits 1.5 s on
-average, and up to 3 s, after its last reply. :class:`PromptGrid` wraps the grid and
-pulls every :data:`PULL_INTERVAL_S`, the interval of Flower's in-memory grid, which
-the simulation engine gives the ServerApp (so ``simulate`` waits as before). Everything
-else is the wrapped grid's.
+average, and up to 3 s, after its last reply. :func:`prompt_grid` wraps that grid in
+:class:`PromptGrid`, which pulls every :data:`PULL_INTERVAL_S`, the interval of
+Flower's in-memory grid; the in-memory grid the simulation engine gives the ServerApp,
+and any other, is used as it is. Everything but ``send_and_receive`` is the wrapped
+grid's.
 
 Replies come back in arrival order, as Flower's do; the round driver screens them
 into digest order (:meth:`server.rounds.RoundDriver.screen`), so how often replies
@@ -20,6 +21,7 @@ from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+from flwr.superlink.grid import HttpGrid
 
 #: Seconds between two pulls: Flower's in-memory grid's interval, ten cheap calls a second.
 PULL_INTERVAL_S = 0.1
@@ -51,3 +53,9 @@ class PromptGrid:
             replies.extend(pulled)
             waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
         return replies
+
+
+def prompt_grid(grid: Grid) -> Grid | PromptGrid:
+    """``grid`` in a :class:`PromptGrid` when it is Flower's deployment grid, which pulls
+    every 3 s; any other grid as it is."""
+    return PromptGrid(grid) if isinstance(grid, HttpGrid) else grid

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
-from server.grid import PromptGrid
+from server.grid import PromptGrid, prompt_grid
 
 
 class SlowNodes:
@@ -48,3 +48,8 @@ def test_the_timeout_returns_the_replies_in_so_far() -> None:
 
 def test_everything_else_is_the_wrapped_grid() -> None:
     assert PromptGrid(SlowNodes([])).get_node_ids() == [1, 2]
+
+
+def test_only_the_deployment_grid_is_wrapped() -> None:
+    grid = SlowNodes([])
+    assert prompt_grid(grid) is grid  # the engine's in-memory grid already pulls every 0.1 s
