@@ -56,6 +56,7 @@ from common.plugins import make_views
 from common.runtime.flower_env import route_logs_to_flower
 from common.runtime.rundir import RunDir
 from server.aggregation import build_strategy
+from server.grid import prompt_grid
 from server.queue import NegativeQueue
 from server.rounds import PLOTTED, RoundDriver, dropped_totals
 from server.sampling import NodeTokens
@@ -291,7 +292,7 @@ def main(grid: Grid, context: Context) -> None:
     tokens = NodeTokens(server.add_token, first_slot=first_slot, client_slots=client_slots)
     model.tokens = tokens
     driver = RoundDriver(
-        grid, build_strategy(cfg), cfg, queue=queue, tokens=tokens, queue_address=server.address,
+        prompt_grid(grid), build_strategy(cfg), cfg, queue=queue, tokens=tokens, queue_address=server.address,
         queue_tls=_service["tls"], run_dir=run_dir, save_checkpoint=model.save, evaluate=model.evaluate,
         pushed_by_slot=model.pushed_by_slot,
     )
