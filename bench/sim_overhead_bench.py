@@ -61,7 +61,8 @@ from common.evaluation import evaluate_encoder
 from common.model import build_model
 from common.plugins import make_views
 from common.schedule import cosine_lr
-from simulations.compare import SIMCLR
+from simulations.in_process import fedavg
+from simulations.methods import SIMCLR
 from simulations.simulate import Simulation, simulate
 
 
@@ -76,13 +77,6 @@ def workload(args: argparse.Namespace) -> FedConfig:
 def node(pid: int, clients: int, home: Path) -> NodeSettings:
     return NodeSettings(client_id=f"partition-{pid}", state_dir=home, partition_id=pid,
                         num_partitions=clients)
-
-
-def fedavg(replies: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
-    """Weighted mean of every array by the reply's example count."""
-    total = sum(n for _, n in replies)
-    return {k: sum(s[k].double() * (n / total) for s, n in replies).to(replies[0][0][k].dtype)
-            for k in replies[0][0]}
 
 
 def makespan(seconds: list[float], workers: int) -> float:

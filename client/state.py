@@ -94,12 +94,16 @@ class ClientState:
         ``base_seed``: distinct per client and round, and the same when a run is repeated,
         whatever the client trained in between (so a node's second run of one
         configuration repeats its first)."""
-        return (base_seed * 1_000_003 + zlib.crc32(self.client_id.encode()) * 7919
-                + server_round) % 2**63
+        return round_seed(base_seed, self.client_id, server_round)
 
     def record_round(self, run_id: int, server_round: int) -> None:
         self.rounds_trained += 1
         self.runs[str(run_id)] = server_round
+
+
+def round_seed(base_seed: int, client_id: str, server_round: int) -> int:
+    """Seed of client ``client_id``'s random stream in ``server_round`` (:meth:`StateDir.seed`)."""
+    return (base_seed * 1_000_003 + zlib.crc32(client_id.encode()) * 7919 + server_round) % 2**63
 
 
 class StateDir:

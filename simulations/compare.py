@@ -82,6 +82,7 @@ from common.runtime.rundir import RunDir
 from common.schedule import cosine_lr
 from server.deploy import EXIT_UNCOUNTED_ROUNDS
 from simulations.commands import METHODS
+from simulations.methods import FEDERATED, method_config
 from simulations.reuse import (
     data_digest,
     refuse_other_settings,
@@ -93,14 +94,6 @@ from simulations.simulate import Simulation, resolve, simulate
 
 logger = logging.getLogger(__name__)
 
-FEDERATED = ("fedavg", "fedmoco", "fedcontrast", "fedbyol", "fedu", "fedema")
-#: The BYOL-based methods, each a value of --byol-update.
-BYOL_METHODS = ("fedbyol", "fedu", "fedema")
-#: SimCLR: one network for both views, in-batch negatives, no queue (fedavg, local and both
-#: centralized methods);
-#: so no queue rows to weigh by age either.
-SIMCLR = {"global_negatives": 0, "push_fraction": 0.0, "in_batch": True, "key_mode": "shared",
-          "queue_size": 0, "staleness_gamma": 1.0}
 #: The table's columns: (result key, header).
 COLUMNS = (("linear_probe_backbone", "linear probe"), ("knn_backbone", "kNN"),
            ("retrieval_head", "retrieval"), ("alignment_head", "alignment"),
@@ -132,19 +125,6 @@ def paired_differences(results: dict[str, list[dict[str, Any]]]) -> dict[str, An
             methods[method][key] = {"per_seed": diffs, "mean": statistics.fmean(diffs),
                                     "seeds_above": sum(d > 0 for d in diffs)}
     return {"reference": reference, "methods": methods}
-
-
-def method_config(method: str, base: FedConfig) -> FedConfig:
-    """The settings of ``method``, derived from the FedContrast settings ``base``."""
-    if method == "fedcontrast":
-        return base
-    if method == "fedmoco":
-        return replace(base, pull_scope="own")
-    if method in ("fedavg", "local", "centralized", "centralized-skewed"):
-        return replace(base, **SIMCLR)
-    if method in BYOL_METHODS:  # SIMCLR's settings turn the queue off, as BYOL needs
-        return replace(base, **SIMCLR, objective="byol", byol_update=method)
-    raise UsageError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
 
 
 def examples_per_round(cfg: FedConfig, n_examples: int, share: float) -> float:
