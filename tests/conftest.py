@@ -12,8 +12,11 @@ import torch
 #: the URL-safe alphabet), standing alone. Random, so it mixes digits and both cases; asking
 #: for all three keeps long identifiers in copied source files out (one token in ~1,500 has
 #: no digit and goes unseen).
+#: Or one of Flower's own process tokens (``flwr-serverapp --token``, ``flwr-simulation
+#: --token``): a long run of hex digits, longer than any digest a run records (SHA-256: 64).
 TOKEN_SHAPE = re.compile(rb"(?<![A-Za-z0-9_-])(?=[A-Za-z0-9_-]*[0-9])(?=[A-Za-z0-9_-]*[A-Z])"
-                         rb"(?=[A-Za-z0-9_-]*[a-z])[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")
+                         rb"(?=[A-Za-z0-9_-]*[a-z])[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])"
+                         rb"|(?<![0-9a-f])[0-9a-f]{96,}(?![0-9a-f])")
 
 
 def secrets_on_disk(root: Path, secrets: list[bytes] = ()) -> list[str]:
