@@ -44,7 +44,8 @@ from common.evaluation import evaluate_encoder
 from common.model import build_model
 from common.plugins import make_views
 from common.schedule import cosine_lr
-from simulations.compare import SIMCLR, client_batches, examples_per_round, round_batches
+from simulations.compare import client_batches, examples_per_round, round_batches
+from simulations.methods import SIMCLR
 
 ARMS = ("skewed", "skewed + detached", "skewed + head gradient", "skewed + full gradient", "mixed")
 METRICS = (("linear_probe_backbone", "linear probe"), ("knn_backbone", "kNN"),

@@ -44,7 +44,8 @@ from bench.compare_bench import bench_config, write_slice
 from common.config import FedConfig
 from common.datasets import DatasetError, load_dataset
 from common.errors import UsageError
-from simulations.compare import method_config, run_federated
+from simulations.compare import run_federated
+from simulations.methods import method_config
 from simulations.simulate import Simulation
 
 #: name -> (family, settings over plain fedcontrast). One family's options exclude each other.

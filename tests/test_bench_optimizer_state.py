@@ -8,7 +8,7 @@ import pytest
 
 from bench.optimizer_state_bench import STATES, paired, spread
 from common.config import FedConfig
-from simulations.compare import method_config
+from simulations.methods import method_config
 
 
 @pytest.mark.parametrize("method", ["fedavg", "fedmoco", "fedcontrast"])

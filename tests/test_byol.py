@@ -151,7 +151,7 @@ def test_a_round_trains_from_the_kept_model_and_keeps_its_state_for_one_run(tmp_
 
 
 def test_compare_runs_each_byol_method_as_its_byol_update_without_the_queue():
-    from simulations.compare import method_config
+    from simulations.methods import method_config
 
     base = FedConfig(global_negatives=128, key_mode="ema", in_batch=False, push_fraction=0.3)
     for method in ("fedbyol", "fedu", "fedema"):
