@@ -22,3 +22,20 @@ def test_versions_json_holds_no_token_of_the_command_line(tmp_path, monkeypatch)
     text = (tmp_path / "versions.json").read_text()
     assert "0123456789abcdef" not in text
     assert json.loads(text)["command"] == ["flwr-serverapp", "--token", REDACTED]
+
+
+
+def test_curves_draw_the_random_init_level_on_each_metric_that_has_one(tmp_path, monkeypatch) -> None:
+    import matplotlib.pyplot as plt
+
+    run = RunDir(tmp_path)
+    for rnd, knn in ((1, 0.90), (2, 0.95)):
+        run.append_metrics({"round": rnd, "knn_backbone": knn, "train_loss": 1.0 / rnd})
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read it
+    path = run.plot("round", ("knn_backbone", "train_loss"), random_init={"knn_backbone": 0.93})
+    assert path is not None and path.stat().st_size > 0
+    levels = {ax.get_title(): [(line.get_ydata()[0], line.get_linestyle()) for line in ax.lines
+                               if line.get_label() == "random init"]
+              for ax in figures[0].axes}
+    assert levels == {"knn_backbone": [(0.93, "--")], "train_loss": []}  # loss has no such level
