@@ -93,10 +93,12 @@ def train_local(cfg: TrainConfig, out: Path, *, quiet: bool = False,
             logger.info("epoch %d/%d %s", epoch, cfg.epochs, info)
     if cfg.epochs == 0:
         save_encoder(model, spec, run.file("encoder.pt"), epoch=0)
+    logger.info("measuring the trained encoder beside its random init on held-out %s",
+                data.name)
     summary = _summary(cfg, data, device, start, trained=evaluate(model, final=True),
                        random_init=evaluate(random_init, final=True))
     run.write_json("summary.json", summary)
-    run.plot("epoch", PLOTTED, title=f"train-local on {data.name}")
+    run.plot("epoch", PLOTTED, title=f"train-local on {data.name}", random_init=summary["random_init"])
     return summary
 
 
@@ -116,14 +118,27 @@ def _summary(cfg: TrainConfig, data: Dataset, device: torch.device, start: float
     }
 
 
+#: The figures a user reads first: what the downstream features and the objective gained.
+HEADLINE = ("knn_backbone", "linear_probe_backbone", "retrieval_head", "uniformity_head")
+#: How to read the table, one line under it (the random init is the same architecture
+#: before training, measured on the same held-out data).
+HOW_TO_READ = "change = trained - random init: > 0 is better (< 0 for alignment, uniformity)"
+
+
 def summary_table(summary: dict[str, Any]) -> Table:
-    table = Table(title=f"held-out {summary['dataset']}: trained vs random-init encoder")
+    """What training changed: trained, random init and their difference, headline first."""
+    table = Table(title=f"held-out {summary['dataset']}: what training changed",
+                  caption=HOW_TO_READ, min_width=len(HOW_TO_READ) + 2)
     table.add_column("metric")
     table.add_column("trained", justify="right")
     table.add_column("random init", justify="right")
-    for key, value in summary["trained"].items():
-        table.add_row(key, f"{value:.4f}", f"{summary['random_init'][key]:.4f}")
-    table.add_row("knn_raw_pixels", f"{summary['raw_pixel_knn']:.4f}", "")
+    table.add_column("change", justify="right")
+    trained, initial = summary["trained"], summary["random_init"]
+    keys = [k for k in HEADLINE if k in trained] + [k for k in trained if k not in HEADLINE]
+    for key in keys:
+        table.add_row(key, f"{trained[key]:.4f}", f"{initial[key]:.4f}",
+                      f"{trained[key] - initial[key]:+.4f}")
+    table.add_row("knn_raw_pixels", f"{summary['raw_pixel_knn']:.4f}", "", "")
     return table
 
 

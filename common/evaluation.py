@@ -15,6 +15,7 @@ seed so that a trained and a random-init encoder are compared on the very same p
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 import torch
@@ -32,6 +33,8 @@ from common.metrics import (
     uniformity,
 )
 from common.plugins import ViewFn
+
+logger = logging.getLogger(__name__)
 
 LAYERS = ("backbone", "head")
 
@@ -72,6 +75,10 @@ def evaluate_encoder(
     function (:func:`common.plugins.make_views`).
     """
     v1, v2 = paired_views(data.x_test, views, seed)
+    layers = tuple(layers)
+    logger.info("evaluating the %s on %d held-out items (%d view pairs, a kNN bank of %d "
+                "training items)", " and ".join(layers), len(data.x_test), len(v1),
+                len(data.x_train))
     out: dict[str, float] = {}
     for layer in layers:
         fn = _layer_fn(model, layer)
@@ -83,6 +90,8 @@ def evaluate_encoder(
         train_f, test_f = run(data.x_train), run(data.x_test)
         out[f"knn_{layer}"] = knn_accuracy(train_f, data.y_train, test_f, data.y_test, k=knn_k)
         if linear_probe:
+            logger.info("linear probe on the %s: fitting %d features of %d training items, "
+                        "testing on %d", layer, train_f.shape[1], len(train_f), len(test_f))
             out[f"linear_probe_{layer}"] = linear_probe_accuracy(
                 train_f, data.y_train, test_f, data.y_test, seed=seed
             )

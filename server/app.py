@@ -19,22 +19,24 @@ Run directory (see :mod:`common.runtime.rundir`)::
     encoder.pt   (every round; common.checkpoint format with "round", "next_slot",
                   "client_slots" and "optimizer_state")
     queue.pt     (NegativeQueue.snapshot, every round)
-    summary.json (status, rounds, final eval, queue, queue_tls, privacy, dropped_replies:
-                  replies refused by kind over the run (server.contract.REFUSAL_KINDS),
-                  and contributors: slot -> the client id it belongs to, null for a
+    summary.json (status, rounds, final_eval and random_init: the same figures of the
+                  initial encoder, measured before round 1; queue, queue_tls, privacy,
+                  dropped_replies: replies refused by kind over the run
+                  (server.contract.REFUSAL_KINDS), and contributors: slot -> the client id it belongs to, null for a
                   node that did not identify itself, and the rows it pushed in this run
                   and the runs it resumes)
+    curves.png   (each metric per round, the random-init level dashed)
 
 The final status (``summary.json`` ``status``, see docs/operations.md) is ``completed``,
 ``completed with uncounted rounds: ...`` when some round had fewer than ``min_nodes``
 valid replies, ``stopped early: ...``, or ``failed: ...``. A run in which no round
 counted has only the initial encoder: it is ``failed`` and the ServerApp raises
 :class:`NoRoundCounted`, so that Flower reports the run as failed too.
-    curves.png
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -198,6 +200,15 @@ class _Model:
         return evaluate_encoder(self.load(arrays).to(self.device), self.data, device=self.device,
                                 views=make_views(self.cfg), seed=self.cfg.seed)
 
+    def evaluate_random_init(self) -> dict[str, float]:
+        """The encoder as ``cfg.seed`` initialises it, measured as every round is: the level
+        training has to beat (``summary.json`` ``random_init``). Call it before a resume
+        loads trained weights."""
+        logger.info("measuring the random-init encoder before round 1, the level training "
+                    "has to beat")
+        return evaluate_encoder(copy.deepcopy(self.module).to(self.device), self.data,
+                                device=self.device, views=make_views(self.cfg), seed=self.cfg.seed)
+
 
 def _resume(source: Path, run_dir: RunDir, model: _Model,
             queue: NegativeQueue) -> tuple[int, int, dict[str, int]]:
@@ -245,8 +256,9 @@ def _resume(source: Path, run_dir: RunDir, model: _Model,
 
 
 def write_summary(summary: dict[str, Any], run_dir: RunDir, cfg: FedConfig, driver: RoundDriver,
-                  *, first_round: int, wall_time_s: float) -> None:
-    """``summary.json`` (``summary`` completed with the run's figures) and ``curves.png``."""
+                  *, first_round: int, wall_time_s: float, random_init: dict[str, float]) -> None:
+    """``summary.json`` (``summary`` completed with the run's figures, the random-init
+    encoder's beside the final ones) and ``curves.png``."""
     rows = run_dir.read_metrics()
     client_of = driver.tokens.client_of()
     slots = set(driver.tokens.slots.values()) | set(driver.pushed_by_slot)
@@ -258,6 +270,7 @@ def write_summary(summary: dict[str, Any], run_dir: RunDir, cfg: FedConfig, driv
         "dropped_replies": dropped_totals(rows),
         "wall_time_s": wall_time_s,
         "final_eval": driver.last_eval,
+        "random_init": random_init,
         "queue": driver.queue.stats(),
         "queue_tls": driver.queue_tls,
         "contributors": {str(slot): {"client_id": client_of.get(slot),
@@ -266,7 +279,7 @@ def write_summary(summary: dict[str, Any], run_dir: RunDir, cfg: FedConfig, driv
         "privacy": driver.privacy_summary(),
     })
     run_dir.write_json("summary.json", summary)
-    run_dir.plot("round", PLOTTED, title=f"FedContrast on {cfg.dataset}")
+    run_dir.plot("round", PLOTTED, title=f"FedContrast on {cfg.dataset}", random_init=random_init)
 
 
 @app.main()
@@ -287,6 +300,7 @@ def main(grid: Grid, context: Context) -> None:
     run_dir.write_config(cfg)
     run_dir.write_versions(run_id=context.run_id, resumed_from=str(resume) if resume else None)
     model = _Model(cfg, server_dataset(cfg), run_dir)
+    random_init = model.evaluate_random_init()
     last_done, first_slot, client_slots = (_resume(resume, run_dir, model, queue) if resume
                                            else (0, 0, {}))
     tokens = NodeTokens(server.add_token, first_slot=first_slot, client_slots=client_slots)
@@ -310,7 +324,7 @@ def main(grid: Grid, context: Context) -> None:
         raise
     finally:
         write_summary(summary, run_dir, cfg, driver, first_round=last_done + 1,
-                      wall_time_s=time.monotonic() - start)
+                      wall_time_s=time.monotonic() - start, random_init=random_init)
     logger.info("run %d %s: %s", context.run_id, summary["status"],
                 json.dumps({k: summary[k] for k in ("last_round", "counted_rounds", "final_eval")}))
     if summary["status"].startswith("failed: NoRoundCounted"):

@@ -225,8 +225,11 @@ def _simulate_once(cfg: FedConfig, sim: Simulation, out: Path, home: Path, env: 
         if not wait_for_port("127.0.0.1", port, timeout=60) or link.poll() is not None:
             raise UsageError(f"the simulation SuperLink did not start:\n{log_tail(out / 'superlink.log')}")
         write_superlink_config(home, CONNECTION, f"127.0.0.1:{port}")
-        logger.info("simulating %d clients (%d CPU, %.2g GPU each); Ray starts in ~10-40 s",
-                    sim.num_clients, sim.client_cpus, sim.client_gpus)
+        logger.info("starting Flower's simulation engine (Ray) for %d virtual clients (%d CPU, "
+                    "%.2g GPU each; %d train at once on %d cores): ~10-40 s before round 1 starts",
+                    sim.num_clients, sim.client_cpus, sim.client_gpus,
+                    min(sim.num_clients, max(1, (os.cpu_count() or 1) // sim.client_cpus)),
+                    os.cpu_count() or 1)
         return follow_run(tree, env, home, cfg, out, resume, timeout=timeout,
                           flwr_args=["--federation-config", sim.federation_config()])
 
@@ -263,6 +266,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     out = args.out or resume or Path("runs") / f"sim-{Path(cfg.dataset).stem}-{stamp}"
     status = simulate(cfg, sim, out, resume=resume, timeout=args.timeout)
     if status == 0:
+        logger.info("measuring the trained encoder beside its random init on held-out %s",
+                    cfg.dataset)
         summary = evaluate_run(out.expanduser().resolve(), seed=cfg.seed, device=cfg.device)
         Console().print(summary_table(summary))
     return status

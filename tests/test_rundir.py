@@ -31,3 +31,19 @@ def test_the_secret_scan_finds_a_flower_process_token_as_old_runs_recorded_it(tm
     (tmp_path / "versions.json").write_text(json.dumps(
         {"command": ["flwr-simulation", "--token", flower_token], "git_commit": "ab" * 20}))
     assert secrets_on_disk(tmp_path) == [f"versions.json: [{flower_token!r}]"]
+
+
+def test_curves_draw_the_random_init_level_on_each_metric_that_has_one(tmp_path, monkeypatch) -> None:
+    import matplotlib.pyplot as plt
+
+    run = RunDir(tmp_path)
+    for rnd, knn in ((1, 0.90), (2, 0.95)):
+        run.append_metrics({"round": rnd, "knn_backbone": knn, "train_loss": 1.0 / rnd})
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read it
+    path = run.plot("round", ("knn_backbone", "train_loss"), random_init={"knn_backbone": 0.93})
+    assert path is not None and path.stat().st_size > 0
+    levels = {ax.get_title(): [(line.get_ydata()[0], line.get_linestyle()) for line in ax.lines
+                               if line.get_label() == "random init"]
+              for ax in figures[0].axes}
+    assert levels == {"knn_backbone": [(0.93, "--")], "train_loss": []}  # loss has no such level

@@ -239,6 +239,11 @@ def test_compare_writes_the_table_then_a_federated_method_resumes(tmp_path):
     rc, log = _run([FEDCONTRAST, "simulate", "--resume", str(run), "--rounds", "3"], tmp_path, 240)
     assert rc == 0, log
     assert "round 3/3" in log and "retrieval_head" in log  # progress, then trained vs random init
+    assert "change" in log  # the end-of-run table: what training changed
+    summary = json.loads((run / "summary.json").read_text())
+    # the initial encoder, measured as the final one is: the level training has to beat
+    assert set(summary["random_init"]) == set(summary["final_eval"]) and summary["final_eval"]
+    assert summary["random_init"] != summary["final_eval"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["counted"], r["sampled"], r["replied"]) for r in rows][-1] == (3, 1, 2, 2)
     assert json.loads((run / "simulation.json").read_text())["num_clients"] == 3

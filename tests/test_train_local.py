@@ -170,3 +170,26 @@ def test_evaluate_a_saved_run_reports_probes_beside_random_init(tmp_path):
     assert on_other["trained"]["knn_backbone"] != figures["trained"]["knn_backbone"]
     r = fedcontrast("evaluate", str(tmp_path / "missing"))
     assert r.returncode == 2 and "no run directory" in r.stderr
+
+
+def test_the_end_of_run_table_leads_with_what_training_changed():
+    from rich.console import Console
+
+    from client.train_local import summary_table
+
+    trained = {"retrieval_head": 0.80, "alignment_head": 0.5, "knn_backbone": 0.97,
+               "linear_probe_backbone": 0.98, "uniformity_head": -3.5}
+    init = {"retrieval_head": 0.50, "alignment_head": 0.7, "knn_backbone": 0.93,
+            "linear_probe_backbone": 0.96, "uniformity_head": -2.5}
+    table = summary_table({"dataset": "digits", "trained": trained, "random_init": init,
+                           "raw_pixel_knn": 0.972})
+    columns = {c.header: list(c.cells) for c in table.columns}
+    assert list(columns) == ["metric", "trained", "random init", "change"]
+    assert columns["metric"][:4] == ["knn_backbone", "linear_probe_backbone", "retrieval_head",
+                                     "uniformity_head"]
+    assert columns["change"][:4] == ["+0.0400", "+0.0200", "+0.3000", "-1.0000"]
+    console = Console(width=80, record=True)
+    console.print(table)
+    assert any(line.strip().startswith("change = trained - random init: > 0 is better")
+               and line.strip().endswith(")")
+               for line in console.export_text().splitlines())  # how to read it, in one line

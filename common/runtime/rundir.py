@@ -147,8 +147,12 @@ class RunDir:
             self.append_metrics(r)
 
     def plot(self, x_key: str, metric_keys: Iterable[str], name: str = "curves.png",
-             title: str = "") -> Path | None:
-        """One panel per metric against ``x_key``; metrics absent from every row are skipped."""
+             title: str = "", random_init: Mapping[str, float] | None = None) -> Path | None:
+        """One panel per metric against ``x_key``; metrics absent from every row are skipped.
+
+        ``random_init`` holds the untrained encoder's figures: each panel with one draws it
+        as a dashed line labelled "random init", the level training has to beat.
+        """
         rows = self.read_metrics()
         keys = [k for k in metric_keys if any(_finite(r.get(k)) for r in rows)]
         if not rows or not keys:
@@ -164,6 +168,9 @@ class RunDir:
         for ax, key in zip(axes.flat, keys, strict=False):
             pts = [(r[x_key], r[key]) for r in rows if x_key in r and _finite(r.get(key))]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3)
+            if random_init is not None and _finite(random_init.get(key)):
+                ax.axhline(random_init[key], color="grey", linestyle="--", label="random init")
+                ax.legend(loc="best", fontsize="small")
             ax.set_title(key)
             ax.set_xlabel(x_key)
             ax.grid(alpha=0.3)
