@@ -86,6 +86,23 @@ def dropped_column(kind: str) -> str:
     return row_key(f"dropped-{kind}")
 
 
+def in_sent_dtypes(new: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
+    """``new`` with every array in the dtype of the same array in ``sent``.
+
+    A weighted mean turns an integer array (BatchNorm's ``num_batches_tracked``) into
+    float64, which the next round's reply check would refuse as another dtype; it is
+    rounded back. Arrays already in their dtype are left as they are, byte for byte.
+    """
+
+    got, want = new.to_torch_state_dict(), sent.to_torch_state_dict()
+    changed = {k: v for k, v in got.items() if k in want and v.dtype != want[k].dtype}
+    if not changed:
+        return new
+    for k, v in changed.items():
+        got[k] = (v.round() if not want[k].is_floating_point() else v).to(want[k].dtype)
+    return ArrayRecord(got)
+
+
 def dropped_totals(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
     """Replies refused over ``rows``, by kind (every kind of :data:`REFUSAL_KINDS`)."""
     return {kind: sum(int(r.get(dropped_column(kind)) or 0) for r in rows)
@@ -196,7 +213,7 @@ class RoundDriver:
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
         screened = self.screen(rnd, messages, replies, arrays)
         pushed = self._pushed_by_node(screened.valid, phase_pushed)
-        new_arrays, means = self.aggregate(rnd, screened.valid)
+        new_arrays, means = self.aggregate(rnd, screened.valid, arrays)
         counted = new_arrays is not None
         if counted:
             arrays = new_arrays
@@ -308,19 +325,21 @@ class RoundDriver:
         valid.sort(key=reply_digest)
         return Screened(valid, failed, dropped, missing, by_kind)
 
-    def aggregate(self, rnd: int, valid: list[Message]
+    def aggregate(self, rnd: int, valid: list[Message], sent: ArrayRecord
                   ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The strategy's new weights and metric means; ``(None, None)`` when the round
-        does not count (too few replies, or the strategy refused them)."""
+        """The strategy's new weights and metric means, each array in the dtype it was sent
+        in (``sent``); ``(None, None)`` when the round does not count (too few replies, or
+        the strategy refused them)."""
         if len(valid) < self.cfg.min_nodes:
             logger.warning("round %d: %d valid replies, fewer than --min-nodes %d: not counted",
                            rnd, len(valid), self.cfg.min_nodes)
             return None, None
         try:
-            return self.strategy.aggregate_train(rnd, valid)
+            new, means = self.strategy.aggregate_train(rnd, valid)
         except (InconsistentMessageReplies, AggregationError, ValueError) as exc:
             logger.error("round %d: aggregation failed, weights unchanged: %s", rnd, exc)
             return None, None
+        return (None if new is None else in_sent_dtypes(new, sent)), means
 
     @staticmethod
     def _pushed_by_node(valid: Sequence[Message],

@@ -669,3 +669,20 @@ def test_a_queue_that_overwrites_rows_is_counted_and_warned_of_under_reproducibl
     assert "QUEUE FULL" not in progress_line(rows[0], 2)
     warned = "round 2: the queue, full at 16 rows, overwrote 8 rows" in caplog.text
     assert warned == (pull_mode == "reproducible")
+
+
+def test_an_aggregated_integer_array_goes_back_to_its_dtype_and_floats_stay_as_they_are():
+    import torch
+    from flwr.app import ArrayRecord
+
+    from server.rounds import in_sent_dtypes
+
+    sent = ArrayRecord({"w": torch.ones(2), "bn.num_batches_tracked": torch.tensor(3)})
+    floats = ArrayRecord({"w": torch.full((2,), 0.5), "bn.num_batches_tracked": torch.tensor(3)})
+    assert in_sent_dtypes(floats, sent) is floats  # nothing to change: the same record
+    averaged = ArrayRecord({"w": torch.full((2,), 0.5),
+                            "bn.num_batches_tracked": torch.tensor(3.5, dtype=torch.float64)})
+    back = in_sent_dtypes(averaged, sent).to_torch_state_dict()
+    assert back["bn.num_batches_tracked"].dtype == torch.int64
+    assert int(back["bn.num_batches_tracked"]) == 4  # rounded (half to even: 3.5 -> 4)
+    assert torch.equal(back["w"], torch.full((2,), 0.5))
