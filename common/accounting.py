@@ -86,6 +86,8 @@ logger = logging.getLogger(__name__)
 ACCOUNTANT_FORMAT = "fedcontrast-accountant/1"
 #: Names the epsilon formula; a noise calibration derived under another is derived anew.
 ACCOUNTING = "replace-one-pld/2"
+#: The formula before it: the hand-written Renyi bound, kept for comparison.
+FORMER_ACCOUNTING = "replace-one-rdp/1"
 #: The neighbouring datasets every epsilon here is about, in words (``summary.json``).
 ADJACENCY = ("one example of a client replaced by another (its number of examples is "
              "public: it is sent with every reply)")
@@ -443,6 +445,7 @@ def calibrate_noise_multiplier(
     *,
     rel_tolerance: float = 0.01,
     max_noise: float = 1e4,
+    accounting: str = ACCOUNTING,
 ) -> float:
     """The DP-SGD noise multiplier whose composed epsilon is within ``rel_tolerance`` below the target.
 
@@ -450,22 +453,31 @@ def calibrate_noise_multiplier(
     A bracket [lo, hi] with eps(lo) > target >= eps(hi) is found by doubling or halving,
     then narrowed by regula falsi on (log sigma, log eps), which is nearly a straight line
     (the Illinois variant, so neither end stalls). Each step is one accountant evaluation
-    at a new sigma (tens of milliseconds): a calibration takes about half a second. The result errs on the safe side:
+    at a new sigma (tens of milliseconds): a calibration takes about half a second. The
+    result errs on the safe side:
     ``(1 - rel_tolerance) * target <= eps(result) <= target``.
+
+    ``accounting``: the epsilon formula, :data:`ACCOUNTING` or, for comparison,
+    :data:`FORMER_ACCOUNTING`.
 
     Raises:
         ValueError: when the releases without DP-SGD (what was already spent, plus the
             planned push releases) already reach the target, or when no noise up to
             ``max_noise`` meets it.
     """
+    formulas = {ACCOUNTING: PrivacyAccountant.epsilon,
+                FORMER_ACCOUNTING: PrivacyAccountant.rdp_epsilon}
+    if accounting not in formulas:
+        raise ValueError(f"accounting must be one of {', '.join(formulas)}, got {accounting!r}")
+    epsilon_of = formulas[accounting]
     if plan.rounds < 1 or plan.steps_per_round < 1:
         raise ValueError(f"a plan needs rounds >= 1 and steps_per_round >= 1, got {plan}")
     target, delta = plan.target_epsilon, plan.delta
     if not (math.isfinite(target) and target > 0):
         raise ValueError(f"target epsilon must be positive, got {target}")
-    floor = plan.accountant(None, spent).epsilon(delta)
+    floor = epsilon_of(plan.accountant(None, spent), delta)
     if floor >= target:
-        already = spent.epsilon(delta) if spent is not None and len(spent) else 0.0
+        already = epsilon_of(spent, delta) if spent is not None and len(spent) else 0.0
         raise ValueError(
             f"--target-epsilon {target:g} cannot be met: without any DP-SGD step, the releases "
             f"already spend epsilon {floor:.3g} at delta {delta:g} (earlier rounds and runs of "
@@ -475,7 +487,7 @@ def calibrate_noise_multiplier(
         )
 
     def eps(sigma: float) -> float:
-        return plan.accountant(sigma, spent).epsilon(delta)
+        return epsilon_of(plan.accountant(sigma, spent), delta)
 
     hi, eps_hi = 1.0, eps(1.0)
     lo, eps_lo = hi, eps_hi
