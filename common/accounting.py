@@ -29,11 +29,14 @@ library (:data:`ACCOUNTING` ``"replace-one-pld/2"``):
   on the first axis, g = (a, c), g' = (b, c). The second coordinate then has the same law
   under P and Q, so the divergence is its average of 1-D divergences between
   (1-q_y) N(0) + q_y N(a) and (1-q_y) N(0) + q_y N(b), q_y the posterior weight of the
-  sampled branch, with a, b in [-r, r], r = sqrt(1 - c^2) (c = 0: the pair itself; a
-  smaller shift is less private, the library's model of an additive-noise mechanism).
-  That the pair with c = 0 is the worst is checked numerically, not proven here:
-  ``tests/test_accounting.py`` integrates the planar pairs (and the 1-D pairs with
-  g' = 0, where the replacement is an example added or removed) against it.
+  sampled branch, with a, b in [-r, r], r = sqrt(1 - c^2) <= 1. Each 1-D pair is at most
+  the one with shifts r and -r (a scalar additive-noise mechanism is more private the
+  smaller its shifts: the library's model of one; the tests integrate the 1-D pairs with
+  shorter gradients, and with g' = 0, an example added or removed, against it). That
+  the average over y with c > 0 (which tells more about whether the example was sampled,
+  but moves the sum less) stays below the c = 0 pair is checked numerically, not proven
+  here: ``tests/test_accounting.py`` integrates planar pairs against it. Opacus then
+  divides the noisy sum by the expected batch size: post-processing.
 - **Push releases**: each round, rows of a Poisson sample (rate ``push_fraction``) of the
   client's examples, each a unit-norm embedding plus N(0, push_noise^2 I), renormalised
   (post-processing). Bounded by the release with every example's row in its own place
@@ -41,7 +44,8 @@ library (:data:`ACCOUNTING` ``"replace-one-pld/2"``):
   empty with probability 1 - q in both datasets and otherwise a Gaussian shifted by at
   most 2 (rows z and -z, the worst case, reduce to one axis exactly). Its PLD is the
   mixture, weights 1 - q and q, of the identity PLD (an empty place, seen as such) and
-  the Gaussian mechanism's with std push_noise / 2 per unit of shift.
+  the Gaussian mechanism's for a shift of 2 at std push_noise (the library's sensitivity
+  1 at std push_noise / 2, the ``noise_multiplier`` a push :class:`Release` records).
 
 PLDs compose over steps and rounds by convolution, valid for adaptive composition of
 dominating pairs (Zhu, Dong & Wang 2022, "Optimal Accounting of Differential Privacy via
