@@ -3,7 +3,7 @@
 DP-SGD (Abadi et al. 2016, arXiv:1607.00133) through Opacus (Yousefpour et al. 2021,
 arXiv:2109.12298): Opacus's hooks compute every example's gradient, its
 ``DPOptimizer`` clips each to ``max_grad_norm``, adds Gaussian noise and averages over
-the expected batch size. Batches are drawn by Poisson sampling, as the RDP accountant
+the expected batch size. Batches are drawn by Poisson sampling, as the accountant
 assumes: each example joins a step independently with probability q = 1 / steps per
 epoch, steps per epoch = ceil(N / batch_size) (Opacus's ``DPDataLoader`` convention),
 and an empty draw is still a step: noise only, as Opacus's optimiser does it.

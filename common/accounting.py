@@ -1,67 +1,97 @@
-"""Privacy accounting: one RDP accountant per client for DP-SGD steps and push releases.
+"""Privacy accounting: one accountant per client for DP-SGD steps and push releases.
 
 Adjacency: two datasets of one client that differ in one example, **replaced** by another
 (the client's number of examples is public: it goes to the server with every reply, so
 an example added or removed would be plain to see). Both releases are accounted under
-that one relation:
+that one relation, by privacy loss distributions (PLDs) from Google's ``dp-accounting``
+library (:data:`ACCOUNTING` ``"replace-one-pld/2"``):
 
 - **DP-SGD steps** (Abadi et al. 2016, "Deep Learning with Differential Privacy"): each
-  step clips every example's gradient to norm C, sums, and adds N(0, (sigma C)^2) noise,
-  on a batch drawn by Poisson sampling at rate q. Replacing example x by x' turns one
-  step's output from P = (1-q) N(s, .) + q N(s + g, .) into Q = (1-q) N(s, .) + q N(s + g', .),
-  |g|, |g'| <= C. Its Renyi divergence is bounded two ways, and the smaller is taken at
-  each order alpha (:func:`dp_sgd_step_rdp`):
-
-  * through R = N(s, .), the step without x (Mironov 2017, "Renyi Differential Privacy",
-    Prop. 11, the weak triangle inequality, with Hoelder exponents p and p / (p - 1)):
-    D_a(P||Q) <= (a - 1/p) / (a - 1) D_pa(P||R) + D_b(R||Q), b = (a - 1) p / (p - 1) + 1.
-    D(P||R) is the add-or-remove divergence of the sampled Gaussian mechanism (Mironov,
-    Talwar & Zhang 2019; Opacus's exact formula at integer orders, bounded between them
-    by convexity, :func:`sampled_gaussian_rdp`); D(R||Q), the other direction, is at most
-    that too (ibid., at integer orders; between them (b - 1) D_b(R||Q) is convex and 0 at
-    order 1, so the same chord bounds it) and at most log(1 / (1 - q)), because
-    Q >= (1 - q) R everywhere;
-  * by joint convexity of exp((a - 1) D_a), with the common part (1 - q) N(s, .):
-    D_a(P||Q) <= log(1 - q + q exp((a - 1) a (2 / sigma)^2 / 2)) / (a - 1), the
-    Gaussian's divergence for a shift of up to 2C.
+  step clips every example's gradient to norm C, sums, and adds N(0, (sigma C)^2 I)
+  noise, on a batch drawn by Poisson sampling at rate q. Replacing example x by x'
+  (same place, hence the same sampling coin) turns one step's output, given the rest of
+  the batch (drawn alike in both datasets) with clipped sum s, into
+  P = (1-q) N(s, .) + q N(s + g, .) against Q = (1-q) N(s, .) + q N(s + g', .),
+  |g|, |g'| <= C. Averaging over the rest of the batch is a mixture with the same
+  weights on both sides, and a hockey-stick divergence is jointly convex, so the fixed-s
+  pair bounds the step. In units of C, the pair taken is the 1-D one
+  P* = (1-q) N(0, sigma^2) + q N(1, sigma^2) against Q* = (1-q) N(0, sigma^2) + q N(-1, sigma^2)
+  (g = -g', both of norm C: the clipped sum moves by up to 2C): dp-accounting's
+  ``REPLACE`` adjacency of the Poisson-subsampled Gaussian (``from_gaussian_mechanism``
+  with ``NeighboringRelation.REPLACE_ONE``, sensitivity 1, the library's
+  "Privacy Loss Distributions" notes). P* and Q* are mirror images, so one PLD covers
+  both directions (swapping the datasets). Lebeda et al. 2024 ("Avoiding Pitfalls for
+  Privacy Accounting of Subsampled Mechanisms under Composition") show why both matter:
+  a subsampled mechanism's two directions compose differently, so neither one step's
+  worse direction nor sampling without replacement stands in for Poisson sampling.
+  Why this pair dominates every replacement: coordinates orthogonal to g and g' are the
+  same noise on both sides and drop out; in the plane of 0, g, g', rotate so g - g' lies
+  on the first axis, g = (a, c), g' = (b, c). The second coordinate then has the same law
+  under P and Q, so the divergence is its average of 1-D divergences between
+  (1-q_y) N(0) + q_y N(a) and (1-q_y) N(0) + q_y N(b), q_y the posterior weight of the
+  sampled branch, with a, b in [-r, r], r = sqrt(1 - c^2) <= 1. Each 1-D pair is at most
+  the one with shifts r and -r (a scalar additive-noise mechanism is more private the
+  smaller its shifts: the library's model of one; the tests integrate the 1-D pairs with
+  shorter gradients, and with g' = 0, an example added or removed, against it). That
+  the average over y with c > 0 (which tells more about whether the example was sampled,
+  but moves the sum less) stays below the c = 0 pair is checked numerically, not proven
+  here: ``tests/test_accounting.py`` integrates planar pairs against it. Opacus then
+  divides the noisy sum by the expected batch size: post-processing.
 - **Push releases**: each round, rows of a Poisson sample (rate ``push_fraction``) of the
   client's examples, each a unit-norm embedding plus N(0, push_noise^2 I), renormalised
   (post-processing). Bounded by the release with every example's row in its own place
   (shuffling only hides more): replacing one example changes only its place, which is
   empty with probability 1 - q in both datasets and otherwise a Gaussian shifted by at
-  most 2. The same mixture formula (:func:`shared_mixture_rdp` with multiplier
-  push_noise / 2) is then exact for the worst replacement, rows 2 apart (z and -z).
+  most 2 (rows z and -z, the worst case, reduce to one axis exactly). Its PLD is the
+  mixture, weights 1 - q and q, of the identity PLD (an empty place, seen as such) and
+  the Gaussian mechanism's for a shift of 2 at std push_noise (the library's sensitivity
+  1 at std push_noise / 2, the ``noise_multiplier`` a push :class:`Release` records).
 
-Renyi divergences compose over steps and rounds by addition (adaptive composition), and
-the total converts to (epsilon, delta) with the bound of Balle et al. (2020, "Hypothesis
-Testing Interpretations and Renyi Differential Privacy", Thm. 21) as Opacus does, minimised
-over :data:`ORDERS`. For DP-SGD alone the result is about twice the epsilon Opacus
-reports for adding or removing one example at the same orders (1.7 to 2.6 in the
-settings tried: a replacement can move a step's clipped sum by 2C, not C); where the
-best order is above Opacus's largest default (63) the wider grid here gives back some
-of that. ``tests/test_accounting.py`` checks the bounds against
-numerically integrated divergences.
+PLDs compose over steps and rounds by convolution, valid for adaptive composition of
+dominating pairs (Zhu, Dong & Wang 2022, "Optimal Accounting of Differential Privacy via
+Characteristic Function", AISTATS; Meiser & Mohammadi 2018, "Tight on Budget?"), and the
+library reads epsilon at delta off the composed PLD. Its discretisation is pessimistic
+(Doroshenko et al. 2022, "Connect the Dots: Tighter Discrete Approximations of Privacy
+Loss Distributions", PETS): the epsilon reported is an upper bound of the pair's, within
+about 1e-3 relative of it at :data:`VALUE_DISCRETIZATION` (coarser for noise multipliers
+below 1, :func:`discretization`).
+
+The accountant before it (``"replace-one-rdp/1"``) bounded Renyi divergences by hand
+(Mironov 2017's weak triangle inequality over Opacus's add-or-remove divergence, and
+joint convexity) and converted them as Balle et al. 2020 do; it is kept here
+(:func:`release_rdp`, :meth:`PrivacyAccountant.rdp_epsilon`) for comparison: the tests
+check that the PLD epsilon is never above it, and ``bench/accounting_bench.py`` reports
+the noise each needs for a target.
 
 :class:`PrivacyAccountant` keeps the history as plain JSON so a client can keep it in its
 state directory across rounds, processes and runs; it records mechanisms, not epsilons,
 so a history written by an older release is accounted with today's formula.
 :func:`calibrate_noise_multiplier` finds the DP-SGD noise for which the whole planned
-run, composed with what was already spent, stays within a target epsilon.
+run, composed with what was already spent, stays within a target epsilon; a calibration
+derived under the former formula is derived anew (:class:`NoiseCalibration`).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
+
+logger = logging.getLogger(__name__)
+
 ACCOUNTANT_FORMAT = "fedcontrast-accountant/1"
 #: Names the epsilon formula; a noise calibration derived under another is derived anew.
-ACCOUNTING = "replace-one-rdp/1"
+ACCOUNTING = "replace-one-pld/2"
+#: The formula before it: the hand-written Renyi bound, kept for comparison.
+FORMER_ACCOUNTING = "replace-one-rdp/1"
 #: The neighbouring datasets every epsilon here is about, in words (``summary.json``).
 ADJACENCY = ("one example of a client replaced by another (its number of examples is "
              "public: it is sent with every reply)")
@@ -71,7 +101,10 @@ KINDS = ("dp-sgd", "push")
 WITHHELD_UNDER_DP = ("train-loss", "alignment", "uniformity")
 #: Sensitivity of one pushed unit-norm row when one example is replaced by another.
 PUSH_SENSITIVITY = 2.0
-#: Renyi orders the epsilon is minimised over: Opacus's default grid, thinned above 2
+#: Width of the PLD's privacy-loss buckets at noise multipliers of 1 and above (the
+#: library's default is 1e-4; 1e-3 costs about 1e-4 of the epsilon and is ten times faster).
+VALUE_DISCRETIZATION = 1e-3
+#: Renyi orders the former bound's epsilon is minimised over: Opacus's default grid, thinned above 2
 #: (each order costs evaluations at several others through the triangle inequality), and
 #: extended above 63 for small budgets.
 ORDERS: tuple[float, ...] = (
@@ -128,7 +161,17 @@ def shared_mixture_rdp(q: float, multiplier: float, order: float) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def dp_sgd_step_rdp(q: float, sigma: float, order: float) -> float:
-    """Renyi divergence at ``order`` of one DP-SGD step, one example replaced (module doc)."""
+    """The former bound: Renyi divergence at ``order`` of one DP-SGD step, one example replaced.
+
+    The smaller of two bounds at each order: through R = N(s, .), the step without x
+    (Mironov 2017, "Renyi Differential Privacy", Prop. 11, the weak triangle inequality,
+    with Hoelder exponents p and p / (p - 1)): D_a(P||Q) <= (a - 1/p) / (a - 1) D_pa(P||R)
+    + D_b(R||Q), b = (a - 1) p / (p - 1) + 1, where D(P||R) is the add-or-remove divergence
+    of the sampled Gaussian mechanism (Mironov, Talwar & Zhang 2019) and D(R||Q) at most
+    that too and at most log(1 / (1 - q)); and by joint convexity of exp((a - 1) D_a),
+    the Gaussian's divergence for a shift of up to 2C mixed at rate q
+    (:func:`shared_mixture_rdp` at sigma / 2).
+    """
     convex = shared_mixture_rdp(q, sigma / 2, order)
     reverse_cap = -math.log1p(-q) if q < 1 else math.inf
     best = convex
@@ -151,7 +194,7 @@ def dp_sgd_step_rdp(q: float, sigma: float, order: float) -> float:
 
 @functools.lru_cache(maxsize=256)
 def release_rdp(kind: str, noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
-    """Renyi divergence at each of :data:`ORDERS` of one application of a release.
+    """The former bound: Renyi divergence at each of :data:`ORDERS` of one application.
 
     A DP-SGD step's bound at an order is also lowered to its bound at any higher order:
     a divergence grows with the order (the triangle bound does not, near order 1).
@@ -163,7 +206,11 @@ def release_rdp(kind: str, noise_multiplier: float, sample_rate: float) -> tuple
 
 
 def epsilon_from_rdp(rdp: Iterable[float], delta: float) -> float:
-    """The smallest epsilon at ``delta`` over :data:`ORDERS` (Balle et al. 2020, as Opacus)."""
+    """The former bound's epsilon at ``delta``: the smallest over :data:`ORDERS`.
+
+    The conversion of Balle et al. 2020 ("Hypothesis Testing Interpretations and Renyi
+    Differential Privacy", Thm. 21), as Opacus does it.
+    """
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
     values = np.asarray(list(rdp), dtype=float)
@@ -171,6 +218,52 @@ def epsilon_from_rdp(rdp: Iterable[float], delta: float) -> float:
         raise ValueError(f"Renyi divergences must be >= 0, got {values.min()} (numerical error)")
     eps, _order = get_privacy_spent(orders=list(ORDERS), rdp=values, delta=delta)
     return max(float(eps), 0.0)  # the conversion goes below 0 for a large delta
+
+
+def discretization(noise_multipliers: Iterable[float]) -> float:
+    """The PLD bucket width for releases at these noise multipliers.
+
+    A step's privacy losses spread over about 1 / sigma^2, and so do the buckets a PLD
+    needs (time and memory grow with their number): below sigma = 1 the width grows as
+    :data:`VALUE_DISCRETIZATION` / sigma^2, which keeps the relative error of an epsilon
+    about where it is at sigma = 1 (such epsilons are in the tens or more).
+    """
+    smallest = min(noise_multipliers, default=1.0)
+    return VALUE_DISCRETIZATION * max(1.0, 1.0 / (smallest * smallest))
+
+
+@functools.lru_cache(maxsize=256)
+def release_pld(kind: str, noise_multiplier: float, sample_rate: float,
+                interval: float = VALUE_DISCRETIZATION) -> PrivacyLossDistribution:
+    """The PLD of one application of a release, one example replaced (module doc).
+
+    ``"dp-sgd"``: the Poisson-subsampled Gaussian at rate q, noise sigma, sensitivity 1
+    under ``REPLACE_ONE``: (1-q) N(0) + q N(1) against (1-q) N(0) + q N(-1), std sigma.
+    ``"push"``: with probability 1 - q an empty place (privacy loss 0), otherwise the
+    Gaussian mechanism with std ``noise_multiplier`` and shift 1 (push_noise / 2 per unit:
+    rows 2 apart). Both pessimistic, with buckets ``interval`` wide.
+    """
+    from dp_accounting.pld import privacy_loss_distribution as pld
+    from dp_accounting.privacy_accountant import NeighboringRelation
+
+    if kind == "dp-sgd":
+        return pld.from_gaussian_mechanism(
+            noise_multiplier, sensitivity=1.0, sampling_prob=sample_rate,
+            value_discretization_interval=interval,
+            neighboring_relation=NeighboringRelation.REPLACE_ONE,
+        )
+    gaussian = pld.from_gaussian_mechanism(noise_multiplier, sensitivity=1.0,
+                                           value_discretization_interval=interval)
+    if sample_rate >= 1:
+        return gaussian
+    return gaussian.compute_mixture(pld.identity(interval), sample_rate)
+
+
+@functools.lru_cache(maxsize=256)
+def composed_release_pld(kind: str, noise_multiplier: float, sample_rate: float, steps: int,
+                         interval: float = VALUE_DISCRETIZATION) -> PrivacyLossDistribution:
+    """:func:`release_pld` composed with itself ``steps`` times."""
+    return release_pld(kind, noise_multiplier, sample_rate, interval).self_compose(steps)
 
 
 @dataclass(frozen=True)
@@ -205,7 +298,7 @@ class Release:
 
 
 class PrivacyAccountant:
-    """The privacy one client has spent: a history of releases, composed in RDP.
+    """The privacy one client has spent: a history of releases, composed as PLDs.
 
     Composition is commutative, so releases of the same mechanism (kind, noise, rate)
     are kept as one entry with a step count; the history stays a few entries long over
@@ -243,7 +336,31 @@ class PrivacyAccountant:
                           int(rounds)))
 
     def epsilon(self, delta: float) -> float:
-        """Epsilon of everything recorded, at ``delta`` (0.0 when nothing was released)."""
+        """Epsilon of everything recorded, at ``delta`` (0.0 when nothing was released).
+
+        Read off the composed PLD (:meth:`pld`); ValueError for a delta outside (0, 1).
+        """
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if not self._history:
+            return 0.0
+        return max(float(self.pld().get_epsilon_for_delta(delta)), 0.0)
+
+    def pld(self) -> PrivacyLossDistribution:
+        """The PLD of everything recorded (one replaced example), composed by the library."""
+        if not self._history:
+            raise ValueError("nothing was recorded: there is no PLD to compose")
+        interval = discretization(r.noise_multiplier for r in self._history)
+        total = None
+        for r in self._history:
+            part = composed_release_pld(r.kind, r.noise_multiplier, r.sample_rate, r.steps,
+                                        interval)
+            total = part if total is None else total.compose(part)
+        logger.debug("composed %d release(s) at bucket width %g", len(self._history), interval)
+        return total
+
+    def rdp_epsilon(self, delta: float) -> float:
+        """Epsilon at ``delta`` by the former Renyi bound (``"replace-one-rdp/1"``), for comparison."""
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         if not self._history:
@@ -251,7 +368,7 @@ class PrivacyAccountant:
         return epsilon_from_rdp(self.rdp(), delta)
 
     def rdp(self) -> np.ndarray:
-        """Renyi divergence at each of :data:`ORDERS` of everything recorded (one replaced example)."""
+        """The former bound: Renyi divergence at each of :data:`ORDERS` of everything recorded."""
         total = np.zeros(len(ORDERS))
         for r in self._history:
             total += r.steps * np.asarray(release_rdp(r.kind, r.noise_multiplier, r.sample_rate))
@@ -332,6 +449,7 @@ def calibrate_noise_multiplier(
     *,
     rel_tolerance: float = 0.01,
     max_noise: float = 1e4,
+    accounting: str = ACCOUNTING,
 ) -> float:
     """The DP-SGD noise multiplier whose composed epsilon is within ``rel_tolerance`` below the target.
 
@@ -339,22 +457,31 @@ def calibrate_noise_multiplier(
     A bracket [lo, hi] with eps(lo) > target >= eps(hi) is found by doubling or halving,
     then narrowed by regula falsi on (log sigma, log eps), which is nearly a straight line
     (the Illinois variant, so neither end stalls). Each step is one accountant evaluation
-    at a new sigma (tens of milliseconds): a calibration takes about half a second. The result errs on the safe side:
+    at a new sigma (tens of milliseconds): a calibration takes about half a second. The
+    result errs on the safe side:
     ``(1 - rel_tolerance) * target <= eps(result) <= target``.
+
+    ``accounting``: the epsilon formula, :data:`ACCOUNTING` or, for comparison,
+    :data:`FORMER_ACCOUNTING`.
 
     Raises:
         ValueError: when the releases without DP-SGD (what was already spent, plus the
             planned push releases) already reach the target, or when no noise up to
             ``max_noise`` meets it.
     """
+    formulas = {ACCOUNTING: PrivacyAccountant.epsilon,
+                FORMER_ACCOUNTING: PrivacyAccountant.rdp_epsilon}
+    if accounting not in formulas:
+        raise ValueError(f"accounting must be one of {', '.join(formulas)}, got {accounting!r}")
+    epsilon_of = formulas[accounting]
     if plan.rounds < 1 or plan.steps_per_round < 1:
         raise ValueError(f"a plan needs rounds >= 1 and steps_per_round >= 1, got {plan}")
     target, delta = plan.target_epsilon, plan.delta
     if not (math.isfinite(target) and target > 0):
         raise ValueError(f"target epsilon must be positive, got {target}")
-    floor = plan.accountant(None, spent).epsilon(delta)
+    floor = epsilon_of(plan.accountant(None, spent), delta)
     if floor >= target:
-        already = spent.epsilon(delta) if spent is not None and len(spent) else 0.0
+        already = epsilon_of(spent, delta) if spent is not None and len(spent) else 0.0
         raise ValueError(
             f"--target-epsilon {target:g} cannot be met: without any DP-SGD step, the releases "
             f"already spend epsilon {floor:.3g} at delta {delta:g} (earlier rounds and runs of "
@@ -364,7 +491,7 @@ def calibrate_noise_multiplier(
         )
 
     def eps(sigma: float) -> float:
-        return plan.accountant(sigma, spent).epsilon(delta)
+        return epsilon_of(plan.accountant(sigma, spent), delta)
 
     hi, eps_hi = 1.0, eps(1.0)
     lo, eps_lo = hi, eps_hi

@@ -23,7 +23,7 @@ METHODS = ("local", "fedavg", "fedmoco", "fedcontrast", "fedbyol", "fedu", "fede
 #: What every run of the sweep shares so that DP-SGD applies (see :mod:`simulations.privacy`).
 PRIVATE_LOSS = {"in_batch": False, "queue_size": 0}
 #: The sweep's defaults: a DP configuration (each run then sets its own target and noise).
-#: Pushes at rate 0.05 with noise 24 cost epsilon 0.43 over 10 rounds (delta 1e-5, one
+#: Pushes at rate 0.05 with noise 24 cost epsilon 0.35 over 10 rounds (delta 1e-5, one
 #: example replaced), so even a target of 1 leaves room for DP-SGD.
 SWEEP_DEFAULTS: dict[str, Any] = {**SIMULATION_DEFAULTS, **PRIVATE_LOSS, "dp": True,
                                   "target_epsilon": 8.0, "key_mode": "ema", "push_noise": 24.0,

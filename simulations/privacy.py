@@ -205,7 +205,7 @@ def markdown_table(report: dict[str, Any]) -> str:
               f"clip norm {s['max_grad_norm']:g}, key mode {s['key_mode']}, "
               f"{s['global_negatives']} global negatives, no in-batch negatives (every row, "
               "the non-private one too). Reported ε: the largest epsilon any client reached "
-              "(RDP accountant, DP-SGD steps and noised pushes composed; example-level, "
+              "(PLD accountant, DP-SGD steps and noised pushes composed; example-level, "
               "one example replaced). Negatives: where each run's negatives came from; "
               "in-batch ones couple examples, so only a non-private run may use them (the "
               "default loss of `fedcontrast simulate`). Retrieval: held-out instance retrieval "

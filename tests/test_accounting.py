@@ -1,8 +1,10 @@
-"""The privacy accountant: replace-one RDP over DP-SGD steps and push releases, and calibration.
+"""The privacy accountant: replace-one PLDs over DP-SGD steps and push releases, and calibration.
 
-The bounds are checked against Renyi divergences integrated numerically for the pairs of
-output distributions that replacing one example produces (one coordinate along the
-replaced example's gradient or row is enough: the rest is the same in both).
+The PLDs are checked against hockey-stick divergences integrated numerically for the
+pairs of output distributions that replacing one example produces (one coordinate along
+the replaced example's gradient or row is enough: the rest is the same in both), and
+against the former Renyi bound, which is kept in the module and checked the same way
+against integrated Renyi divergences.
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ import math
 
 import numpy as np
 import pytest
+from dp_accounting import dp_event
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.privacy_accountant import NeighboringRelation
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp
 from opacus.accountants.utils import get_noise_multiplier
+from scipy.optimize import brentq
 from scipy.special import logsumexp
+from scipy.stats import norm
 
 from common.accounting import (
     ORDERS,
@@ -24,8 +31,11 @@ from common.accounting import (
     PrivacyPlan,
     Release,
     calibrate_noise_multiplier,
+    composed_release_pld,
+    discretization,
     dp_sgd_step_rdp,
     epsilon_from_rdp,
+    release_pld,
     release_rdp,
     sampled_gaussian_rdp,
     shared_mixture_rdp,
@@ -133,19 +143,23 @@ def base_sigma() -> float:
 
 def test_epsilon_composes_every_step_and_push_release():
     ours = PrivacyAccountant()
-    by_hand = np.zeros(len(ORDERS))
     for _round in range(3):
         ours.record_steps(noise_multiplier=1.1, sample_rate=0.1, steps=10)
-        by_hand += 10 * np.array(release_rdp("dp-sgd", 1.1, 0.1))
         ours.record_push(push_noise=3.0, sample_rate=0.2)
-        by_hand += [shared_mixture_rdp(0.2, 3.0 / 2, a) for a in ORDERS]  # a unit row moves <= 2
-    assert ours.epsilon(DELTA) == pytest.approx(epsilon_from_rdp(by_hand, DELTA), rel=1e-12)
     assert len(ours) == 2  # one entry per mechanism, with its step count
     assert {(r.kind, r.steps) for r in ours.history} == {("dp-sgd", 30), ("push", 3)}
-    # Opacus's add-or-remove epsilon of the same history: replacement costs about twice that
+    by_hand = release_pld("dp-sgd", 1.1, 0.1)
+    for _ in range(29):
+        by_hand = by_hand.compose(release_pld("dp-sgd", 1.1, 0.1))
+    for _ in range(3):
+        by_hand = by_hand.compose(release_pld("push", 1.5, 0.2))  # a unit row moves <= 2
+    assert ours.epsilon(DELTA) == pytest.approx(by_hand.get_epsilon_for_delta(DELTA), rel=1e-6)
+    # the former bound of the same history is above; Opacus's add-or-remove epsilon below
+    assert ours.epsilon(DELTA) < ours.rdp_epsilon(DELTA)
+    assert ours.rdp_epsilon(DELTA) == pytest.approx(epsilon_from_rdp(ours.rdp(), DELTA))
     opacus = RDPAccountant()
     opacus.history = [(1.1, 0.1, 30), (1.5, 0.2, 3)]
-    assert 1.5 < ours.epsilon(DELTA) / opacus.get_epsilon(DELTA) < 3
+    assert 1.2 < ours.epsilon(DELTA) / opacus.get_epsilon(DELTA) < 3
     step = np.array([dp_sgd_step_rdp(0.1, 1.1, a) for a in ORDERS])
     assert (np.array(release_rdp("dp-sgd", 1.1, 0.1)) <= step).all()
 
@@ -190,8 +204,19 @@ def test_calibration_without_pushes_needs_more_noise_than_opacus_add_or_remove()
     theirs = get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=DELTA,
                                   sample_rate=p.sample_rate, steps=p.rounds * p.steps_per_round,
                                   accountant="rdp")
-    assert 1.2 * theirs < ours < 2.5 * theirs  # a replacement moves the clipped sum by 2C
+    assert theirs < ours < 2.5 * theirs  # a replacement moves the clipped sum by 2C
     assert 0.99 * p.target_epsilon <= p.accountant(ours).epsilon(DELTA) <= p.target_epsilon
+    # The library's own accountant agrees at that noise under REPLACE_ONE, and under
+    # ADD_OR_REMOVE_ONE (tight too) the same noise buys a much smaller epsilon.
+    by_relation = {}
+    for relation in (NeighboringRelation.REPLACE_ONE, NeighboringRelation.ADD_OR_REMOVE_ONE):
+        library = PLDAccountant(relation, value_discretization_interval=1e-3)
+        library.compose(dp_event.PoissonSampledDpEvent(
+            p.sample_rate, dp_event.GaussianDpEvent(ours)), p.rounds * p.steps_per_round)
+        by_relation[relation] = library.get_epsilon(DELTA)
+    assert by_relation[NeighboringRelation.REPLACE_ONE] == pytest.approx(
+        p.accountant(ours).epsilon(DELTA), rel=1e-3)
+    assert by_relation[NeighboringRelation.ADD_OR_REMOVE_ONE] < 0.8 * p.target_epsilon
 
 
 def test_calibration_is_monotone_in_target_and_rounds(base_sigma):
@@ -229,5 +254,133 @@ def test_a_calibration_derived_under_an_older_epsilon_formula_is_derived_anew():
     record = NoiseCalibration(plan(rounds=5), first_round=1, noise_multiplier=1.3,
                               last_round=2).as_dict()
     assert NoiseCalibration.from_dict(record).holds_for(plan(rounds=3), server_round=3)
+    record["accounting"] = "replace-one-rdp/1"  # the Renyi bound's sigma: more noise than needed
+    assert not NoiseCalibration.from_dict(record).holds_for(plan(rounds=3), server_round=3)
     del record["accounting"]
     assert not NoiseCalibration.from_dict(record).holds_for(plan(rounds=3), server_round=3)
+
+
+def test_a_history_written_under_the_former_formula_is_accounted_with_todays():
+    """The state records mechanisms, not epsilons: a client's state from before the PLDs
+    reads as it was and gets today's (smaller) epsilon."""
+    old_state = {"format": "fedcontrast-accountant/1", "history": [
+        {"kind": "dp-sgd", "noise_multiplier": 1.2, "sample_rate": 0.2, "steps": 50},
+        {"kind": "push", "noise_multiplier": 12.0, "sample_rate": 0.05, "steps": 2}]}
+    acc = PrivacyAccountant.from_state_dict(old_state)
+    assert acc.state_dict() == old_state
+    assert 0 < acc.epsilon(DELTA) < acc.rdp_epsilon(DELTA)
+
+
+# --- The PLDs ("replace-one-pld/2") -------------------------------------------------------
+
+
+def pair_on_grid(log_p, log_q, width: float, points: int = 200_001):
+    """Two 1-D densities, given as log-density functions, on a fine grid: (p, q, spacing)."""
+    x = np.linspace(-width, width, points)
+    return np.exp(log_p(x)), np.exp(log_q(x)), x[1] - x[0]
+
+
+def integrated_delta(epsilon: float, pair) -> float:
+    """The hockey-stick divergence sup_A P(A) - e^epsilon Q(A) of a pair on a grid."""
+    p, q, dx = pair
+    return float(np.maximum(p - math.exp(epsilon) * q, 0.0).sum() * dx)
+
+
+@pytest.mark.parametrize("q, sigma", [(0.01, 0.7), (0.1, 1.0), (0.25, 3.0), (0.5, 0.8), (1.0, 2.0)])
+def test_a_dp_sgd_steps_pld_is_the_integrated_divergence_of_its_pair_and_covers_every_replacement(q, sigma):
+    """One step's delta at epsilon, from the PLD, against the integrated divergence of the
+    pair (opposite gradients of norm C, both directions): never below it, and within 0.1%
+    (plus the library's truncated tail, e^-50). The other replacements (a zero gradient,
+    which is also an example added or removed; shorter gradients) fall below it."""
+    pld = release_pld("dp-sgd", sigma, q)
+    width = 30 * sigma + 20
+    worst = [pair_on_grid(log_step(q, sigma, g), log_step(q, sigma, -g), width) for g in (1.0, -1.0)]
+    others = [pair_on_grid(log_step(q, sigma, g), log_step(q, sigma, g_prime), width)
+              for g, g_prime in [(1.0, 0.0), (0.0, 1.0), (0.5, -1.0), (1.0, -0.3), (0.6, -0.6)]]
+    for epsilon in (0.05, 0.3, 1.0, 3.0):
+        ours = pld.get_delta_for_epsilon(epsilon)
+        for pair in worst:
+            true = integrated_delta(epsilon, pair)
+            assert true * (1 - 3e-6) <= ours <= true * (1 + 1e-3) + 1e-20, (epsilon, true, ours)
+        for i, pair in enumerate(others):
+            assert integrated_delta(epsilon, pair) <= true * (1 + 1e-6), (epsilon, i)
+    # and epsilon at a delta: above the pair's, by at most a few buckets
+    delta = pld.get_delta_for_epsilon(0.5)
+    exact = brentq(lambda e: integrated_delta(e, worst[0]) - delta, 0.0, 2.0, xtol=1e-6)
+    assert exact - 1e-5 <= pld.get_epsilon_for_delta(delta) <= exact + 3e-3
+
+
+def planar_delta(q: float, sigma: float, epsilon: float, c: float) -> float:
+    """Delta at epsilon between (1-q) N(0) + q N(g) and (1-q) N(0) + q N(g') in the plane,
+    g = (r, c), g' = (-r, c), r = sqrt(1 - c^2): both gradients of norm C, off the axis
+    through 0. The second coordinate has the same law on both sides, so the divergence is
+    its average of 1-D divergences with the sampled branch's posterior weight q_y."""
+    r = math.sqrt(1 - c * c)
+    y = np.linspace(-12 * sigma - 1, 12 * sigma + 2, 2001)
+    common, sampled = (1 - q) * norm.pdf(y, 0, sigma), q * norm.pdf(y, c, sigma)
+    q_y = sampled / (common + sampled)
+    x = np.linspace(-12 * sigma - 2, 12 * sigma + 2, 3001)[:, None]
+    p = (1 - q_y) * norm.pdf(x, 0, sigma) + q_y * norm.pdf(x, r, sigma)
+    q_ = (1 - q_y) * norm.pdf(x, 0, sigma) + q_y * norm.pdf(x, -r, sigma)
+    inner = np.maximum(p - math.exp(epsilon) * q_, 0).sum(axis=0) * (x[1, 0] - x[0, 0])
+    return float(((common + sampled) * inner).sum() * (y[1] - y[0]))
+
+
+@pytest.mark.parametrize("q, sigma, epsilon", [(0.02, 0.5, 1.0), (0.1, 0.8, 0.5), (0.3, 1.5, 0.3)])
+def test_gradients_off_the_axis_are_covered_by_the_one_dimensional_pair(q, sigma, epsilon):
+    """The step's pair is 1-D; gradients of norm C not opposite (the plane through 0, g
+    and g') reveal more about whether the example was sampled but move the sum less.
+    Not proven in the module: checked here."""
+    ours = release_pld("dp-sgd", sigma, q).get_delta_for_epsilon(epsilon)
+    assert planar_delta(q, sigma, epsilon, 0.0) == pytest.approx(ours, rel=2e-3)
+    for c in (0.1, 0.3, 0.6):
+        assert planar_delta(q, sigma, epsilon, c) <= ours * (1 + 1e-6), c
+
+
+@pytest.mark.parametrize("q, push_noise", [(0.05, 24.0), (0.2, 4.0), (1.0, 3.0)])
+def test_a_push_rounds_pld_is_the_integrated_divergence_of_its_release(q, push_noise):
+    """An example's place is empty with probability 1 - q on both sides, else its unit row
+    plus noise, rows 2 apart at worst: delta = q x the Gaussian's divergence (epsilon >= 0)."""
+    pld = release_pld("push", push_noise / 2, q)
+    rows = pair_on_grid(lambda x: norm.logpdf(x, 1.0, push_noise),
+                        lambda x: norm.logpdf(x, -1.0, push_noise), width=40 * push_noise)
+    for epsilon in (0.01, 0.1, 0.5):
+        gauss = integrated_delta(epsilon, rows)
+        assert q * gauss * (1 - 1e-6) <= pld.get_delta_for_epsilon(epsilon) <= q * gauss * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("q, sigma, steps, pushes", [
+    (0.2, 0.8, 50, 0), (0.2, 1.5, 250, 10), (0.25, 3.0, 100, 10), (0.5, 8.0, 20, 5),
+    (0.01, 1.0, 1000, 0), (1.0, 20.0, 10, 0),
+])
+def test_the_pld_is_never_looser_than_the_former_bound_and_its_buckets_cost_little(
+        q, sigma, steps, pushes):
+    """PLD epsilon <= the former Renyi bound; and within 0.5% of the same composition with
+    buckets ten times narrower (the library's default width)."""
+    acc = PrivacyAccountant()
+    acc.record_steps(sigma, q, steps)
+    if pushes:
+        acc.record_push(24.0, 0.05, pushes)
+    ours = acc.epsilon(DELTA)
+    assert 0 < ours <= acc.rdp_epsilon(DELTA)
+    fine = composed_release_pld("dp-sgd", sigma, q, steps, 1e-4)
+    if pushes:
+        fine = fine.compose(composed_release_pld("push", 12.0, 0.05, pushes, 1e-4))
+    assert ours == pytest.approx(fine.get_epsilon_for_delta(DELTA), rel=5e-3)
+
+
+def test_the_bucket_width_grows_only_below_unit_noise():
+    assert discretization([4.0, 1.0]) == discretization([]) == 1e-3
+    assert discretization([0.5, 3.0]) == pytest.approx(4e-3)
+    assert composed_release_pld("dp-sgd", 1.0, 0.1, 5) is composed_release_pld("dp-sgd", 1.0, 0.1, 5)
+
+
+@pytest.mark.parametrize("target", [1.0, 4.0, 8.0])
+def test_calibration_for_a_target_stays_below_it_and_the_former_bound_needed_more(target):
+    """The project's sweep: 10 rounds x 25 steps at q = 0.2, pushes at rate 0.05 with noise 24."""
+    p = PrivacyPlan(rounds=10, steps_per_round=25, sample_rate=0.2, push_rate=0.05,
+                    push_noise=24.0, delta=DELTA, target_epsilon=target)
+    sigma = calibrate_noise_multiplier(p)
+    assert 0.99 * target <= p.accountant(sigma).epsilon(DELTA) <= target
+    assert p.accountant(sigma).rdp_epsilon(DELTA) > target  # the former bound: over it
+    assert p.accountant(0.98 * sigma).epsilon(DELTA) > target * 0.995  # not far above the least
