@@ -118,3 +118,13 @@ def test_setting_and_method():
     assert method_config("fedcontrast-nn", base).neighbour_weight == 1.0
     assert method_config("fedcontrast-nn", FedConfig(neighbour_weight=0.5)).neighbour_weight == 0.5
     assert method_config("fedavg", FedConfig(neighbour_weight=0.5)).neighbour_weight == 0.0
+
+
+def test_each_loss_depends_on_its_own_query_alone_without_in_batch():
+    # What DP-SGD's per-example clipping needs (as info_nce without in-batch negatives).
+    q = torch.nn.functional.normalize(torch.randn(4, 3, dtype=D, generator=torch.Generator().manual_seed(2)), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(4, 3, dtype=D, generator=torch.Generator().manual_seed(3)), dim=1)
+    rows = torch.nn.functional.normalize(torch.randn(5, 3, dtype=D, generator=torch.Generator().manual_seed(4)), dim=1)
+    jac = torch.autograd.functional.jacobian(lambda x: neighbour_info_nce(x, k, rows, 0.3), q)  # 4 x 4 x 3
+    off = ~torch.eye(4, dtype=torch.bool)
+    assert jac[off].abs().max() == 0 and jac[~off].abs().max() > 0
