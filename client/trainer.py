@@ -11,6 +11,10 @@ negatives. Key modes:
 - ``frozen``: a copy fixed for the trainer's lifetime (in federation: the global
   encoder received this round, so keys and pushed rows share one version).
 
+With ``--neighbour-weight`` w > 0 (FedConfig only), a step whose sources had rows adds w
+times :func:`common.loss.neighbour_info_nce`: each query's positive is also the pulled row
+nearest its positive key (Wu et al. 2022's neighbourhood matching, NNCLR's positive).
+
 With a :class:`client.privacy.DPSGD`, steps are DP-SGD steps: Poisson-sampled
 batches, per-example clipping and Gaussian noise (see :mod:`client.privacy`).
 """
@@ -30,7 +34,7 @@ from client.negatives import AgedNegativeSource, NegativeSource
 from client.privacy import DPSGD, check_private_training
 from common.config import FedConfig, TrainConfig
 from common.encoders import ContrastiveModel
-from common.loss import NegativeOptions, info_nce, staleness_log_weights
+from common.loss import NegativeOptions, info_nce, neighbour_info_nce, staleness_log_weights
 from common.plugins import make_views
 from common.schedule import cosine_lr as cosine_lr
 
@@ -133,6 +137,9 @@ class ContrastiveTrainer:
         self.loss_options = negative_options(cfg)
         # Only the global queue's rows have ages; gamma^age weighs them (FedConfig only).
         self.staleness_gamma = cfg.staleness_gamma if isinstance(cfg, FedConfig) else 1.0
+        # Neighbourhood matching: weight of the term whose positives are pulled rows.
+        self.neighbour_weight = cfg.neighbour_weight if isinstance(cfg, FedConfig) else 0.0
+        self.rows_pulled = False  # whether this step's negatives are sources' rows
         self.step = 0
 
     # -- one step -------------------------------------------------------------------
@@ -181,7 +188,9 @@ class ContrastiveTrainer:
         ``negatives`` (K, D) enter with ``negative_log_weights`` (K,) and the config's
         :class:`NegativeOptions`. With ``symmetric``, the trainable model runs on both
         views: two forward passes whose per-example gradients add up (what DP-SGD clips
-        is their sum per example).
+        is their sum per example). When ``rows_pulled`` (the negatives are the sources'
+        rows, not random ones) and the neighbour weight is > 0, the neighbour term is
+        added (:meth:`_neighbour_loss`).
         """
         loss_kwargs = {"in_batch": self.cfg.in_batch, "options": self.loss_options,
                        "negative_log_weights": negative_log_weights,
@@ -189,11 +198,23 @@ class ContrastiveTrainer:
         q1 = self.model(v1)  # N x D
         k2 = self._keys(v2)  # N x D
         loss = info_nce(q1, k2, negatives, self.cfg.temperature, **loss_kwargs)
+        pairs = [(q1, k2)]
         if self.cfg.symmetric:
             q2 = self.model(v2) if self.key_model is not None else k2
             k1 = self._keys(v1) if self.key_model is not None else q1
             loss = 0.5 * (loss + info_nce(q2, k1, negatives, self.cfg.temperature, **loss_kwargs))
+            pairs.append((q2, k1))
+        if self.neighbour_weight > 0 and self.rows_pulled and negatives is not None:
+            loss = loss + self.neighbour_weight * self._neighbour_loss(pairs, negatives, loss_kwargs)
         return loss, k2.detach()
+
+    def _neighbour_loss(self, pairs: list[tuple[Tensor, Tensor]], rows: Tensor,
+                        loss_kwargs: dict) -> Tensor:
+        """(N,) :func:`neighbour_info_nce` of each (query, key of the other view) pair, averaged
+        over the pairs as the loss is over view orders (Wu et al. 2022, arXiv 2111.10763)."""
+        terms = [neighbour_info_nce(q, k, rows, self.cfg.temperature, **loss_kwargs)
+                 for q, k in pairs]
+        return sum(terms) / len(terms)
 
     def train_step(self, x: Tensor) -> tuple[float, int, bool]:
         """One optimiser step on the batch; returns (mean loss, negatives used, had source rows).
@@ -209,6 +230,7 @@ class ContrastiveTrainer:
             self.step += 1
             return 0.0, 0, False
         negatives, log_weights, had_rows = self._negatives(x.shape[0])
+        self.rows_pulled = had_rows
         x = x.to(self.device, non_blocking=True)
         loss, keys = self.loss_on(x, negatives, log_weights)
         mean = loss.mean()

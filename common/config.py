@@ -326,6 +326,14 @@ class QueueSettings(_Part):
     staleness_gamma: float = _f(
         1.0, "a global negative of age a rounds enters the loss's denominator with weight "
              "gamma^a, in (0, 1], on top of --max-age (1: every age alike)", group=EXPERIMENTS)
+    # Neighbourhood matching (Wu et al. 2022; NNCLR, Dwibedi et al. 2021): pulled rows as positives.
+    neighbour_weight: float = _f(
+        0.0, "weight of a second InfoNCE term in which each query's positive is the pulled "
+             "global row nearest the other view's key (Wu et al. 2022's neighbourhood "
+             "matching, NNCLR's nearest-neighbour positive), against the same negatives; with "
+             "--false-negative-mode drop or positive, that mode's suspects are the neighbours "
+             "instead. Rows used as positives tell more about other clients' data "
+             "(docs/queue.md, threat model). 0: off", group=EXPERIMENTS)
     queue_port: int = _f(0, "port of the queue service (0: a free one)")
     queue_host: str = _f("127.0.0.1", "address the queue service binds and advertises")
 
@@ -339,6 +347,14 @@ class QueueSettings(_Part):
         need(0 <= self.queue_port < 65536, "queue_port", "must be a port number or 0")
         self._check_staleness(need)
         self._check_pull_mode(need)
+        self._check_neighbours(need)
+
+    def _check_neighbours(self, need: Need) -> None:
+        need(math.isfinite(self.neighbour_weight) and self.neighbour_weight >= 0,
+             "neighbour_weight", "must be zero (off) or more")
+        need(self.neighbour_weight == 0 or self.global_negatives > 0, "neighbour_weight",
+             "> 0 matches queries to pulled global rows, but --global-negatives is 0: pull "
+             "global negatives or set it to 0")
 
     def _check_staleness(self, need: Need) -> None:
         need(0 < self.staleness_gamma <= 1, "staleness_gamma", "must be in (0, 1]")

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from common.negative_options import NegativeOptions
 
-__all__ = ["InfoNCELoss", "NegativeOptions", "byol_loss", "info_nce", "staleness_log_weights"]
+__all__ = ["InfoNCELoss", "NegativeOptions", "byol_loss", "info_nce", "neighbour_info_nce",
+           "staleness_log_weights"]
 
 REDUCTIONS = ("mean", "none")
 
@@ -139,6 +140,85 @@ def info_nce(
         all_logits = torch.cat([pos.unsqueeze(1), *parts], dim=1)  # N x (1 + K [+ 2N])
         return torch.logsumexp(all_logits, dim=1) - pos  # N
     return _optioned_loss(pos, cosines, parts, temps, negative_log_weights, opts)
+
+
+def neighbour_info_nce(
+    query: Tensor,
+    positive_key: Tensor,
+    rows: Tensor,
+    temperature: float = 0.2,
+    in_batch: bool = False,
+    *,
+    negative_log_weights: Tensor | None = None,
+    options: NegativeOptions | None = None,
+    queue_temperature: float | None = None,
+) -> Tensor:
+    """Per-example InfoNCE in which each query's positive is its positive key's nearest
+    queue row(s): neighbourhood matching across clients.
+
+    Wu et al. 2022 ("Decentralized Unsupervised Learning of Visual Representations",
+    IJCAI, arXiv 2111.10763) match each local feature to its nearest remote features;
+    NNCLR (Dwibedi et al. 2021) takes the nearest neighbour of one view in a support set
+    as the positive of the other view. Here the support set is the queue ``rows`` (other
+    clients' embeddings) and, for query i, the neighbours N_i are chosen on the cosines
+    ``<k_i, r_j>`` of its positive key (the other view), without gradient:
+
+    - the single nearest row (``options`` off);
+    - with a false-negative mode in ``options``, its suspects instead
+      (``false_negative_top_k`` and/or ``false_negative_threshold``, see :func:`info_nce`):
+      the rows that machinery would not treat as plain negatives are the neighbours. A
+      query with none has loss 0.
+
+    With s_ij = <q_i, r_j> / T_q + l_j for the rows that are not neighbours, the
+    neighbours' logits ``p_in = <q_i, r_n> / T + l_n`` (a positive's temperature T), and the
+    in-batch negatives of :func:`info_nce` when ``in_batch`` (the other keys and queries;
+    k_i itself is not in this term)::
+
+        loss_i = logsumexp(p_iN_i, s_i, in-batch_i) - mean_{n in N_i} p_in
+
+    the row is the positive against the same negatives; with several neighbours the
+    SupCon form of :func:`info_nce`'s ``positive`` mode. The debiasing and hard-negative
+    options do not apply to this term. ``rows`` are detached here: the gradient reaches
+    the query (and, with ``in_batch``, the batch's keys and queries), never a row. Each
+    loss_i depends on query_i, key_i and the rows alone when ``in_batch=False``, so the
+    term keeps DP-SGD's per-example clipping valid.
+
+    Args:
+        query: (N, D) queries, unit norm.
+        positive_key: (N, D) keys of the other view; their neighbours are looked up.
+        rows: (K, D) unit-norm queue rows, K >= 1.
+        temperature, in_batch, negative_log_weights, queue_temperature: as :func:`info_nce`
+            (the log-weights are the rows').
+        options: only its false-negative selection is used (``None``: the nearest row).
+
+    Returns:
+        (N,) per-example losses.
+
+    Raises:
+        ValueError: as :func:`info_nce`, or no rows.
+    """
+    if rows is None or rows.ndim != 2 or rows.shape[0] == 0:
+        raise ValueError("neighbour_info_nce needs a non-empty (K, D) tensor of queue rows")
+    rows = rows.detach()
+    queue_t = _check_inputs(query, positive_key, rows, temperature, in_batch,
+                            negative_log_weights, queue_temperature)
+    with torch.no_grad():
+        nearest = _neighbours(positive_key.detach() @ rows.T, options)  # N x K
+    cosines, temps = _similarities(query, positive_key, rows, in_batch, temperature, queue_t)
+    log_w = 0.0 if negative_log_weights is None else negative_log_weights.to(cosines[0])  # K
+    queue = torch.where(nearest, cosines[0] / temperature, cosines[0] / queue_t) + log_w  # N x K
+    logits = torch.cat([queue, *(c / t for c, t in zip(cosines[1:], temps[1:], strict=True))], dim=1)
+    count = nearest.sum(dim=1)  # N, |N_i|
+    matched = torch.where(nearest, queue, 0.0).sum(dim=1) / count.clamp(min=1)  # N
+    return torch.where(count > 0, torch.logsumexp(logits, dim=1) - matched, 0.0)
+
+
+def _neighbours(cosines: Tensor, options: NegativeOptions | None) -> Tensor:
+    """(N, K) mask of each positive key's neighbours among the rows: the nearest one, or the
+    false-negative suspects of ``options`` when it has a mode."""
+    if options is not None and options.false_negative_mode != "off":
+        return _false_negatives(cosines, torch.ones_like(cosines, dtype=torch.bool), options)
+    return torch.zeros_like(cosines, dtype=torch.bool).scatter_(1, cosines.argmax(dim=1, keepdim=True), True)
 
 
 def _check_inputs(query: Tensor, positive_key: Tensor, negatives: Tensor | None,

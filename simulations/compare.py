@@ -10,6 +10,9 @@ Methods (``--methods``, all by default):
   ages), but every client pulls only the rows it pushed itself: a per-client queue.
   The difference to ``fedcontrast`` is the sharing alone.
 - ``fedcontrast``: negatives pulled from the global queue (the settings as given).
+- ``fedcontrast-nn``: ``fedcontrast`` with neighbourhood matching (``--neighbour-weight``,
+  1 unless given): the pulled rows are also nearest-neighbour positives (Wu et al. 2022,
+  arXiv 2111.10763; NNCLR, Dwibedi et al. 2021).
 - ``fedbyol``, ``fedu``, ``fedema``: the BYOL-based methods the field compares against
   (``--objective byol``, no queue; see :mod:`client.divergence`): FedBYOL, FedU
   (Zhuang et al., ICCV 2021: divergence-aware predictor update, ``--fedu-threshold``) and

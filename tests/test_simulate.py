@@ -253,6 +253,25 @@ def test_compare_writes_the_table_then_a_federated_method_resumes(tmp_path):
     assert rounds_trained() == {c: n for c in clients if (n := sum(c in d for d in drawn))}
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_compare_runs_neighbourhood_matching(tmp_path):
+    # fedcontrast-nn through the engine and the real queue: round 2 pulls round 1's rows,
+    # so its steps add the neighbour term (tests/test_neighbours.py checks the term).
+    out = tmp_path / "nn"
+    rc, log = _run([FEDCONTRAST, "compare", "--out", str(out), "--rounds", "2",
+                    "--methods", "fedcontrast-nn", *TINY], tmp_path, 580)
+    assert rc == 0, log
+    report = json.loads((out / "compare.json").read_text())
+    assert list(report["results"]) == ["fedcontrast-nn"]
+    assert report["results"]["fedcontrast-nn"][0]["knn_backbone"] >= 0.0
+    run = out / "fedcontrast-nn-seed0"
+    assert read_config_values(run)[1]["neighbour_weight"] == 1.0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["counted"], r["replied"]) for r in rows] == [(1, 3), (1, 3)]
+    assert rows[1]["global_hits"] > 0
+
+
 def test_privacy_sweep_settings_keep_the_federation_and_change_only_privacy():
     base = resolve(parse_privacy(), defaults=SWEEP_DEFAULTS)[0]
     private, reference = run_settings(base, 4.0, 4.0), run_settings(base, math.inf, 4.0)
