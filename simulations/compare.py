@@ -10,6 +10,10 @@ Methods (``--methods``, all by default):
   ages), but every client pulls only the rows it pushed itself: a per-client queue.
   The difference to ``fedcontrast`` is the sharing alone.
 - ``fedcontrast``: negatives pulled from the global queue (the settings as given).
+- ``fedcontrast-key``: fedcontrast with a momentum key encoder (``--key-mode ema``) that
+  persists across rounds and is averaged at the server with the weights
+  (``--key-sync server``, MonAcoSFL, ECML PKDD 2024): queue rows and positive keys of every
+  client come from one slowly moving encoder (:mod:`common.key_state`).
 - ``fedbyol``, ``fedu``, ``fedema``: the BYOL-based methods the field compares against
   (``--objective byol``, no queue; see :mod:`client.divergence`): FedBYOL, FedU
   (Zhuang et al., ICCV 2021: divergence-aware predictor update, ``--fedu-threshold``) and
@@ -300,12 +304,13 @@ def sent_megabytes(run: Path, cfg: FedConfig) -> float:
 
     The arrays of its reply, counted from the run's final global arrays, which have the
     same keys and shapes (the weights; with a BYOL method also the predictor; with
-    ``--optimizer-state federated`` also the optimiser's state; the server sends the same
-    arrays to it), plus the rows it pushed to the queue (float32, ``embedding_dim`` each;
+    ``--optimizer-state federated`` also the optimiser's state; with ``--key-sync server``
+    also the key encoder; the server sends the same arrays to it), plus the rows it pushed to the queue (float32, ``embedding_dim`` each;
     the mean over the run's replies). Payload only, no protocol overhead.
     """
     payload = read_checkpoint(run / "encoder.pt")
-    arrays = [*payload["state_dict"].values(), *dict(payload.get("optimizer_state") or {}).values()]
+    arrays = [*payload["state_dict"].values(), *dict(payload.get("optimizer_state") or {}).values(),
+              *dict(payload.get("key_state") or {}).values()]
     reply = sum(t.numel() * t.element_size() for t in arrays)
     rows = RunDir(run).read_metrics()
     replies = sum(int(r.get("replied", 0)) for r in rows)

@@ -12,7 +12,7 @@ from common.config import FedConfig
 from common.errors import UsageError
 from simulations.commands import METHODS
 
-FEDERATED = ("fedavg", "fedmoco", "fedcontrast", "fedbyol", "fedu", "fedema")
+FEDERATED = ("fedavg", "fedmoco", "fedcontrast", "fedcontrast-key", "fedbyol", "fedu", "fedema")
 #: The BYOL-based methods, each a value of --byol-update.
 BYOL_METHODS = ("fedbyol", "fedu", "fedema")
 #: SimCLR: one network for both views, in-batch negatives, no queue (fedavg, local and both
@@ -25,6 +25,8 @@ def method_config(method: str, base: FedConfig) -> FedConfig:
     """The settings of ``method``, derived from the FedContrast settings ``base``."""
     if method == "fedcontrast":
         return base
+    if method == "fedcontrast-key":  # MonAcoSFL's server-averaged momentum key encoder
+        return replace(base, key_mode="ema", key_sync="server")
     if method == "fedmoco":
         return replace(base, pull_scope="own")
     if method in ("fedavg", "local", "centralized", "centralized-skewed"):
