@@ -10,7 +10,8 @@ records; :mod:`simulations.compare` and the benches call it directly.
 - :func:`push_round`: the push phase of ``--push-timing before``: keys of the global
   weights, pushed before any node trains.
 - :func:`push_keys`: the keys themselves, a sample of local items embedded by the
-  round's global encoder (under DP a Poisson sample, optionally noised).
+  round's global encoder, or with ``--key-sync server`` by the round's server-averaged
+  key encoder (:mod:`common.key_state`) (under DP a Poisson sample, optionally noised).
 """
 
 from __future__ import annotations
