@@ -423,7 +423,8 @@ def markdown_table(report: dict[str, Any]) -> str:
               "instance retrieval (a view found among 256 candidates by its other view), "
               "alignment and uniformity of the head. MB sent/client/round: the arrays of a "
               "client's reply (weights, a BYOL method's predictor, the optimiser state when it "
-              "is federated) and the queue rows it pushes, per round it trains; local sends "
+              "is federated, fedcontrast-key's key encoder) and the queue rows it pushes, per "
+              "round it trains; local sends "
               "nothing, the centralized methods are not federated."]
     if note := reused_note(r for runs in report["results"].values() for r in runs):
         lines += ["", note]
