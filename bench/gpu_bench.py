@@ -102,7 +102,8 @@ def main() -> None:
     add_data_arguments(parser, str(CIFAR_DATA), train=10_000, test=2_000)
     parser.add_argument("--write-slice", type=Path, default=None,
                         help="write the --train/--test slice of --data to this .npz and stop")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        choices=(*METHODS, "fedcontrast-key"))
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration")
     parser.add_argument("--rounds", type=int, default=3)

@@ -47,7 +47,7 @@ from client.privacy import plan_round
 from client.round import push_round, train_round
 from client.settings import NodeSettings, queue_root_certificates
 from client.state import StateDir
-from common import optim_state
+from common import key_state, optim_state
 from common.config import FedConfig, from_run_config
 
 logger = logging.getLogger(__name__)
@@ -115,9 +115,10 @@ def push(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     queue_ca = queue_root_certificates(node, bool(config.get("queue-tls", False)))
     state = StateDir(node.state_dir, node.client_id).load()
-    weights, _optimizer = optim_state.split(msg.content["arrays"].to_torch_state_dict())
-    counts = push_round(
-        cfg, local_images(cfg, node), weights,
+    rest, key = key_state.split(msg.content["arrays"].to_torch_state_dict())
+    weights, _optimizer = optim_state.split(rest)
+    counts = push_round(  # with --key-sync server, rows of the server-averaged key encoder
+        cfg, local_images(cfg, node), key or weights,
         queue_address=str(config["queue-address"]),
         queue_token=str(config["queue-token"]),
         queue_version=int(config["queue-version"]),
@@ -149,7 +150,8 @@ def train(msg: Message, context: Context) -> Message:
                              queue_token=str(config["queue-token"]),
                              queue_version=int(config["queue-version"]))
         state_dir.save(state)  # the round's releases are on disk before any is made
-    received, optimizer_state = optim_state.split(msg.content["arrays"].to_torch_state_dict())
+    rest, key_arrays = key_state.split(msg.content["arrays"].to_torch_state_dict())
+    received, optimizer_state = optim_state.split(rest)
     if cfg.objective == "byol":
         weights, metrics = _byol_round(cfg, x, received, state_dir, context.run_id,
                                        lr=float(config["lr"]), seed=state.seed(cfg.seed, server_round),
@@ -167,6 +169,7 @@ def train(msg: Message, context: Context) -> Message:
             # The reply carries optimiser state exactly when the message did: its keys
             # must be those of the server's arrays.
             optimizer_state=optimizer_state or None,
+            key_arrays=key_arrays or None,  # --key-sync server: the key encoder comes back too
         )
     state.record_round(context.run_id, server_round)
     state_dir.save(state)

@@ -10,7 +10,8 @@ records; :mod:`simulations.compare` and the benches call it directly.
 - :func:`push_round`: the push phase of ``--push-timing before``: keys of the global
   weights, pushed before any node trains.
 - :func:`push_keys`: the keys themselves, a sample of local items embedded by the
-  round's global encoder (under DP a Poisson sample, optionally noised).
+  round's global encoder, or with ``--key-sync server`` by the round's server-averaged
+  key encoder (:mod:`common.key_state`) (under DP a Poisson sample, optionally noised).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from client.privacy import (
 )
 from client.stub import GlobalNegatives, QueueClient
 from client.trainer import ContrastiveTrainer, EpochStats, make_optimizer
-from common import optim_state, plugins
+from common import key_state, optim_state, plugins
 from common.config import FedConfig, push_quota, resolve_device
 from common.encoders import ContrastiveModel
 from common.evaluation import paired_views
@@ -111,6 +112,7 @@ def train_round(
     privacy: RoundPrivacy | None = None,
     queue_root_certificates: bytes | None = None,
     optimizer_state: Mapping[str, torch.Tensor] | None = None,
+    key_arrays: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
     """Train ``local_epochs`` on ``x`` from the global weights; push keys; return weights and metrics.
 
@@ -130,6 +132,11 @@ def train_round(
     ``--optimizer-state federated``): the optimiser continues from it, and the returned
     state dict then holds the optimiser's state after training beside the weights.
     ``None``: a fresh optimiser, and weights only.
+
+    ``key_arrays`` (``--key-sync server``, :mod:`common.key_state`: the server-averaged
+    key encoder's state dict, prefix removed): the ``ema`` key encoder starts from it
+    rather than from the global weights, the pushed rows are its keys, and the returned
+    state dict then holds the key encoder after training under ``key.*`` as well.
     """
     if x.shape[0] < 2:
         raise ValueError(f"this node has {x.shape[0]} training example(s); contrastive training needs 2 or more")
@@ -139,7 +146,11 @@ def train_round(
     device = resolve_device(cfg.device)
     generator = torch.Generator().manual_seed(seed)
     model = build_model(cfg, x.shape[1], global_state)
-    global_model = copy.deepcopy(model).requires_grad_(False).eval().to(device)
+    key_model = None if key_arrays is None else build_model(cfg, x.shape[1], key_arrays)
+    # The encoder of the round's pushed rows (and of frozen keys): the global weights, or
+    # the server-averaged key encoder as received, one encoder for every node.
+    global_model = copy.deepcopy(model if key_model is None else key_model
+                                 ).requires_grad_(False).eval().to(device)
     dp_generator = secret_generator() if cfg.dp else None
     dp = _dp_sgd(cfg, privacy, x.shape[0], dp_generator)
     client = QueueClient(queue_address, queue_token, root_certificates=queue_root_certificates)
@@ -150,7 +161,7 @@ def train_round(
             optim_state.load_arrays(model, optimizer, cfg, optimizer_state)
         trainer = ContrastiveTrainer(
             model, cfg, device=device, sources=sources,
-            key_model=global_model if cfg.key_mode == "frozen" else None,
+            key_model=global_model if cfg.key_mode == "frozen" else key_model,
             lr_schedule=lambda _step: lr, generator=generator, optimizer=optimizer, dp=dp,
         )
         try:
@@ -168,6 +179,8 @@ def train_round(
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if optimizer_state is not None:
         state.update(optim_state.export_arrays(model, optimizer, cfg))
+    if key_model is not None:
+        state.update(key_state.export_arrays(key_model))
     return state, metrics
 
 

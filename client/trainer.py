@@ -7,7 +7,9 @@ negatives. Key modes:
 
 - ``shared``: the key is the trainable encoder itself, gradients through both
   views (SimCLR, Chen et al. 2020).
-- ``ema``: a momentum copy, updated after every step (MoCo, He et al. 2020).
+- ``ema``: a momentum copy, updated after every step (MoCo, He et al. 2020); with
+  ``--key-sync server`` it persists across rounds, averaged at the server
+  (:mod:`common.key_state`).
 - ``frozen``: a copy fixed for the trainer's lifetime (in federation: the global
   encoder received this round, so keys and pushed rows share one version).
 
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 
 from client.negatives import AgedNegativeSource, NegativeSource
 from client.privacy import DPSGD, check_private_training
+from common import key_state
 from common.config import FedConfig, TrainConfig
 from common.encoders import ContrastiveModel
 from common.loss import NegativeOptions, info_nce, neighbour_info_nce, staleness_log_weights
@@ -267,9 +270,10 @@ class ContrastiveTrainer:
         """k <- m k + (1 - m) q, MoCo's key-encoder update (ema mode only)."""
         if self.cfg.key_mode != "ema" or self.key_model is None:
             return
-        m = self.cfg.key_momentum
-        for pk, pq in zip(self.key_model.parameters(), self.model.parameters(), strict=True):
-            pk.mul_(m).add_(pq.detach(), alpha=1.0 - m)
+        # A key encoder kept across rounds (--key-sync server) follows the buffers too: its
+        # BatchNorm statistics would otherwise stay those of round 1's copy.
+        key_state.momentum_step(self.key_model, self.model, self.cfg.key_momentum,
+                                buffers=key_state.enabled(self.cfg))
 
     # -- epochs ---------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ OPTIMIZERS = ("sgd", "adam")
 AGGREGATIONS = ("fedavg", "fedtrimmedavg", "fedmedian", "krum")
 OBJECTIVES = ("infonce", "byol")
 BYOL_UPDATES = ("fedbyol", "fedu", "fedema")
+KEY_SYNCS = ("local", "server")
 
 
 #: The help's groups beyond the parts' own, shown only by ``--help-all``: finer settings, and
@@ -397,6 +398,18 @@ class ServerSettings(_Part):
         ("federated", "reset"),
         group=EXPERIMENTS,
     )
+    # -- the server-averaged key encoder (MonAcoSFL) --
+    key_sync: str = _f(
+        "local",
+        "key-mode ema: where the momentum key encoder lives. local: each node starts it as a "
+        "copy of the global weights every round; server: it persists across rounds, travels "
+        "with the weights under \"key.*\" arrays, is averaged by the server as they are, "
+        "and makes the rows each node pushes (MonAcoSFL, ECML PKDD 2024; messages grow by "
+        "one encoder)",
+        KEY_SYNCS,
+        group=EXPERIMENTS,
+    )
+    # -- end of the server-averaged key encoder --
     trim_beta: float = _f(
         0.2, "fraction trimmed from each tail (aggregation fedtrimmedavg)",
         group=MORE,
@@ -516,6 +529,9 @@ class FedConfig(ObjectiveSettings, PrivacySettings, ServerSettings, QueueSetting
     """Federated training: everything local training takes, plus rounds and the queue."""
 
     def _check(self, need: Need) -> None:
+        need(self.key_sync == "local" or (self.key_mode == "ema" and self.objective == "infonce"),
+             "key_sync", "server needs --key-mode ema and --objective infonce: only a momentum "
+             "key encoder moves and can be averaged")
         if self.objective == "byol":
             _refuse_with_byol(self, need)
             return

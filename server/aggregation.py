@@ -21,6 +21,7 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.config import FedConfig
+from common.key_state import PREFIX as KEY_PREFIX
 from common.optim_state import PREFIX as OPTIMIZER_PREFIX
 from server.contract import REPLY_METRIC_KEYS, WEIGHT_KEY
 
@@ -61,7 +62,8 @@ class WeightsKrum(Krum):
     number of local steps, and its square dwarfs the weights' distances, so Krum would
     pick the node with the median data size rather than the one nearest the others.
     Here the choice is made on the weights; the chosen reply is then taken whole,
-    optimiser state included.
+    optimiser state included (and, with ``--key-sync server``, the ``key.*`` key
+    encoder, :mod:`common.key_state`, which the distances leave out as well).
     """
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -72,7 +74,7 @@ class WeightsKrum(Krum):
         contents = [msg.content for msg in valid]
         weights_only = [RecordDict({
             "arrays": ArrayRecord({k: v for k, v in c["arrays"].items()
-                                   if not k.startswith(OPTIMIZER_PREFIX)}),
+                                   if not k.startswith((OPTIMIZER_PREFIX, KEY_PREFIX))}),
             "metrics": c["metrics"],
         }) for c in contents]
         chosen = select_multikrum(weights_only, num_malicious_nodes=self.num_malicious_nodes,

@@ -17,7 +17,8 @@ Run directory (see :mod:`common.runtime.rundir`)::
 
     config.json  versions.json  metrics.csv  metrics.jsonl  (one row per round)
     encoder.pt   (every round; common.checkpoint format with "round", "next_slot",
-                  "client_slots" and "optimizer_state")
+                  "client_slots", "optimizer_state" and "key_state": the server-averaged
+                  key encoder under "key.*", empty unless --key-sync server)
     queue.pt     (NegativeQueue.snapshot, every round)
     summary.json (status, rounds, final_eval and random_init: the same figures of the
                   initial encoder, measured before round 1; queue, queue_tls, privacy,
@@ -47,7 +48,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from common import optim_state
+from common import key_state, optim_state
 from common.checkpoint import read_checkpoint, save_encoder
 from common.config import FedConfig, from_run_config, push_quota, resolve_device
 from common.datasets import Dataset, load_dataset
@@ -178,13 +179,19 @@ class _Model:
         # weights; zeros (a fresh optimiser) until round 1 is aggregated or a resume sets it.
         self.optimizer_state = (optim_state.initial_arrays(self.module, cfg)
                                 if cfg.optimizer_state == "federated" else {})
+        # --key-sync server: the server-averaged key encoder ("key.*" arrays), a copy of the
+        # initial model until round 1 is aggregated or a resume sets it.
+        self.key_state = key_state.initial_arrays(self.module, cfg)
 
     def arrays(self) -> ArrayRecord:
-        """What round 1 (or a resumed run's next round) sends: weights and optimiser state."""
-        return ArrayRecord({**self.module.state_dict(), **self.optimizer_state})
+        """What round 1 (or a resumed run's next round) sends: weights, optimiser state, key
+        encoder."""
+        return ArrayRecord({**self.module.state_dict(), **self.optimizer_state, **self.key_state})
 
     def load(self, arrays: ArrayRecord) -> ContrastiveModel:
-        weights, self.optimizer_state = optim_state.split(arrays.to_torch_state_dict())
+        state = arrays.to_torch_state_dict()
+        self.key_state = {k: v for k, v in state.items() if k.startswith(key_state.PREFIX)}
+        weights, self.optimizer_state = optim_state.split(key_state.split(state)[0])
         self.module.load_state_dict(weights)
         return self.module
 
@@ -194,7 +201,7 @@ class _Model:
         save_encoder(self.load(arrays), self.spec, self.run_dir.file("encoder.pt"),
                      round=rnd, next_slot=next_slot, client_slots=client_slots,
                      pushed_by_slot=dict(sorted(self.pushed_by_slot.items())),
-                     optimizer_state=self.optimizer_state)
+                     optimizer_state=self.optimizer_state, key_state=self.key_state)
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         return evaluate_encoder(self.load(arrays).to(self.device), self.data, device=self.device,
@@ -232,6 +239,7 @@ def _resume(source: Path, run_dir: RunDir, model: _Model,
         else:
             logger.warning("resuming %s: it holds no optimiser state for --optimizer %s; the "
                            "nodes' optimisers start afresh", source, model.cfg.optimizer)
+    _resume_key(source, payload, model)
     last = int(payload.get("round", 0))
     if (source / QUEUE_SNAPSHOT).exists():
         queue.restore(source / QUEUE_SNAPSHOT)
@@ -253,6 +261,21 @@ def _resume(source: Path, run_dir: RunDir, model: _Model,
     logger.info("resuming %s after round %d (%d clients keep their contributor slots)",
                 source, last, len(client_slots))
     return last, int(payload.get("next_slot", 0)), client_slots
+
+
+def _resume_key(source: Path, payload: Mapping[str, Any], model: _Model) -> None:
+    """The checkpoint's server-averaged key encoder (``--key-sync server``); without one that
+    fits, the key encoder restarts as a copy of the resumed weights."""
+    if not model.key_state:
+        return
+    saved = dict(payload.get("key_state") or {})
+    if set(saved) == set(model.key_state) and all(
+            saved[k].shape == v.shape for k, v in model.key_state.items()):
+        model.key_state = saved
+    else:
+        model.key_state = key_state.initial_arrays(model.module, model.cfg)
+        logger.warning("resuming %s: it holds no key encoder (a run with --key-sync local); "
+                       "the key encoder restarts as a copy of its weights", source)
 
 
 def write_summary(summary: dict[str, Any], run_dir: RunDir, cfg: FedConfig, driver: RoundDriver,

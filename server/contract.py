@@ -6,7 +6,9 @@ each node's token is its own)::
 
     "arrays": ArrayRecord   the global encoder's state_dict (version r - 1 of the weights),
                             with --optimizer-state federated also the aggregated optimiser
-                            state under "optimizer.*" keys (common/optim_state.py)
+                            state under "optimizer.*" keys (common/optim_state.py), with
+                            --key-sync server also the server-averaged key encoder under
+                            "key.*" keys (common/key_state.py)
     "config": ConfigRecord
         "server-round"   int    r
         "lr"             float  the round's learning rate (cosine over the run's rounds)
@@ -22,8 +24,9 @@ each node's token is its own)::
 
 Node to server, the reply::
 
-    "arrays":  ArrayRecord   the locally trained weights, and the optimiser state after
-                             training when the message carried one (same keys and shapes)
+    "arrays":  ArrayRecord   the locally trained weights, and the optimiser state and key
+                             encoder after training when the message carried them (same
+                             keys, order and shapes)
     "metrics": MetricRecord  exactly the keys of REPLY_METRIC_KEYS, on every reply
 
 With ``--push-timing before``, a push phase precedes the TRAIN messages: one QUERY

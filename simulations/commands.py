@@ -18,8 +18,8 @@ from simulations.scenario import scenario_names
 #: rounds (at batch 128 and 2 local epochs the encoder barely moved).
 SIMULATION_DEFAULTS: dict[str, Any] = {"rounds": 10, "local_epochs": 5, "batch_size": 32, "min_nodes": 1}
 #: The methods ``compare`` runs side by side (see :mod:`simulations.compare`).
-METHODS = ("local", "fedavg", "fedmoco", "fedcontrast", "fedcontrast-nn", "fedbyol", "fedu", "fedema",
-           "centralized", "centralized-skewed")
+METHODS = ("local", "fedavg", "fedmoco", "fedcontrast", "fedcontrast-nn", "fedcontrast-key", "fedbyol",
+           "fedu", "fedema", "centralized", "centralized-skewed")
 #: What every run of the sweep shares so that DP-SGD applies (see :mod:`simulations.privacy`).
 PRIVATE_LOSS = {"in_batch": False, "queue_size": 0}
 #: The sweep's defaults: a DP configuration (each run then sets its own target and noise).
@@ -110,7 +110,8 @@ simulate_command = Command(
 
 compare_command = Command(
     name="compare",
-    help="run local, fedavg, fedmoco, fedcontrast, fedcontrast-nn, fedbyol, fedu, fedema and "
+    help="run local, fedavg, fedmoco, fedcontrast, fedcontrast-nn, fedcontrast-key, fedbyol, fedu, "
+         "fedema and "
          "both centralized methods side by side",
     description=(
         "Train every method on the same data, partition, encoder and number of sample-epochs "

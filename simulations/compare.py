@@ -13,6 +13,10 @@ Methods (``--methods``, all by default):
 - ``fedcontrast-nn``: ``fedcontrast`` with neighbourhood matching (``--neighbour-weight``,
   1 unless given): the pulled rows are also nearest-neighbour positives (Wu et al. 2022,
   arXiv 2111.10763; NNCLR, Dwibedi et al. 2021).
+- ``fedcontrast-key``: fedcontrast with a momentum key encoder (``--key-mode ema``) that
+  persists across rounds and is averaged at the server with the weights
+  (``--key-sync server``, MonAcoSFL, ECML PKDD 2024): queue rows and positive keys of every
+  client come from one slowly moving encoder (:mod:`common.key_state`).
 - ``fedbyol``, ``fedu``, ``fedema``: the BYOL-based methods the field compares against
   (``--objective byol``, no queue; see :mod:`client.divergence`): FedBYOL, FedU
   (Zhuang et al., ICCV 2021: divergence-aware predictor update, ``--fedu-threshold``) and
@@ -303,12 +307,13 @@ def sent_megabytes(run: Path, cfg: FedConfig) -> float:
 
     The arrays of its reply, counted from the run's final global arrays, which have the
     same keys and shapes (the weights; with a BYOL method also the predictor; with
-    ``--optimizer-state federated`` also the optimiser's state; the server sends the same
-    arrays to it), plus the rows it pushed to the queue (float32, ``embedding_dim`` each;
+    ``--optimizer-state federated`` also the optimiser's state; with ``--key-sync server``
+    also the key encoder; the server sends the same arrays to it), plus the rows it pushed to the queue (float32, ``embedding_dim`` each;
     the mean over the run's replies). Payload only, no protocol overhead.
     """
     payload = read_checkpoint(run / "encoder.pt")
-    arrays = [*payload["state_dict"].values(), *dict(payload.get("optimizer_state") or {}).values()]
+    arrays = [*payload["state_dict"].values(), *dict(payload.get("optimizer_state") or {}).values(),
+              *dict(payload.get("key_state") or {}).values()]
     reply = sum(t.numel() * t.element_size() for t in arrays)
     rows = RunDir(run).read_metrics()
     replies = sum(int(r.get("replied", 0)) for r in rows)
@@ -421,7 +426,8 @@ def markdown_table(report: dict[str, Any]) -> str:
               "instance retrieval (a view found among 256 candidates by its other view), "
               "alignment and uniformity of the head. MB sent/client/round: the arrays of a "
               "client's reply (weights, a BYOL method's predictor, the optimiser state when it "
-              "is federated) and the queue rows it pushes, per round it trains; local sends "
+              "is federated, fedcontrast-key's key encoder) and the queue rows it pushes, per "
+              "round it trains; local sends "
               "nothing, the centralized methods are not federated."]
     if note := reused_note(r for runs in report["results"].values() for r in runs):
         lines += ["", note]

@@ -5,8 +5,8 @@ For a machine where Flower's engine cannot run (a GPU host with torch alone, as
 each client runs :func:`client.round.train_round` (or, for the BYOL methods,
 :func:`client.byol_round.train_byol_round`, its BYOL state kept here between its rounds)
 from the global weights, one after the other on the same device, and the server
-averages the replies weighted by their examples (FedAvg over weights and optimiser
-state). With the global queue in use, the real queue service serves on loopback: a
+averages the replies weighted by their examples (FedAvg over weights, optimiser
+state and, with ``--key-sync server``, the key encoder). With the global queue in use, the real queue service serves on loopback: a
 :class:`~server.queue.NegativeQueue` behind :class:`~server.service.QueueServer`, one
 token and contributor slot per client, advanced to each round's version as the
 ServerApp does. Client seeds are :func:`client.state.round_seed`'s, so each client's
@@ -31,7 +31,7 @@ from client.byol_round import train_byol_round
 from client.divergence import LocalBYOL
 from client.round import train_round
 from client.state import round_seed
-from common import optim_state
+from common import key_state, optim_state
 from common.config import FedConfig, push_quota
 from common.model import build_model
 from common.schedule import cosine_lr
@@ -91,7 +91,8 @@ def run_federation(cfg: FedConfig, xs: Sequence[torch.Tensor], in_channels: int,
     the global model and a record per round. ``on_round`` sees each record and the global
     model after the round's aggregation; when it returns True, no further round runs."""
     model = build_model(cfg, in_channels)
-    arrays = {**model.state_dict(), **optim_state.initial_arrays(model, cfg)}
+    arrays = {**model.state_dict(), **optim_state.initial_arrays(model, cfg),
+              **key_state.initial_arrays(model, cfg)}
     lr_at = cosine_lr(cfg.lr, cfg.rounds)
     ids = [f"partition-{i}" for i in range(len(xs))]
     byol: dict[str, LocalBYOL | None] = dict.fromkeys(ids)
@@ -101,7 +102,8 @@ def run_federation(cfg: FedConfig, xs: Sequence[torch.Tensor], in_channels: int,
             start = time.perf_counter()
             if queue is not None:
                 queue.advance(rnd)
-            weights, opt = optim_state.split(arrays)
+            rest, key = key_state.split(arrays)
+            weights, opt = optim_state.split(rest)
             replies, losses, pushed = [], [], 0
             for cid, token, x in zip(ids, tokens, xs, strict=True):
                 seed = round_seed(cfg.seed, cid, rnd)
@@ -112,12 +114,13 @@ def run_federation(cfg: FedConfig, xs: Sequence[torch.Tensor], in_channels: int,
                 else:
                     new, metrics = train_round(
                         cfg, x, weights, lr=lr_at(rnd - 1), queue_address=address, queue_token=token,
-                        queue_version=rnd, seed=seed, optimizer_state=opt or None)
+                        queue_version=rnd, seed=seed, optimizer_state=opt or None,
+                        key_arrays=key or None)
                 replies.append((new, int(metrics["num-examples"])))
                 losses.append(float(metrics["train-loss"]))
                 pushed += int(metrics.get("pushed-rows", 0))
             arrays = fedavg(replies)
-            model.load_state_dict(optim_state.split(arrays)[0])
+            model.load_state_dict(optim_state.split(key_state.split(arrays)[0])[0])
             record = RoundRecord(rnd, time.perf_counter() - start, sum(losses) / len(losses),
                                  sum(n for _, n in replies), pushed)
             records.append(record)

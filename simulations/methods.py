@@ -12,7 +12,8 @@ from common.config import FedConfig
 from common.errors import UsageError
 from simulations.commands import METHODS
 
-FEDERATED = ("fedavg", "fedmoco", "fedcontrast", "fedcontrast-nn", "fedbyol", "fedu", "fedema")
+FEDERATED = ("fedavg", "fedmoco", "fedcontrast", "fedcontrast-nn", "fedcontrast-key", "fedbyol", "fedu",
+             "fedema")
 #: The BYOL-based methods, each a value of --byol-update.
 BYOL_METHODS = ("fedbyol", "fedu", "fedema")
 #: SimCLR: one network for both views, in-batch negatives, no queue (fedavg, local and both
@@ -30,6 +31,8 @@ def method_config(method: str, base: FedConfig) -> FedConfig:
         return base
     if method == "fedcontrast-nn":  # pulled rows also as nearest-neighbour positives
         return replace(base, neighbour_weight=base.neighbour_weight or NEIGHBOUR_WEIGHT)
+    if method == "fedcontrast-key":  # MonAcoSFL's server-averaged momentum key encoder
+        return replace(base, key_mode="ema", key_sync="server")
     if method == "fedmoco":
         return replace(base, pull_scope="own")
     if method in ("fedavg", "local", "centralized", "centralized-skewed"):

@@ -94,12 +94,15 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("pull_scope", ["others", "own"])  # fedcontrast's and fedmoco's queues
+@pytest.mark.parametrize("settings", [
+    {"pull_scope": "others"}, {"pull_scope": "own"},  # fedcontrast's and fedmoco's queues
+    {"key_mode": "ema", "key_sync": "server"},  # fedcontrast-key: the key encoder resumes too
+], ids=["others", "own", "key-sync-server"])
 def test_a_run_stopped_after_round_two_and_resumed_ends_with_the_uninterrupted_runs_encoder(
-        tmp_path, our_loggers, pull_scope):
+        tmp_path, our_loggers, settings):
     # Without the clients' slots kept through the resume, round 3's loss differs (checked):
     # each client's rows of round 2 were another's, pulled (others) or missed (own).
-    cfg = replace(CFG, pull_scope=pull_scope)
+    cfg = replace(CFG, **settings)
     whole = tmp_path / "whole"
     run_server(InProcessGrid(cfg, {11: "c0", 12: "c1", 13: "c2"}, whole), whole / "run", run_id=1)
 
@@ -124,6 +127,7 @@ def test_a_run_stopped_after_round_two_and_resumed_ends_with_the_uninterrupted_r
     # The whole checkpoint too: weights, optimiser state, and the clients' slots, numbered
     # in client-id order whatever node ids and order the grid had.
     assert (whole / "run" / "encoder.pt").read_bytes() == (part / "run" / "encoder.pt").read_bytes()
+    assert bool(stopped["key_state"]) == (cfg.key_sync == "server")  # and the key encoder
 
     # Each client kept its contributor slot through the resume.
     assert read_checkpoint(part / "run" / "encoder.pt")["client_slots"] == stopped["client_slots"]

@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from client.state import StateDir
+from common import key_state
+from common.checkpoint import read_checkpoint
 from common.config import FedConfig, read_config_values
 from common.datasets import DatasetError, load_dataset
 from common.errors import UsageError
@@ -122,6 +124,8 @@ def test_methods_differ_only_in_what_they_are_named_for():
     base = FedConfig(global_negatives=128, key_mode="ema", in_batch=False, push_fraction=0.3)
     assert method_config("fedcontrast", base) == base
     assert method_config("fedmoco", base) == replace(base, pull_scope="own")
+    assert method_config("fedcontrast-key", base) == replace(base, key_sync="server")
+    assert method_config("fedcontrast-key", FedConfig()).key_mode == "ema"
     for method in ("fedavg", "local", "centralized", "centralized-skewed"):  # SimCLR, in-batch only
         cfg = method_config(method, base)
         assert (cfg.global_negatives, cfg.push_fraction, cfg.in_batch, cfg.key_mode) == (
@@ -192,11 +196,12 @@ def test_compare_writes_the_table_then_a_federated_method_resumes(tmp_path):
     # Two of the three clients per round: the engine samples, the in-process methods get
     # the same fraction of sample-epochs.
     rc, log = _run([FEDCONTRAST, "compare", "--out", str(out), "--rounds", "2", "--eval-every", "1",
-                    "--methods", "local,fedmoco,centralized,centralized-skewed",
-                    "--fraction-train", "0.67", *TINY], tmp_path, 580)
+                    "--methods", "local,fedmoco,fedcontrast-key,centralized,centralized-skewed",
+                    "--fraction-train", "0.67", *TINY], tmp_path, 850)
     assert rc == 0, log
     report = json.loads((out / "compare.json").read_text())
-    assert list(report["results"]) == ["local", "fedmoco", "centralized", "centralized-skewed"]
+    assert list(report["results"]) == ["local", "fedmoco", "fedcontrast-key", "centralized",
+                                       "centralized-skewed"]
     for method, runs in report["results"].items():
         for key in ("linear_probe_backbone", "knn_backbone", "retrieval_head", "alignment_head",
                     "wall_time_s"):
@@ -204,17 +209,28 @@ def test_compare_writes_the_table_then_a_federated_method_resumes(tmp_path):
         assert runs[0]["uniformity_head"] <= 0.0
     assert report["results"]["local"][0]["clients_averaged"] == 3
     table = (out / "compare.md").read_text()
-    assert table.count("\n| ") == 5 + 4 and "| centralized-skewed |" in table  # random init,
-    # 4 methods, then 3 against the first, local, seed by seed (stdout names them too)
+    assert table.count("\n| ") == 6 + 5 and "| centralized-skewed |" in table  # random init,
+    # 5 methods, then 4 against the first, local, seed by seed (stdout names them too)
     paired = report["paired"]
     assert paired["reference"] == "local" and list(paired["methods"]) == [
-        "fedmoco", "centralized", "centralized-skewed"]
+        "fedmoco", "fedcontrast-key", "centralized", "centralized-skewed"]
     lp = "linear_probe_backbone"
     assert paired["methods"]["fedmoco"][lp]["per_seed"] == [
         report["results"]["fedmoco"][0][lp] - report["results"]["local"][0][lp]]
     assert "Against local, seed by seed" in table and "fedmoco - local: linear probe" in log
     assert (out / "compare.png").stat().st_size > 0
     assert read_config_values(out / "fedmoco-seed0")[1]["pull_scope"] == "own"
+    # fedcontrast-key: fedmoco's traffic plus one key encoder, kept in its checkpoint
+    assert {k: read_config_values(out / "fedcontrast-key-seed0")[1][k]
+            for k in ("key_mode", "key_sync")} == {"key_mode": "ema", "key_sync": "server"}
+    checkpoint = read_checkpoint(out / "fedcontrast-key-seed0")
+    key = checkpoint["key_state"]
+    assert list(key) == [key_state.PREFIX + k for k in checkpoint["state_dict"]]
+    assert any(not torch.equal(key[key_state.PREFIX + k], v) for k, v in checkpoint["state_dict"].items()
+               if v.is_floating_point())  # a slower encoder than the weights
+    mb = {m: report["results"][m][0]["mb_sent_per_client_round"] for m in ("fedmoco", "fedcontrast-key")}
+    key_mb = sum(t.numel() * t.element_size() for t in key.values()) / 1e6
+    assert mb["fedcontrast-key"] - mb["fedmoco"] == pytest.approx(key_mb, rel=1e-6)
     run = out / "fedmoco-seed0"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["counted"], r["sampled"], r["replied"]) for r in rows] == [
