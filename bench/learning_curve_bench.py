@@ -131,7 +131,8 @@ def plot(rows: list[dict[str, Any]], random_init: dict[int, dict[str, float]], p
                     label=f"{method}, width {width}, {images // 1000}k images")
         for width, figures in random_init.items():
             ax.axhline(figures[key], color="grey", linewidth=0.8, linestyle=":")
-            ax.annotate(f"random init, width {width}", (ax.get_xlim()[0], figures[key]), fontsize=7)
+            ax.text(0.01, figures[key], f"random init, width {width}", fontsize=7, va="bottom",
+                    transform=ax.get_yaxis_transform())
         ax.set_xscale("log")
         ax.set_xlabel("training samples (images x passes)")
         ax.set_ylabel(label)
