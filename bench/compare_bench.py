@@ -40,7 +40,7 @@ import numpy as np
 from bench.common import CIFAR_DATA, RESULTS_DIR, add_data_arguments, write_result
 from common.config import FedConfig
 from common.datasets import DatasetError, load_dataset, subset
-from simulations.compare import COLUMNS, METHODS, compare, markdown_table
+from simulations.compare import COLUMNS, DEFAULT_METHODS, compare, markdown_table
 from simulations.reuse import reused_note
 from simulations.simulate import Simulation
 
@@ -117,7 +117,7 @@ def main() -> None:
     add_setting_arguments(parser)
     parser.add_argument("--eval-every", type=int, default=0,
                         help="rounds between accuracy curve points (default: rounds // 2)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--hard-negative-beta", type=float, default=0.0,
                         help="the loss's hard-negative weighting, for every method alike "
                              "(default: 0, off; see --hard-negative-beta of the settings)")

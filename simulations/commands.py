@@ -20,6 +20,9 @@ SIMULATION_DEFAULTS: dict[str, Any] = {"rounds": 10, "local_epochs": 5, "batch_s
 #: The methods ``compare`` runs side by side (see :mod:`simulations.compare`).
 METHODS = ("local", "fedavg", "fedmoco", "fedcontrast", "fedcontrast-nn", "fedcontrast-key", "fedbyol",
            "fedu", "fedema", "centralized", "centralized-skewed")
+#: Formulations under measurement (docs/experiments.md): run when named, not by default.
+EXPERIMENTAL_METHODS = ("fedcontrast-nn", "fedcontrast-key")
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in EXPERIMENTAL_METHODS)
 #: What every run of the sweep shares so that DP-SGD applies (see :mod:`simulations.privacy`).
 PRIVATE_LOSS = {"in_batch": False, "queue_size": 0}
 #: The sweep's defaults: a DP configuration (each run then sets its own target and noise).
@@ -66,8 +69,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                      help="directory for the table, plot and one run per method and seed; "
                           "the same command again with the same --out reuses the methods and "
                           "seeds it finished (default: runs/compare-DATASET-TIME)")
-    run.add_argument("--methods", default=",".join(METHODS),
-                     help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
+    run.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                     help=f"comma-separated subset of {', '.join(METHODS)} (default: all but "
+                          f"{' and '.join(EXPERIMENTAL_METHODS)})")
     run.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1 (default: 0)")
     run.add_argument("--config", type=Path, default=None, metavar="PATH",
                      help="start from a saved config.json (or a run directory); flags override it")

@@ -1,6 +1,6 @@
 """``fedcontrast compare``: the methods side by side on the same data, partition, encoder and budget.
 
-Methods (``--methods``, all by default):
+Methods (``--methods``; all but ``fedcontrast-nn`` and ``fedcontrast-key`` by default):
 
 - ``local``: each client trains alone on its partition; the figures are the mean over
   clients of each client's encoder.
@@ -88,7 +88,7 @@ from common.plugins import make_views
 from common.runtime.rundir import RunDir
 from common.schedule import cosine_lr
 from server.deploy import EXIT_UNCOUNTED_ROUNDS
-from simulations.commands import METHODS
+from simulations.commands import DEFAULT_METHODS, METHODS
 from simulations.methods import FEDERATED, method_config
 from simulations.reuse import (
     data_digest,
@@ -337,7 +337,7 @@ def compare(
     sim: Simulation,
     out: Path,
     *,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = DEFAULT_METHODS,
     seeds: Sequence[int] = (0,),
     timeout: float | None = None,
     console: Console | None = None,
