@@ -22,8 +22,9 @@ backbone; retrieval is the head's instance retrieval.
     python -m bench.learning_curve_bench [--data PATH.npz] [--widths 16 32]
         [--points 10000x1 10000x4 10000x16 40000x1 40000x4] [--out DIR]
 
-Each finished point is kept in ``--out`` (one JSON file) and reused when the same
-command runs again, so a stopped curve goes on where it stopped. Writes
+Each finished point is kept in ``--out`` (one JSON file, with the data, test size,
+clients and alpha it ran with) and reused when a command with the same settings runs
+again, so a stopped curve goes on where it stopped. Writes
 ``bench/results/learning_curve.{md,json,png}``.
 """
 
@@ -95,17 +96,22 @@ def train_point(method: str, cfg: FedConfig, x: torch.Tensor, y: torch.Tensor, i
 
 def run_point(args: argparse.Namespace, method: str, width: int, images: int, passes: int,
               pools: dict[int, tuple[torch.Tensor, torch.Tensor]], eval_data: Dataset) -> dict[str, Any]:
-    """One point, reused from ``--out`` when it finished before."""
+    """One point, reused from ``--out`` when it finished before with the same settings."""
     path = args.out / f"{method}-w{width}-{images}x{passes}-seed{args.seed}.json"
+    settings = {"data": str(args.data.resolve()), "test": args.test, "clients": args.clients,
+                "alpha": args.alpha}
     if path.is_file():
-        return json.loads(path.read_text())
+        kept = json.loads(path.read_text())
+        if kept.get("settings") == settings:
+            return kept
+        print(f"{path.name}: kept with other settings ({kept.get('settings')}); trained again")
     cfg = point_config(args, str(args.data), width, passes)
     x, y = pools[images]
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
     model = train_point(method, cfg, x, y, eval_data.in_channels, args.clients, eval_data)
     train_s = time.perf_counter() - start
-    row = {"method": method, "width": width, "images": images, "passes": passes,
+    row = {"method": method, "width": width, "images": images, "passes": passes, "settings": settings,
            "samples": images * passes, "train_s": round(train_s, 1),
            **evaluate(model, cfg, eval_data)}
     path.write_text(json.dumps(row, indent=2) + "\n")

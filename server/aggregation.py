@@ -21,7 +21,6 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.config import FedConfig
-from common.key_state import PREFIX as KEY_PREFIX
 from common.optim_state import PREFIX as OPTIMIZER_PREFIX
 from server.contract import REPLY_METRIC_KEYS, WEIGHT_KEY
 
@@ -61,9 +60,11 @@ class WeightsKrum(Krum):
     distances over everything: Adam's step count alone differs between nodes by their
     number of local steps, and its square dwarfs the weights' distances, so Krum would
     pick the node with the median data size rather than the one nearest the others.
-    Here the choice is made on the weights; the chosen reply is then taken whole,
-    optimiser state included (and, with ``--key-sync server``, the ``key.*`` key
-    encoder, :mod:`common.key_state`, which the distances leave out as well).
+    Here the choice is made on the weights and, with ``--key-sync server``, the ``key.*``
+    key encoder (:mod:`common.key_state`; on the weights' scale, and what every node's
+    pushed rows and positive keys come from next round, so a node may not hide a poisoned
+    one behind central weights); the chosen reply is then taken whole, optimiser state
+    included.
     """
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -74,7 +75,7 @@ class WeightsKrum(Krum):
         contents = [msg.content for msg in valid]
         weights_only = [RecordDict({
             "arrays": ArrayRecord({k: v for k, v in c["arrays"].items()
-                                   if not k.startswith((OPTIMIZER_PREFIX, KEY_PREFIX))}),
+                                   if not k.startswith(OPTIMIZER_PREFIX)}),
             "metrics": c["metrics"],
         }) for c in contents]
         chosen = select_multikrum(weights_only, num_malicious_nodes=self.num_malicious_nodes,

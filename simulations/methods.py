@@ -19,7 +19,7 @@ BYOL_METHODS = ("fedbyol", "fedu", "fedema")
 #: SimCLR: one network for both views, in-batch negatives, no queue (fedavg, local and both
 #: centralized methods), so no queue rows to weigh by age either.
 SIMCLR = {"global_negatives": 0, "push_fraction": 0.0, "in_batch": True, "key_mode": "shared",
-          "queue_size": 0, "staleness_gamma": 1.0, "neighbour_weight": 0.0}
+          "queue_size": 0, "staleness_gamma": 1.0, "neighbour_weight": 0.0, "key_sync": "local"}
 #: fedcontrast-nn's --neighbour-weight unless the settings give one: the neighbour term
 #: weighs as much as the loss it is added to.
 NEIGHBOUR_WEIGHT = 1.0

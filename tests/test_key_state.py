@@ -222,3 +222,12 @@ def test_a_federation_in_one_process_runs_with_the_server_averaged_key():
     assert all(torch.isfinite(torch.tensor(r.train_loss)) for r in records)
     assert records[0].pushed_rows > 0
     assert set(model.state_dict()) == set(seen[-1])  # the global model holds no key.* array
+
+
+@pytest.mark.parametrize("method", ["fedavg", "local", "centralized", "fedbyol"])
+def test_methods_without_a_momentum_key_turn_the_server_key_off(method):
+    from simulations.methods import method_config
+
+    base = FedConfig(key_mode="ema", key_sync="server")
+    assert method_config(method, base).key_sync == "local"
+    validate(method_config(method, base))

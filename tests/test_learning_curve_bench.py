@@ -41,3 +41,6 @@ def test_the_curve_runs_every_point_and_reuses_finished_ones(tmp_path, monkeypat
     learning_curve_bench.main()  # every point reused: nothing trains, nothing printed per point
     assert "width   4 " not in capsys.readouterr().out
     assert json.loads((tmp_path / "tiny.json").read_text())["rows"] == record["rows"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--alpha", "0.3", "--points", "200x1"])
+    learning_curve_bench.main()  # other settings: the point trains again
+    assert "kept with other settings" in capsys.readouterr().out

@@ -686,3 +686,30 @@ def test_an_aggregated_integer_array_goes_back_to_its_dtype_and_floats_stay_as_t
     assert back["bn.num_batches_tracked"].dtype == torch.int64
     assert int(back["bn.num_batches_tracked"]) == 4  # rounded (half to even: 3.5 -> 4)
     assert torch.equal(back["w"], torch.full((2,), 0.5))
+
+
+def keyed(offset: float, key_offset: float) -> Node:
+    """A node that adds ``offset`` to the weights and ``key_offset`` to the ``key.*`` arrays."""
+
+    def node(msg: Message) -> Message:
+        state = {k: v + (key_offset if k.startswith("key.") else offset)
+                 for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics())})
+        return Message(content=content, reply_to=msg)
+
+    return node
+
+
+def test_krum_measures_the_key_encoder_so_a_central_node_cannot_slip_in_a_poisoned_one(tmp_path):
+    # The poisoned node's weights are the honest nodes' centre, its key encoder far off:
+    # on the weights alone it is Krum's choice, and its key would make next round's rows.
+    cfg = FedConfig(min_nodes=1, rounds=1, wait_nodes_timeout=0.3, eval_every=0,
+                    aggregation="krum", krum_f=1)
+    nodes = {1: keyed(-0.02, -0.02), 2: keyed(-0.01, -0.01), 3: keyed(0.01, 0.01),
+             4: keyed(0.02, 0.02), 99: keyed(0.0, 50.0)}
+    start = ArrayRecord({"w": torch.zeros(4), "key.w": torch.zeros(4)})
+    driver, _, _ = make_driver(tmp_path, FakeGrid(nodes), cfg=cfg)
+    result = driver.run_round(1, start)
+    assert result.counted
+    assert np.all(np.abs(result.arrays["key.w"].numpy()) <= 0.02)  # an honest node's key
+    assert np.all(np.abs(result.arrays["w"].numpy()) <= 0.02)
