@@ -1,11 +1,12 @@
 """Ablation of the negative-sampling options (issue #7): each alone, then the best combination.
 
-At half the training scale of ``bench.compare_bench`` (the quality benchmark): a stratified
-slice of 1,500 train images (half the quality benchmark's 3,000) and, like it, 5,000
-held-out images (one accuracy's sampling error about 0.007) of the CIFAR-10 benchmark file
+At half the scale the quality benchmark (``bench.compare_bench``) had until 2026-12-06
+(3,000 train images, 8 rounds x 2 local epochs; it has since moved to 10,000 images and 1
+local epoch): a stratified slice of 1,500 train images and 5,000 held-out images (one
+accuracy's sampling error about 0.007) of the CIFAR-10 benchmark file
 (``../shared/data/cifar10_jpeg.npz``, which a user's checkout does not have: pass
-``--data``), 10 clients, Dirichlet alpha 0.1, the same encoder, batch,
-views and schedule (8 rounds x 2 local epochs, so half the quality benchmark's sample-epochs). Rows, each a simulated federation evaluated on the
+``--data``), 10 clients, Dirichlet alpha 0.1, the benchmark's encoder, batch and views, 8
+rounds x 2 local epochs. Rows, each a simulated federation evaluated on the
 held-out slice (linear probe and kNN on backbone features):
 
 - ``fedavg`` and plain ``fedcontrast`` (the default FedConfig), every seed of ``--seeds``;

@@ -5,7 +5,9 @@ weights and aggregates them; ``reset`` builds a fresh optimiser every round, as
 FedContrast did before. This runs the same federated methods of ``fedcontrast compare``
 both ways on the quality benchmark's CIFAR-10 slice, budget, partition and seeds
 (``bench.compare_bench``), and reports each method's figures and the per-seed paired
-differences (federated - reset).
+differences (federated - reset). Its recorded result (``bench/results/optimizer_state.md``)
+ran at the benchmark's former defaults, 3,000 images and 2 local epochs per round; pass
+``--train 3000 --local-epochs 2`` to repeat it.
 
     python -m bench.optimizer_state_bench [--methods fedavg fedcontrast] [--seeds 0 1 2]
 """

@@ -332,9 +332,10 @@ class QueueSettings(_Part):
         0.0, "weight of a second InfoNCE term in which each query's positive is the pulled "
              "global row nearest the other view's key (Wu et al. 2022's neighbourhood "
              "matching, NNCLR's nearest-neighbour positive), against the same negatives; with "
-             "--false-negative-mode drop or positive, that mode's suspects are the neighbours "
-             "instead. Rows used as positives tell more about other clients' data "
-             "(docs/queue.md, threat model). 0: off", group=EXPERIMENTS)
+             "--false-negative-mode drop or positive, that mode's suspects (chosen by their "
+             "cosine to the key) are the neighbours instead. The weights a client sends are "
+             "then pulled towards other clients' rows (docs/queue.md, threat model). 0: off",
+        group=EXPERIMENTS)
     queue_port: int = _f(0, "port of the queue service (0: a free one)")
     queue_host: str = _f("127.0.0.1", "address the queue service binds and advertises")
 

@@ -114,9 +114,8 @@ simulate_command = Command(
 
 compare_command = Command(
     name="compare",
-    help="run local, fedavg, fedmoco, fedcontrast, fedcontrast-nn, fedcontrast-key, fedbyol, fedu, "
-         "fedema and "
-         "both centralized methods side by side",
+    help="run local, fedavg, fedmoco, fedcontrast, fedbyol, fedu, fedema and both centralized "
+         "methods side by side (fedcontrast-nn and fedcontrast-key when named)",
     description=(
         "Train every method on the same data, partition, encoder and number of sample-epochs "
         "(federated ones through the simulation engine), then write a Markdown table "
