@@ -17,6 +17,7 @@ from torch import nn
 
 from client import app as client_app
 from client import round as round_module
+from client.round import train_round
 from common import key_state, optim_state
 from common.config import FedConfig, validate
 from common.datasets import load_dataset
@@ -211,7 +212,17 @@ def test_a_resume_keeps_the_server_averaged_key_or_restarts_it_from_the_weights(
 
 
 @pytest.mark.timeout(300)
-def test_a_federation_in_one_process_runs_with_the_server_averaged_key():
+def test_a_federation_in_one_process_runs_with_the_server_averaged_key(monkeypatch):
+    import simulations.in_process as in_process
+
+    calls = []  # (key arrays received, key arrays sent back, examples), per client and round
+
+    def recording(*args, **kwargs):
+        new, metrics = train_round(*args, **kwargs)
+        calls.append((kwargs["key_arrays"], key_state.split(new)[1], int(metrics["num-examples"])))
+        return new, metrics
+
+    monkeypatch.setattr(in_process, "train_round", recording)
     g = torch.Generator().manual_seed(0)
     xs = [torch.rand(40, 1, 8, 8, generator=g) for _ in range(2)]
     cfg = replace(CFG, rounds=2, local_epochs=1, batch_size=16, global_negatives=16,
@@ -222,6 +233,14 @@ def test_a_federation_in_one_process_runs_with_the_server_averaged_key():
     assert all(torch.isfinite(torch.tensor(r.train_loss)) for r in records)
     assert records[0].pushed_rows > 0
     assert set(model.state_dict()) == set(seen[-1])  # the global model holds no key.* array
+    (got_a, sent_a, n_a), (got_b, sent_b, n_b), (round2, _, _), (round2_b, _, _) = calls
+    assert set(got_a) == set(sent_a) and got_a.keys() == got_b.keys()
+    for name, value in round2.items():  # round 2 starts from round 1's averaged key encoder
+        if value.is_floating_point():
+            expected = (sent_a[name] * n_a + sent_b[name] * n_b) / (n_a + n_b)
+            torch.testing.assert_close(value, expected.to(value.dtype))
+            assert not torch.equal(value, got_a[name]) or torch.equal(sent_a[name], got_a[name])
+        assert torch.equal(round2_b[name], value)
 
 
 @pytest.mark.parametrize("method", ["fedavg", "local", "centralized", "fedbyol"])
