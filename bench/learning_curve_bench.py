@@ -165,7 +165,15 @@ def main() -> None:
                         help="one JSON file per finished point, reused by the same command")
     parser.add_argument("--name", default="learning_curve", help="result name in bench/results/")
     args = parser.parse_args()
-    logging.disable(logging.WARNING)
+    logging.disable(logging.WARNING)  # the library's progress lines; this prints its own
+    try:
+        curve(args)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def curve(args: argparse.Namespace) -> None:
+    """Every point of ``args`` (trained or reused), then the table and the plot."""
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         full = load_dataset(str(args.data))

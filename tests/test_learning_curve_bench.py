@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 import pytest
@@ -44,3 +45,4 @@ def test_the_curve_runs_every_point_and_reuses_finished_ones(tmp_path, monkeypat
     monkeypatch.setattr(sys, "argv", [*argv, "--alpha", "0.3", "--points", "200x1"])
     learning_curve_bench.main()  # other settings: the point trains again
     assert "kept with other settings" in capsys.readouterr().out
+    assert not logging.root.manager.disable  # logging is left as it was found
