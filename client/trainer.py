@@ -17,6 +17,11 @@ With ``--neighbour-weight`` w > 0 (FedConfig only), a step whose sources had row
 times :func:`common.loss.neighbour_info_nce`: each query's positive is also the pulled row
 nearest its positive key (Wu et al. 2022's neighbourhood matching, NNCLR's positive).
 
+With ``prototypes`` (the round's (K, D) centroids of the queue's rows, ``--prototypes``,
+FedConfig only), every step adds ``--prototype-weight`` times
+:func:`common.loss.prototype_loss`: the query predicts the other view's sharpened
+assignment to them (Orchestra's global clusters, SwAV's swapped prediction).
+
 With a :class:`client.privacy.DPSGD`, steps are DP-SGD steps: Poisson-sampled
 batches, per-example clipping and Gaussian noise (see :mod:`client.privacy`).
 """
@@ -37,7 +42,13 @@ from client.privacy import DPSGD, check_private_training
 from common import key_state
 from common.config import FedConfig, TrainConfig
 from common.encoders import ContrastiveModel
-from common.loss import NegativeOptions, info_nce, neighbour_info_nce, staleness_log_weights
+from common.loss import (
+    NegativeOptions,
+    info_nce,
+    neighbour_info_nce,
+    prototype_loss,
+    staleness_log_weights,
+)
 from common.plugins import make_views
 from common.schedule import cosine_lr as cosine_lr
 
@@ -104,6 +115,8 @@ class ContrastiveTrainer:
         dp: train with DP-SGD: batches by Poisson sampling, per-example clipping and
             noise. Refused (``ValueError``) with in-batch negatives, a shared key, a
             model with BatchNorm, or a source of this client's own un-noised keys.
+        prototypes: (K, D) unit-norm prototypes of the round (``--prototypes``), constants
+            of the prototype term; ``None``: no such term.
     """
 
     def __init__(
@@ -118,6 +131,7 @@ class ContrastiveTrainer:
         generator: torch.Generator | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         dp: DPSGD | None = None,
+        prototypes: Tensor | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = device
@@ -143,6 +157,9 @@ class ContrastiveTrainer:
         # Neighbourhood matching: weight of the term whose positives are pulled rows.
         self.neighbour_weight = cfg.neighbour_weight if isinstance(cfg, FedConfig) else 0.0
         self.rows_pulled = False  # whether this step's negatives are sources' rows
+        # Prototypes: the round's shared centroids (K x D) and their term's weight.
+        self.prototypes = None if prototypes is None else prototypes.detach().to(device)
+        self.prototype_weight = cfg.prototype_weight if isinstance(cfg, FedConfig) else 0.0
         self.step = 0
 
     # -- one step -------------------------------------------------------------------
@@ -193,7 +210,8 @@ class ContrastiveTrainer:
         views: two forward passes whose per-example gradients add up (what DP-SGD clips
         is their sum per example). When ``rows_pulled`` (the negatives are the sources'
         rows, not random ones) and the neighbour weight is > 0, the neighbour term is
-        added (:meth:`_neighbour_loss`).
+        added (:meth:`_neighbour_loss`); with prototypes and a prototype weight > 0, the
+        prototype term (:meth:`_prototype_loss`).
         """
         loss_kwargs = {"in_batch": self.cfg.in_batch, "options": self.loss_options,
                        "negative_log_weights": negative_log_weights,
@@ -209,7 +227,15 @@ class ContrastiveTrainer:
             pairs.append((q2, k1))
         if self.neighbour_weight > 0 and self.rows_pulled and negatives is not None:
             loss = loss + self.neighbour_weight * self._neighbour_loss(pairs, negatives, loss_kwargs)
+        if self.prototypes is not None and self.prototype_weight > 0:
+            loss = loss + self.prototype_weight * self._prototype_loss(pairs)
         return loss, k2.detach()
+
+    def _prototype_loss(self, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """(N,) :func:`prototype_loss` of each (query, key of the other view) pair against the
+        round's prototypes, averaged over the pairs as the loss is over view orders."""
+        terms = [prototype_loss(q, k, self.prototypes, self.cfg.temperature) for q, k in pairs]
+        return sum(terms) / len(terms)
 
     def _neighbour_loss(self, pairs: list[tuple[Tensor, Tensor]], rows: Tensor,
                         loss_kwargs: dict) -> Tensor:

@@ -336,6 +336,16 @@ class QueueSettings(_Part):
              "cosine to the key) are the neighbours instead. The weights a client sends are "
              "then pulled towards other clients' rows (docs/queue.md, threat model). 0: off",
         group=EXPERIMENTS)
+    # Prototypes (Orchestra, Lubana et al. 2022; SwAV's swapped prediction, Caron et al. 2020).
+    prototypes: int = _f(
+        0, "number K of prototypes: at the start of each round the server clusters the queue's "
+           "rows (spherical k-means, seeded by --seed and the round) into K unit vectors sent "
+           "with the round's message, and each step adds --prototype-weight times the "
+           "cross-entropy between the other view's sharpened assignment to them and the "
+           "query's (Orchestra's globally consistent clusters, SwAV's swapped prediction); no "
+           "term in a round whose queue holds fewer than K rows. 0: off", group=EXPERIMENTS)
+    prototype_weight: float = _f(
+        1.0, "--prototypes: weight of the prototype term added to the loss", group=EXPERIMENTS)
     queue_port: int = _f(0, "port of the queue service (0: a free one)")
     queue_host: str = _f("127.0.0.1", "address the queue service binds and advertises")
 
@@ -350,6 +360,15 @@ class QueueSettings(_Part):
         self._check_staleness(need)
         self._check_pull_mode(need)
         self._check_neighbours(need)
+        self._check_prototypes(need)
+
+    def _check_prototypes(self, need: Need) -> None:
+        need(self.prototypes >= 0, "prototypes", "must be zero (off) or more")
+        need(math.isfinite(self.prototype_weight) and self.prototype_weight >= 0,
+             "prototype_weight", "must be zero or more")
+        need(self.prototypes <= self.queue_capacity, "prototypes",
+             f"> --queue-capacity {self.queue_capacity}: the queue never holds that many rows; "
+             "lower it or raise the capacity")
 
     def _check_neighbours(self, need: Need) -> None:
         need(math.isfinite(self.neighbour_weight) and self.neighbour_weight >= 0,
@@ -538,6 +557,9 @@ class FedConfig(ObjectiveSettings, PrivacySettings, ServerSettings, QueueSetting
             return
         need(self.in_batch or self.queue_size > 0 or self.global_negatives > 0, "in_batch",
              "is off with no local queue and no global negatives: there would be no negatives")
+        need(self.prototypes == 0 or self.push_fraction > 0, "prototypes",
+             "> 0 clusters the queue's rows, but --push-fraction 0 pushes none: push rows or "
+             "set it to 0")
         if self.dp:
             _refuse_under_dp(self, need)
 
@@ -788,6 +810,10 @@ def _refuse_under_dp(cfg: FedConfig, need: Need) -> None:
     need(cfg.push_timing == "after", "push_timing",
          "with --dp true: the round's releases are planned and accounted when a node trains, "
          "so its pushes must come after: use --push-timing after")
+    need(cfg.prototypes == 0 or cfg.push_noise > 0, "prototypes",
+         "with --dp true and --push-noise 0: the prototypes average every row of the queue, "
+         "this client's own un-noised rows among them, which would make them depend on its "
+         "data unreleased: noise the pushes (--push-noise) or set --prototypes 0")
     need(cfg.pull_scope == "others" or cfg.push_noise > 0, "pull_scope",
          f"{cfg.pull_scope!r} with --dp true and --push-noise 0 would return this client's "
          "own un-noised rows as negatives, coupling its examples: use --pull-scope others "
@@ -800,6 +826,9 @@ def _refuse_with_byol(cfg: FedConfig, need: Need) -> None:
         need(not getattr(cfg, name), name,
              "with --objective byol: BYOL uses no negatives; set --global-negatives 0 "
              "--push-fraction 0 --queue-size 0")
+    need(not cfg.prototypes, "prototypes",
+         "with --objective byol: the prototypes are clusters of the queue's rows, which BYOL "
+         "does not use; set --prototypes 0")
     need(not cfg.dp, "dp", "with --objective byol is not supported yet: BYOL's loss is per "
                            "example, but its private training is not wired up; set --dp false")
 

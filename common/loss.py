@@ -12,7 +12,10 @@ References:
     Chuang et al. 2020, "Debiased Contrastive Learning" (NeurIPS; tau+). Robinson et al.
     2021, "Contrastive Learning with Hard Negative Samples" (ICLR; beta). Grill et al.
     2020, "Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning"
-    (NeurIPS; BYOL).
+    (NeurIPS; BYOL). Caron et al. 2020, "Unsupervised Learning of Visual Features by
+    Contrasting Cluster Assignments" (NeurIPS; SwAV: swapped prediction). Lubana et al.
+    2022, "Orchestra: Unsupervised Federated Learning via Globally Consistent Clustering"
+    (ICML; global prototypes).
 """
 
 from __future__ import annotations
@@ -24,10 +27,14 @@ from torch import Tensor, nn
 
 from common.negative_options import NegativeOptions
 
-__all__ = ["InfoNCELoss", "NegativeOptions", "byol_loss", "info_nce", "neighbour_info_nce",
-           "staleness_log_weights"]
+__all__ = ["PROTOTYPE_TARGET_TEMPERATURE", "InfoNCELoss", "NegativeOptions", "byol_loss", "info_nce",
+           "neighbour_info_nce", "prototype_loss", "staleness_log_weights"]
 
 REDUCTIONS = ("mean", "none")
+#: Temperature of :func:`prototype_loss`'s targets: sharper than the prediction's, so an
+#: example's target puts most of its mass on its nearest prototypes (SwAV's Sinkhorn
+#: targets are near one-hot; DINO sharpens its teacher at 0.04 to 0.07 against 0.1).
+PROTOTYPE_TARGET_TEMPERATURE = 0.05
 
 
 def staleness_log_weights(ages: Tensor, gamma: float) -> Tensor:
@@ -211,6 +218,60 @@ def neighbour_info_nce(
     count = nearest.sum(dim=1)  # N, |N_i|
     matched = torch.where(nearest, queue, 0.0).sum(dim=1) / count.clamp(min=1)  # N
     return torch.where(count > 0, torch.logsumexp(logits, dim=1) - matched, 0.0)
+
+
+def prototype_loss(
+    query: Tensor,
+    positive_key: Tensor,
+    prototypes: Tensor,
+    temperature: float = 0.2,
+    target_temperature: float = PROTOTYPE_TARGET_TEMPERATURE,
+) -> Tensor:
+    """Per-example swapped prediction of the other view's assignment to shared prototypes.
+
+    Orchestra (Lubana et al. 2022, "Orchestra: Unsupervised Federated Learning via Globally
+    Consistent Clustering", ICML, arXiv 2205.11506) clusters the clients' representations
+    into global centroids and trains each client to predict one view's cluster assignment
+    from the other view, SwAV's swapped prediction (Caron et al. 2020, "Unsupervised
+    Learning of Visual Features by Contrasting Cluster Assignments", NeurIPS, arXiv
+    2006.09882). With the prototypes C (K, D) and, for example i, its query q_i and its
+    positive key k_i (the other view)::
+
+        t_i = softmax(<k_i, C> / T_t)          (without gradient: the target)
+        loss_i = - sum_c t_ic log_softmax(<q_i, C> / T)_c
+
+    SwAV and Orchestra balance the targets over the batch (Sinkhorn-Knopp); that couples
+    the examples of a batch, so here each target is the key's own sharpened assignment
+    (``target_temperature`` below ``temperature``) and loss_i depends on q_i, k_i and the
+    prototypes alone: the term keeps DP-SGD's per-example clipping valid. ``prototypes``
+    and ``positive_key`` are detached here: the gradient reaches the query alone.
+
+    Args:
+        query: (N, D) queries, unit norm.
+        positive_key: (N, D) keys of the other view, unit norm.
+        prototypes: (K, D) unit-norm prototypes, K >= 1.
+        temperature: the prediction's temperature T (the loss's ``--temperature``).
+        target_temperature: the target's temperature T_t.
+
+    Returns:
+        (N,) per-example losses.
+
+    Raises:
+        ValueError: temperatures not positive, or shapes that do not fit.
+    """
+    _check_temperature(temperature)
+    _check_temperature(target_temperature)
+    if query.ndim != 2 or query.shape != positive_key.shape:
+        raise ValueError(f"query and positive_key must both be (N, D); got {tuple(query.shape)} "
+                         f"and {tuple(positive_key.shape)}")
+    if prototypes.ndim != 2 or prototypes.shape[0] == 0 or prototypes.shape[1] != query.shape[1]:
+        raise ValueError(f"prototypes must be a non-empty (K, {query.shape[1]}) tensor; got "
+                         f"{tuple(prototypes.shape)}")
+    prototypes = prototypes.detach().to(query)
+    with torch.no_grad():
+        target = torch.softmax(positive_key.detach() @ prototypes.T / target_temperature, dim=1)  # N x K
+    log_prediction = torch.log_softmax(query @ prototypes.T / temperature, dim=1)  # N x K
+    return -(target * log_prediction).sum(dim=1)
 
 
 def _neighbours(cosines: Tensor, options: NegativeOptions | None) -> Tensor:

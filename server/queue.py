@@ -320,6 +320,17 @@ class NegativeQueue:
             self._counters["pulled_rows"] += chosen.numel()
         return rows, versions
 
+    def rows(self, max_version: int | None = None) -> torch.Tensor:
+        """(m, dim) float32 copies of the rows no older than ``max_age`` (and computed at
+        ``max_version`` or before), on CPU, in the canonical order of seeded pulls: by
+        version, then by content, whatever order they arrived in. For the server's own use
+        (the round's prototypes, :mod:`common.prototypes`): not a pull, so not counted as one.
+        """
+        with self._lock:
+            which = Eligibility(self._version - self.max_age, max_version, None, None, True)
+            slots = self._ring.eligible_slots(which)
+            return self._ring.rows.index_select(0, slots).to("cpu", torch.float32)
+
     # ------------------------------------------------------------------- stats
 
     def stats(self) -> dict[str, Any]:
