@@ -247,3 +247,26 @@ def test_compare_counts_the_prototypes_a_client_receives(tmp_path):
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     # per reply: 10 rows pushed and, over the two rounds, 4 prototypes received, 16 floats each
     assert sent_megabytes(tmp_path, cfg) == pytest.approx((weights + 4 * 16 * (10 + 4)) / 1e6)
+
+
+@pytest.mark.timeout(300)
+def test_a_federation_in_one_process_sends_the_queue_prototypes_from_round_2(monkeypatch):
+    import simulations.in_process as in_process
+    from client.round import train_round
+    from simulations.in_process import run_federation
+
+    received = []  # the prototypes each client trained with, per round
+
+    def recording(*args, **kwargs):
+        received.append(kwargs["prototypes"])
+        return train_round(*args, **kwargs)
+
+    monkeypatch.setattr(in_process, "train_round", recording)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.rand(40, 1, 8, 8, generator=g) for _ in range(2)]
+    cfg = replace(CFG, rounds=2, local_epochs=1, batch_size=16, global_negatives=16,
+                  push_fraction=0.25, queue_capacity=64, prototypes=4)
+    _, records = run_federation(cfg, xs, 1)
+    assert records[0].pushed_rows >= 4
+    assert received[0] is None and received[1] is None  # round 1: an empty queue
+    assert received[2].shape == (4, 16) and torch.equal(received[2], received[3])  # one set per round
