@@ -11,7 +11,7 @@ With ``centralized-skewed`` beside ``centralized`` it also reports their differe
 seed: what negatives from other clients' data are worth at this partition and budget,
 an estimate of what fedcontrast's sharing can add over fedavg at best.
 
-    python -m bench.compare_bench [--train 10000 --test 5000 --rounds 8 --local-epochs 1 --seeds 0 1 2]
+    python -m bench.compare_bench [--train 20000 --test 5000 --rounds 8 --local-epochs 1 --seeds 0 1 2]
         [--methods M ...] [--hard-negative-beta B] [--queue-temperature T]
         [--pull-mode reproducible|live] [--global-negatives K] [--pull-policy P] [--name RESULT]
 
@@ -102,7 +102,7 @@ def versus(res: dict[str, list[dict]], other: str, key: str = "linear_probe_back
 def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
     """This benchmark's data, budget, encoder, partition and seeds (shared by the benchmarks
     that run at its settings)."""
-    add_data_arguments(parser, str(CIFAR_DATA), train=10_000, test=5000,
+    add_data_arguments(parser, str(CIFAR_DATA), train=20_000, test=5000,
                        accepts="an .npz of images with a test split, sliced")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--local-epochs", type=int, default=1)
