@@ -13,7 +13,7 @@ an estimate of what fedcontrast's sharing can add over fedavg at best.
 
     python -m bench.compare_bench [--train 20000 --test 5000 --rounds 8 --local-epochs 1 --seeds 0 1 2]
         [--methods M ...] [--hard-negative-beta B] [--queue-temperature T]
-        [--pull-mode reproducible|live] [--global-negatives K] [--pull-policy P] [--name RESULT]
+        [--pull-mode reproducible|live] [--global-negatives K] [--name RESULT]
 
 With only some methods, the per-seed differences against fedavg and fedmoco are still
 reported (linear probe and kNN); the gap closed needs centralized.
@@ -133,9 +133,6 @@ def main() -> None:
     parser.add_argument("--global-negatives", type=int, default=None,
                         help="global negatives per step, for fedmoco and fedcontrast alike "
                              f"(default: the setting's default, {FedConfig.global_negatives})")
-    parser.add_argument("--pull-policy", choices=("uniform", "recent", "stratified"), default=None,
-                        help="how the queue samples a pull, for fedmoco and fedcontrast alike "
-                             f"(default: the setting's default, {FedConfig.pull_policy})")
     parser.add_argument("--name", default="compare_bench",
                         help="result name under bench/results/ (default: compare_bench)")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here")
@@ -152,8 +149,6 @@ def main() -> None:
             cfg = replace(cfg, pull_mode=args.pull_mode)
         if args.global_negatives is not None:
             cfg = replace(cfg, global_negatives=args.global_negatives)
-        if args.pull_policy is not None:
-            cfg = replace(cfg, pull_policy=args.pull_policy)
         report = compare(cfg, Simulation(num_clients=args.clients), out, methods=args.methods,
                          seeds=args.seeds, timeout=6 * 3600, kept_in=args.out)
         if (out / "compare.png").exists():  # accuracy per round, every method
@@ -209,7 +204,7 @@ def main() -> None:
                "uniformity of the head. 'Clearly above' = above at every seed, by more on average "
                "than either method's seed range. fedcontrast = the default FedConfig (shared key, max age 1) with "
                f"{cfg.global_negatives} global negatives per step from other clients, pulled "
-               f"{cfg.pull_policy}; fedmoco = the same pulling only its own rows; "
+               "uniformly; fedmoco = the same pulling only its own rows; "
                "centralized-skewed = centralized with every batch from one client's partition. "
                f"Hard-negative beta {args.hard_negative_beta} in every method's loss; the queue's "
                f"rows at temperature {cfg.queue_temperature or cfg.temperature}, pulled in mode "

@@ -73,8 +73,8 @@ class ExtraNegativesTrainer(ContrastiveTrainer):
         with torch.no_grad():
             return self.model(views)
 
-    def view_loss(self, v1, v2, negatives, negative_log_weights=None):
-        return super().view_loss(v1, v2, self._extra_negatives(), None)
+    def view_loss(self, v1, v2, negatives):
+        return super().view_loss(v1, v2, self._extra_negatives())
 
 
 def train(cfg: FedConfig, data: Dataset, arm: str, parts: list[Tensor], extra: int):

@@ -11,12 +11,14 @@ held-out slice (linear probe and kNN on backbone features):
 
 - ``fedavg`` and plain ``fedcontrast`` (the default FedConfig), every seed of ``--seeds``;
 - ``fedcontrast`` with each option alone (:data:`OPTIONS`), the first seed only;
-- the best combination, every seed: per family of options (pull policy, staleness,
-  false negatives, debiasing, hard negatives, queue temperature, normalisation, number of
-  queue negatives, key encoder, push timing), the single option with
-  the largest linear-probe gain over plain fedcontrast at the same seed if positive, less
-  any that cannot be combined (false negatives as positives exclude debiasing and hard
-  negatives: the smaller gain gives way); with no positive gain, the best option alone.
+- the best combination, every seed: per family of options (hard negatives, queue
+  temperature, normalisation, number of queue negatives, key encoder, push timing), the
+  single option with the largest linear-probe gain over plain fedcontrast at the same seed
+  if positive; with no positive gain, the best option alone.
+
+The pull policies, staleness weighting, false-negative cancellation and debiasing this
+benchmark also measured until 116213d were removed for measuring no gain (docs/queue.md,
+"Removed options"); their rows stay in ``bench/results/``.
 
 An option "beats the spread" when its gain exceeds plain fedcontrast's seed-to-seed range
 (max - min over seeds). This benchmark changes no default: it says where a change would
@@ -51,16 +53,6 @@ from simulations.simulate import Simulation
 
 #: name -> (family, settings over plain fedcontrast). One family's options exclude each other.
 OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
-    "pull stratified": ("pull policy", {"pull_policy": "stratified"}),
-    "pull recent": ("pull policy", {"pull_policy": "recent", "pull_mode": "live"}),
-    "staleness gamma 0.5": ("staleness", {"staleness_gamma": 0.5}),
-    "false negatives: drop top-8": (
-        "false negatives", {"false_negative_mode": "drop", "false_negative_top_k": 8}),
-    "false negatives: drop cos > 0.8": (
-        "false negatives", {"false_negative_mode": "drop", "false_negative_threshold": 0.8}),
-    "false negatives: top-4 as positives": (
-        "false negatives", {"false_negative_mode": "positive", "false_negative_top_k": 4}),
-    "debiased tau+ 0.1": ("debiased", {"debias_tau_plus": 0.1}),
     "hard negatives beta 1": ("hard negatives", {"hard_negative_beta": 1.0}),
     "queue temperature 0.2": ("queue temperature", {"queue_temperature": 0.2}),
     "queue temperature 1": ("queue temperature", {"queue_temperature": 1.0}),
@@ -78,24 +70,12 @@ LP, KNN = "linear_probe_backbone", "knn_backbone"
 
 
 def best_combination(gains: dict[str, float]) -> dict[str, Any]:
-    """Settings of the best option per family with a positive gain, made compatible."""
+    """Settings of the best option per family with a positive gain."""
     best: dict[str, str] = {}
     for name, gain in gains.items():
         family = OPTIONS[name][0]
         if gain > 0 and (family not in best or gain > gains[best[family]]):
             best[family] = name
-    positive = best.get("false negatives")
-    if positive and OPTIONS[positive][1]["false_negative_mode"] == "positive":
-        rivals = [best[f] for f in ("debiased", "hard negatives") if f in best]
-        if rivals and max(gains[r] for r in rivals) > gains[positive]:
-            del best["false negatives"]
-        else:
-            for family in ("debiased", "hard negatives"):
-                best.pop(family, None)
-    # Weighing rows by age needs rows of more than one age: max age 0 leaves one.
-    timing = best.get("push timing")
-    if timing and OPTIONS[timing][1].get("max_age") == 0 and "staleness" in best:
-        del best["staleness" if gains[timing] >= gains[best["staleness"]] else "push timing"]
     chosen = list(best.values())
     if not chosen and gains:
         chosen = [max(gains, key=gains.get)]

@@ -49,8 +49,6 @@ from client.settings import NodeSettings, queue_root_certificates
 from client.state import StateDir
 from common import key_state, optim_state
 from common.config import FedConfig, from_run_config
-from common.prototypes import RECORD as PROTOTYPES
-from common.prototypes import checked_prototypes
 
 logger = logging.getLogger(__name__)
 
@@ -154,10 +152,6 @@ def train(msg: Message, context: Context) -> Message:
         state_dir.save(state)  # the round's releases are on disk before any is made
     rest, key_arrays = key_state.split(msg.content["arrays"].to_torch_state_dict())
     received, optimizer_state = optim_state.split(rest)
-    prototypes = msg.content.get(PROTOTYPES)  # --prototypes, once the queue holds enough rows
-    if prototypes is not None:
-        prototypes = checked_prototypes(prototypes.to_torch_state_dict(), cfg.prototypes,
-                                        cfg.embedding_dim)
     if cfg.objective == "byol":
         weights, metrics = _byol_round(cfg, x, received, state_dir, context.run_id,
                                        lr=float(config["lr"]), seed=state.seed(cfg.seed, server_round),
@@ -176,7 +170,6 @@ def train(msg: Message, context: Context) -> Message:
             # must be those of the server's arrays.
             optimizer_state=optimizer_state or None,
             key_arrays=key_arrays or None,  # --key-sync server: the key encoder comes back too
-            prototypes=prototypes,  # used in the loss only: the reply never carries them
         )
     state.record_round(context.run_id, server_round)
     state_dir.save(state)

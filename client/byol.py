@@ -60,17 +60,11 @@ class BYOLTrainer(ContrastiveTrainer):
         self.key_model = target.to(device).requires_grad_(False).train()
         self.tau = cfg.byol_tau
 
-    def _negatives(self, batch_size: int) -> tuple[Tensor | None, Tensor | None, bool]:
+    def _negatives(self, batch_size: int) -> tuple[Tensor | None, bool]:
         """None: BYOL contrasts nothing (and draws no random rows)."""
-        return None, None, False
+        return None, False
 
-    def view_loss(
-        self,
-        v1: Tensor,
-        v2: Tensor,
-        negatives: Tensor | None,
-        negative_log_weights: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    def view_loss(self, v1: Tensor, v2: Tensor, negatives: Tensor | None) -> tuple[Tensor, Tensor]:
         """Per-example BYOL loss of two views (N, C, ...); returns (loss (N,), target
         projections of v2 (N, D)). ``negatives`` are ignored (always None here)."""
         p1, p2 = self.model.predict(v1), self.model.predict(v2)  # N x D online predictions

@@ -24,15 +24,6 @@ class NegativeSource(Protocol):
         """See the ``(N, D)`` keys of the step just taken (detached)."""
 
 
-@runtime_checkable
-class AgedNegativeSource(NegativeSource, Protocol):
-    """A source that knows how old its rows are (the global queue); the rows of any
-    other source count as fresh (age 0) for staleness weighting."""
-
-    def ages(self) -> Tensor | None:
-        """``(K,)`` ages in rounds of the bank :meth:`negatives` last returned, or None."""
-
-
 class LocalQueue:
     """A MoCo-style FIFO of this client's own past keys (He et al. 2020, arXiv:1911.05722).
 

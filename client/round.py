@@ -113,7 +113,6 @@ def train_round(
     queue_root_certificates: bytes | None = None,
     optimizer_state: Mapping[str, torch.Tensor] | None = None,
     key_arrays: Mapping[str, torch.Tensor] | None = None,
-    prototypes: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
     """Train ``local_epochs`` on ``x`` from the global weights; push keys; return weights and metrics.
 
@@ -138,10 +137,6 @@ def train_round(
     key encoder's state dict, prefix removed): the ``ema`` key encoder starts from it
     rather than from the global weights, the pushed rows are its keys, and the returned
     state dict then holds the key encoder after training under ``key.*`` as well.
-
-    ``prototypes`` (``--prototypes K``: the round's (K, D) centroids of the queue's rows,
-    :mod:`common.prototypes`): every step adds ``--prototype-weight`` times
-    :func:`common.loss.prototype_loss`; they are not returned.
     """
     if x.shape[0] < 2:
         raise ValueError(f"this node has {x.shape[0]} training example(s); contrastive training needs 2 or more")
@@ -168,7 +163,6 @@ def train_round(
             model, cfg, device=device, sources=sources,
             key_model=global_model if cfg.key_mode == "frozen" else key_model,
             lr_schedule=lambda _step: lr, generator=generator, optimizer=optimizer, dp=dp,
-            prototypes=prototypes,
         )
         try:
             epochs = [trainer.train_epoch(x) for _ in range(cfg.local_epochs)]
@@ -221,7 +215,6 @@ def _global_sources(client: QueueClient, cfg: FedConfig, privacy: RoundPrivacy |
     reproducible = cfg.pull_mode == "reproducible"
     return [GlobalNegatives(client, cfg.global_negatives, max_age, cfg.refresh_every,
                             exclude_own=exclude_own, only_own=cfg.pull_scope == "own",
-                            policy=cfg.pull_policy, with_ages=cfg.staleness_gamma < 1,
                             max_version=(queue_version - (cfg.push_timing == "after")
                                          if reproducible else None),
                             seed=seed if reproducible else None)]

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from common.config import DEFAULT_MAX_MESSAGE_BYTES
-from common.pull_policies import check_seeded, pull_policy, to_wire
 from common.runtime.wire import (
     TOKEN_METADATA_KEY,
     parse_with_tensor,
@@ -144,107 +143,56 @@ class QueueClient:
         max_age: int | None,
         exclude_own: bool = True,
         dtype: torch.dtype = torch.float16,
-        policy: str = "uniform",
         only_own: bool = False,
         *,
         max_version: int | None = None,
         seed: int | None = None,
     ) -> torch.Tensor | None:
-        """Up to ``n`` rows no older than ``max_age`` (``None``: the server's bound).
+        """Up to ``n`` rows no older than ``max_age`` (``None``: the server's bound), sampled
+        uniformly without replacement.
 
         Args:
             exclude_own: leave out the rows this node pushed.
             only_own: only the rows this node pushed (give ``exclude_own=False``).
             dtype: precision on the wire and of the result (float16 halves the bytes).
-            policy: ``"uniform"``, ``"recent"`` or ``"stratified"`` (by age).
             max_version: only rows of this encoder version or older (``None``: any).
             seed: a reproducible pull (``PullRequest.seed``): the same rows in the queue
-                and the same seed give the same reply; not with ``"recent"``.
+                and the same seed give the same reply.
 
         Returns:
             (m, dim) CPU tensor of ``dtype``, m <= n (possibly 0), or ``None`` when
             the queue could not be reached or refused the call (counted as a miss).
         """
-        pulled = self._pull(n, max_age, exclude_own, dtype, policy, only_own, with_ages=False,
-                            max_version=max_version, seed=seed)
-        return None if pulled is None else pulled[0]
-
-    def pull_with_ages(
-        self,
-        n: int,
-        max_age: int | None,
-        exclude_own: bool = True,
-        dtype: torch.dtype = torch.float16,
-        policy: str = "uniform",
-        only_own: bool = False,
-        *,
-        max_version: int | None = None,
-        seed: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """:meth:`pull`, also returning each row's age in rounds (queue version - row version).
-
-        Returns:
-            ``(rows, ages)``: (m, dim) as :meth:`pull` and (m,) int64 ages >= 0, or ``None``.
-        """
-        return self._pull(n, max_age, exclude_own, dtype, policy, only_own, with_ages=True,
-                          max_version=max_version, seed=seed)
-
-    def _pull(
-        self,
-        n: int,
-        max_age: int | None,
-        exclude_own: bool,
-        dtype: torch.dtype,
-        policy: str,
-        only_own: bool,
-        with_ages: bool,
-        max_version: int | None,
-        seed: int | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        wire_policy = to_wire(policy)
-        if seed is not None:
-            check_seeded(policy)
         request = pb.PullRequest(
             count=n,
             max_age=max_age,
             exclude_own=exclude_own,
             only_own=only_own,
             dtype=wire_dtype(dtype),
-            policy=wire_policy,
-            include_versions=with_ages,
             max_version=max_version,
             seed=seed,
         )
         reply = self._call("Pull", self._pull_bytes, request)
-        pulled = None
+        rows = None
         if reply is not None:
             try:
-                message, rows = parse_with_tensor(pb.PullResponse, reply, "embeddings")
+                _, rows = parse_with_tensor(pb.PullResponse, reply, "embeddings")
                 if rows.dtype != dtype or rows.dim() != 2 or rows.shape[0] > n:
                     raise ValueError(
                         f"reply of {rows.dtype} {list(rows.shape)} for a pull of {n} {dtype} rows"
                     )
-                ages = None
-                if with_ages:
-                    ages = message.queue_version - torch.tensor(list(message.versions),
-                                                                 dtype=torch.int64)  # m
-                    if ages.shape != (rows.shape[0],) or bool((ages < 0).any()):
-                        raise ValueError(
-                            f"reply has {len(message.versions)} versions (queue at "
-                            f"{message.queue_version}) for {rows.shape[0]} rows"
-                        )
-                pulled = rows, ages
             except ValueError as exc:
                 logger.error("queue %s sent a malformed Pull reply: %s", self.address, exc)
+                rows = None
         with self._lock:
-            if pulled is None:
+            if rows is None:
                 self._counters["misses"] += 1
-            elif pulled[0].shape[0] == 0:
+            elif rows.shape[0] == 0:
                 self._counters["empty_pulls"] += 1
             else:
                 self._counters["hits"] += 1
-                self._counters["rows_pulled"] += pulled[0].shape[0]
-        return pulled
+                self._counters["rows_pulled"] += rows.shape[0]
+        return rows
 
     def stats(self) -> dict[str, Any] | None:
         """The queue's statistics (same keys as ``NegativeQueue.stats()`` plus ``rejected``)."""
@@ -383,9 +331,6 @@ class GlobalNegatives:
             rows were pushed without noise).
         only_own: pull only rows this node pushed (a per-client queue; the ``fedmoco``
             baseline of ``fedcontrast compare``); excludes ``exclude_own``.
-        policy: how the queue samples (``"uniform"``, ``"recent"``, ``"stratified"``).
-        with_ages: also pull each row's age, served by :meth:`ages` (for staleness
-            weighting in the loss).
         max_version: pull only rows of this encoder version or older (``None``: any).
         seed: make every pull reproducible: the k-th refresh sends the seed
             :func:`pull_seed` ``(seed, k)``, so the same queue contents give the same
@@ -400,14 +345,11 @@ class GlobalNegatives:
         refresh_every: int = 1,
         exclude_own: bool = True,
         only_own: bool = False,
-        policy: str = "uniform",
-        with_ages: bool = False,
         max_version: int | None = None,
         seed: int | None = None,
     ) -> None:
         if exclude_own and only_own:
             raise ValueError("exclude_own and only_own cannot both be set")
-        pull_policy(policy)
         if num_negatives <= 0:
             raise ValueError(f"num_negatives must be positive, got {num_negatives}")
         if max_age < 0:
@@ -420,12 +362,9 @@ class GlobalNegatives:
         self.refresh_every = refresh_every
         self.exclude_own = exclude_own
         self.only_own = only_own
-        self.policy = policy
-        self.with_ages = with_ages
         self.max_version = max_version
         self.seed = seed
         self._cache: torch.Tensor | None = None  # K x D, unit-norm float32
-        self._ages: torch.Tensor | None = None  # K, int64 rounds (with_ages)
         self._last_refresh: int | None = None
         self._metrics = dict.fromkeys(
             ("refreshes", "misses", "empty_pulls", "steps_served", "steps_without"), 0
@@ -442,11 +381,6 @@ class GlobalNegatives:
         self._metrics["steps_served"] += 1
         return self._cache
 
-    def ages(self) -> torch.Tensor | None:
-        """(K,) int64 ages in rounds of the rows :meth:`negatives` serves (``with_ages``),
-        else ``None``."""
-        return self._ages if self._cache is not None else None
-
     def observe(self, keys: torch.Tensor) -> None:
         """Nothing to do: the ClientApp pushes keys at the end of the round."""
 
@@ -462,13 +396,8 @@ class GlobalNegatives:
         self._last_refresh = step
         self._metrics["refreshes"] += 1
         seed = None if self.seed is None else pull_seed(self.seed, self._metrics["refreshes"])
-        how = {"exclude_own": self.exclude_own, "only_own": self.only_own, "policy": self.policy,
-               "max_version": self.max_version, "seed": seed}
-        if self.with_ages:
-            pulled = self.client.pull_with_ages(self.num_negatives, self.max_age, **how)
-            rows, self._ages = (None, None) if pulled is None else pulled
-        else:
-            rows, self._ages = self.client.pull(self.num_negatives, self.max_age, **how), None
+        rows = self.client.pull(self.num_negatives, self.max_age, exclude_own=self.exclude_own,
+                                only_own=self.only_own, max_version=self.max_version, seed=seed)
         if rows is None:
             self._metrics["misses"] += 1
             self._cache = None

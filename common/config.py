@@ -25,9 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from common import negative_options, plugins
-from common.negative_options import FALSE_NEGATIVE_MODES
-from common.pull_policies import PULL_POLICIES, repeatable_names, seeded_refusal
+from common import plugins
 
 #: Largest gRPC message of the negative queue service and its clients, by default (32 MiB).
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20
@@ -164,8 +162,8 @@ class ViewSettings(_Part):
 
 @dataclass
 class NegativeSettings(_Part):
-    """The local negatives, the key encoder, and how each query treats its negatives
-    (:mod:`common.negative_options`; docs/queue.md, "Choosing negatives")."""
+    """The local negatives, the key encoder, and how each query weighs its negatives
+    (docs/queue.md, "Choosing negatives")."""
 
     in_batch: bool = _f(True, "use the other examples of the batch as negatives (SimCLR)")
     queue_size: int = _f(
@@ -180,23 +178,6 @@ class NegativeSettings(_Part):
     )
     key_momentum: float = _f(0.99, "EMA momentum of the key encoder (key-mode ema)", group=MORE)
     symmetric: bool = _f(True, "average the loss over both view orders", group=MORE)
-    false_negative_mode: str = _f(
-        "off",
-        "false-negative cancellation (Huynh et al. 2022): drop each query's suspected false "
-        "negatives from its denominator, or make them extra positives; suspects are picked by "
-        "--false-negative-top-k and/or --false-negative-threshold",
-        FALSE_NEGATIVE_MODES,
-        group=EXPERIMENTS,
-    )
-    false_negative_top_k: int = _f(
-        0, "suspected false negatives: at most the k negatives most similar to the query "
-           "(0: no such bound)", group=EXPERIMENTS)
-    false_negative_threshold: float = _f(
-        1.0, "suspected false negatives: cosine similarity with the query above this, in "
-             "[-1, 1] (1: no such bar; with a top k, both must hold)", group=EXPERIMENTS)
-    debias_tau_plus: float = _f(
-        0.0, "debiased contrastive loss (Chuang et al. 2020): class prior tau+ in [0, 1), the "
-             "expected share of negatives of the query's own class (0: off)", group=EXPERIMENTS)
     hard_negative_beta: float = _f(
         0.0, "hard-negative weighting (Robinson et al. 2021): concentration beta >= 0 of the "
              "importance weights e^(beta x logit) over each query's negatives (0: off)",
@@ -205,10 +186,8 @@ class NegativeSettings(_Part):
     def _check(self, need: Need) -> None:
         need(self.queue_size >= 0, "queue_size", "must be zero or more")
         need(0 <= self.key_momentum <= 1, "key_momentum", "must be in [0, 1]")
-        for name, what in negative_options.problems(
-                self.false_negative_mode, self.false_negative_top_k,
-                self.false_negative_threshold, self.debias_tau_plus, self.hard_negative_beta):
-            need(False, name, what)
+        need(math.isfinite(self.hard_negative_beta) and self.hard_negative_beta >= 0,
+             "hard_negative_beta", "must be a finite number >= 0")
         if self.key_mode == "shared":
             need(self.queue_size == 0, "queue_size",
                  "needs a separate key encoder: use --key-mode ema or frozen with a queue")
@@ -305,13 +284,6 @@ class QueueSettings(_Part):
         ("others", "all", "own"),
         group=EXPERIMENTS,
     )
-    pull_policy: str = _f(
-        "uniform",
-        "how the queue samples a pull among eligible rows: uniform, the most recent, or "
-        "stratified (equal shares per age present, uniform within an age)",
-        PULL_POLICIES,
-        group=EXPERIMENTS,
-    )
     pull_mode: str = _f(
         "reproducible",
         "what a node's pulls see and how they sample: reproducible (only rows of finished "
@@ -324,28 +296,6 @@ class QueueSettings(_Part):
         ("reproducible", "live"),
         group=EXPERIMENTS,
     )
-    staleness_gamma: float = _f(
-        1.0, "a global negative of age a rounds enters the loss's denominator with weight "
-             "gamma^a, in (0, 1], on top of --max-age (1: every age alike)", group=EXPERIMENTS)
-    # Neighbourhood matching (Wu et al. 2022; NNCLR, Dwibedi et al. 2021): pulled rows as positives.
-    neighbour_weight: float = _f(
-        0.0, "weight of a second InfoNCE term in which each query's positive is the pulled "
-             "global row nearest the other view's key (Wu et al. 2022's neighbourhood "
-             "matching, NNCLR's nearest-neighbour positive), against the same negatives; with "
-             "--false-negative-mode drop or positive, that mode's suspects (chosen by their "
-             "cosine to the key) are the neighbours instead. The weights a client sends are "
-             "then pulled towards other clients' rows (docs/queue.md, threat model). 0: off",
-        group=EXPERIMENTS)
-    # Prototypes (Orchestra, Lubana et al. 2022; SwAV's swapped prediction, Caron et al. 2020).
-    prototypes: int = _f(
-        0, "number K of prototypes: at the start of each round the server clusters the queue's "
-           "rows (spherical k-means, seeded by --seed and the round) into K unit vectors sent "
-           "with the round's message, and each step adds --prototype-weight times the "
-           "cross-entropy between the other view's sharpened assignment to them and the "
-           "query's (Orchestra's globally consistent clusters, SwAV's swapped prediction); no "
-           "term in a round whose queue holds fewer than K rows. 0: off", group=EXPERIMENTS)
-    prototype_weight: float = _f(
-        1.0, "--prototypes: weight of the prototype term added to the loss", group=EXPERIMENTS)
     queue_port: int = _f(0, "port of the queue service (0: a free one)")
     queue_host: str = _f("127.0.0.1", "address the queue service binds and advertises")
 
@@ -357,41 +307,9 @@ class QueueSettings(_Part):
         need(0 <= self.push_fraction <= 1, "push_fraction", "must be in [0, 1]")
         need(self.refresh_every >= 1, "refresh_every", "must be at least 1")
         need(0 <= self.queue_port < 65536, "queue_port", "must be a port number or 0")
-        self._check_staleness(need)
         self._check_pull_mode(need)
-        self._check_neighbours(need)
-        self._check_prototypes(need)
-
-    def _check_prototypes(self, need: Need) -> None:
-        need(self.prototypes >= 0, "prototypes", "must be zero (off) or more")
-        need(math.isfinite(self.prototype_weight) and self.prototype_weight >= 0,
-             "prototype_weight", "must be zero or more")
-        need(self.prototypes <= self.queue_capacity, "prototypes",
-             f"> --queue-capacity {self.queue_capacity}: the queue never holds that many rows; "
-             "lower it or raise the capacity")
-
-    def _check_neighbours(self, need: Need) -> None:
-        need(math.isfinite(self.neighbour_weight) and self.neighbour_weight >= 0,
-             "neighbour_weight", "must be zero (off) or more")
-        need(self.neighbour_weight == 0 or self.global_negatives > 0, "neighbour_weight",
-             "> 0 matches queries to pulled global rows, but --global-negatives is 0: pull "
-             "global negatives or set it to 0")
-
-    def _check_staleness(self, need: Need) -> None:
-        need(0 < self.staleness_gamma <= 1, "staleness_gamma", "must be in (0, 1]")
-        if self.staleness_gamma < 1:
-            need(self.global_negatives > 0, "staleness_gamma",
-                 "< 1 weighs global negatives by age, but --global-negatives is 0: set it to 1 "
-                 "or pull global negatives")
-            need(self.max_age > 0, "staleness_gamma",
-                 "< 1 with --max-age 0: every pulled row has age 0, so the weight changes "
-                 "nothing; raise --max-age or set it to 1")
 
     def _check_pull_mode(self, need: Need) -> None:
-        refusal = seeded_refusal(self.pull_policy)
-        need(self.pull_mode != "reproducible" or refusal is None, "pull_policy",
-             f"{refusal}, so --pull-mode reproducible cannot use it: choose "
-             f"{' or '.join(repeatable_names())}, or set --pull-mode live")
         need(self.pull_mode != "reproducible" or self.push_timing != "after" or self.max_age > 0
              or self.global_negatives == 0, "max_age",
              "0 with --pull-mode reproducible and --push-timing after: pulls see only rows of "
@@ -557,9 +475,6 @@ class FedConfig(ObjectiveSettings, PrivacySettings, ServerSettings, QueueSetting
             return
         need(self.in_batch or self.queue_size > 0 or self.global_negatives > 0, "in_batch",
              "is off with no local queue and no global negatives: there would be no negatives")
-        need(self.prototypes == 0 or self.push_fraction > 0, "prototypes",
-             "> 0 clusters the queue's rows, but --push-fraction 0 pushes none: push rows or "
-             "set it to 0")
         if self.dp:
             _refuse_under_dp(self, need)
 
@@ -700,8 +615,11 @@ def from_run_config(cls: type[T], run_config: Mapping[str, Any]) -> T:
 
     Values are coerced to the field's type (TOML gives ints where floats are meant).
     Unknown keys are allowed because a run config also carries keys of other parts
-    of the app (output directory, resume path).
+    of the app (output directory, resume path); a removed setting (:data:`REMOVED`) set
+    to anything but its old default is refused.
     """
+    check_removed({name: run_config[key_name(name)] for name in REMOVED
+                   if key_name(name) in run_config}, "the run config")
     values: dict[str, Any] = {}
     for f in fields(cls):
         key = key_name(f.name)
@@ -727,12 +645,37 @@ def save_config(cfg: Any, path: str | Path) -> None:
 #: config without the key ran that way, whatever today's default is.
 ADDED_SINCE = {"weight_standardization": False}
 
+#: Settings removed because they measured no gain (docs/queue.md, "Removed options"), with
+#: the value that turned each off (``None``: any value, it acted only with another one on).
+#: A saved config holding that value ran as this version runs and loads without it; any
+#: other value is refused by :func:`check_removed`, since dropping it would run something
+#: else.
+REMOVED: dict[str, Any] = {
+    "pull_policy": "uniform", "staleness_gamma": 1.0, "false_negative_mode": "off",
+    "false_negative_top_k": 0, "false_negative_threshold": 1.0, "debias_tau_plus": 0.0,
+    "neighbour_weight": 0.0, "prototypes": 0, "prototype_weight": None,
+}
+#: The last commit that had the settings of :data:`REMOVED`.
+REMOVED_AFTER = "116213d"
+
+
+def check_removed(values: Mapping[str, Any], where: str) -> None:
+    """ValueError naming the first removed setting (:data:`REMOVED`) that ``values`` turn on."""
+    for name, off in REMOVED.items():
+        if name in values and off is not None and values[name] != off:
+            raise ValueError(
+                f"{where}: {flag_name(name)} {values[name]!r} was removed (it measured no gain: "
+                f"docs/queue.md, 'Removed options'), so this version cannot run it. Set it to "
+                f"{off!r}, or remove the key, to run plain fedcontrast; or run commit "
+                f"{REMOVED_AFTER}, the last that had it")
+
 
 def read_config_values(path: str | Path) -> tuple[str, dict[str, Any]]:
     """Return ``(kind, values)`` from a file written by :func:`save_config`, without the
-    settings this version no longer has: a warning names them (CHANGELOG.md says what
-    replaced them); a setting the file predates takes the value its run had
-    (:data:`ADDED_SINCE`)."""
+    settings this version no longer has: a removed setting left off is dropped, one turned
+    on is refused (:func:`check_removed`), any other unknown key is dropped with a warning
+    naming it (CHANGELOG.md says what replaced it); a setting the file predates takes the
+    value its run had (:data:`ADDED_SINCE`)."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
@@ -743,6 +686,8 @@ def read_config_values(path: str | Path) -> tuple[str, dict[str, Any]]:
         kind, values = str(payload["kind"]), {**ADDED_SINCE, **dict(payload["config"])}
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} is not a FedContrast config.json ({exc})") from exc
+    check_removed(values, str(path))
+    values = {k: v for k, v in values.items() if k not in REMOVED}
     unknown = sorted(set(values) - {f.name for f in fields(FedConfig)})
     if unknown:
         logger.warning("%s: ignoring %s, no longer a setting (see CHANGELOG.md): %s", path,
@@ -810,10 +755,6 @@ def _refuse_under_dp(cfg: FedConfig, need: Need) -> None:
     need(cfg.push_timing == "after", "push_timing",
          "with --dp true: the round's releases are planned and accounted when a node trains, "
          "so its pushes must come after: use --push-timing after")
-    need(cfg.prototypes == 0 or cfg.push_noise > 0, "prototypes",
-         "with --dp true and --push-noise 0: the prototypes average every row of the queue, "
-         "this client's own un-noised rows among them, which would make them depend on its "
-         "data unreleased: noise the pushes (--push-noise) or set --prototypes 0")
     need(cfg.pull_scope == "others" or cfg.push_noise > 0, "pull_scope",
          f"{cfg.pull_scope!r} with --dp true and --push-noise 0 would return this client's "
          "own un-noised rows as negatives, coupling its examples: use --pull-scope others "
@@ -826,9 +767,6 @@ def _refuse_with_byol(cfg: FedConfig, need: Need) -> None:
         need(not getattr(cfg, name), name,
              "with --objective byol: BYOL uses no negatives; set --global-negatives 0 "
              "--push-fraction 0 --queue-size 0")
-    need(not cfg.prototypes, "prototypes",
-         "with --objective byol: the prototypes are clusters of the queue's rows, which BYOL "
-         "does not use; set --prototypes 0")
     need(not cfg.dp, "dp", "with --objective byol is not supported yet: BYOL's loss is per "
                            "example, but its private training is not wired up; set --dp false")
 

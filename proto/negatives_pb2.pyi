@@ -17,15 +17,11 @@ class SamplePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SAMPLE_POLICY_UNSPECIFIED: _ClassVar[SamplePolicy]
     SAMPLE_POLICY_UNIFORM: _ClassVar[SamplePolicy]
-    SAMPLE_POLICY_RECENT: _ClassVar[SamplePolicy]
-    SAMPLE_POLICY_STRATIFIED: _ClassVar[SamplePolicy]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
 SAMPLE_POLICY_UNSPECIFIED: SamplePolicy
 SAMPLE_POLICY_UNIFORM: SamplePolicy
-SAMPLE_POLICY_RECENT: SamplePolicy
-SAMPLE_POLICY_STRATIFIED: SamplePolicy
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")

@@ -21,10 +21,6 @@ each node's token is its own)::
         "queue-token"    str    this node's queue token (one per node id per run)
         "queue-version"  int    r: the version every row pushed this round must carry
         (+ whatever the wrapped strategy's configure_train adds, e.g. FedProx's mu)
-    "prototypes": ArrayRecord   only with --prototypes K once the queue holds K rows: one
-                            float32 array "prototypes" (K, embedding_dim), unit rows, the
-                            round's spherical k-means centroids of the queue's rows
-                            (common/prototypes.py), the same for every node of the round
 
 Node to server, the reply::
 
@@ -43,9 +39,6 @@ A node asked who it is (a QUERY of type :data:`IDENTIFY`, with a "config"
 ConfigRecord holding only "server-round") replies with a ConfigRecord "identity"
 holding "client-id", its stable identity from the node config (see
 :mod:`server.sampling`).
-
-The prototypes are for the node to use, not to return: a reply holding a "prototypes"
-record, or their array among its "arrays", is refused like any other record or array name.
 
 A reply with an error (the ClientApp raised), a missing record, another key set,
 a metric of another type, other array shapes or a non-finite value is unusable:

@@ -17,7 +17,7 @@ Ages and versions:
 
 The queue validates pushes and pulls and keeps the counters; its parts are rooms of
 their own: the storage (:mod:`server.ring_buffer`), push quotas (:mod:`server.quotas`),
-how a pull samples (:mod:`common.pull_policies`) and the snapshot file
+how a pull samples (:mod:`common.pull_policies`: uniformly) and the snapshot file
 (:mod:`server.snapshot`).
 
 Reproducible pulls: a pull given a ``seed`` samples the eligible rows in a canonical
@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from common.pull_policies import Eligibility, check_seeded, pull_policy
+from common.pull_policies import Eligibility, uniform_pull
 from server.quotas import Quotas
 from server.ring_buffer import RingBuffer
 from server.snapshot import SNAPSHOT_FORMAT, SnapshotError, read_snapshot, write_snapshot
@@ -262,30 +262,24 @@ class NegativeQueue:
         n: int,
         max_age: int | None = None,
         exclude: int | None = None,
-        policy: str = "uniform",
         generator: torch.Generator | None = None,
         only: int | None = None,
         *,
         max_version: int | None = None,
         seed: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample at most ``n`` rows no older than ``max_age``.
+        """Sample at most ``n`` rows no older than ``max_age``, uniformly without replacement.
 
         Args:
             n: most rows returned (fewer when fewer are eligible).
             max_age: age bound (``None``: the queue's ``max_age``).
             exclude: leave out this contributor's rows.
             only: return only this contributor's rows (not together with ``exclude``).
-            policy: a name in :data:`common.pull_policies.POLICIES`: ``"uniform"``
-                (without replacement), ``"recent"`` (latest pushed) or ``"stratified"``
-                (equal shares for every age present among the eligible rows, uniform
-                without replacement within an age).
-            generator: RNG for ``"uniform"`` and ``"stratified"`` (on the queue's device).
+            generator: RNG of the sampling (on the queue's device).
             max_version: only rows computed at this encoder version or before (``None``:
                 any version). A puller that names the last finished round sees no row
                 whose presence depends on how fast the other clients of its round are.
-            seed: a reproducible pull (not with ``generator``, nor with a policy a seed
-                cannot repeat, :func:`common.pull_policies.seeded_refusal`): the eligible
+            seed: a reproducible pull (not with ``generator``): the eligible
                 rows are put in a canonical order, by version and then by their contents,
                 and sampled by a generator seeded with ``seed``. The same rows and the same
                 seed give the same reply, whatever order the rows arrived in and whichever
@@ -299,37 +293,24 @@ class NegativeQueue:
             raise ValueError(f"n must be >= 0, got {n}")
         if max_age is not None and max_age < 0:
             raise ValueError(f"max_age must be >= 0, got {max_age}")
-        sampler = pull_policy(policy)
         if exclude is not None and only is not None:
             raise ValueError("exclude and only cannot be combined")
         canonical = seed is not None
         if canonical:
             if generator is not None:
                 raise ValueError("a pull takes a seed or a generator, not both")
-            check_seeded(policy)
             generator = torch.Generator(device=self.device).manual_seed(seed)
         age_bound = self.max_age if max_age is None else max_age
         # index_select / masked_select / narrow rather than tensor[index]: several times
         # faster on CPU, and a pull of thousands of rows is the service's hot path.
         with self._lock:
             which = Eligibility(self._version - age_bound, max_version, exclude, only, canonical)
-            chosen = sampler.choose(self._ring, n, which, generator)
+            chosen = uniform_pull(self._ring, n, which, generator)
             rows = self._ring.rows.index_select(0, chosen)
             versions = self._ring.versions.index_select(0, chosen)
             self._counters["pull_calls"] += 1
             self._counters["pulled_rows"] += chosen.numel()
         return rows, versions
-
-    def rows(self, max_version: int | None = None) -> torch.Tensor:
-        """(m, dim) float32 copies of the rows no older than ``max_age`` (and computed at
-        ``max_version`` or before), on CPU, in the canonical order of seeded pulls: by
-        version, then by content, whatever order they arrived in. For the server's own use
-        (the round's prototypes, :mod:`common.prototypes`): not a pull, so not counted as one.
-        """
-        with self._lock:
-            which = Eligibility(self._version - self.max_age, max_version, None, None, True)
-            slots = self._ring.eligible_slots(which)
-            return self._ring.rows.index_select(0, slots).to("cpu", torch.float32)
 
     # ------------------------------------------------------------------- stats
 

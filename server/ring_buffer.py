@@ -12,7 +12,7 @@ dot product with a fixed direction. Which slot a row holds and when it arrived d
 enter, so two buffers holding the same rows order them alike.
 
 Not thread-safe: :class:`server.queue.NegativeQueue` calls it under its lock. It is the
-:class:`common.pull_policies.RowStore` the pull policies sample from.
+:class:`common.pull_policies.RowStore` a pull samples from.
 """
 
 from __future__ import annotations

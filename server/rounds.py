@@ -7,9 +7,8 @@ strategy for what it is good at: sampling (``configure_train``) and combining
 weights (``aggregate_train``, :mod:`server.aggregation`). What travels in each
 message is :mod:`server.contract`; which nodes train is :mod:`server.sampling`.
 
-A round: wait for nodes, advance the queue, (with ``--prototypes``) cluster its rows
-into the round's prototypes, sample, (with ``--push-timing before``) the push phase,
-send the TRAIN messages, screen the replies, aggregate, evaluate,
+A round: wait for nodes, advance the queue, sample, (with ``--push-timing before``) the
+push phase, send the TRAIN messages, screen the replies, aggregate, evaluate,
 write the round row, the checkpoint and the queue snapshot.
 
 With ``--push-timing before``, every node's pulls can find version-r rows of every
@@ -39,15 +38,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import FedConfig
-from common.prototypes import RECORD as PROTOTYPES
-from common.prototypes import round_prototypes
 from common.runtime.rundir import RunDir
 from common.schedule import cosine_lr
 from server.aggregation import combine_metrics
@@ -209,8 +205,7 @@ class RoundDriver:
         online = self.nodes.wait_for_nodes()
         self.queue.advance(rnd)
         lr = self.lr_at(rnd - 1)
-        prototypes = self.prototypes_for(rnd)
-        messages = self.messages_for(rnd, arrays, lr, online, prototypes)
+        messages = self.messages_for(rnd, arrays, lr, online)
         phase_pushed = (self.push_phase(rnd, messages)
                         if self.cfg.push_timing == "before" and self.cfg.push_fraction > 0 else {})
         logger.info("round %d: sending to %d of %d online nodes (lr %.4g)",
@@ -229,8 +224,6 @@ class RoundDriver:
             "dropped": screened.dropped, "timed_out": len(screened.missing),
             **{dropped_column(kind): n for kind, n in screened.by_kind.items()},
         }
-        if self.cfg.prototypes:
-            row["prototypes"] = 0 if prototypes is None else prototypes.shape[0]
         if self.cfg.client_sampling == "seeded" and len(messages) < len(online):
             row["sampled_clients"] = " ".join(sorted(
                 self.nodes.client_id(m.metadata.dst_node_id) for m in messages))
@@ -274,26 +267,10 @@ class RoundDriver:
                     time.monotonic() - start)
         return pushed
 
-    def prototypes_for(self, rnd: int) -> torch.Tensor | None:
-        """``--prototypes K``: round ``rnd``'s K prototypes, spherical k-means of the queue's
-        rows of finished rounds (:mod:`common.prototypes`), the same for every node of the
-        round; ``None`` when off or while the queue holds fewer than K rows."""
-        if not self.cfg.prototypes:
-            return None
-        rows = self.queue.rows(max_version=rnd - 1)
-        prototypes = round_prototypes(rows, self.cfg.prototypes, self.cfg.seed, rnd)
-        if prototypes is None:
-            logger.info("round %d: the queue holds %d rows, fewer than --prototypes %d: no "
-                        "prototype term this round", rnd, rows.shape[0], self.cfg.prototypes)
-        else:
-            logger.info("round %d: %d prototypes of %d queue rows", rnd, prototypes.shape[0],
-                        rows.shape[0])
-        return prototypes
-
-    def messages_for(self, rnd: int, arrays: ArrayRecord, lr: float, online: Sequence[int],
-                     prototypes: torch.Tensor | None = None) -> list[Message]:
+    def messages_for(self, rnd: int, arrays: ArrayRecord, lr: float,
+                     online: Sequence[int]) -> list[Message]:
         """One TRAIN message per node the strategy samples (from the sampler's nodes),
-        each with its own RecordDict; with ``prototypes``, a :data:`PROTOTYPES` record too."""
+        each with its own RecordDict."""
         sampled = self.strategy.configure_train(
             rnd, arrays, ConfigRecord({"lr": lr}), OnlineNodes(self.grid, self.nodes.sample(rnd, online))
         )
@@ -310,11 +287,8 @@ class RoundDriver:
                 "queue-tls": self.queue_tls, "queue-token": self.tokens.token_for(node_id),
                 "queue-version": rnd,
             })
-            content = RecordDict({"arrays": arrays, "config": config})
-            if prototypes is not None:
-                content[PROTOTYPES] = ArrayRecord({PROTOTYPES: prototypes})
             messages.append(Message(
-                content=content,
+                content=RecordDict({"arrays": arrays, "config": config}),
                 dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(rnd),
                 # A message a node has not picked up by the deadline expires rather
                 # than being trained on late, against a newer queue.

@@ -42,7 +42,6 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.config import DEFAULT_MAX_CALLS_PER_TOKEN, DEFAULT_MAX_MESSAGE_BYTES
-from common.pull_policies import from_wire, seeded_refusal
 from common.runtime.text import brief
 from common.runtime.wire import (
     TOKEN_METADATA_KEY,
@@ -297,13 +296,13 @@ class NegativeQueueServicer(pb_grpc.NegativeQueueServicer):
                 context, grpc.StatusCode.PERMISSION_DENIED, "admin tokens cannot pull rows"
             )
         problem = None
-        policy = from_wire(request.policy)
         if not 0 <= request.count <= self._max_pull:
             problem = f"count must be in [0, {self._max_pull}], got {request.count}"
         elif request.HasField("max_age") and request.max_age < 0:
             problem = f"max_age must be >= 0, got {request.max_age}"
-        elif policy is None:
-            problem = f"unknown sample policy {request.policy}"
+        elif request.policy not in (pb.SAMPLE_POLICY_UNSPECIFIED, pb.SAMPLE_POLICY_UNIFORM):
+            problem = (f"sample policy {request.policy} is not served: only SAMPLE_POLICY_UNIFORM "
+                       "(1) or unspecified (the recent and stratified policies were removed)")
         elif request.dtype != pb.DTYPE_UNSPECIFIED and request.dtype not in (
             pb.DTYPE_FLOAT32,
             pb.DTYPE_FLOAT16,
@@ -311,8 +310,6 @@ class NegativeQueueServicer(pb_grpc.NegativeQueueServicer):
             problem = f"reply dtype {request.dtype} is not DTYPE_FLOAT32 or DTYPE_FLOAT16"
         elif request.exclude_own and request.only_own:
             problem = "exclude_own and only_own cannot both be set"
-        elif request.HasField("seed") and (refusal := seeded_refusal(policy.name)):
-            problem = f"policy {refusal}"
         if problem:
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         dtype = (
@@ -322,7 +319,6 @@ class NegativeQueueServicer(pb_grpc.NegativeQueueServicer):
             request.count,
             max_age=request.max_age if request.HasField("max_age") else None,
             exclude=caller.contributor if request.exclude_own else None,
-            policy=policy.name,
             only=caller.contributor if request.only_own else None,
             max_version=request.max_version if request.HasField("max_version") else None,
             seed=request.seed if request.HasField("seed") else None,

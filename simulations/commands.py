@@ -18,10 +18,10 @@ from simulations.scenario import scenario_names
 #: rounds (at batch 128 and 2 local epochs the encoder barely moved).
 SIMULATION_DEFAULTS: dict[str, Any] = {"rounds": 10, "local_epochs": 5, "batch_size": 32, "min_nodes": 1}
 #: The methods ``compare`` runs side by side (see :mod:`simulations.compare`).
-METHODS = ("local", "fedavg", "fedmoco", "fedcontrast", "fedcontrast-nn", "fedcontrast-key",
-           "fedcontrast-proto", "fedbyol", "fedu", "fedema", "centralized", "centralized-skewed")
+METHODS = ("local", "fedavg", "fedmoco", "fedcontrast", "fedcontrast-key", "fedbyol", "fedu",
+           "fedema", "centralized", "centralized-skewed")
 #: Formulations under measurement (docs/experiments.md): run when named, not by default.
-EXPERIMENTAL_METHODS = ("fedcontrast-nn", "fedcontrast-key", "fedcontrast-proto")
+EXPERIMENTAL_METHODS = ("fedcontrast-key",)
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in EXPERIMENTAL_METHODS)
 #: What every run of the sweep shares so that DP-SGD applies (see :mod:`simulations.privacy`).
 PRIVATE_LOSS = {"in_batch": False, "queue_size": 0}
@@ -115,7 +115,7 @@ simulate_command = Command(
 compare_command = Command(
     name="compare",
     help="run local, fedavg, fedmoco, fedcontrast, fedbyol, fedu, fedema and both centralized "
-         "methods side by side (fedcontrast-nn, fedcontrast-key and fedcontrast-proto when named)",
+         "methods side by side (fedcontrast-key when named)",
     description=(
         "Train every method on the same data, partition, encoder and number of sample-epochs "
         "(federated ones through the simulation engine), then write a Markdown table "

@@ -1,7 +1,6 @@
 """``fedcontrast compare``: the methods side by side on the same data, partition, encoder and budget.
 
-Methods (``--methods``; all but ``fedcontrast-nn``, ``fedcontrast-key`` and
-``fedcontrast-proto`` by default):
+Methods (``--methods``; all but ``fedcontrast-key`` by default):
 
 - ``local``: each client trains alone on its partition; the figures are the mean over
   clients of each client's encoder.
@@ -11,18 +10,10 @@ Methods (``--methods``; all but ``fedcontrast-nn``, ``fedcontrast-key`` and
   ages), but every client pulls only the rows it pushed itself: a per-client queue.
   The difference to ``fedcontrast`` is the sharing alone.
 - ``fedcontrast``: negatives pulled from the global queue (the settings as given).
-- ``fedcontrast-nn``: ``fedcontrast`` with neighbourhood matching (``--neighbour-weight``,
-  1 unless given): the pulled rows are also nearest-neighbour positives (Wu et al. 2022,
-  arXiv 2111.10763; NNCLR, Dwibedi et al. 2021).
 - ``fedcontrast-key``: fedcontrast with a momentum key encoder (``--key-mode ema``) that
   persists across rounds and is averaged at the server with the weights
   (``--key-sync server``, MonAcoSFL, ECML PKDD 2024): queue rows and positive keys of every
   client come from one slowly moving encoder (:mod:`common.key_state`).
-- ``fedcontrast-proto``: fedcontrast plus Orchestra's globally consistent prototypes
-  (Lubana et al., ICML 2022, arXiv 2205.11506; ``--prototypes``, 64 unless given, at
-  ``--prototype-weight``): each round the server clusters the queue's rows into K
-  centroids sent to every node, and each query predicts its other view's sharpened
-  assignment to them (SwAV's swapped prediction, per example; :mod:`common.prototypes`).
 - ``fedbyol``, ``fedu``, ``fedema``: the BYOL-based methods the field compares against
   (``--objective byol``, no queue; see :mod:`client.divergence`): FedBYOL, FedU
   (Zhuang et al., ICCV 2021: divergence-aware predictor update, ``--fedu-threshold``) and
@@ -52,8 +43,8 @@ evaluated the same way on the held-out split (kNN and a linear probe on backbone
 features, alignment and uniformity of the head).
 
 Beside the figures, each federated method's megabytes sent per client and round
-(:func:`sent_megabytes`): what its messages carry (and, for fedcontrast-proto, the
-prototypes the server sends it), so that accuracy can be weighed against traffic.
+(:func:`sent_megabytes`): what its messages carry, so that accuracy can be weighed
+against traffic.
 
 Writes ``OUT/compare.md`` (the table), ``OUT/compare.json``, ``OUT/compare.png``
 (kNN accuracy per round for each method) and one run directory per method and seed.
@@ -315,9 +306,7 @@ def sent_megabytes(run: Path, cfg: FedConfig) -> float:
     same keys and shapes (the weights; with a BYOL method also the predictor; with
     ``--optimizer-state federated`` also the optimiser's state; with ``--key-sync server``
     also the key encoder; the server sends the same arrays to it), plus the rows it pushed to the queue (float32, ``embedding_dim`` each;
-    the mean over the run's replies), plus, with ``--prototypes``, the prototypes the
-    server sent it (float32, ``embedding_dim`` each; the mean over the run's replies: none
-    in a round whose queue held too few rows). Payload only, no protocol overhead.
+    the mean over the run's replies). Payload only, no protocol overhead.
     """
     payload = read_checkpoint(run / "encoder.pt")
     arrays = [*payload["state_dict"].values(), *dict(payload.get("optimizer_state") or {}).values(),
@@ -326,8 +315,7 @@ def sent_megabytes(run: Path, cfg: FedConfig) -> float:
     rows = RunDir(run).read_metrics()
     replies = sum(int(r.get("replied", 0)) for r in rows)
     pushed = sum(int(r.get("pushed_rows", 0)) for r in rows)
-    prototypes = sum(int(r.get("prototypes", 0)) * int(r.get("replied", 0)) for r in rows)
-    return (reply + 4 * cfg.embedding_dim * (pushed + prototypes) / max(1, replies)) / 1e6
+    return (reply + 4 * cfg.embedding_dim * pushed / max(1, replies)) / 1e6
 
 
 def random_init_figures(cfg: FedConfig, data: Dataset) -> dict[str, float]:
@@ -436,7 +424,7 @@ def markdown_table(report: dict[str, Any]) -> str:
               "alignment and uniformity of the head. MB sent/client/round: the arrays of a "
               "client's reply (weights, a BYOL method's predictor, the optimiser state when it "
               "is federated, fedcontrast-key's key encoder) and the queue rows it pushes, per "
-              "round it trains (fedcontrast-proto: also the prototypes it receives); local sends "
+              "round it trains; local sends "
               "nothing, the centralized methods are not federated."]
     if note := reused_note(r for runs in report["results"].values() for r in runs):
         lines += ["", note]

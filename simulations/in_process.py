@@ -6,8 +6,7 @@ each client runs :func:`client.round.train_round` (or, for the BYOL methods,
 :func:`client.byol_round.train_byol_round`, its BYOL state kept here between its rounds)
 from the global weights, one after the other on the same device, and the server
 averages the replies weighted by their examples (FedAvg over weights, optimiser
-state and, with ``--key-sync server``, the key encoder; with ``--prototypes``, each
-round's prototypes are made from the queue as the ServerApp makes them). With the
+state and, with ``--key-sync server``, the key encoder). With the
 global queue in use, the real queue service serves on loopback: a
 :class:`~server.queue.NegativeQueue` behind :class:`~server.service.QueueServer`, one
 token and contributor slot per client, advanced to each round's version as the
@@ -36,7 +35,6 @@ from client.state import round_seed
 from common import key_state, optim_state
 from common.config import FedConfig, push_quota
 from common.model import build_model
-from common.prototypes import round_prototypes
 from common.schedule import cosine_lr
 from server.queue import NegativeQueue
 from server.service import QueueServer
@@ -105,8 +103,6 @@ def run_federation(cfg: FedConfig, xs: Sequence[torch.Tensor], in_channels: int,
             start = time.perf_counter()
             if queue is not None:
                 queue.advance(rnd)
-            prototypes = (None if queue is None else  # what the ServerApp sends (server/rounds.py)
-                          round_prototypes(queue.rows(max_version=rnd - 1), cfg.prototypes, cfg.seed, rnd))
             rest, key = key_state.split(arrays)
             weights, opt = optim_state.split(rest)
             replies, losses, pushed = [], [], 0
@@ -120,7 +116,7 @@ def run_federation(cfg: FedConfig, xs: Sequence[torch.Tensor], in_channels: int,
                     new, metrics = train_round(
                         cfg, x, weights, lr=lr_at(rnd - 1), queue_address=address, queue_token=token,
                         queue_version=rnd, seed=seed, optimizer_state=opt or None,
-                        key_arrays=key or None, prototypes=prototypes)
+                        key_arrays=key or None)
                 replies.append((new, int(metrics["num-examples"])))
                 losses.append(float(metrics["train-loss"]))
                 pushed += int(metrics.get("pushed-rows", 0))

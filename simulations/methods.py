@@ -12,33 +12,21 @@ from common.config import FedConfig
 from common.errors import UsageError
 from simulations.commands import METHODS
 
-FEDERATED = ("fedavg", "fedmoco", "fedcontrast", "fedcontrast-nn", "fedcontrast-key", "fedcontrast-proto",
-             "fedbyol", "fedu", "fedema")
+FEDERATED = ("fedavg", "fedmoco", "fedcontrast", "fedcontrast-key", "fedbyol", "fedu", "fedema")
 #: The BYOL-based methods, each a value of --byol-update.
 BYOL_METHODS = ("fedbyol", "fedu", "fedema")
 #: SimCLR: one network for both views, in-batch negatives, no queue (fedavg, local and both
-#: centralized methods), so no queue rows to weigh by age either.
+#: centralized methods).
 SIMCLR = {"global_negatives": 0, "push_fraction": 0.0, "in_batch": True, "key_mode": "shared",
-          "queue_size": 0, "staleness_gamma": 1.0, "neighbour_weight": 0.0, "key_sync": "local",
-          "prototypes": 0}
-#: fedcontrast-nn's --neighbour-weight unless the settings give one: the neighbour term
-#: weighs as much as the loss it is added to.
-NEIGHBOUR_WEIGHT = 1.0
-#: fedcontrast-proto's --prototypes unless the settings give some (its weight is
-#: --prototype-weight's, 1 by default).
-PROTOTYPES = 64
+          "queue_size": 0, "key_sync": "local"}
 
 
 def method_config(method: str, base: FedConfig) -> FedConfig:
     """The settings of ``method``, derived from the FedContrast settings ``base``."""
     if method == "fedcontrast":
         return base
-    if method == "fedcontrast-nn":  # pulled rows also as nearest-neighbour positives
-        return replace(base, neighbour_weight=base.neighbour_weight or NEIGHBOUR_WEIGHT)
     if method == "fedcontrast-key":  # MonAcoSFL's server-averaged momentum key encoder
         return replace(base, key_mode="ema", key_sync="server")
-    if method == "fedcontrast-proto":  # Orchestra's shared prototypes of the queue's rows
-        return replace(base, prototypes=base.prototypes or PROTOTYPES)
     if method == "fedmoco":
         return replace(base, pull_scope="own")
     if method in ("fedavg", "local", "centralized", "centralized-skewed"):

@@ -18,9 +18,3 @@ def test_every_pair_of_gaining_options_combines_into_a_valid_config(pair):
         larger = max(gains, key=gains.get)
         assert OPTIONS[larger][1].items() <= settings.items()  # the larger gain's option survives
 
-
-def test_staleness_gives_way_to_a_larger_gain_from_one_age_only():
-    gains = {"staleness gamma 0.5": 0.01, "push before, max age 0": 0.02}
-    assert best_combination(gains) == OPTIONS["push before, max age 0"][1]
-    gains = {"staleness gamma 0.5": 0.03, "push before, max age 0": 0.02}
-    assert best_combination(gains) == OPTIONS["staleness gamma 0.5"][1]

@@ -89,3 +89,50 @@ def test_saved_config_with_a_removed_setting_loads_with_a_warning_naming_it(tmp_
     with caplog.at_level("WARNING", logger="common.config"):
         assert load_config(tmp_path) == cfg
     assert "retired_setting" in caplog.text and "CHANGELOG.md" in caplog.text
+
+
+#: A saved config of the last version that had the negative-sampling options of issue #34,
+#: each at the value that turned it off.
+OLD_OFF = {"pull_policy": "uniform", "staleness_gamma": 1.0, "false_negative_mode": "off",
+           "false_negative_top_k": 0, "false_negative_threshold": 1.0, "debias_tau_plus": 0.0,
+           "neighbour_weight": 0.0, "prototypes": 0, "prototype_weight": 1.0}
+
+
+def _saved_with(tmp_path, cfg, extra: dict):
+    save_config(cfg, tmp_path / "config.json")
+    payload = json.loads((tmp_path / "config.json").read_text())
+    payload["config"].update(extra)
+    (tmp_path / "config.json").write_text(json.dumps(payload))
+
+
+def test_a_saved_config_with_the_removed_options_off_loads_as_it_ran(tmp_path, caplog):
+    cfg = FedConfig(rounds=3)
+    _saved_with(tmp_path, cfg, {**OLD_OFF, "prototype_weight": 0.25})  # no prototypes: no term
+    with caplog.at_level("WARNING", logger="common.config"):
+        assert load_config(tmp_path) == cfg
+    assert caplog.text == ""  # nothing was dropped that changed the run
+
+
+@pytest.mark.parametrize(("key", "value", "flag"), [
+    ("pull_policy", "stratified", "--pull-policy"),
+    ("pull_policy", "recent", "--pull-policy"),
+    ("staleness_gamma", 0.5, "--staleness-gamma"),
+    ("false_negative_mode", "drop", "--false-negative-mode"),
+    ("false_negative_top_k", 8, "--false-negative-top-k"),
+    ("debias_tau_plus", 0.1, "--debias-tau-plus"),
+    ("neighbour_weight", 1.0, "--neighbour-weight"),
+    ("prototypes", 64, "--prototypes"),
+])
+def test_a_saved_config_with_a_removed_option_on_is_refused_naming_it(tmp_path, key, value, flag):
+    _saved_with(tmp_path, FedConfig(), {**OLD_OFF, key: value})
+    with pytest.raises(ValueError) as info:
+        load_config(tmp_path)
+    message = str(info.value)
+    assert f"{flag} {value!r} was removed" in message and "Removed options" in message
+    assert f"Set it to {OLD_OFF[key]!r}" in message and "116213d" in message
+    with pytest.raises(ValueError, match=flag):
+        from_run_config(FedConfig, {flag[2:]: value})
+
+
+def test_a_run_config_may_still_name_a_removed_option_left_off():
+    assert from_run_config(FedConfig, {"neighbour-weight": 0.0, "pull-policy": "uniform"}) == FedConfig()

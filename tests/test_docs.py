@@ -79,7 +79,7 @@ def test_simulate_help_fits_a_screen_and_help_all_shows_every_setting(monkeypatc
     for f in dataclasses.fields(FedConfig):
         assert flag_name(f.name) in full
     assert setting_group(next(f for f in dataclasses.fields(FedConfig)
-                              if f.name == "pull_policy")) == EXPERIMENTS
+                              if f.name == "pull_mode")) == EXPERIMENTS
     # A hidden setting is still a flag.
     assert simulate.parse_args(["--hard-negative-beta", "1"]).hard_negative_beta == 1.0
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.pull_policies import stratified_shares
 from server.queue import InvalidPush, NegativeQueue, QueueError, QuotaExceeded
 
 DIM = 8
@@ -20,15 +19,20 @@ def unit(n: int, dim: int = DIM, seed: int = 0) -> torch.Tensor:
 
 
 def contents(queue: NegativeQueue) -> tuple[torch.Tensor, torch.Tensor]:
-    return queue.pull(queue.capacity, max_age=queue.max_age, policy="recent")
+    """Every row the queue holds and its version, oldest insertion first, read from its ring
+    buffer (a pull samples the rows; it does not list them in order)."""
+    slots = queue._ring.occupied()
+    return queue._ring.rows.index_select(0, slots), queue._ring.versions.index_select(0, slots)
 
 
 def test_push_then_pull_returns_the_rows_unit_norm():
     queue = NegativeQueue(16, DIM)
     rows = unit(5)
     assert queue.push(0, rows, version=0) == 5
-    pulled, versions = queue.pull(10, policy="recent")
+    pulled, versions = contents(queue)
     assert torch.allclose(pulled, rows)
+    sampled, _ = queue.pull(10)
+    assert sampled.shape == (5, DIM) and torch.cdist(sampled, rows).min(dim=1).values.max() < 1e-6
     assert versions.tolist() == [0] * 5
     assert queue.stats()["size"] == 5
 
@@ -128,13 +132,6 @@ def test_pull_excludes_the_callers_own_rows():
         assert torch.cdist(rows, mine).min() > 1e-4
 
 
-def test_recent_policy_returns_the_latest_rows_in_push_order():
-    queue = NegativeQueue(16, DIM)
-    rows = unit(6)
-    queue.push(0, rows, version=0)
-    assert torch.allclose(queue.pull(2, policy="recent")[0], rows[4:])
-
-
 def test_uniform_policy_samples_every_row_about_equally():
     queue = NegativeQueue(8, DIM)
     rows = unit(4)
@@ -145,49 +142,6 @@ def test_uniform_policy_samples_every_row_about_equally():
         pulled, _ = queue.pull(1, generator=generator)
         hits[torch.cdist(pulled, rows).argmin()] += 1
     assert bool(((hits - 500).abs() < 100).all()), hits
-
-
-@pytest.mark.parametrize(("sizes", "n", "shares"), [
-    ([10, 10, 10], 7, [3, 2, 2]),  # the remainder goes to the first (newest) strata
-    ([10, 10, 10], 30, [10, 10, 10]),
-    ([1, 10, 10], 9, [1, 4, 4]),  # a small stratum leaves its share to the others
-    ([2, 0, 50], 40, [2, 0, 38]),
-    ([3, 4], 100, [3, 4]),  # never more than there is
-    ([], 5, []),
-    ([5, 5], 0, [0, 0]),
-])
-def test_stratified_shares_are_equal_and_water_filled(sizes, n, shares):
-    assert stratified_shares(sizes, n) == shares
-
-
-def test_stratified_policy_takes_equal_shares_of_every_age_uniformly_within_one():
-    queue = NegativeQueue(64, DIM, max_age=2)
-    queue.push(0, unit(30, seed=0), version=0)  # age 2: 30 rows
-    queue.advance(1)
-    queue.push(1, unit(5, seed=1), version=1)  # age 1: 5 rows
-    queue.advance(2)
-    queue.push(2, unit(20, seed=2), version=2)  # age 0: 20 rows
-    generator = torch.Generator().manual_seed(0)
-    rows, versions = queue.pull(15, policy="stratified", generator=generator)
-    assert versions.tolist() == [2] * 5 + [1] * 5 + [0] * 5  # newest first
-    assert torch.unique(rows, dim=0).shape[0] == 15  # without replacement
-    _, versions = queue.pull(24, policy="stratified", generator=generator)
-    # age 1 has only 5 rows: ages 0 and 2 share the rest, the odd row to the newest
-    assert torch.bincount(versions).tolist() == [9, 5, 10]
-    _, versions = queue.pull(10, max_age=1, exclude=1, policy="stratified", generator=generator)
-    assert versions.tolist() == [2] * 10  # age bound and exclusion apply before the strata
-    hits = torch.zeros(30)
-    oldest = unit(30, seed=0)
-    for _ in range(600):
-        rows, versions = queue.pull(3, policy="stratified", generator=generator)
-        hits[torch.cdist(rows[versions == 0], oldest).argmin(dim=1)] += 1
-    assert bool(((hits - 20).abs() < 15).all()), hits  # uniform within the age
-
-
-def test_stratified_pull_of_an_empty_queue_is_empty():
-    queue = NegativeQueue(8, DIM)
-    rows, versions = queue.pull(4, policy="stratified")
-    assert rows.shape == (0, DIM) and versions.shape == (0,)
 
 
 def test_uniform_pull_draws_from_exactly_the_live_rows_after_wrap_and_eviction():
@@ -215,8 +169,6 @@ def test_pull_rejects_bad_arguments():
         queue.pull(-1)
     with pytest.raises(ValueError):
         queue.pull(1, max_age=-1)
-    with pytest.raises(ValueError):
-        queue.pull(1, policy="oldest")
 
 
 def test_quota_is_per_contributor_and_per_version():
@@ -266,10 +218,7 @@ def test_invalid_push_is_refused_whole_and_changes_nothing(embeddings):
     before_stats, before_rows = queue.stats(), contents(queue)[0]
     with pytest.raises(InvalidPush):
         queue.push(0, embeddings, version=0)
-    after_stats = queue.stats()
-    after_stats["counters"]["pull_calls"] -= 1
-    after_stats["counters"]["pulled_rows"] -= 4
-    assert after_stats == before_stats
+    assert queue.stats() == before_stats
     assert torch.equal(contents(queue)[0], before_rows)
 
 
@@ -287,7 +236,7 @@ def test_float16_rounded_unit_rows_are_accepted_and_kept_unit_norm():
     assert (rounded.float().norm(dim=1) - 1).abs().max() > 0  # not exactly unit any more
     queue = NegativeQueue(64, DIM)
     assert queue.push(0, rounded, version=0) == 32
-    rows, _ = queue.pull(32, policy="recent")
+    rows, _ = contents(queue)
     assert torch.allclose(rows.float().norm(dim=1), torch.ones(32), atol=1e-3)
     assert torch.allclose(rows.float(), rounded.float(), atol=1e-3)
 
@@ -295,8 +244,8 @@ def test_float16_rounded_unit_rows_are_accepted_and_kept_unit_norm():
 def test_float16_storage_keeps_rows_to_float16_precision(tmp_path):
     queue = NegativeQueue(8, DIM, storage_dtype=torch.float16)
     queue.push(0, unit(3), version=0)
-    rows, _ = queue.pull(3, policy="recent")
-    assert rows.dtype == torch.float16
+    rows, _ = contents(queue)
+    assert rows.dtype == torch.float16 and queue.pull(3)[0].dtype == torch.float16
     assert torch.allclose(rows.float(), unit(3), atol=1e-3)
     exact = NegativeQueue(8, DIM)
     exact.restore(queue.snapshot(tmp_path / "q.pt"))
@@ -402,7 +351,8 @@ def test_concurrent_pushes_and_pulls_add_up():
 def test_queue_on_cuda_round_trip(tmp_path):
     queue = NegativeQueue(16, DIM, device="cuda")
     queue.push(0, unit(3), version=0)
-    rows, versions = queue.pull(3, policy="recent")
+    rows, versions = contents(queue)
+    assert queue.pull(3)[0].is_cuda
     assert rows.is_cuda and torch.allclose(rows.cpu(), unit(3))
     restored = NegativeQueue(16, DIM, device="cuda")
     restored.restore(queue.snapshot(tmp_path / "q.pt"))
@@ -415,8 +365,8 @@ def test_only_returns_the_contributors_own_rows_and_never_with_exclude():
     theirs = torch.nn.functional.normalize(-torch.ones(7, 4), dim=1)
     queue.push(1, mine, 0)
     queue.push(2, theirs, 0)
-    for policy in ("uniform", "recent"):
-        rows, _ = queue.pull(100, only=1, policy=policy)
+    for seed in (None, 0):
+        rows, _ = queue.pull(100, only=1, seed=seed)
         assert rows.shape[0] == 5 and bool((rows.float() @ mine[0] > 0.99).all())
     with pytest.raises(ValueError, match="cannot be combined"):
         queue.pull(3, exclude=1, only=1)
@@ -446,18 +396,17 @@ ARRIVALS = [(0, 1, 10), (1, 1, 11), (2, 1, 12), (0, 2, 20), (1, 2, 21), (2, 2, 2
 REORDERED = [(5, 1, 12), (3, 1, 10), (4, 1, 11), (4, 2, 21), (5, 2, 22), (3, 2, 20)]
 
 
-@pytest.mark.parametrize("policy", ["uniform", "stratified"])
 @pytest.mark.parametrize("storage", [torch.float32, torch.float16])
-def test_a_seeded_pull_ignores_the_order_and_slots_the_rows_arrived_in(policy, storage):
+def test_a_seeded_pull_ignores_the_order_and_slots_the_rows_arrived_in(storage):
     first = _filled(ARRIVALS, storage=storage)
     other = _filled(REORDERED, storage=storage)
     assert not torch.equal(contents(first)[0], contents(other)[0])  # laid out differently
     for seed in range(5):
-        a = first.pull(10, policy=policy, seed=seed)
-        b = other.pull(10, policy=policy, seed=seed)
+        a = first.pull(10, seed=seed)
+        b = other.pull(10, seed=seed)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-        assert torch.equal(first.pull(10, policy=policy, seed=seed)[0], a[0])  # and repeats
-    draws = {tuple(first.pull(10, policy=policy, seed=seed)[0][:, 0].tolist()) for seed in range(5)}
+        assert torch.equal(first.pull(10, seed=seed)[0], a[0])  # and repeats
+    draws = {tuple(first.pull(10, seed=seed)[0][:, 0].tolist()) for seed in range(5)}
     assert len(draws) == 5  # another seed, another sample
 
 
@@ -478,22 +427,18 @@ def test_a_seeded_pull_excludes_or_keeps_the_callers_rows_as_an_unseeded_one_doe
     assert torch.cdist(rows, own).min(dim=1).values.max() < 1e-6 and rows.shape == (12, DIM)
 
 
-def test_max_version_leaves_out_newer_rows_with_every_policy():
+def test_max_version_leaves_out_newer_rows():
     queue = _filled(ARRIVALS)
-    for policy in ("uniform", "stratified", "recent"):
-        _, versions = queue.pull(100, policy=policy, max_version=1)
-        assert versions.tolist() == [1] * 18, policy
+    assert queue.pull(100, max_version=1)[1].tolist() == [1] * 18
     assert queue.pull(100, max_version=1, seed=0)[1].tolist() == [1] * 18
     assert queue.pull(100, max_version=0)[0].shape == (0, DIM)
     assert queue.pull(100, max_version=2)[0].shape == (36, DIM)
 
 
-def test_a_seeded_pull_refuses_a_generator_and_the_recent_policy():
+def test_a_seeded_pull_refuses_a_generator():
     queue = _filled(ARRIVALS)
     with pytest.raises(ValueError, match="seed or a generator"):
         queue.pull(4, seed=1, generator=torch.Generator())
-    with pytest.raises(ValueError, match="arrival order"):
-        queue.pull(4, seed=1, policy="recent")
 
 
 def test_a_restored_queue_serves_the_same_seeded_pulls(tmp_path):

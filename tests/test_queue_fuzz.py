@@ -118,10 +118,9 @@ class Oracle:
         bad = (
             not 0 <= request.count <= MAX_PULL
             or (request.HasField("max_age") and request.max_age < 0)
-            or request.policy not in (0, 1, 2, 3)
+            or request.policy not in (pb.SAMPLE_POLICY_UNSPECIFIED, pb.SAMPLE_POLICY_UNIFORM)
             or request.dtype not in (0, 1, 2)
             or (request.exclude_own and request.only_own)
-            or (request.HasField("seed") and request.policy == pb.SAMPLE_POLICY_RECENT)
         )
         return INVALID if bad else OK
 

@@ -269,38 +269,6 @@ def test_compare_writes_the_table_then_a_federated_method_resumes(tmp_path):
     assert rounds_trained() == {c: n for c in clients if (n := sum(c in d for d in drawn))}
 
 
-@pytest.mark.e2e
-@pytest.mark.timeout(600)
-def test_compare_runs_the_shared_row_formulations(tmp_path):
-    # fedcontrast-proto with neighbourhood matching on, through the engine and the real
-    # queue, in one Ray run: round 1 fills the queue (no prototypes yet); round 2 is sent
-    # 64 prototypes of its rows and pulls them, so its steps add both terms
-    # (tests/test_prototypes.py and tests/test_neighbours.py check the terms, and
-    # fedcontrast-nn's settings).
-    out = tmp_path / "shared"
-    rc, log = _run([FEDCONTRAST, "compare", "--out", str(out), "--rounds", "2",
-                    "--methods", "fedcontrast-proto", "--neighbour-weight", "1", *TINY], tmp_path, 580)
-    assert rc == 0, log
-    report = json.loads((out / "compare.json").read_text())
-    assert list(report["results"]) == ["fedcontrast-proto"]
-    result = report["results"]["fedcontrast-proto"][0]
-    assert math.isfinite(result["knn_backbone"])
-    run = out / "fedcontrast-proto-seed0"
-    settings = read_config_values(run)[1]
-    assert (settings["prototypes"], settings["prototype_weight"], settings["neighbour_weight"]) == (64, 1.0, 1.0)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["counted"], r["replied"], r["prototypes"]) for r in rows] == [(1, 3, 0), (1, 3, 64)]
-    assert rows[0]["queue_size"] >= 64 and rows[1]["global_hits"] > 0
-    # the traffic: the weights and optimiser state, the rows pushed and the 64 prototypes
-    # (16 floats each) each of the 3 clients received in one of the 6 replies' rounds
-    checkpoint = read_checkpoint(run)
-    weights = sum(t.numel() * t.element_size()
-                  for t in [*checkpoint["state_dict"].values(), *checkpoint["optimizer_state"].values()])
-    pushed = sum(r["pushed_rows"] for r in rows) / 6
-    assert result["mb_sent_per_client_round"] == pytest.approx(
-        (weights + 4 * 16 * (pushed + 64 * 3 / 6)) / 1e6)
-
-
 def test_privacy_sweep_settings_keep_the_federation_and_change_only_privacy():
     base = resolve(parse_privacy(), defaults=SWEEP_DEFAULTS)[0]
     private, reference = run_settings(base, 4.0, 4.0), run_settings(base, math.inf, 4.0)

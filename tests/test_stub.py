@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import math
 import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from client.negatives import AgedNegativeSource, NegativeSource
+from client.negatives import NegativeSource
 from client.stub import GlobalNegatives, QueueClient, pull_seed
 from client.trainer import ContrastiveTrainer
 from common.config import FedConfig
@@ -209,57 +208,19 @@ def test_global_negatives_exclude_own_rows(server, queue):
     assert torch.cdist(negatives, mine).min() > 1e-2
 
 
-def test_pull_with_ages_gives_each_row_its_age_in_rounds(server, queue):
-    queue.advance(1)
-    newer = unit(4, seed=6)
-    queue.push(1, newer, version=1)
-    with QueueClient(server.address, "token-a") as client:
-        rows, ages = client.pull_with_ages(64, max_age=2, dtype=torch.float32)
-        assert client.pull(64, max_age=2).shape == (14, DIM)  # plain pulls are unchanged
-    assert rows.shape == (14, DIM) and ages.dtype == torch.int64
-    fresh = torch.cdist(rows, newer).min(dim=1).values < 1e-5
-    assert ages[fresh].tolist() == [0] * 4 and ages[~fresh].tolist() == [1] * 10
-
-
-def test_stratified_pulls_through_the_service_take_equal_shares_of_each_age(server, queue):
-    queue.advance(1)
-    queue.push(1, unit(4, seed=6), version=1)
-    with QueueClient(server.address, "token-a") as client:
-        _, ages = client.pull_with_ages(8, max_age=2, policy="stratified")
-        with pytest.raises(ValueError, match="policy"):
-            client.pull(8, max_age=2, policy="oldest")
-    assert sorted(ages.tolist()) == [0] * 4 + [1] * 4
-
-
-def test_global_negatives_serve_the_ages_of_the_rows_they_serve(server, queue):
+def test_the_trainer_takes_every_row_the_global_negatives_serve(server, queue):
     queue.advance(2)
-    queue.push(1, unit(3, seed=6), version=2)
-    with QueueClient(server.address, "token-a") as client:
-        aged = GlobalNegatives(client, num_negatives=64, max_age=2, with_ages=True,
-                               policy="recent")
-        rows = aged.negatives(0, "cpu")
-        plain = GlobalNegatives(client, num_negatives=64, max_age=2)
-        plain.negatives(0, "cpu")
-        with pytest.raises(ValueError, match="policy"):
-            GlobalNegatives(client, num_negatives=4, max_age=2, policy="oldest")
-    assert isinstance(aged, AgedNegativeSource)
-    assert rows.shape == (13, DIM) and aged.ages().tolist() == [2] * 10 + [0] * 3
-    assert plain.ages() is None
-
-
-def test_the_trainer_weighs_global_negatives_by_gamma_to_their_age(server, queue):
-    queue.advance(2)
-    queue.push(1, unit(3, seed=6), version=2)
-    cfg = FedConfig(width=8, embedding_dim=DIM, in_batch=False, key_mode="frozen",
-                    staleness_gamma=0.5, max_age=2, device="cpu")
+    newer = unit(3, seed=6)
+    queue.push(1, newer, version=2)
+    cfg = FedConfig(width=8, embedding_dim=DIM, in_batch=False, key_mode="frozen", max_age=2,
+                    device="cpu")
     model = build_encoder("cnn", in_channels=1, embedding_dim=DIM, norm="group", width=8)
     with QueueClient(server.address, "token-a") as client:
-        source = GlobalNegatives(client, num_negatives=64, max_age=2, with_ages=True,
-                                 policy="recent")
+        source = GlobalNegatives(client, num_negatives=64, max_age=2)
         trainer = ContrastiveTrainer(model, cfg, device=torch.device("cpu"), sources=[source])
-        negatives, log_weights, had_rows = trainer._bank()
+        negatives, had_rows = trainer._bank()
     assert negatives.shape == (13, DIM) and had_rows
-    torch.testing.assert_close(log_weights, torch.tensor([2 * math.log(0.5)] * 10 + [0.0] * 3))
+    assert torch.cdist(newer, negatives).min(dim=1).values.max() < 2e-3
 
 
 @pytest.mark.timeout(20)
@@ -318,8 +279,3 @@ def test_seeded_global_negatives_send_the_kth_refresh_its_own_seed_and_max_versi
         assert torch.allclose(bank, F.normalize(expected.half().float(), dim=1))  # float16 wire
     assert not torch.equal(served[0], served[1])  # every refresh draws anew
     assert pull_seed(11, 1) != pull_seed(12, 1) and 0 <= pull_seed(11, 1) < 2**64
-
-
-def test_a_seeded_pull_cannot_ask_for_the_most_recent_rows(server):
-    with QueueClient(server.address, "token-a") as client, pytest.raises(ValueError, match="arrival"):
-        client.pull(4, max_age=1, policy="recent", seed=3)

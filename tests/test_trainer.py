@@ -104,9 +104,9 @@ def test_random_stand_in_negatives_do_not_depend_on_the_batch(digits):
     seen = []
     loss_on = t.loss_on
 
-    def recording(x, negatives, log_weights=None):
+    def recording(x, negatives):
         seen.append(negatives.shape[0])
-        return loss_on(x, negatives, log_weights)
+        return loss_on(x, negatives)
 
     t.loss_on = recording
     for n in (3, 9, 16):
