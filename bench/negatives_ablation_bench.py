@@ -12,13 +12,14 @@ held-out slice (linear probe and kNN on backbone features):
 - ``fedavg`` and plain ``fedcontrast`` (the default FedConfig), every seed of ``--seeds``;
 - ``fedcontrast`` with each option alone (:data:`OPTIONS`), the first seed only;
 - the best combination, every seed: per family of options (hard negatives, queue
-  temperature, normalisation, number of queue negatives, key encoder, push timing), the
+  temperature, normalisation, number of queue negatives, key encoder), the
   single option with the largest linear-probe gain over plain fedcontrast at the same seed
   if positive; with no positive gain, the best option alone.
 
 The pull policies, staleness weighting, false-negative cancellation and debiasing this
-benchmark also measured until 116213d were removed for measuring no gain (docs/queue.md,
-"Removed options"); their rows stay in ``bench/results/``.
+benchmark also measured until 116213d, and the push timing it measured until d191f04,
+were removed for measuring no gain (docs/queue.md, "Removed options"); their rows stay in
+``bench/results/``.
 
 An option "beats the spread" when its gain exceeds plain fedcontrast's seed-to-seed range
 (max - min over seeds). This benchmark changes no default: it says where a change would
@@ -63,8 +64,6 @@ OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "global negatives 512": ("queue negatives", {"global_negatives": 512}),
     "key mode ema": ("key encoder", {"key_mode": "ema"}),
     "key mode frozen": ("key encoder", {"key_mode": "frozen"}),
-    "push before": ("push timing", {"push_timing": "before"}),
-    "push before, max age 0": ("push timing", {"push_timing": "before", "max_age": 0}),
 }
 LP, KNN = "linear_probe_backbone", "knn_backbone"
 

@@ -9,10 +9,6 @@ records.
 With ``--client-sampling seeded`` and a ``--fraction-train`` below 1 the node answers one
 identify QUERY (:func:`identify`) with its client id, once per run.
 
-With ``--push-timing before`` the node also answers the round's push-phase QUERY message
-(:func:`push`): it pushes keys of the round's global weights before any node trains,
-and the TRAIN message that follows pushes nothing more.
-
 A node with bad data or configuration (a ``ValueError``: a partition its data cannot
 give, a malformed file, a queue whose TLS disagrees) answers with an error reply that
 says what is wrong and what to do, and logs that one line (:func:`answered`); the
@@ -44,7 +40,7 @@ from flwr.common.constant import ErrorCode
 from client.byol_round import load_local, save_local, train_byol_round
 from client.data import local_images
 from client.privacy import plan_round
-from client.round import push_round, train_round
+from client.round import train_round
 from client.settings import NodeSettings, queue_root_certificates
 from client.state import StateDir
 from common import key_state, optim_state
@@ -53,9 +49,6 @@ from common.config import FedConfig, from_run_config
 logger = logging.getLogger(__name__)
 
 app = ClientApp()
-
-#: Mixed into the round's seed for the push phase's draws (``--push-timing before``).
-PUSH_PHASE_SEED = 0x5EED_9A5E
 
 #: Names this module held before the round moved out of it: name -> its module now.
 #: (The names the handlers use, such as train_round and NodeSettings, are still here.)
@@ -104,31 +97,6 @@ def identify(msg: Message, context: Context) -> Message:
     node = NodeSettings.from_node_config(context.node_config)
     return Message(content=RecordDict({"identity": ConfigRecord({"client-id": node.client_id})}),
                    reply_to=msg)
-
-
-@app.query()
-@answered
-def push(msg: Message, context: Context) -> Message:
-    """Flower's entry point for the push phase's QUERY message (``--push-timing before``)."""
-    cfg = from_run_config(FedConfig, context.run_config)
-    node = NodeSettings.from_node_config(context.node_config)
-    config = msg.content["config"]
-    queue_ca = queue_root_certificates(node, bool(config.get("queue-tls", False)))
-    state = StateDir(node.state_dir, node.client_id).load()
-    rest, key = key_state.split(msg.content["arrays"].to_torch_state_dict())
-    weights, _optimizer = optim_state.split(rest)
-    counts = push_round(  # with --key-sync server, rows of the server-averaged key encoder
-        cfg, local_images(cfg, node), key or weights,
-        queue_address=str(config["queue-address"]),
-        queue_token=str(config["queue-token"]),
-        queue_version=int(config["queue-version"]),
-        # A stream of its own: the TRAIN message that follows draws from state.seed itself.
-        seed=state.seed(cfg.seed, int(config["server-round"])) ^ PUSH_PHASE_SEED,
-        queue_root_certificates=queue_ca,
-    )
-    logger.info("client %s round %s: push phase, %d rows pushed", node.client_id,
-                config["server-round"], counts["pushed-rows"])
-    return Message(content=RecordDict({"metrics": MetricRecord(counts)}), reply_to=msg)
 
 
 @app.train()

@@ -6,9 +6,7 @@ records; :mod:`simulations.compare` and the benches call it directly.
 
 - :func:`train_round`: ``local_epochs`` of contrastive training on this node's items,
   starting at the global weights, with negatives from the global queue; then keys
-  pushed (``--push-timing after``); returns the weights and the round's metrics.
-- :func:`push_round`: the push phase of ``--push-timing before``: keys of the global
-  weights, pushed before any node trains.
+  pushed; returns the weights and the round's metrics.
 - :func:`push_keys`: the keys themselves, a sample of local items embedded by the
   round's global encoder, or with ``--key-sync server`` by the round's server-averaged
   key encoder (:mod:`common.key_state`) (under DP a Poisson sample, optionally noised).
@@ -169,7 +167,7 @@ def train_round(
         finally:
             if dp is not None:
                 dp.detach()
-        if cfg.push_fraction > 0 and cfg.push_timing == "after":
+        if cfg.push_fraction > 0:
             push_keys(client, global_model, x, cfg, queue_version, generator, device, dp_generator)
         counters = client.counters()
     finally:
@@ -210,13 +208,11 @@ def _global_sources(client: QueueClient, cfg: FedConfig, privacy: RoundPrivacy |
     exclude_own = cfg.pull_scope == "others" or (privacy is not None
                                                  and not privacy.pushes_accounted)
     max_age = cfg.max_age if privacy is None else privacy.pull_max_age
-    # --pull-mode reproducible: rows of finished rounds only (and of this round's push
-    # phase, which ends before any node trains), sampled by seeded pulls.
+    # --pull-mode reproducible: rows of finished rounds only, sampled by seeded pulls.
     reproducible = cfg.pull_mode == "reproducible"
     return [GlobalNegatives(client, cfg.global_negatives, max_age, cfg.refresh_every,
                             exclude_own=exclude_own, only_own=cfg.pull_scope == "own",
-                            max_version=(queue_version - (cfg.push_timing == "after")
-                                         if reproducible else None),
+                            max_version=queue_version - 1 if reproducible else None,
                             seed=seed if reproducible else None)]
 
 
@@ -241,33 +237,3 @@ def round_metrics(cfg: FedConfig, num_examples: int, epochs: Sequence[EpochStats
     if cfg.dp:
         metrics.update(dict.fromkeys(WITHHELD_UNDER_DP, 0.0))
     return metrics
-
-
-def push_round(
-    cfg: FedConfig,
-    x: torch.Tensor,
-    global_state: Mapping[str, torch.Tensor],
-    *,
-    queue_address: str,
-    queue_token: str,
-    queue_version: int,
-    seed: int,
-    queue_root_certificates: bytes | None = None,
-) -> dict[str, int]:
-    """The push phase of ``--push-timing before``: push keys of ``push_fraction`` of ``x``
-    made by the round's global weights, before any node trains; returns the counts.
-
-    Config validation refuses it under ``--dp true``: a round's releases are planned and
-    accounted when the node trains.
-    """
-    device = resolve_device(cfg.device)
-    global_model = build_model(cfg, x.shape[1], global_state).requires_grad_(False).eval().to(device)
-    client = QueueClient(queue_address, queue_token, root_certificates=queue_root_certificates)
-    try:
-        if cfg.push_fraction > 0:
-            push_keys(client, global_model, x, cfg, queue_version, torch.Generator().manual_seed(seed),
-                      device)
-        counters = client.counters()
-    finally:
-        client.close()
-    return {"pushed-rows": int(counters["rows_pushed"]), "push-failures": int(counters["push_failures"])}

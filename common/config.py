@@ -267,15 +267,6 @@ class QueueSettings(_Part):
                              "refused (0: a quarter of --queue-capacity)", group=MORE)
     max_age: int = _f(1, "rows older than this many rounds are evicted and never pulled")
     push_fraction: float = _f(0.2, "fraction of local examples whose keys are pushed per round")
-    push_timing: str = _f(
-        "after",
-        "when a node pushes the round's keys (made by the round's global encoder either way): "
-        "after its local training, or before: a push phase in which every sampled node "
-        "pushes before any node trains, so every pull of the round can find rows of the "
-        "encoder it starts from (one more message per node and round)",
-        ("after", "before"),
-        group=EXPERIMENTS,
-    )
     refresh_every: int = _f(1, "pull fresh global negatives every N steps", group=EXPERIMENTS)
     pull_scope: str = _f(
         "others",
@@ -287,8 +278,7 @@ class QueueSettings(_Part):
     pull_mode: str = _f(
         "reproducible",
         "what a node's pulls see and how they sample: reproducible (only rows of finished "
-        "rounds, or of the round's push phase with --push-timing before, sampled by a "
-        "generator seeded per client, round and pull over an order of the rows that does not "
+        "rounds, sampled by a generator seeded per client, round and pull over an order of the rows that does not "
         "depend on their arrival: a run repeats exactly while the rows of --max-age + 1 "
         "rounds fit --queue-capacity) or live (also this round's rows from nodes that "
         "finished earlier, sampled by the queue's own generator: a run depends on the order "
@@ -310,12 +300,11 @@ class QueueSettings(_Part):
         self._check_pull_mode(need)
 
     def _check_pull_mode(self, need: Need) -> None:
-        need(self.pull_mode != "reproducible" or self.push_timing != "after" or self.max_age > 0
+        need(self.pull_mode != "reproducible" or self.max_age > 0
              or self.global_negatives == 0, "max_age",
-             "0 with --pull-mode reproducible and --push-timing after: pulls see only rows of "
-             "finished rounds, which are all older than 0 rounds, so no global negative would "
-             "ever be pulled: raise --max-age, push before training (--push-timing before), "
-             "or set --pull-mode live")
+             "0 with --pull-mode reproducible: pulls see only rows of finished rounds, which "
+             "are all older than 0 rounds, so no global negative would ever be pulled: raise "
+             "--max-age or set --pull-mode live")
 
 
 @dataclass
@@ -654,9 +643,15 @@ REMOVED: dict[str, Any] = {
     "pull_policy": "uniform", "staleness_gamma": 1.0, "false_negative_mode": "off",
     "false_negative_top_k": 0, "false_negative_threshold": 1.0, "debias_tau_plus": 0.0,
     "neighbour_weight": 0.0, "prototypes": 0, "prototype_weight": None,
+    "push_timing": "after",
 }
-#: The last commit that had the settings of :data:`REMOVED`.
-REMOVED_AFTER = "116213d"
+#: The last commit that had each setting of :data:`REMOVED`.
+REMOVED_AFTER: dict[str, str] = {
+    **dict.fromkeys(("pull_policy", "staleness_gamma", "false_negative_mode",
+                     "false_negative_top_k", "false_negative_threshold", "debias_tau_plus",
+                     "neighbour_weight", "prototypes", "prototype_weight"), "116213d"),
+    "push_timing": "d191f04",
+}
 
 
 def check_removed(values: Mapping[str, Any], where: str) -> None:
@@ -667,7 +662,7 @@ def check_removed(values: Mapping[str, Any], where: str) -> None:
                 f"{where}: {flag_name(name)} {values[name]!r} was removed (it measured no gain: "
                 f"docs/queue.md, 'Removed options'), so this version cannot run it. Set it to "
                 f"{off!r}, or remove the key, to run plain fedcontrast; or run commit "
-                f"{REMOVED_AFTER}, the last that had it")
+                f"{REMOVED_AFTER[name]}, the last that had it")
 
 
 def read_config_values(path: str | Path) -> tuple[str, dict[str, Any]]:
@@ -752,9 +747,6 @@ def _refuse_under_dp(cfg: FedConfig, need: Need) -> None:
     need(cfg.norm != "batch", "norm", "with --dp true: " + DP_REFUSED["norm"])
     need(cfg.queue_size == 0, "queue_size", "with --dp true: " + DP_REFUSED["queue_size"])
     need(cfg.key_mode != "shared", "key_mode", "with --dp true: " + DP_REFUSED["key_mode"])
-    need(cfg.push_timing == "after", "push_timing",
-         "with --dp true: the round's releases are planned and accounted when a node trains, "
-         "so its pushes must come after: use --push-timing after")
     need(cfg.pull_scope == "others" or cfg.push_noise > 0, "pull_scope",
          f"{cfg.pull_scope!r} with --dp true and --push-noise 0 would return this client's "
          "own un-noised rows as negatives, coupling its examples: use --pull-scope others "

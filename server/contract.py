@@ -29,12 +29,6 @@ Node to server, the reply::
                              keys, order and shapes)
     "metrics": MetricRecord  exactly the keys of REPLY_METRIC_KEYS, on every reply
 
-With ``--push-timing before``, a push phase precedes the TRAIN messages: one QUERY
-message per node about to train, with the same "arrays" and "config"; the node pushes
-keys of those weights (version r) to the queue and replies with a MetricRecord
-"metrics" holding exactly PUSH_REPLY_METRIC_KEYS; its TRAIN reply then reports 0
-pushed rows.
-
 A node asked who it is (a QUERY of type :data:`IDENTIFY`, with a "config"
 ConfigRecord holding only "server-round") replies with a ConfigRecord "identity"
 holding "client-id", its stable identity from the node config (see
@@ -68,8 +62,6 @@ REPLY_METRIC_KEYS = (
 WEIGHT_KEY = "num-examples"
 #: The message type of the query asking a node for its client id (seeded sampling).
 IDENTIFY = f"{MessageType.QUERY}.identify"
-#: The reply to a push-phase QUERY (``--push-timing before``): rows pushed, pushes that failed.
-PUSH_REPLY_METRIC_KEYS = ("pushed-rows", "push-failures")
 
 
 #: Why a TRAIN reply is unusable, as counted in the round rows (``dropped_<kind>``) and in
@@ -180,16 +172,4 @@ def check_identity_reply(msg: Message) -> str | None:
     if not isinstance(identity, ConfigRecord) or not isinstance(identity.get("client-id"), str) \
             or not identity["client-id"]:
         return "expected a ConfigRecord 'identity' with a non-empty string 'client-id'"
-    return None
-
-
-def check_push_reply(msg: Message) -> str | None:
-    """Why the reply to a push-phase QUERY is unusable; None if it is fine."""
-    if msg.has_error():
-        return f"client error: {msg.error.reason}"
-    metrics = msg.content.get("metrics")
-    if not isinstance(metrics, MetricRecord) or set(metrics.keys()) != set(PUSH_REPLY_METRIC_KEYS):
-        return f"expected a MetricRecord 'metrics' with keys {sorted(PUSH_REPLY_METRIC_KEYS)}"
-    if not all(isinstance(metrics[k], int) and metrics[k] >= 0 for k in PUSH_REPLY_METRIC_KEYS):
-        return "a count is not a non-negative integer"
     return None

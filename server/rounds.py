@@ -7,12 +7,9 @@ strategy for what it is good at: sampling (``configure_train``) and combining
 weights (``aggregate_train``, :mod:`server.aggregation`). What travels in each
 message is :mod:`server.contract`; which nodes train is :mod:`server.sampling`.
 
-A round: wait for nodes, advance the queue, sample, (with ``--push-timing before``) the
-push phase, send the TRAIN messages, screen the replies, aggregate, evaluate,
-write the round row, the checkpoint and the queue snapshot.
-
-With ``--push-timing before``, every node's pulls can find version-r rows of every
-other node from its first step; a failed push phase is logged and the node still trains.
+A round: wait for nodes, advance the queue, sample, send the TRAIN messages, screen
+the replies, aggregate, evaluate, write the round row, the checkpoint and the queue
+snapshot.
 
 Unusable replies are dropped and logged in one line with their reason; the round goes
 on with the others. The round row counts them by reason (``dropped_<kind>``, one column
@@ -51,7 +48,6 @@ from server.contract import (
     REFUSAL_KINDS,
     addressees,
     answering_node,
-    check_push_reply,
     check_reply,
     reply_digest,
 )
@@ -206,13 +202,11 @@ class RoundDriver:
         self.queue.advance(rnd)
         lr = self.lr_at(rnd - 1)
         messages = self.messages_for(rnd, arrays, lr, online)
-        phase_pushed = (self.push_phase(rnd, messages)
-                        if self.cfg.push_timing == "before" and self.cfg.push_fraction > 0 else {})
         logger.info("round %d: sending to %d of %d online nodes (lr %.4g)",
                     rnd, len(messages), len(online), lr)
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
         screened = self.screen(rnd, messages, replies, arrays)
-        pushed = self._pushed_by_node(screened.valid, phase_pushed)
+        pushed = self._pushed_by_node(screened.valid)
         new_arrays, means = self.aggregate(rnd, screened.valid, arrays)
         counted = new_arrays is not None
         if counted:
@@ -227,7 +221,7 @@ class RoundDriver:
         if self.cfg.client_sampling == "seeded" and len(messages) < len(online):
             row["sampled_clients"] = " ".join(sorted(
                 self.nodes.client_id(m.metadata.dst_node_id) for m in messages))
-        self._reply_columns(rnd, row, screened.valid, means, counted, phase_pushed)
+        self._reply_columns(rnd, row, screened.valid, means, counted)
         self._queue_columns(rnd, row)
         if self.evaluate is not None and (final or (self.cfg.eval_every and rnd % self.cfg.eval_every == 0)):
             self.last_eval = self.evaluate(arrays)
@@ -238,34 +232,6 @@ class RoundDriver:
         return RoundResult(rnd, arrays, counted, row, pushed)
 
     # ------------------------------------------------------------------ pieces
-
-    def push_phase(self, rnd: int, messages: Sequence[Message]) -> dict[int, tuple[int, int]]:
-        """``--push-timing before``: one QUERY message to every node about to train, each
-        pushing keys of the round's global encoder to the queue (version ``rnd``) before
-        any node trains. Returns (rows pushed, pushes failed) per node id that replied; a
-        node whose push phase fails is logged and still trains (its pulls find the others'
-        rows)."""
-        queries = [Message(
-            content=RecordDict({"arrays": m.content["arrays"], "config": m.content["config"]}),
-            dst_node_id=m.metadata.dst_node_id, message_type=MessageType.QUERY,
-            group_id=f"{rnd}-push", ttl=self.cfg.round_timeout + 10.0,
-        ) for m in messages]
-        start = time.monotonic()
-        replies = list(self.grid.send_and_receive(queries, timeout=self.cfg.round_timeout))
-        pushed: dict[int, tuple[int, int]] = {}
-        addressed = addressees(queries)
-        for msg in replies:
-            reason = check_push_reply(msg)
-            if reason is None:
-                m = msg.content["metrics"]
-                pushed[answering_node(msg, addressed)] = (int(m["pushed-rows"]), int(m["push-failures"]))
-            else:
-                logger.warning("round %d: push phase of node %d failed: %s",
-                               rnd, answering_node(msg, addressed), reason)
-        logger.info("round %d: push phase, %d rows from %d of %d nodes in %.1f s", rnd,
-                    sum(r for r, _ in pushed.values()), len(pushed), len(queries),
-                    time.monotonic() - start)
-        return pushed
 
     def messages_for(self, rnd: int, arrays: ArrayRecord, lr: float,
                      online: Sequence[int]) -> list[Message]:
@@ -343,10 +309,9 @@ class RoundDriver:
         return (None if new is None else in_sent_dtypes(new, sent)), means
 
     @staticmethod
-    def _pushed_by_node(valid: Sequence[Message],
-                        phase_pushed: dict[int, tuple[int, int]]) -> dict[int, int]:
-        """Rows each node pushed this round: in the push phase and with its reply."""
-        pushed = {node_id: rows for node_id, (rows, _failed) in phase_pushed.items()}
+    def _pushed_by_node(valid: Sequence[Message]) -> dict[int, int]:
+        """Rows each node pushed this round, as its reply reports them."""
+        pushed: dict[int, int] = {}
         for m in valid:
             node_id = m.metadata.src_node_id
             pushed[node_id] = pushed.get(node_id, 0) + int(m.content["metrics"]["pushed-rows"])
@@ -360,17 +325,12 @@ class RoundDriver:
                 self.pushed_by_slot[slot] = self.pushed_by_slot.get(slot, 0) + rows
 
     def _reply_columns(self, rnd: int, row: dict[str, Any], valid: Sequence[Message],
-                       means: MetricRecord | None, counted: bool,
-                       phase_pushed: dict[int, tuple[int, int]]) -> None:
-        """The replies' combined metrics, push-phase counts and privacy columns into ``row``."""
+                       means: MetricRecord | None, counted: bool) -> None:
+        """The replies' combined metrics and privacy columns into ``row``."""
         contents = [m.content for m in valid]
         metrics = combine_metrics(contents, means) if contents else {}
         metrics = self.privacy.released(metrics)
         row.update({row_key(k): v for k, v in metrics.items()})
-        if self.cfg.push_timing == "before":  # the rows came in the push phase, not with the weights
-            for i, key in enumerate(("pushed_rows", "push_failures")):
-                row[key] = int(row.get(key, 0)) + sum(v[i] for v in phase_pushed.values())
-            row["push_phase_replied"] = len(phase_pushed)
         if counted and "train-loss" in metrics:
             self.losses.append(float(metrics["train-loss"]))
         stop = self.privacy.update(rnd, row, metrics)

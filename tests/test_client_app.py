@@ -31,7 +31,6 @@ from server.contract import (
     IDENTIFY,
     REPLY_METRIC_KEYS,
     check_identity_reply,
-    check_push_reply,
     check_reply,
 )
 from server.queue import NegativeQueue
@@ -438,22 +437,6 @@ def test_a_reproducible_round_pulls_only_finished_rounds_and_repeats_exactly(ima
     # --pull-mode live: the running round's rows are found too.
     _, live = round_two(replace(CFG, pull_mode="live"))
     assert _max_cosine(live, running) > 0.999
-
-
-def test_push_phase_pushes_the_rounds_keys_and_training_then_pushes_no_more(images, queue_server,
-                                                                           tmp_path):
-    path, _ = images
-    queue, server = queue_server
-    cfg = replace(CFG, push_timing="before")
-    msg = train_message(server.address)
-    query = Message(content=msg.content, dst_node_id=7, message_type=MessageType.QUERY)
-    reply = client_app.push(query, context(node_config(path, tmp_path), cfg))
-    assert check_push_reply(reply) is None
-    assert dict(reply.content["metrics"]) == {"pushed-rows": 48, "push-failures": 0}
-    assert len(queue) == 48 and queue.stats()["age_histogram"][0] == 48  # version 1, before training
-    train = client_app.train(msg, context(node_config(path, tmp_path), cfg))
-    assert check_reply(train, msg.content["arrays"]) is None
-    assert train.content["metrics"]["pushed-rows"] == 0 and len(queue) == 48
 
 
 @pytest.mark.parametrize(("config", "expected"), [

@@ -95,7 +95,8 @@ def test_saved_config_with_a_removed_setting_loads_with_a_warning_naming_it(tmp_
 #: each at the value that turned it off.
 OLD_OFF = {"pull_policy": "uniform", "staleness_gamma": 1.0, "false_negative_mode": "off",
            "false_negative_top_k": 0, "false_negative_threshold": 1.0, "debias_tau_plus": 0.0,
-           "neighbour_weight": 0.0, "prototypes": 0, "prototype_weight": 1.0}
+           "neighbour_weight": 0.0, "prototypes": 0, "prototype_weight": 1.0,
+           "push_timing": "after"}
 
 
 def _saved_with(tmp_path, cfg, extra: dict):
@@ -134,5 +135,17 @@ def test_a_saved_config_with_a_removed_option_on_is_refused_naming_it(tmp_path, 
         from_run_config(FedConfig, {flag[2:]: value})
 
 
+def test_a_saved_config_pushing_before_training_is_refused_naming_the_last_commit_with_it(tmp_path):
+    _saved_with(tmp_path, FedConfig(), {**OLD_OFF, "push_timing": "before"})
+    with pytest.raises(ValueError) as info:
+        load_config(tmp_path)
+    message = str(info.value)
+    assert "--push-timing 'before' was removed" in message and "Removed options" in message
+    assert "Set it to 'after'" in message and "d191f04" in message and "116213d" not in message
+    with pytest.raises(ValueError, match="--push-timing"):
+        from_run_config(FedConfig, {"push-timing": "before"})
+
+
 def test_a_run_config_may_still_name_a_removed_option_left_off():
-    assert from_run_config(FedConfig, {"neighbour-weight": 0.0, "pull-policy": "uniform"}) == FedConfig()
+    assert from_run_config(FedConfig, {"neighbour-weight": 0.0, "pull-policy": "uniform",
+                                       "push-timing": "after"}) == FedConfig()

@@ -237,17 +237,15 @@ def test_resume_continues_numbering(deployment, two_round_run):
 
 
 @pytest.mark.timeout(200)
-def test_push_phase_reaches_every_node_before_training(deployment):
-    # --push-timing before: a QUERY message per node, answered by the ClientApp's push
-    # handler in the real SuperNode, fills the queue before the TRAIN messages go out.
-    # The same run aggregates with a robust rule, on the real nodes' replies, and serves
-    # the queue on a fixed port, as across machines.
-    run = deployment.root / "run-push"
+def test_a_robust_rule_aggregates_the_real_nodes_replies_with_the_queue_on_a_fixed_port(deployment):
+    # The run aggregates with a robust rule, on the real nodes' replies, and serves the
+    # queue on a fixed port, as across machines.
+    run = deployment.root / "run-fixed-port"
     queue_port = free_port()
-    rc = deployment.run_server(run, "--rounds", "1", *SMALL[2:], "--push-timing", "before",
+    rc = deployment.run_server(run, "--rounds", "1", *SMALL[2:],
                                "--aggregation", "fedmedian", "--queue-host", "127.0.0.1",
                                "--queue-port", str(queue_port), timeout=180)
-    assert rc == 0, deployment.log("server-run-push.log") + (run / "server.log").read_text()[-3000:]
+    assert rc == 0, deployment.log("server-run-fixed-port.log") + (run / "server.log").read_text()[-3000:]
     assert f"queue at 127.0.0.1:{queue_port} " in (run / "server.log").read_text()
     cfg = load_config(run)
     assert cfg.aggregation == "fedmedian"
@@ -256,11 +254,7 @@ def test_push_phase_reaches_every_node_before_training(deployment):
     start = initial_weights(cfg)
     assert any(not torch.equal(start[k], v) for k, v in checkpoint["state_dict"].items())
     (row,) = rows(run)
-    assert row["push_phase_replied"] == 2 and row["pushed_rows"] > 0 and row["push_failures"] == 0
-    # round 1 of a fresh queue, yet the steps found the other node's rows from the start
-    # (pushed after training, rows of concurrent nodes arrive as both finish)
-    assert row["global_misses"] == 0
-    assert row["negatives_per_step"] > 0.5 * min(256, row["pushed_rows"] / 2)
+    assert row["pushed_rows"] > 0 and row["push_failures"] == 0
     assert row["queue_version"] == 1 and row["queue_size"] == row["pushed_rows"]
 
 

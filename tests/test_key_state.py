@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from test_client_app import context, images, node_config, train_message  # noqa: F401 (fixture)
 from test_strategy import FakeGrid, honest, make_driver, metrics
@@ -139,21 +139,6 @@ def test_the_client_trains_from_the_key_it_receives_pushes_its_rows_and_sends_it
     still = client_app.train(msg, context(node_config(path, tmp_path / "b"), replace(CFG, key_momentum=1.0)))
     _, unchanged = key_state.split(still.content["arrays"].to_torch_state_dict())
     assert all(torch.equal(unchanged[k], sent_key[k]) for k in sent_key)
-
-
-def test_the_push_phase_pushes_rows_of_the_key_it_receives(images, tmp_path, monkeypatch):
-    path, _ = images
-    arrays = _server_arrays(CFG)
-    pushed_by = []
-    monkeypatch.setattr(round_module, "push_keys",
-                        lambda _client, model, *args: pushed_by.append(model.state_dict()))
-    cfg = replace(CFG, push_fraction=0.5, push_timing="before")
-    msg = train_message(f"127.0.0.1:{free_port()}", arrays=arrays)
-    query = Message(content=msg.content, dst_node_id=7, message_type=MessageType.QUERY)
-    client_app.push(query, context(node_config(path, tmp_path), cfg))
-    (pusher,) = pushed_by
-    _, sent_key = key_state.split(arrays)
-    assert all(torch.equal(pusher[k], sent_key[k]) for k in sent_key)
 
 
 def _without_key(msg: Message) -> Message:

@@ -185,7 +185,7 @@ def test_a_bad_hard_negative_beta_is_refused_by_the_loss(beta: float) -> None:
 @pytest.mark.parametrize(("kwargs", "flag"), [
     ({"hard_negative_beta": -0.5}, "--hard-negative-beta must"),
     ({"hard_negative_beta": math.nan}, "--hard-negative-beta must"),
-    ({"max_age": 0}, "--max-age 0 with --pull-mode reproducible and --push-timing after"),
+    ({"max_age": 0}, "--max-age 0 with --pull-mode reproducible: pulls see only rows of finished"),
     ({"queue_temperature": -0.1}, "--queue-temperature must be zero"),
     ({"queue_temperature": math.inf}, "--queue-temperature must be zero"),
 ])

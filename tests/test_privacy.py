@@ -171,7 +171,6 @@ def test_noisy_rows_are_unit_norm_releases():
         ({"noise_multiplier": 0.0}, "--noise-multiplier", "give the DP-SGD noise, or a target"),
         ({"target_epsilon": 3.0}, "--target-epsilon", "give one"),
         ({"delta": 0.0}, "--delta", "must be in"),
-        ({"push_timing": "before"}, "--push-timing", "planned and accounted when a node trains"),
         ({"dp": False, "push_noise": 1.0, "noise_multiplier": 0.0}, "--push-noise",
          "needs --dp true"),
     ],

@@ -593,47 +593,11 @@ def test_summary_privacy_block_without_dp_says_nothing_is_accounted(tmp_path):
     assert "no differential privacy" in block["note"]
 
 
-def pushing(rows: int, fail: bool = False) -> Node:
-    """A node that answers the push phase's QUERY with ``rows`` pushed (or an error), and
-    trains like :func:`honest`."""
-    train = honest()
-
-    def node(msg: Message) -> Message:
-        if msg.metadata.message_type != MessageType.QUERY:
-            return train(msg)
-        if fail:
-            return Message(Error(code=0, reason="queue unreachable"), reply_to=msg)
-        counts = MetricRecord({"pushed-rows": rows, "push-failures": 0})
-        return Message(content=RecordDict({"metrics": counts}), reply_to=msg)
-
-    return node
-
-
-def test_push_timing_before_pushes_on_every_node_before_any_trains(tmp_path, caplog):
-    grid = FakeGrid({1: pushing(5), 2: pushing(7), 3: pushing(0, fail=True)})
-    cfg = FedConfig(min_nodes=1, rounds=1, wait_nodes_timeout=0.3, eval_every=0, push_timing="before")
-    driver, _, _ = make_driver(tmp_path, grid, cfg=cfg)
-    result = driver.run_round(1, initial())
-    queries, trains = grid.of_type(MessageType.QUERY) + grid.of_type(MessageType.TRAIN)
-    assert [m.metadata.message_type for m in queries] == [MessageType.QUERY] * 3
-    assert [m.metadata.message_type for m in trains] == [MessageType.TRAIN] * 3
-    assert [m.metadata.dst_node_id for m in queries] == [m.metadata.dst_node_id for m in trains]
-    for query, train in zip(queries, trains, strict=True):  # same weights, version and token
-        assert query.content["config"]["queue-version"] == 1
-        assert query.content["config"]["queue-token"] == train.content["config"]["queue-token"]
-        assert np.array_equal(query.content["arrays"]["w"].numpy(), train.content["arrays"]["w"].numpy())
-    assert result.counted and result.row["replied"] == 3  # the node whose push failed still trained
-    assert result.row["pushed_rows"] == 12 and result.row["push_phase_replied"] == 2
-    assert result.pushed_by_node == {1: 5, 2: 7, 3: 0}
-    assert "push phase of node 3 failed: client error: queue unreachable" in caplog.text
-
-
-def test_push_timing_after_sends_only_train_messages(tmp_path):
-    grid = FakeGrid({1: pushing(5)})
+def test_a_round_sends_only_train_messages(tmp_path):
+    grid = FakeGrid({1: honest()})
     driver, _, _ = make_driver(tmp_path, grid)
-    result = driver.run_round(1, initial())
+    driver.run_round(1, initial())
     assert [b[0].metadata.message_type for b in grid.sent] == [IDENTIFY, MessageType.TRAIN]
-    assert "push_phase_replied" not in result.row
 
 
 def test_the_superlinks_reply_for_a_dead_node_counts_that_node_once(tmp_path, caplog):
