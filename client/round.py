@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from client.negatives import NegativeSource
+from client.negatives import LocalQueue, NegativeSource
 from client.privacy import (
     DPSGD,
     WITHHELD_UNDER_DP,
@@ -116,7 +116,9 @@ def train_round(
 
     The query model starts at the global weights; the key model is the global model
     itself (``frozen``), a momentum copy of it (``ema``), or the query model
-    (``shared``). Negatives come from the global queue when ``global_negatives > 0``;
+    (``shared``). Negatives come from the global queue when ``global_negatives > 0``,
+    and from a local queue of this node's own past keys when ``queue_size > 0`` (MoCo's
+    FIFO, empty at the round's start and kept for the round's steps; refused with DP);
     a step whose pull fails uses the local negatives and is counted as a miss.
 
     With ``cfg.dp``, ``privacy`` is the round's plan (:func:`client.privacy.plan_round`,
@@ -154,6 +156,8 @@ def train_round(
     client = QueueClient(queue_address, queue_token, root_certificates=queue_root_certificates)
     try:
         sources = _global_sources(client, cfg, privacy, queue_version, seed)
+        if cfg.queue_size:  # MoCo's FIFO of this node's own keys, kept for the round
+            sources.append(LocalQueue(cfg.queue_size, cfg.embedding_dim))
         optimizer = make_optimizer(model, cfg)
         if optimizer_state is not None:
             optim_state.load_arrays(model, optimizer, cfg, optimizer_state)

@@ -147,6 +147,19 @@ def test_optimiser_state_sent_with_the_weights_is_continued_and_sent_back(images
     assert any(not torch.equal(fresh[k], continued[k]) for k in fresh)
 
 
+def test_a_local_queue_gives_a_node_its_own_past_keys_as_negatives(images, tmp_path):
+    # --queue-size in a federation: MoCo's FIFO of the node's own keys, filled as it trains.
+    # Without it these settings would leave the loss only random unit vectors, batch-size
+    # many (no in-batch negatives, no global ones); with it the queue's rows add up.
+    path, _ = images
+    cfg = replace(CFG, global_negatives=0, push_fraction=0.0, in_batch=False, key_mode="ema",
+                  queue_size=64, local_epochs=2)
+    msg = train_message(f"127.0.0.1:{free_port()}")
+    m = client_app.train(msg, context(node_config(path, tmp_path), cfg)).content["metrics"]
+    # 96 examples, batch 32: 6 steps; the first sees random vectors (32), then 32, 64, 64, 64, 64.
+    assert m["negatives-per-step"] == pytest.approx((32 + 32 + 64 * 4) / 6)
+
+
 def test_unreachable_queue_trains_on_local_negatives_and_reports_misses(images, tmp_path):
     path, _ = images
     msg = train_message(f"127.0.0.1:{free_port()}")  # nothing listens there
