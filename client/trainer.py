@@ -33,13 +33,16 @@ from client.privacy import DPSGD, check_private_training
 from common import key_state
 from common.config import TrainConfig
 from common.encoders import ContrastiveModel
-from common.loss import info_nce
+from common.loss import info_nce, spectral_loss
 from common.plugins import make_views
 from common.schedule import cosine_lr as cosine_lr
 
 logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int, float], None]
+
+#: Weight of a step's embeddings in the running second moment of the spectral objective.
+SECOND_MOMENT_RATE = 0.1
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -123,6 +126,10 @@ class ContrastiveTrainer:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
         self.augment = make_views(cfg)
         self.step = 0
+        self.spectral = getattr(cfg, "objective", "infonce") == "spectral"
+        if self.spectral:
+            d = self.model.embedding_dim
+            self.second_moment = torch.eye(d, device=device) / d  # D x D, isotropic at first
 
     # -- one step -------------------------------------------------------------------
 
@@ -157,6 +164,10 @@ class ContrastiveTrainer:
         views: two forward passes whose per-example gradients add up (what DP-SGD clips
         is their sum per example).
         """
+        if self.spectral:
+            z1 = self.model(v1)  # N x D
+            z2 = self.model(v2) if self.key_model is None else self._keys(v2)  # N x D
+            return spectral_loss(z1, z2, self.second_moment), z2.detach()
         loss_kwargs = {"in_batch": self.cfg.in_batch,
                        "hard_negative_beta": self.cfg.hard_negative_beta,
                        "queue_temperature": self.cfg.queue_temperature or None}
@@ -186,6 +197,8 @@ class ContrastiveTrainer:
         x = x.to(self.device, non_blocking=True)
         loss, keys = self.loss_on(x, negatives)
         mean = loss.mean()
+        if self.spectral:
+            self._update_second_moment(keys)
         self.optimizer.zero_grad(set_to_none=True)
         if self.dp is not None:
             self.dp.backward(mean)
@@ -213,6 +226,13 @@ class ContrastiveTrainer:
                 torch.randn(count, self.model.embedding_dim, generator=self.generator), dim=1,
             ).to(self.device)
         return negatives, had_rows
+
+    @torch.no_grad()
+    def _update_second_moment(self, z: Tensor) -> None:
+        """M <- (1 - a) M + a mean_i z_i z_i^T over this step's embeddings (the next step's M)."""
+        rate = SECOND_MOMENT_RATE
+        batch = z.T @ z / max(1, z.shape[0])  # D x D
+        self.second_moment.mul_(1 - rate).add_(batch, alpha=rate)
 
     @torch.no_grad()
     def _momentum_update(self) -> None:

@@ -42,7 +42,7 @@ NORM_CHOICES = ("group", "instance", "layer", "batch")
 KEY_MODES = ("ema", "frozen", "shared")
 OPTIMIZERS = ("sgd", "adam")
 AGGREGATIONS = ("fedavg", "fedtrimmedavg", "fedmedian", "krum")
-OBJECTIVES = ("infonce", "byol")
+OBJECTIVES = ("infonce", "byol", "spectral")
 BYOL_UPDATES = ("fedbyol", "fedu", "fedema")
 KEY_SYNCS = ("local", "server")
 
@@ -461,6 +461,8 @@ class FedConfig(ObjectiveSettings, PrivacySettings, ServerSettings, QueueSetting
              "key encoder moves and can be averaged")
         if self.objective == "byol":
             _refuse_with_byol(self, need)
+            return
+        if self.objective == "spectral":
             return
         need(self.in_batch or self.queue_size > 0 or self.global_negatives > 0, "in_batch",
              "is off with no local queue and no global negatives: there would be no negatives")
