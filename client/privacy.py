@@ -83,6 +83,28 @@ def noisy_rows(rows: Tensor, push_noise: float, generator: torch.Generator) -> T
     return nn.functional.normalize(unit + noise, dim=1)
 
 
+#: Under ``--objective spectral`` every DP-SGD step also releases the batch's second moment
+#: (:meth:`DPSGD.noisy_moment_sum`) with noise of this many times DP-SGD's noise multiplier.
+MOMENT_NOISE_RATIO = 2.0
+
+
+def joint_noise_multiplier(sgd_noise: float, ratio: float = MOMENT_NOISE_RATIO) -> float:
+    """The noise multiplier of a DP-SGD step that also releases the noisy second moment.
+
+    Both releases are Gaussian mechanisms on the same Poisson batch: the clipped gradients
+    (norm <= C, noise sigma C) and the outer products z z^T of unit embeddings (Frobenius
+    norm 1, noise r sigma). Scaling the second by 1 / r gives one Gaussian mechanism of
+    noise sigma on vectors of norm <= sqrt(1 + 1 / r^2), so the pair is accounted as one
+    step of multiplier ``sigma / sqrt(1 + 1 / r^2)``.
+    """
+    return sgd_noise / math.sqrt(1.0 + 1.0 / ratio**2)
+
+
+def sgd_noise_multiplier(joint_noise: float, ratio: float = MOMENT_NOISE_RATIO) -> float:
+    """Inverse of :func:`joint_noise_multiplier`: DP-SGD's sigma for an accounted one."""
+    return joint_noise * math.sqrt(1.0 + 1.0 / ratio**2)
+
+
 def check_model(model: nn.Module) -> None:
     """Refuse a model whose per-example gradients Opacus cannot compute (BatchNorm)."""
     from opacus.validators import ModuleValidator
@@ -113,7 +135,7 @@ def check_private_training(cfg: TrainConfig, model: nn.Module,
     """
     if cfg.in_batch:
         raise ValueError(f"--in-batch true with --dp true: {DP_REFUSED['in_batch']}")
-    if cfg.key_mode == "shared":
+    if cfg.key_mode == "shared" and getattr(cfg, "objective", "infonce") != "spectral":
         raise ValueError(f"--key-mode shared with --dp true: {DP_REFUSED['key_mode']}")
     check_model(model)
     for source in sources:
@@ -156,6 +178,7 @@ class DPSGD:
         batch_size: int,
         own_rows_noised: bool = False,
         generator: torch.Generator | None = None,
+        moment_noise: float = 0.0,
     ) -> None:
         if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
@@ -167,6 +190,7 @@ class DPSGD:
         self.max_grad_norm = max_grad_norm
         self.num_examples = num_examples
         self.own_rows_noised = own_rows_noised
+        self.moment_noise = moment_noise
         self.steps_per_epoch = max(1, math.ceil(num_examples / batch_size))
         self.sample_rate = 1.0 / self.steps_per_epoch
         self.expected_batch_size = num_examples * self.sample_rate
@@ -227,6 +251,18 @@ class DPSGD:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def noisy_moment_sum(self, z: Tensor, dim: int) -> Tensor:
+        """sum_i z_i z_i^T over the batch's unit embeddings, plus N(0, moment_noise^2) per entry.
+
+        Each example adds a matrix of Frobenius norm 1 (its embedding is renormalised to
+        unit norm here), so the release is a Gaussian mechanism of multiplier
+        ``moment_noise`` on the step's Poisson batch (:func:`joint_noise_multiplier`).
+        The noise is symmetrised afterwards (post-processing). ``z`` may hold no row.
+        """
+        unit = nn.functional.normalize(z.detach().float().cpu().reshape(-1, dim), dim=1)  # n x D
+        noise = torch.randn((dim, dim), generator=self.generator) * self.moment_noise
+        return unit.T @ unit + 0.5 * (noise + noise.T)  # D x D
+
     def detach(self) -> None:
         """Remove the hooks and Opacus's attributes from the model."""
         if self._hooks is not None:
@@ -240,6 +276,8 @@ class RoundPrivacy:
 
     Attributes:
         noise_multiplier: DP-SGD sigma of this round.
+        moment_noise: ``--objective spectral``: the noise multiplier of the second moment
+            each step releases (0 otherwise).
         sample_rate: DP-SGD Poisson rate q.
         steps: DP-SGD steps this round (local epochs x steps per epoch).
         epsilon: the client's epsilon at ``--delta`` once this round's releases count.
@@ -254,6 +292,7 @@ class RoundPrivacy:
     epsilon: float
     pushes_accounted: bool
     pull_max_age: int
+    moment_noise: float = 0.0
 
 
 def plan_round(cfg: FedConfig, state: ClientState, num_examples: int, server_round: int, *,
@@ -279,7 +318,12 @@ def plan_round(cfg: FedConfig, state: ClientState, num_examples: int, server_rou
     sample_rate = 1.0 / steps_per_epoch
     steps = cfg.local_epochs * steps_per_epoch
     pushes_accounted = cfg.push_noise > 0 and cfg.push_fraction > 0
+    spectral = cfg.objective == "spectral"
+    # sigma: the noise multiplier the accountant records per step (for the spectral
+    # objective the joint one of the gradient and the second moment).
     sigma = cfg.noise_multiplier
+    if spectral and sigma > 0:
+        sigma = joint_noise_multiplier(sigma)
     if sigma == 0:
         plan = PrivacyPlan(
             rounds=max(1, cfg.rounds - server_round + 1), steps_per_round=steps,
@@ -325,5 +369,7 @@ def plan_round(cfg: FedConfig, state: ClientState, num_examples: int, server_rou
     if not pushes_accounted and cfg.push_fraction > 0:
         live[token] = queue_version
     state.unnoised_pushes = live
-    return RoundPrivacy(sigma, sample_rate, steps, state.accountant.epsilon(cfg.delta),
-                        pushes_accounted, pull_max_age)
+    sgd_noise = sgd_noise_multiplier(sigma) if spectral else sigma
+    return RoundPrivacy(sgd_noise, sample_rate, steps, state.accountant.epsilon(cfg.delta),
+                        pushes_accounted, pull_max_age,
+                        moment_noise=MOMENT_NOISE_RATIO * sgd_noise if spectral else 0.0)

@@ -190,6 +190,8 @@ class ContrastiveTrainer:
             group["lr"] = self.lr_schedule(self.step)
         if self.dp is not None and x.shape[0] == 0:
             self.dp.noise_only_step()
+            if self.spectral:  # the step's release of the second moment: noise only
+                self._update_second_moment(torch.zeros(0, self.model.embedding_dim))
             self._momentum_update()
             self.step += 1
             return 0.0, 0, False
@@ -197,8 +199,6 @@ class ContrastiveTrainer:
         x = x.to(self.device, non_blocking=True)
         loss, keys = self.loss_on(x, negatives)
         mean = loss.mean()
-        if self.spectral:
-            self._update_second_moment(keys)
         self.optimizer.zero_grad(set_to_none=True)
         if self.dp is not None:
             self.dp.backward(mean)
@@ -206,6 +206,8 @@ class ContrastiveTrainer:
             mean.backward()
         self.optimizer.step()
         self._momentum_update()
+        if self.spectral:  # after the backward pass, which reads the step's M
+            self._update_second_moment(keys)
         for s in self.sources:
             s.observe(keys)
         self.step += 1
@@ -214,6 +216,8 @@ class ContrastiveTrainer:
     def _negatives(self, batch_size: int) -> tuple[Tensor | None, bool]:
         """The step's negatives (K, D) and whether a source had rows (:meth:`_bank`), or
         random unit vectors when there would be none."""
+        if self.spectral:  # no negatives: the second moment repels
+            return None, False
         negatives, had_rows = self._bank()
         if negatives is None and not self.cfg.in_batch and batch_size > 0:
             # No in-batch negatives and every source empty (round 1 of a fresh queue,
@@ -229,9 +233,14 @@ class ContrastiveTrainer:
 
     @torch.no_grad()
     def _update_second_moment(self, z: Tensor) -> None:
-        """M <- (1 - a) M + a mean_i z_i z_i^T over this step's embeddings (the next step's M)."""
+        """M <- (1 - a) M + a mean_i z_i z_i^T over this step's embeddings (the next step's M);
+        under DP-SGD the batch's sum is released with noise (:meth:`DPSGD.noisy_moment_sum`)."""
         rate = SECOND_MOMENT_RATE
-        batch = z.T @ z / max(1, z.shape[0])  # D x D
+        if self.dp is not None:  # released with noise, over the expected Poisson batch
+            d = self.second_moment.shape[0]
+            batch = (self.dp.noisy_moment_sum(z, d) / self.dp.expected_batch_size).to(self.device)
+        else:
+            batch = z.T @ z / max(1, z.shape[0])  # D x D
         self.second_moment.mul_(1 - rate).add_(batch, alpha=rate)
 
     @torch.no_grad()

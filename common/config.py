@@ -463,6 +463,8 @@ class FedConfig(ObjectiveSettings, PrivacySettings, ServerSettings, QueueSetting
             _refuse_with_byol(self, need)
             return
         if self.objective == "spectral":
+            if self.dp:
+                _refuse_under_dp(self, need)
             return
         need(self.in_batch or self.queue_size > 0 or self.global_negatives > 0, "in_batch",
              "is off with no local queue and no global negatives: there would be no negatives")
@@ -748,7 +750,8 @@ def _refuse_under_dp(cfg: FedConfig, need: Need) -> None:
     need(not cfg.in_batch, "in_batch", "with --dp true: " + DP_REFUSED["in_batch"])
     need(cfg.norm != "batch", "norm", "with --dp true: " + DP_REFUSED["norm"])
     need(cfg.queue_size == 0, "queue_size", "with --dp true: " + DP_REFUSED["queue_size"])
-    need(cfg.key_mode != "shared", "key_mode", "with --dp true: " + DP_REFUSED["key_mode"])
+    need(cfg.key_mode != "shared" or cfg.objective == "spectral", "key_mode",
+         "with --dp true: " + DP_REFUSED["key_mode"])
     need(cfg.pull_scope == "others" or cfg.push_noise > 0, "pull_scope",
          f"{cfg.pull_scope!r} with --dp true and --push-noise 0 would return this client's "
          "own un-noised rows as negatives, coupling its examples: use --pull-scope others "
