@@ -135,7 +135,7 @@ def check_private_training(cfg: TrainConfig, model: nn.Module,
     """
     if cfg.in_batch:
         raise ValueError(f"--in-batch true with --dp true: {DP_REFUSED['in_batch']}")
-    if cfg.key_mode == "shared" and getattr(cfg, "objective", "infonce") != "spectral":
+    if cfg.key_mode == "shared" and getattr(cfg, "objective", "infonce") not in ("spectral", "moment"):
         raise ValueError(f"--key-mode shared with --dp true: {DP_REFUSED['key_mode']}")
     check_model(model)
     for source in sources:
@@ -318,7 +318,7 @@ def plan_round(cfg: FedConfig, state: ClientState, num_examples: int, server_rou
     sample_rate = 1.0 / steps_per_epoch
     steps = cfg.local_epochs * steps_per_epoch
     pushes_accounted = cfg.push_noise > 0 and cfg.push_fraction > 0
-    spectral = cfg.objective == "spectral"
+    spectral = cfg.objective in ("spectral", "moment")
     # sigma: the noise multiplier the accountant records per step (for the spectral
     # objective the joint one of the gradient and the second moment).
     sigma = cfg.noise_multiplier

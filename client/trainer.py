@@ -43,6 +43,7 @@ StepCallback = Callable[[int, int, float], None]
 
 #: Weight of a step's embeddings in the running second moment of the spectral objective.
 SECOND_MOMENT_RATE = 0.1
+MOMENT_SAMPLES = 1024
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -126,8 +127,10 @@ class ContrastiveTrainer:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
         self.augment = make_views(cfg)
         self.step = 0
-        self.spectral = getattr(cfg, "objective", "infonce") == "spectral"
-        if self.spectral:
+        objective = getattr(cfg, "objective", "infonce")
+        self.spectral = objective == "spectral"
+        self.moment_negatives = objective == "moment"
+        if self.spectral or self.moment_negatives:
             d = self.model.embedding_dim
             self.second_moment = torch.eye(d, device=device) / d  # D x D, isotropic at first
 
@@ -190,7 +193,7 @@ class ContrastiveTrainer:
             group["lr"] = self.lr_schedule(self.step)
         if self.dp is not None and x.shape[0] == 0:
             self.dp.noise_only_step()
-            if self.spectral:  # the step's release of the second moment: noise only
+            if self.spectral or self.moment_negatives:  # the step's second moment: noise only
                 self._update_second_moment(torch.zeros(0, self.model.embedding_dim))
             self._momentum_update()
             self.step += 1
@@ -206,7 +209,7 @@ class ContrastiveTrainer:
             mean.backward()
         self.optimizer.step()
         self._momentum_update()
-        if self.spectral:  # after the backward pass, which reads the step's M
+        if self.spectral or self.moment_negatives:  # after the backward pass, which reads M
             self._update_second_moment(keys)
         for s in self.sources:
             s.observe(keys)
@@ -218,6 +221,8 @@ class ContrastiveTrainer:
         random unit vectors when there would be none."""
         if self.spectral:  # no negatives: the second moment repels
             return None, False
+        if self.moment_negatives:
+            return self._moment_samples(MOMENT_SAMPLES), False
         negatives, had_rows = self._bank()
         if negatives is None and not self.cfg.in_batch and batch_size > 0:
             # No in-batch negatives and every source empty (round 1 of a fresh queue,
@@ -230,6 +235,15 @@ class ContrastiveTrainer:
                 torch.randn(count, self.model.embedding_dim, generator=self.generator), dim=1,
             ).to(self.device)
         return negatives, had_rows
+
+    @torch.no_grad()
+    def _moment_samples(self, count: int) -> Tensor:
+        """``count`` unit vectors normalize(N(0, M+)), M+ the running second moment with its
+        negative eigenvalues (noise) set to 0; (count, D)."""
+        vals, vecs = torch.linalg.eigh(self.second_moment.double().cpu())
+        root = (vecs * vals.clamp(min=0).sqrt()).float()  # D x D, root @ root.T = M+
+        eps = torch.randn(count, root.shape[0], generator=self.generator)
+        return nn.functional.normalize(eps @ root.T, dim=1).to(self.device)
 
     @torch.no_grad()
     def _update_second_moment(self, z: Tensor) -> None:

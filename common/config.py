@@ -42,7 +42,7 @@ NORM_CHOICES = ("group", "instance", "layer", "batch")
 KEY_MODES = ("ema", "frozen", "shared")
 OPTIMIZERS = ("sgd", "adam")
 AGGREGATIONS = ("fedavg", "fedtrimmedavg", "fedmedian", "krum")
-OBJECTIVES = ("infonce", "byol", "spectral")
+OBJECTIVES = ("infonce", "byol", "spectral", "moment")
 BYOL_UPDATES = ("fedbyol", "fedu", "fedema")
 KEY_SYNCS = ("local", "server")
 
@@ -462,7 +462,7 @@ class FedConfig(ObjectiveSettings, PrivacySettings, ServerSettings, QueueSetting
         if self.objective == "byol":
             _refuse_with_byol(self, need)
             return
-        if self.objective == "spectral":
+        if self.objective in ("spectral", "moment"):
             if self.dp:
                 _refuse_under_dp(self, need)
             return
@@ -750,7 +750,7 @@ def _refuse_under_dp(cfg: FedConfig, need: Need) -> None:
     need(not cfg.in_batch, "in_batch", "with --dp true: " + DP_REFUSED["in_batch"])
     need(cfg.norm != "batch", "norm", "with --dp true: " + DP_REFUSED["norm"])
     need(cfg.queue_size == 0, "queue_size", "with --dp true: " + DP_REFUSED["queue_size"])
-    need(cfg.key_mode != "shared" or cfg.objective == "spectral", "key_mode",
+    need(cfg.key_mode != "shared" or cfg.objective in ("spectral", "moment"), "key_mode",
          "with --dp true: " + DP_REFUSED["key_mode"])
     need(cfg.pull_scope == "others" or cfg.push_noise > 0, "pull_scope",
          f"{cfg.pull_scope!r} with --dp true and --push-noise 0 would return this client's "
