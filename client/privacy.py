@@ -83,7 +83,7 @@ def noisy_rows(rows: Tensor, push_noise: float, generator: torch.Generator) -> T
     return nn.functional.normalize(unit + noise, dim=1)
 
 
-#: Under ``--objective spectral`` every DP-SGD step also releases the batch's second moment
+#: Under ``--objective moment`` every DP-SGD step also releases the batch's second moment
 #: (:meth:`DPSGD.noisy_moment_sum`) with noise of this many times DP-SGD's noise multiplier.
 MOMENT_NOISE_RATIO = 2.0
 
@@ -135,7 +135,7 @@ def check_private_training(cfg: TrainConfig, model: nn.Module,
     """
     if cfg.in_batch:
         raise ValueError(f"--in-batch true with --dp true: {DP_REFUSED['in_batch']}")
-    if cfg.key_mode == "shared" and getattr(cfg, "objective", "infonce") not in ("spectral", "moment"):
+    if cfg.key_mode == "shared":
         raise ValueError(f"--key-mode shared with --dp true: {DP_REFUSED['key_mode']}")
     check_model(model)
     for source in sources:
@@ -276,7 +276,7 @@ class RoundPrivacy:
 
     Attributes:
         noise_multiplier: DP-SGD sigma of this round.
-        moment_noise: ``--objective spectral``: the noise multiplier of the second moment
+        moment_noise: ``--objective moment``: the noise multiplier of the second moment
             each step releases (0 otherwise).
         sample_rate: DP-SGD Poisson rate q.
         steps: DP-SGD steps this round (local epochs x steps per epoch).
@@ -318,11 +318,11 @@ def plan_round(cfg: FedConfig, state: ClientState, num_examples: int, server_rou
     sample_rate = 1.0 / steps_per_epoch
     steps = cfg.local_epochs * steps_per_epoch
     pushes_accounted = cfg.push_noise > 0 and cfg.push_fraction > 0
-    spectral = cfg.objective in ("spectral", "moment")
-    # sigma: the noise multiplier the accountant records per step (for the spectral
-    # objective the joint one of the gradient and the second moment).
+    moment = cfg.objective == "moment"
+    # sigma: the noise multiplier the accountant records per step (for the moment
+    # objective the joint one of the gradient and the released second moment).
     sigma = cfg.noise_multiplier
-    if spectral and sigma > 0:
+    if moment and sigma > 0:
         sigma = joint_noise_multiplier(sigma)
     if sigma == 0:
         plan = PrivacyPlan(
@@ -369,7 +369,7 @@ def plan_round(cfg: FedConfig, state: ClientState, num_examples: int, server_rou
     if not pushes_accounted and cfg.push_fraction > 0:
         live[token] = queue_version
     state.unnoised_pushes = live
-    sgd_noise = sgd_noise_multiplier(sigma) if spectral else sigma
+    sgd_noise = sgd_noise_multiplier(sigma) if moment else sigma
     return RoundPrivacy(sgd_noise, sample_rate, steps, state.accountant.epsilon(cfg.delta),
                         pushes_accounted, pull_max_age,
-                        moment_noise=MOMENT_NOISE_RATIO * sgd_noise if spectral else 0.0)
+                        moment_noise=MOMENT_NOISE_RATIO * sgd_noise if moment else 0.0)

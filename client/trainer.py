@@ -33,7 +33,7 @@ from client.privacy import DPSGD, check_private_training
 from common import key_state
 from common.config import TrainConfig
 from common.encoders import ContrastiveModel
-from common.loss import info_nce, spectral_loss
+from common.loss import info_nce
 from common.plugins import make_views
 from common.schedule import cosine_lr as cosine_lr
 
@@ -41,8 +41,9 @@ logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int, float], None]
 
-#: Weight of a step's embeddings in the running second moment of the spectral objective.
+#: Weight of a step's keys in the running second moment of ``--objective moment``.
 SECOND_MOMENT_RATE = 0.1
+#: Negatives drawn from that second moment per step.
 MOMENT_SAMPLES = 1024
 
 
@@ -127,10 +128,8 @@ class ContrastiveTrainer:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
         self.augment = make_views(cfg)
         self.step = 0
-        objective = getattr(cfg, "objective", "infonce")
-        self.spectral = objective == "spectral"
-        self.moment_negatives = objective == "moment"
-        if self.spectral or self.moment_negatives:
+        self.moment_negatives = getattr(cfg, "objective", "infonce") == "moment"
+        if self.moment_negatives:
             d = self.model.embedding_dim
             self.second_moment = torch.eye(d, device=device) / d  # D x D, isotropic at first
 
@@ -167,10 +166,6 @@ class ContrastiveTrainer:
         views: two forward passes whose per-example gradients add up (what DP-SGD clips
         is their sum per example).
         """
-        if self.spectral:
-            z1 = self.model(v1)  # N x D
-            z2 = self.model(v2) if self.key_model is None else self._keys(v2)  # N x D
-            return spectral_loss(z1, z2, self.second_moment), z2.detach()
         loss_kwargs = {"in_batch": self.cfg.in_batch,
                        "hard_negative_beta": self.cfg.hard_negative_beta,
                        "queue_temperature": self.cfg.queue_temperature or None}
@@ -193,7 +188,7 @@ class ContrastiveTrainer:
             group["lr"] = self.lr_schedule(self.step)
         if self.dp is not None and x.shape[0] == 0:
             self.dp.noise_only_step()
-            if self.spectral or self.moment_negatives:  # the step's second moment: noise only
+            if self.moment_negatives:  # the step's release of the second moment: noise only
                 self._update_second_moment(torch.zeros(0, self.model.embedding_dim))
             self._momentum_update()
             self.step += 1
@@ -209,7 +204,7 @@ class ContrastiveTrainer:
             mean.backward()
         self.optimizer.step()
         self._momentum_update()
-        if self.spectral or self.moment_negatives:  # after the backward pass, which reads M
+        if self.moment_negatives:
             self._update_second_moment(keys)
         for s in self.sources:
             s.observe(keys)
@@ -219,11 +214,10 @@ class ContrastiveTrainer:
     def _negatives(self, batch_size: int) -> tuple[Tensor | None, bool]:
         """The step's negatives (K, D) and whether a source had rows (:meth:`_bank`), or
         random unit vectors when there would be none."""
-        if self.spectral:  # no negatives: the second moment repels
-            return None, False
-        if self.moment_negatives:
-            return self._moment_samples(MOMENT_SAMPLES), False
         negatives, had_rows = self._bank()
+        if self.moment_negatives:  # the queue's rows (if any) and the second moment's samples
+            samples = self._moment_samples(MOMENT_SAMPLES)
+            return (samples if negatives is None else torch.cat([negatives, samples])), had_rows
         if negatives is None and not self.cfg.in_batch and batch_size > 0:
             # No in-batch negatives and every source empty (round 1 of a fresh queue,
             # an unreachable service): random unit vectors are data-independent

@@ -42,7 +42,7 @@ NORM_CHOICES = ("group", "instance", "layer", "batch")
 KEY_MODES = ("ema", "frozen", "shared")
 OPTIMIZERS = ("sgd", "adam")
 AGGREGATIONS = ("fedavg", "fedtrimmedavg", "fedmedian", "krum")
-OBJECTIVES = ("infonce", "byol", "spectral", "moment")
+OBJECTIVES = ("infonce", "byol", "moment")
 BYOL_UPDATES = ("fedbyol", "fedu", "fedema")
 KEY_SYNCS = ("local", "server")
 
@@ -418,7 +418,11 @@ class ObjectiveSettings(_Part):
         "the local loss: infonce (contrastive, with the negatives of the settings above) or "
         "byol (Grill et al. 2020: a predictor on the online projection regresses an EMA "
         "target's projection of the other view, 2 - 2 cos, both view orders; no negatives, "
-        "so the queue settings must be off; --key-mode and --temperature do not apply)",
+        "so the queue settings must be off; --key-mode and --temperature do not apply) or "
+        "moment (InfoNCE per example: each query against its momentum key and 1,024 "
+        "negatives drawn from a Gaussian with the running second moment of the step's keys, "
+        "released with noise under --dp true, plus any global rows; needs --key-mode ema, "
+        "--in-batch false and --queue-size 0; see docs/privacy.md)",
         OBJECTIVES,
     )
     byol_update: str = _f(
@@ -462,9 +466,8 @@ class FedConfig(ObjectiveSettings, PrivacySettings, ServerSettings, QueueSetting
         if self.objective == "byol":
             _refuse_with_byol(self, need)
             return
-        if self.objective in ("spectral", "moment"):
-            if self.dp:
-                _refuse_under_dp(self, need)
+        if self.objective == "moment":
+            _check_moment(self, need)
             return
         need(self.in_batch or self.queue_size > 0 or self.global_negatives > 0, "in_batch",
              "is off with no local queue and no global negatives: there would be no negatives")
@@ -750,12 +753,26 @@ def _refuse_under_dp(cfg: FedConfig, need: Need) -> None:
     need(not cfg.in_batch, "in_batch", "with --dp true: " + DP_REFUSED["in_batch"])
     need(cfg.norm != "batch", "norm", "with --dp true: " + DP_REFUSED["norm"])
     need(cfg.queue_size == 0, "queue_size", "with --dp true: " + DP_REFUSED["queue_size"])
-    need(cfg.key_mode != "shared" or cfg.objective in ("spectral", "moment"), "key_mode",
-         "with --dp true: " + DP_REFUSED["key_mode"])
+    need(cfg.key_mode != "shared", "key_mode", "with --dp true: " + DP_REFUSED["key_mode"])
     need(cfg.pull_scope == "others" or cfg.push_noise > 0, "pull_scope",
          f"{cfg.pull_scope!r} with --dp true and --push-noise 0 would return this client's "
          "own un-noised rows as negatives, coupling its examples: use --pull-scope others "
          "or noise the pushes")
+
+
+def _check_moment(cfg: FedConfig, need: Need) -> None:
+    """What ``--objective moment`` needs: a momentum key, and no negatives of other
+    examples' un-noised keys (in-batch or a local queue), so the loss stays per example."""
+    need(cfg.key_mode == "ema", "key_mode",
+         "must be ema with --objective moment: the negatives follow the keys' second moment, "
+         "and with the model itself as key (shared) the embeddings collapse")
+    need(not cfg.in_batch, "in_batch",
+         "must be false with --objective moment: its negatives are drawn from the keys' "
+         "second moment, one query at a time")
+    need(cfg.queue_size == 0, "queue_size",
+         "must be 0 with --objective moment: the second moment's samples replace the local queue")
+    if cfg.dp:
+        _refuse_under_dp(cfg, need)
 
 
 def _refuse_with_byol(cfg: FedConfig, need: Need) -> None:

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["InfoNCELoss", "byol_loss", "check_hard_negative_beta", "info_nce", "spectral_loss"]
+__all__ = ["InfoNCELoss", "byol_loss", "check_hard_negative_beta", "info_nce"]
 
 REDUCTIONS = ("mean", "none")
 def _check_temperature(temperature: float) -> None:
@@ -263,35 +263,3 @@ def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
     p = nn.functional.normalize(prediction, dim=1)  # N x D
     z = nn.functional.normalize(target.detach(), dim=1)  # N x D, stop-gradient
     return 2.0 - 2.0 * (p * z).sum(dim=1)
-
-
-def spectral_loss(z1: Tensor, z2: Tensor, second_moment: Tensor) -> Tensor:
-    """The spectral contrastive loss per example, its negative term read off a second moment.
-
-    HaoChen, Wei, Gaidon & Ma 2021, "Provable Guarantees for Self-Supervised Deep Learning
-    with Spectral Contrastive Loss" (NeurIPS): ``-2 E[f(x)^T f(x+)] + E[(f(x)^T f(x'))^2]``
-    over positive pairs (x, x+) and independent pairs (x, x'). The negative term averaged
-    over x' is ``f(x)^T M f(x)`` with ``M = E[f f^T]``, so with M a detached estimate
-    (made of other steps' embeddings, or released with noise), example i's loss
-
-    ``loss_i = -2 <z1_i, z2_i> + z1_i^T M z1_i + z2_i^T M z2_i``
-
-    depends on example i's two views alone; its gradient in z1_i, ``-2 z2_i + 2 M z1_i``, is
-    the batch loss's gradient with M in place of the batch's second moment.
-
-    Args:
-        z1: (N, D) embeddings of view 1, unit norm.
-        z2: (N, D) embeddings of view 2 of the same examples, unit norm.
-        second_moment: (D, D) symmetric estimate of E[z z^T] (detached here).
-
-    Returns:
-        (N,) per-example losses.
-    """
-    if z1.ndim != 2 or z2.shape != z1.shape:
-        raise ValueError(f"z1 and z2 must both be (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    d = z1.shape[1]
-    if second_moment.shape != (d, d):
-        raise ValueError(f"second_moment must be ({d}, {d}), got {tuple(second_moment.shape)}")
-    m = second_moment.detach()
-    return (-2.0 * (z1 * z2).sum(dim=1) + ((z1 @ m) * z1).sum(dim=1)
-            + ((z2 @ m) * z2).sum(dim=1))

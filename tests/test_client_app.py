@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client import app as client_app
+from client import round as client_round
 from client import trainer as trainer_module
+from client.privacy import MOMENT_NOISE_RATIO, joint_noise_multiplier
 from client.round import train_round
 from client.settings import NodeSettings
 from client.state import StateDir, default_state_dir
@@ -354,6 +356,34 @@ def test_noise_derived_from_the_target_stays_fixed_and_meets_it(images, queue_se
     assert sigmas[0] == sigmas[1]
     assert epsilons[1] == pytest.approx(expected_epsilon(2, cfg, sigma=sigmas[0]), rel=1e-9)
     assert 0.99 * 4.0 <= epsilons[1] <= 4.0  # the whole planned run, both rounds, meets it
+
+
+def test_a_moment_round_accounts_the_released_moment_with_each_step(images, queue_server,
+                                                                 tmp_path, monkeypatch):
+    # --objective moment: every DP-SGD step also releases the keys' second moment, noised
+    # at MOMENT_NOISE_RATIO times the DP-SGD noise; each step is accounted at the joint
+    # multiplier, and DP-SGD itself runs at the noise asked for.
+    path, _ = images
+    _queue, server = queue_server
+    cfg = FedConfig(**{**DP.__dict__, "objective": "moment", "key_mode": "ema"})
+    made = []
+    original = client_round.DPSGD.__init__
+
+    def spy(self, **kwargs):
+        made.append(kwargs)
+        original(self, **kwargs)
+
+    monkeypatch.setattr(client_round.DPSGD, "__init__", spy)
+    msg = train_message(server.address)
+    reply = client_app.train(msg, context(node_config(path, tmp_path), cfg))
+    assert check_reply(reply, msg.content["arrays"]) is None
+    (kwargs,) = made
+    assert kwargs["noise_multiplier"] == pytest.approx(cfg.noise_multiplier)
+    assert kwargs["moment_noise"] == pytest.approx(MOMENT_NOISE_RATIO * cfg.noise_multiplier)
+    joint = joint_noise_multiplier(cfg.noise_multiplier)
+    assert reply.content["metrics"]["epsilon"] == pytest.approx(
+        expected_epsilon(1, cfg, sigma=joint), rel=1e-9)
+    assert reply.content["metrics"]["epsilon"] > expected_epsilon(1, cfg)  # more is released
 
 
 def test_unnoised_pushes_are_flagged_and_local_statistics_withheld(images, queue_server,
