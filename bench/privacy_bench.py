@@ -1,18 +1,23 @@
-"""Privacy cost: the `fedcontrast privacy` sweep on a CIFAR-10 slice, and DP-SGD step time.
+"""Privacy cost: private contrastive training against its non-private references, and
+DP-SGD step time.
 
 1. Step time, side by side in this process: the same encoder, batch and negatives,
    blocks of plain steps alternating with blocks of DP-SGD steps (Opacus per-example
    gradients, clipping, noise); the ratio is the DP-SGD overhead.
-2. The sweep: the same simulated federation (10 clients, Dirichlet 0.1 by default, a
-   stratified slice of the benchmark file about half the quality benchmark's scale) at
-   each target epsilon, plus push noise on/off at epsilon 8 and the non-private run with
-   the default loss (in-batch negatives). Reported: the table of ``fedcontrast privacy``
-   and the figures at epsilon 8 as a fraction of each non-private run and as a share of
-   what it gained over the random-init encoder.
+2. The table: per seed, the ``fedcontrast privacy`` sweep (its per-example objective,
+   ``--objective moment``, with the queue's noisy rows) at epsilon 8 and without DP, its
+   non-private default-loss reference (in-batch negatives), and the same private run
+   without the queue's rows; at the first seed also epsilon 1 and 4. Every arm has the
+   same data, encoder, rounds and batch (equal examples processed). Reported: each arm's
+   mean and half-range over seeds, the random-init encoder, and each arm's share of the
+   default loss's gain over random init.
 
-    python -m bench.privacy_bench [--data PATH.npz] [--train 2500 --test 500 --rounds 5]
+    python -m bench.privacy_bench [--data PATH.npz] [--train 10000 --test 5000] [--seeds 0 1 2]
     python -m bench.privacy_bench --data digits     # the same on the embedded digits
-    python -m bench.privacy_bench --data digits --steps-only    # the step-time part alone
+    python -m bench.privacy_bench --steps-only      # the step-time part alone
+
+Defaults: 2 clients of 5,000 images each (IID), batch 256, 8 rounds x 1 local epoch, CNN
+width 16, embedding dimension 32, delta 1e-5; about an hour on 2 cores.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from client.trainer import ContrastiveTrainer
 from common.config import FedConfig
 from common.datasets import DatasetError, load_dataset
 from common.encoders import build_encoder
-from simulations.privacy import COLUMNS, SWEEP_DEFAULTS, markdown_table, sweep
+from simulations.privacy import SWEEP_DEFAULTS, sweep
 from simulations.simulate import Simulation
 
 
@@ -72,39 +77,77 @@ def step_times(cfg: FedConfig, x: torch.Tensor, blocks: int = 6, per_block: int 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def eps8_figures(report: dict) -> dict[str, float | None]:
-    """Epsilon 8 (noised pushes) against each non-private reference: the ratio of the
-    figures, and its share of what the reference gained over the random-init encoder (a
-    ratio near 1 means little when neither run is above random init)."""
-    res, init = report["results"], report["random_init"]
-    eight = [r for r in res if r["target_epsilon"] == 8.0 and r["push_noise"] > 0]
-    refs = {"non_private": [r for r in res if math.isinf(r["target_epsilon"]) and r["axis"] == "budget"],
-            "default_loss": [r for r in res if r["axis"] == "default loss"]}
-    out: dict[str, float | None] = {}
-    for key, name in (("linear_probe_backbone", "linear_probe"), ("knn_backbone", "knn"),
-                      ("retrieval_head", "retrieval")):
-        out[f"{name}_random_init"] = round(init[key], 4)
-        for ref_name, ref in refs.items():
-            if not (ref and eight):
-                continue
-            gain = ref[0][key] - init[key]
-            out[f"{name}_at_eps8_fraction_of_{ref_name}"] = round(eight[0][key] / ref[0][key], 3)
-            out[f"{name}_{ref_name}_gain_over_random_init"] = round(gain, 4)
-            out[f"{name}_at_eps8_share_of_{ref_name}_gain"] = (
-                round((eight[0][key] - init[key]) / gain, 3) if gain > 0 else None)
-    return out
+#: The figures the table reports, and their headers.
+FIGURES = (("linear_probe_backbone", "linear probe"), ("knn_backbone", "kNN"),
+           ("retrieval_head", "retrieval"), ("uniformity_head", "uniformity"))
+#: The figures whose gain over random init is reported as a share of the default loss's.
+GAINS = FIGURES[:3]
+DEFAULT_ARM = "no DP, default loss (in-batch negatives)"
+
+
+def arm_name(result: dict) -> str:
+    """The table's name for one run of a sweep."""
+    if result["axis"] == "default loss":
+        return DEFAULT_ARM
+    queue = "queue rows" if "global" in result["negatives"] else "no queue rows"
+    eps = result["target_epsilon"]
+    return (f"no DP, per-example, {queue}" if math.isinf(eps)
+            else f"epsilon {eps:g}, per-example, {queue}")
+
+
+def aggregate(runs: list[tuple[int, dict]], random_init: dict[int, dict]) -> tuple[list[str], list[list[str]], dict]:
+    """Per arm over seeds: mean and half-range of each figure, and the share of the default
+    loss's mean gain over random init; returns headers, rows and a summary."""
+    arms: dict[str, list[tuple[int, dict]]] = {}
+    for seed, result in runs:
+        arms.setdefault(arm_name(result), []).append((seed, result))
+
+    def spread(values: list[float]) -> str:
+        mean = statistics.fmean(values)
+        return f"{mean:.4f}" + (f" ± {(max(values) - min(values)) / 2:.4f}" if len(values) > 1 else "")
+
+    def gain(members: list[tuple[int, dict]], key: str) -> float:
+        return statistics.fmean(r[key] - random_init[s][key] for s, r in members)
+
+    reference = arms.get(DEFAULT_ARM)
+    headers = ["arm", "seeds", "reported ε", "DP-SGD σ", *(h for _k, h in FIGURES),
+               "share of the default loss's gain (probe / kNN / retrieval)"]
+    seeds = sorted(random_init)
+    rows = [["random init", ",".join(map(str, seeds)), "–", "–",
+             *(spread([random_init[s][k] for s in seeds]) for k, _h in FIGURES), "–"]]
+    summary: dict[str, object] = {}
+    for name, members in arms.items():
+        eps = [r["epsilon"] for _s, r in members]
+        sigma = [v for _s, r in members for v in r["noise_multiplier"] if v > 0]
+        shares = []
+        for key, _h in GAINS:
+            ref = gain(reference, key) if reference else 0.0
+            shares.append(f"{gain(members, key) / ref:.0%}" if ref > 0 else "–")
+            summary[f"{name}: {key} gain"] = round(gain(members, key), 4)
+        rows.append([name, ",".join(str(s) for s, _r in members),
+                     "∞" if math.isinf(eps[0]) else f"{max(eps):.3g}",
+                     f"{min(sigma):.3g}-{max(sigma):.3g}" if sigma else "–",
+                     *(spread([r[k] for _s, r in members]) for k, _h in FIGURES),
+                     " / ".join(shares)])
+    return headers, rows, summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_data_arguments(parser, str(CIFAR_DATA), train=2500, test=500,
+    add_data_arguments(parser, str(CIFAR_DATA), train=10000, test=5000,
                        accepts="digits (used whole) or an .npz, sliced")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--alpha", type=float, default=0.1)
-    parser.add_argument("--epsilons", default="1,4,8,inf")
+    parser.add_argument("--embedding-dim", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--partitioner", default="iid", choices=("iid", "dirichlet"))
+    parser.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epsilons", default="8,inf", help="budgets run at every seed")
+    parser.add_argument("--first-seed-epsilons", default="1,4",
+                        help="budgets run at the first seed only")
     parser.add_argument("--steps-only", action="store_true", help="measure step time only")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -116,39 +159,53 @@ def main() -> None:
         except DatasetError as exc:
             raise SystemExit(str(exc)) from exc
         base = FedConfig(**{**SWEEP_DEFAULTS, "dataset": dataset, "rounds": args.rounds,
-                            "local_epochs": args.local_epochs, "width": args.width, "batch_size": 64,
-                            "partitioner": "dirichlet", "dirichlet_alpha": args.alpha,
-                            "eval_every": 0, "device": "cpu", "round_timeout": 1800})
+                            "local_epochs": args.local_epochs, "width": args.width,
+                            "embedding_dim": args.embedding_dim, "batch_size": args.batch_size,
+                            "partitioner": args.partitioner, "dirichlet_alpha": args.alpha,
+                            "eval_every": 0, "device": "cpu", "round_timeout": 3600})
         times = step_times(base, load_dataset(dataset).x_train)
         summary: dict[str, object] = {
             "dp_step_overhead": round(times["dp-sgd"] / times["plain"], 2),
             "plain_step_ms": round(times["plain"] * 1e3, 1),
             "dp_step_ms": round(times["dp-sgd"] * 1e3, 1),
         }
-        rows: list[list[str]] = []
+        headers, rows = ["arm", "median ms per step"], [["plain", summary["plain_step_ms"]],
+                                                        ["dp-sgd", summary["dp_step_ms"]]]
         if not args.steps_only:
-            epsilons = [float(e) for e in args.epsilons.split(",")]
-            report = sweep(replace(base), Simulation(num_clients=args.clients), Path(tmp) / "runs",
-                           epsilons=epsilons, push_noise=base.push_noise, push_axis_epsilon=8.0,
-                           default_loss_reference=True, timeout=6 * 3600, kept_in=None)
-            rows = [[c.strip() for c in line.strip("|").split("|")]
-                    for line in markdown_table(report).splitlines()[2:] if line.startswith("| ")]
-            summary.update(eps8_figures(report))
-    headers = [h for _k, h in COLUMNS]
+            sim = Simulation(num_clients=args.clients)
+            runs, random_init = [], {}
+            every = [float(e) for e in args.epsilons.split(",")]
+            first = [float(e) for e in args.first_seed_epsilons.split(",") if e]
+            no_queue = {"global_negatives": 0, "push_fraction": 0.0, "push_noise": 0.0}
+            private = [e for e in every if math.isfinite(e)]
+            for i, seed in enumerate(args.seeds):
+                cfg = replace(base, seed=seed)
+                report = sweep(cfg, sim, Path(tmp) / f"seed{seed}",
+                               epsilons=every + (first if i == 0 else []),
+                               push_noise=base.push_noise, push_axis_epsilon=None,
+                               default_loss_reference=True, timeout=6 * 3600, kept_in=None)
+                runs += [(seed, r) for r in report["results"]]
+                random_init[seed] = report["random_init"]
+                if private:  # the same private runs without the queue's rows
+                    bare = sweep(replace(cfg, **no_queue), sim, Path(tmp) / f"seed{seed}-no-queue",
+                                 epsilons=private, push_noise=0.0, push_axis_epsilon=None,
+                                 timeout=6 * 3600, kept_in=None)
+                    runs += [(seed, r) for r in bare["results"]]
+            headers, rows, gains = aggregate(runs, random_init)
+            summary.update(gains)
+            summary["runs"] = len(runs)
     name = "privacy_bench" + ("_digits" if args.data == "digits" else "")
     write_result(
-        name if not args.steps_only else "privacy_step_time",
-        headers if rows else ["arm", "median ms per step"],
-        rows or [["plain", summary["plain_step_ms"]], ["dp-sgd", summary["dp_step_ms"]]],
-        summary=summary,
+        name if not args.steps_only else "privacy_step_time", headers, rows, summary=summary,
         notes=(f"data {Path(args.data).name} (slice {args.train} train / {args.test} test unless digits), "
-               f"{args.clients} clients, Dirichlet {args.alpha}, CNN width {args.width}, batch 64, "
-               f"{args.rounds} rounds x {args.local_epochs} local epochs, ema key encoder, "
-               f"{base.global_negatives} global negatives, no in-batch negatives (but in the "
-               "default-loss reference), push fraction "
-               f"{base.push_fraction} with push noise {base.push_noise}, delta {base.delta}. Step "
-               "time: one torch thread, blocks of 5 steps alternating plain and DP-SGD (noise 1.0, "
-               f"clip {base.max_grad_norm}), same batch size and {base.global_negatives} fixed negatives."),
+               f"{args.clients} clients ({args.partitioner}), CNN width {args.width}, embedding "
+               f"dimension {args.embedding_dim}, batch {args.batch_size}, {args.rounds} rounds x "
+               f"{args.local_epochs} local epochs; per-example runs: --objective {base.objective}, "
+               f"temperature {base.temperature}, ema key encoder, queue rows: {base.global_negatives} "
+               f"global negatives per step, pushes at rate {base.push_fraction} with noise "
+               f"{base.push_noise} (under DP); delta {base.delta}. ± is half the range over seeds. "
+               "Step time: one torch thread, blocks of 5 steps alternating plain and DP-SGD (noise "
+               f"1.0, clip {base.max_grad_norm}), same batch size and {base.global_negatives} fixed negatives."),
     )
 
 

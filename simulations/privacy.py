@@ -11,7 +11,8 @@ covered by the epsilon, and the table says so).
 
 DP-SGD needs a per-example loss, so every run of the sweep (the ``inf`` reference too)
 trains without in-batch negatives, with a detached key encoder (``--key-mode``, default
-``ema``) and global negatives only. One more non-private run (``--default-loss-reference``,
+``ema``): by default ``--objective moment`` (negatives drawn from the keys' running second
+moment, released with noise under DP, plus the global rows; ``docs/privacy.md``). One more non-private run (``--default-loss-reference``,
 on by default) trains with the default loss of ``fedcontrast simulate``, in-batch
 negatives included: the difference between the two references is what giving up
 in-batch negatives costs before any noise is added.
@@ -34,6 +35,7 @@ from typing import Any, Literal
 
 from rich.console import Console
 
+from client.privacy import sgd_noise_multiplier
 from client.state import StateDir
 from common.config import FedConfig
 from common.datasets import load_dataset
@@ -53,7 +55,9 @@ from simulations.simulate import CLIENT_STATE, Simulation, resolve
 #: The loss settings ``PRIVATE_LOSS`` and the sweep replace, at their FedConfig defaults:
 #: the federation as ``fedcontrast simulate`` trains it (in-batch and global negatives).
 DEFAULT_LOSS = {"in_batch": FedConfig.in_batch, "queue_size": FedConfig.queue_size,
-                "key_mode": FedConfig.key_mode}
+                "key_mode": FedConfig.key_mode, "objective": FedConfig.objective,
+                "temperature": FedConfig.temperature,
+                "queue_temperature": FedConfig.queue_temperature}
 COLUMNS = (("target_epsilon", "target ε"), ("epsilon", "reported ε"), ("delta", "δ"),
            ("noise_multiplier", "DP-SGD σ"), ("push_noise", "push noise"),
            ("pushes_private", "pushes covered"), ("negatives", "negatives"),
@@ -94,6 +98,7 @@ def negatives_label(cfg: FedConfig) -> str:
     """Where a run's negatives come from, for the table."""
     sources = (["in-batch"] if cfg.in_batch else []) + (["local queue"] if cfg.queue_size else [])
     sources += ["global"] if cfg.global_negatives else []
+    sources += ["second moment"] if cfg.objective == "moment" else []
     return " + ".join(sources) or "random"
 
 
@@ -103,6 +108,8 @@ def one_run(cfg: FedConfig, sim: Simulation, out: Path, timeout: float | None) -
     rows = RunDir(out).read_metrics()
     last = rows[-1] if rows else {}
     noise = client_noise(out)
+    if cfg.objective == "moment":  # the clients keep the joint multiplier the steps are accounted at
+        noise = [sgd_noise_multiplier(n) for n in noise]
     result.update({
         "target_epsilon": cfg.target_epsilon if cfg.dp else math.inf,
         "epsilon": float(last.get("epsilon_max", -1.0)) if cfg.dp else math.inf,

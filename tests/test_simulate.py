@@ -322,7 +322,8 @@ def test_privacy_sweep_reports_epsilon_monotone_in_the_noise(tmp_path):
     default = [r for r in results if r["axis"] == "default loss"]  # on by default
     assert len(default) == 1 and math.isinf(default[0]["epsilon"])
     assert default[0]["negatives"] == "in-batch + global" and "| in-batch + global |" in table
-    assert all(r["negatives"] == "global" for r in results if r["axis"] != "default loss")
+    assert all(r["negatives"] == "global + second moment" for r in results
+               if r["axis"] != "default loss")
     assert all(0.0 <= r["retrieval_head"] <= 1.0 for r in results)
     init = json.loads((out / "privacy.json").read_text())["random_init"]
     assert 0.0 <= init["linear_probe_backbone"] <= 1.0

@@ -1,0 +1,57 @@
+"""The privacy benchmark's table: arms named from their settings, figures averaged over
+seeds, and each arm's gain as a share of the default loss's gain over random init."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.privacy_bench import DEFAULT_ARM, aggregate, arm_name
+from common.config import FedConfig
+from simulations.commands import SWEEP_DEFAULTS
+from simulations.privacy import negatives_label, run_settings
+
+FIG = ("linear_probe_backbone", "knn_backbone", "retrieval_head", "uniformity_head")
+
+
+def result(eps: float, negatives: str, axis: str, probe: float, sigma=(0.0, 0.0)) -> dict:
+    return {"target_epsilon": eps, "epsilon": eps, "negatives": negatives, "axis": axis,
+            "noise_multiplier": sigma, **dict.fromkeys(FIG, probe)}
+
+
+def test_arms_are_named_from_their_settings():
+    assert arm_name(result(math.inf, "in-batch + global", "default loss", 0.5)) == DEFAULT_ARM
+    assert arm_name(result(8.0, "global + second moment", "budget", 0.5)) == \
+        "epsilon 8, per-example, queue rows"
+    assert arm_name(result(8.0, "second moment", "budget", 0.5)) == \
+        "epsilon 8, per-example, no queue rows"
+    assert arm_name(result(math.inf, "global + second moment", "budget", 0.5)) == \
+        "no DP, per-example, queue rows"
+
+
+def test_the_sweeps_runs_train_the_moment_objective_and_the_reference_the_default_loss():
+    base = FedConfig(**SWEEP_DEFAULTS)
+    private = run_settings(base, 8.0, 24.0)
+    assert (private.objective, private.in_batch, private.dp) == ("moment", False, True)
+    assert negatives_label(private) == "global + second moment"
+    reference = run_settings(base, math.inf, 0.0, default_loss=True)
+    assert (reference.objective, reference.in_batch, reference.dp) == ("infonce", True, False)
+    assert reference.temperature == FedConfig.temperature
+
+
+def test_shares_are_of_the_default_losss_mean_gain_over_each_seeds_random_init():
+    init = {0: dict.fromkeys(FIG, 0.40), 1: dict.fromkeys(FIG, 0.42)}
+    runs = [(0, result(math.inf, "in-batch", "default loss", 0.50)),  # gain 0.10
+            (1, result(math.inf, "in-batch", "default loss", 0.52)),  # gain 0.10
+            (0, result(8.0, "second moment", "budget", 0.45, (1.1, 1.2))),  # gain 0.05
+            (1, result(8.0, "second moment", "budget", 0.43, (1.0, 1.1)))]  # gain 0.01
+    headers, rows, summary = aggregate(runs, init)
+    table = {row[0]: dict(zip(headers, row, strict=True)) for row in rows}
+    private = table["epsilon 8, per-example, no queue rows"]
+    assert private["seeds"] == "0,1"
+    assert private["linear probe"] == "0.4400 ± 0.0100"
+    assert private["DP-SGD σ"] == "1-1.2"
+    assert private["share of the default loss's gain (probe / kNN / retrieval)"] == "30% / 30% / 30%"
+    assert table["random init"]["linear probe"] == "0.4100 ± 0.0100"
+    assert summary["epsilon 8, per-example, no queue rows: knn_backbone gain"] == pytest.approx(0.03)
