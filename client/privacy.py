@@ -159,6 +159,8 @@ class DPSGD:
         num_examples: N, the client's examples (the sampling rate depends on it).
         batch_size: the batch size asked for; the expected Poisson batch is N q <= it.
         own_rows_noised: whether this client's pushes are noised and accounted.
+        moment_noise: ``--objective moment``: the noise multiplier of the second moment
+            each step releases (:meth:`noisy_moment_sum`).
         generator: a CPU generator, the source of the sampling and noise randomness
             (:func:`secret_generator` when not given; on a GPU the noise comes from a
             generator on that device seeded from it).

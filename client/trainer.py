@@ -13,6 +13,14 @@ negatives. Key modes:
 - ``frozen``: a copy fixed for the trainer's lifetime (in federation: the global
   encoder received this round, so keys and pushed rows share one version).
 
+With ``--objective moment`` the negatives of every query are unit vectors drawn from
+N(0, M), M a running second moment of the keys (each step's keys weigh
+``SECOND_MOMENT_RATE``), plus any rows of the sources: a repulsion that follows the key
+encoder, as MoCo's local queue does, while no example's loss reads another example of its
+batch. Under DP-SGD each step's contribution to M is released with Gaussian noise (the
+"Analyze Gauss" release of a second moment, Dwork, Talwar, Thakurta & Zhang, STOC 2014)
+and accounted with the step (:func:`client.privacy.joint_noise_multiplier`).
+
 With a :class:`client.privacy.DPSGD`, steps are DP-SGD steps: Poisson-sampled
 batches, per-example clipping and Gaussian noise (see :mod:`client.privacy`).
 """
@@ -213,7 +221,8 @@ class ContrastiveTrainer:
 
     def _negatives(self, batch_size: int) -> tuple[Tensor | None, bool]:
         """The step's negatives (K, D) and whether a source had rows (:meth:`_bank`), or
-        random unit vectors when there would be none."""
+        random unit vectors when there would be none; with ``--objective moment`` the
+        sources' rows and ``MOMENT_SAMPLES`` draws from the running second moment."""
         negatives, had_rows = self._bank()
         if self.moment_negatives:  # the queue's rows (if any) and the second moment's samples
             samples = self._moment_samples(MOMENT_SAMPLES)

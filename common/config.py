@@ -737,7 +737,9 @@ def validate(cfg: TrainConfig) -> None:
 #: Why each setting below is refused with DP-SGD (shared with :mod:`client.privacy`).
 DP_REFUSED = {
     "in_batch": "in-batch negatives couple the examples of a batch, so per-example clipping "
-                "no longer bounds one example's influence: set --in-batch false",
+                "no longer bounds one example's influence: set --in-batch false (the "
+                "per-example objective that holds its embeddings apart under DP is "
+                "--objective moment --in-batch false --key-mode ema; docs/privacy.md)",
     "norm": "BatchNorm mixes the examples of a batch (its statistics leak them) and Opacus "
             "cannot compute per-example gradients through it: use --norm group, layer or instance",
     "queue_size": "the local queue holds un-noised keys of this client's own data, which as "
