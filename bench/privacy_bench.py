@@ -126,7 +126,8 @@ def aggregate(runs: list[tuple[int, dict]], random_init: dict[int, dict]) -> tup
             summary[f"{name}: {key} gain"] = round(gain(members, key), 4)
         rows.append([name, ",".join(str(s) for s, _r in members),
                      "∞" if math.isinf(eps[0]) else f"{max(eps):.3g}",
-                     f"{min(sigma):.3g}-{max(sigma):.3g}" if sigma else "–",
+                     ("–" if not sigma else f"{min(sigma):.3g}" if min(sigma) == max(sigma)
+                      else f"{min(sigma):.3g}-{max(sigma):.3g}"),
                      *(spread([r[k] for _s, r in members]) for k, _h in FIGURES),
                      " / ".join(shares)])
     return headers, rows, summary

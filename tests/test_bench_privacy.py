@@ -52,6 +52,7 @@ def test_shares_are_of_the_default_losss_mean_gain_over_each_seeds_random_init()
     assert private["seeds"] == "0,1"
     assert private["linear probe"] == "0.4400 ± 0.0100"
     assert private["DP-SGD σ"] == "1-1.2"
+    assert table[DEFAULT_ARM]["DP-SGD σ"] == "–"
     assert private["share of the default loss's gain (probe / kNN / retrieval)"] == "30% / 30% / 30%"
     assert table["random init"]["linear probe"] == "0.4100 ± 0.0100"
     assert summary["epsilon 8, per-example, no queue rows: knn_backbone gain"] == pytest.approx(0.03)
