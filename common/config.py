@@ -362,7 +362,8 @@ class PrivacySettings(_Part):
     """Example-level DP per client: DP-SGD through Opacus, noisy pushes, one accountant per
     client composing both (docs/privacy.md)."""
 
-    dp: bool = _f(False, "train with DP-SGD (per-example clipping, Gaussian noise, Poisson sampling)")
+    dp: bool = _f(False, "train with DP-SGD (per-example clipping, noise, Poisson sampling); "
+                         "no loss setting chosen: --objective moment (docs/privacy.md)")
     max_grad_norm: float = _f(1.0, "per-example gradient clipping norm C (dp)")
     noise_multiplier: float = _f(
         0.0, "DP-SGD noise std over C (dp; 0: derive it from --target-epsilon)"
@@ -593,11 +594,27 @@ def add_config_arguments(
             hidden[action] = text
 
 
+#: The loss ``--dp true`` selects when none of ``DP_LOSS_CHOICES`` was chosen (by a flag, a
+#: saved config, a scenario or a command's defaults): the per-example objective that holds
+#: its embeddings apart under DP (docs/privacy.md), at the temperature it was measured at.
+DP_LOSS = {"objective": "moment", "in_batch": False, "key_mode": "ema", "temperature": 0.2,
+           "queue_temperature": 0.0}
+#: The settings whose choice keeps ``--dp true`` from selecting :data:`DP_LOSS`.
+DP_LOSS_CHOICES = ("objective", "in_batch", "key_mode", "queue_size")
+
+
 def from_args(cls: type[T], args: argparse.Namespace, *, base: Mapping[str, Any] | None = None) -> T:
-    """Build ``cls`` from ``base`` (a command's defaults or a saved config) and explicit flags."""
+    """Build ``cls`` from ``base`` (a command's defaults or a saved config) and explicit flags.
+
+    With ``dp`` true and none of :data:`DP_LOSS_CHOICES` chosen, the loss is
+    :data:`DP_LOSS` (its temperatures only where not chosen either): the default loss
+    (in-batch negatives, one network for both views) cannot be trained privately.
+    """
     known = {f.name for f in fields(cls)}
     values = {k: v for k, v in (base or {}).items() if k in known}
     values.update({name: getattr(args, name) for name in known if hasattr(args, name)})
+    if values.get("dp") and "objective" in known and not any(k in values for k in DP_LOSS_CHOICES):
+        values = {**DP_LOSS, **values}
     return cls(**values)
 
 

@@ -63,6 +63,32 @@ def test_flags_override_base_and_unset_flags_keep_it():
     assert cfg.temperature == TrainConfig().temperature
 
 
+def _fed(argv: list[str], base: dict | None = None) -> FedConfig:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, FedConfig)
+    return from_args(FedConfig, parser.parse_args(argv), base=base)
+
+
+def test_dp_selects_the_per_example_loss_unless_a_loss_setting_was_chosen():
+    private = _fed(["--dp", "true", "--noise-multiplier", "1"])
+    assert (private.objective, private.in_batch, private.key_mode, private.temperature,
+            private.queue_temperature) == ("moment", False, "ema", 0.2, 0.0)
+    warmer = _fed(["--dp", "true", "--noise-multiplier", "1", "--temperature", "0.5"])
+    assert (warmer.objective, warmer.temperature) == ("moment", 0.5)  # a chosen temperature stays
+    assert _fed([]).objective == "infonce" and _fed([]).in_batch  # no DP: the default loss
+    # A loss setting chosen by a flag or a saved config: nothing is selected, and what
+    # cannot be per example is refused as before.
+    with pytest.raises(ValueError, match="in-batch negatives couple"):
+        _fed(["--dp", "true", "--noise-multiplier", "1", "--in-batch", "true"])
+    with pytest.raises(ValueError, match="in-batch negatives couple"):
+        _fed(["--dp", "true", "--noise-multiplier", "1", "--objective", "infonce"])
+    with pytest.raises(ValueError, match="in-batch negatives couple"):
+        _fed(["--dp", "true", "--noise-multiplier", "1"], base=dataclasses.asdict(FedConfig()))
+    chosen = _fed(["--dp", "true", "--noise-multiplier", "1", "--in-batch", "false",
+                   "--key-mode", "ema"])
+    assert (chosen.objective, chosen.temperature) == ("infonce", FedConfig.temperature)
+
+
 def test_run_config_round_trip_coerces_types():
     cfg = FedConfig(rounds=3, lr=0.1)
     rc = to_run_config(cfg)
