@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from common.config import FedConfig, add_config_arguments
+from common.config import DP_LOSS, FedConfig, add_config_arguments
 from common.runtime.cli import Command, deferred
 from simulations.scenario import scenario_names
 
@@ -28,13 +28,11 @@ PRIVATE_LOSS = {"in_batch": False, "queue_size": 0}
 #: The sweep's defaults: a DP configuration (each run then sets its own target and noise).
 #: Pushes at rate 0.05 with noise 24 cost epsilon 0.35 over 10 rounds (delta 1e-5, one
 #: example replaced), so even a target of 1 leaves room for DP-SGD.
-#: The objective is the per-example one that learns under DP (``--objective moment``,
-#: docs/privacy.md), at the temperature it was measured at.
-SWEEP_DEFAULTS: dict[str, Any] = {**SIMULATION_DEFAULTS, **PRIVATE_LOSS, "dp": True,
-                                  "target_epsilon": 8.0, "key_mode": "ema", "push_noise": 24.0,
-                                  "push_fraction": 0.05, "global_negatives": 256,
-                                  "objective": "moment", "temperature": 0.2,
-                                  "queue_temperature": 0.0}
+#: The loss is the one ``--dp true`` selects (``DP_LOSS``: ``--objective moment``, which holds
+#: its embeddings apart under DP; docs/privacy.md).
+SWEEP_DEFAULTS: dict[str, Any] = {**SIMULATION_DEFAULTS, **PRIVATE_LOSS, **DP_LOSS, "dp": True,
+                                  "target_epsilon": 8.0, "push_noise": 24.0,
+                                  "push_fraction": 0.05, "global_negatives": 256}
 
 
 def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,10 +15,10 @@ from simulations.commands import METHODS
 FEDERATED = ("fedavg", "fedmoco", "fedcontrast", "fedcontrast-key", "fedbyol", "fedu", "fedema")
 #: The BYOL-based methods, each a value of --byol-update.
 BYOL_METHODS = ("fedbyol", "fedu", "fedema")
-#: SimCLR: one network for both views, in-batch negatives, no queue (fedavg, local and both
-#: centralized methods).
+#: SimCLR: InfoNCE with one network for both views, in-batch negatives, no queue (fedavg,
+#: local and both centralized methods), whatever ``--objective`` the FedContrast runs use.
 SIMCLR = {"global_negatives": 0, "push_fraction": 0.0, "in_batch": True, "key_mode": "shared",
-          "queue_size": 0, "key_sync": "local"}
+          "queue_size": 0, "key_sync": "local", "objective": "infonce"}
 
 
 def method_config(method: str, base: FedConfig) -> FedConfig:
@@ -32,5 +32,5 @@ def method_config(method: str, base: FedConfig) -> FedConfig:
     if method in ("fedavg", "local", "centralized", "centralized-skewed"):
         return replace(base, **SIMCLR)
     if method in BYOL_METHODS:  # SIMCLR's settings turn the queue off, as BYOL needs
-        return replace(base, **SIMCLR, objective="byol", byol_update=method)
+        return replace(base, **{**SIMCLR, "objective": "byol", "byol_update": method})
     raise UsageError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")

@@ -131,6 +131,9 @@ def test_methods_differ_only_in_what_they_are_named_for():
         assert (cfg.global_negatives, cfg.push_fraction, cfg.in_batch, cfg.key_mode) == (
             0, 0.0, True, "shared")
         assert replace(cfg, **{k: getattr(base, k) for k in SIMCLR}) == base
+    moment = replace(base, objective="moment", temperature=0.2)  # e.g. compare --objective moment
+    assert method_config("fedavg", moment).objective == "infonce"
+    assert method_config("fedbyol", moment).objective == "byol"
     with pytest.raises(UsageError, match="unknown method"):
         method_config("fedprox", base)
 
