@@ -164,12 +164,6 @@ class DPSGD:
         generator: a CPU generator, the source of the sampling and noise randomness
             (:func:`secret_generator` when not given; on a GPU the noise comes from a
             generator on that device seeded from it).
-        augmentations: K, augmentation multiplicity (De et al. 2022, "Unlocking
-            high-accuracy differentially private image classification through scale",
-            arXiv 2204.13650): every sampled example enters the step as K consecutive
-            rows (K pairs of views) whose per-row gradients are averaged into the
-            example's one before clipping (:meth:`group_examples`). The sensitivity and
-            the accounting are those of K = 1; the compute per step is K times.
 
     Attributes:
         steps_per_epoch: ceil(N / batch_size).
@@ -187,7 +181,6 @@ class DPSGD:
         own_rows_noised: bool = False,
         generator: torch.Generator | None = None,
         moment_noise: float = 0.0,
-        augmentations: int = 1,
     ) -> None:
         if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
@@ -195,9 +188,6 @@ class DPSGD:
             raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
         if num_examples < 1 or batch_size < 1:
             raise ValueError(f"need num_examples and batch_size >= 1, got {num_examples}, {batch_size}")
-        if augmentations < 1:
-            raise ValueError(f"augmentations must be >= 1, got {augmentations}")
-        self.augmentations = augmentations
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
         self.num_examples = num_examples
@@ -249,26 +239,6 @@ class DPSGD:
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             loss.backward()
 
-    def group_examples(self) -> None:
-        """Average each example's ``augmentations`` consecutive per-row gradients into one.
-
-        Called after :meth:`backward` on a batch whose rows are every example repeated
-        ``augmentations`` times in a row; the optimiser then clips the example's mean
-        gradient, so one example still moves the sum by at most the clipping norm.
-        """
-        if self.optimizer is None:
-            raise RuntimeError("DPSGD.attach must be called before training")
-        k = self.augmentations
-        if k == 1:
-            return
-        for p in self.optimizer.params:
-            if getattr(p, "grad_sample", None) is None:
-                continue
-            rows = self.optimizer._get_flat_grad_sample(p)
-            if rows.shape[0] % k:
-                raise ValueError(f"{rows.shape[0]} per-row gradients are not whole groups of {k}")
-            p.grad_sample = rows.view(rows.shape[0] // k, k, *rows.shape[1:]).mean(dim=1)
-
     def noise_only_step(self) -> None:
         """A step on an empty Poisson batch: no example, still the Gaussian noise.
 
@@ -286,15 +256,14 @@ class DPSGD:
     def noisy_moment_sum(self, z: Tensor, dim: int) -> Tensor:
         """sum_i z_i z_i^T over the batch's unit embeddings, plus N(0, moment_noise^2) per entry.
 
-        Each example adds a matrix of Frobenius norm at most 1 (its embedding is
-        renormalised to unit norm here; with ``augmentations`` K its K rows add their
-        mean), so the release is a Gaussian mechanism of multiplier ``moment_noise`` on
-        the step's Poisson batch (:func:`joint_noise_multiplier`). The noise is
-        symmetrised afterwards (post-processing). ``z`` may hold no row.
+        Each example adds a matrix of Frobenius norm 1 (its embedding is renormalised to
+        unit norm here), so the release is a Gaussian mechanism of multiplier
+        ``moment_noise`` on the step's Poisson batch (:func:`joint_noise_multiplier`).
+        The noise is symmetrised afterwards (post-processing). ``z`` may hold no row.
         """
         unit = nn.functional.normalize(z.detach().float().cpu().reshape(-1, dim), dim=1)  # n x D
         noise = torch.randn((dim, dim), generator=self.generator) * self.moment_noise
-        return unit.T @ unit / self.augmentations + 0.5 * (noise + noise.T)  # D x D
+        return unit.T @ unit + 0.5 * (noise + noise.T)  # D x D
 
     def detach(self) -> None:
         """Remove the hooks and Opacus's attributes from the model."""

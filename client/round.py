@@ -197,7 +197,7 @@ def _dp_sgd(cfg: FedConfig, privacy: RoundPrivacy | None, num_examples: int,
     dp = DPSGD(noise_multiplier=privacy.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
                num_examples=num_examples, batch_size=cfg.batch_size,
                own_rows_noised=privacy.pushes_accounted, generator=dp_generator,
-               moment_noise=privacy.moment_noise, augmentations=cfg.augmentations)
+               moment_noise=privacy.moment_noise)
     if (dp.sample_rate, dp.steps_per_epoch * cfg.local_epochs) != (privacy.sample_rate, privacy.steps):
         raise ValueError(f"the round's privacy plan {privacy} does not fit {num_examples} examples")
     return dp

@@ -203,14 +203,11 @@ class ContrastiveTrainer:
             return 0.0, 0, False
         negatives, had_rows = self._negatives(x.shape[0])
         x = x.to(self.device, non_blocking=True)
-        if self.dp is not None and self.dp.augmentations > 1:  # K pairs of views per example
-            x = x.repeat_interleave(self.dp.augmentations, dim=0)
         loss, keys = self.loss_on(x, negatives)
         mean = loss.mean()
         self.optimizer.zero_grad(set_to_none=True)
         if self.dp is not None:
             self.dp.backward(mean)
-            self.dp.group_examples()
         else:
             mean.backward()
         self.optimizer.step()

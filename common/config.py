@@ -382,12 +382,6 @@ class PrivacySettings(_Part):
     epsilon_budget: float = _f(
         0.0, "stop the run once the largest client epsilon reaches this (dp; 0: no limit)"
     )
-    augmentations: int = _f(
-        1, "augmentation multiplicity K (dp; De et al. 2022): each sampled example's "
-           "gradient is the mean over K pairs of its views before clipping; same privacy, "
-           "K x the compute per step",
-        group=EXPERIMENTS,
-    )
 
     def _check(self, need: Need) -> None:
         need(math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm",
@@ -401,10 +395,6 @@ class PrivacySettings(_Part):
              "must be zero or more")
         need(math.isfinite(self.epsilon_budget) and self.epsilon_budget >= 0, "epsilon_budget",
              "must be zero or more")
-        need(self.augmentations >= 1, "augmentations", "must be at least 1")
-        need(self.dp or self.augmentations == 1, "augmentations",
-             "needs --dp true: without DP-SGD, K views per example is a K times larger batch "
-             "(raise --batch-size instead)")
         if not self.dp:
             for name in ("noise_multiplier", "target_epsilon", "push_noise", "epsilon_budget"):
                 need(getattr(self, name) == 0, name,
