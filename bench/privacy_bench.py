@@ -17,8 +17,8 @@ DP-SGD step time.
     python -m bench.privacy_bench --steps-only      # the step-time part alone
 
 Defaults: 2 clients of 5,000 images each (IID), batch 256, 8 rounds x 1 local epoch, CNN
-width 16, embedding dimension 32, delta 1e-5: 14 runs. The same arms run one by one
-(``bench/results/moment_privacy.md``) took 4 to 14 minutes each, two at a time on 2 cores.
+width 16, embedding dimension 32, delta 1e-5: 14 runs, 65 minutes on 2 cores
+(``bench/results/privacy_bench.md``, 2026-12-06).
 """
 
 from __future__ import annotations
