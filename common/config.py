@@ -795,13 +795,15 @@ def _check_moment(cfg: FedConfig, need: Need) -> None:
 
 
 def _refuse_with_byol(cfg: FedConfig, need: Need) -> None:
-    """What ``--objective byol`` has no use for, or does not support yet."""
+    """What ``--objective byol`` has no use for or cannot train with."""
     for name in ("global_negatives", "push_fraction", "queue_size"):
         need(not getattr(cfg, name), name,
              "with --objective byol: BYOL uses no negatives; set --global-negatives 0 "
              "--push-fraction 0 --queue-size 0")
-    need(not cfg.dp, "dp", "with --objective byol is not supported yet: BYOL's loss is per "
-                           "example, but its private training is not wired up; set --dp false")
+    need(not cfg.dp, "dp", "with --objective byol is refused: BYOL's heads need BatchNorm "
+                           "(without it the projection collapses), which mixes the examples of "
+                           "a batch, so DP-SGD cannot clip per example (docs/privacy.md); set "
+                           "--dp false")
 
 
 def resolve_device(spec: str) -> Any:
