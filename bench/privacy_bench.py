@@ -5,9 +5,9 @@ DP-SGD step time.
    blocks of plain steps alternating with blocks of DP-SGD steps (Opacus per-example
    gradients, clipping, noise); the ratio is the DP-SGD overhead.
 2. The table: per seed, the ``fedcontrast privacy`` sweep (its per-example objective,
-   ``--objective moment``, with the queue's noisy rows) at epsilon 8 and without DP, its
-   non-private default-loss reference (in-batch negatives), and the same private run
-   without the queue's rows; at the first seed also epsilon 1 and 4. Every arm has the
+   ``--objective moment``, no queue rows) at epsilon 8 and without DP, its non-private
+   default-loss reference (in-batch negatives), and the same private run with the queue's
+   noisy rows (``QUEUE_ROWS``); at the first seed also epsilon 1 and 4. Every arm has the
    same data, encoder, rounds and batch (equal examples processed). Reported: each arm's
    mean and half-range over seeds, the random-init encoder, and each arm's share of the
    default loss's gain over random init.
@@ -18,7 +18,8 @@ DP-SGD step time.
 
 Defaults: 2 clients of 5,000 images each (IID), batch 256, 8 rounds x 1 local epoch, CNN
 width 16, embedding dimension 32, delta 1e-5: 14 runs, 65 minutes on 2 cores
-(``bench/results/privacy_bench.md``, 2026-12-06).
+(``bench/results/privacy_bench.md``, 2026-12-06, measured when the sweep's own runs
+pulled the queue's rows and the extra arm ran without them: the same 14 settings).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def step_times(cfg: FedConfig, x: torch.Tensor, blocks: int = 6, per_block: int 
                               weight_standardization=cfg.weight_standardization)
         dp = (DPSGD(noise_multiplier=1.0, max_grad_norm=cfg.max_grad_norm, num_examples=x.shape[0],
                     batch_size=cfg.batch_size) if private else None)
-        return ContrastiveTrainer(model, cfg, device=torch.device("cpu"), sources=[Fixed()], dp=dp)
+        return ContrastiveTrainer(model, cfg, device=torch.device("cpu"),
+                                  sources=[Fixed()] if cfg.global_negatives else [], dp=dp)
 
     arms = {"plain": trainer(False), "dp-sgd": trainer(True)}
     gen = torch.Generator().manual_seed(0)
@@ -134,6 +136,10 @@ def aggregate(runs: list[tuple[int, dict]], random_init: dict[int, dict]) -> tup
     return headers, rows, summary
 
 
+#: The private arm with the global queue's rows: 256 per step, pushes of 5% at noise 24.
+QUEUE_ROWS = {"global_negatives": 256, "push_fraction": 0.05, "push_noise": 24.0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_data_arguments(parser, str(CIFAR_DATA), train=10000, test=5000,
@@ -178,7 +184,6 @@ def main() -> None:
             runs, random_init = [], {}
             every = [float(e) for e in args.epsilons.split(",")]
             first = [float(e) for e in args.first_seed_epsilons.split(",") if e]
-            no_queue = {"global_negatives": 0, "push_fraction": 0.0, "push_noise": 0.0}
             private = [e for e in every if math.isfinite(e)]
             for i, seed in enumerate(args.seeds):
                 cfg = replace(base, seed=seed)
@@ -188,11 +193,11 @@ def main() -> None:
                                default_loss_reference=True, timeout=6 * 3600, kept_in=None)
                 runs += [(seed, r) for r in report["results"]]
                 random_init[seed] = report["random_init"]
-                if private:  # the same private runs without the queue's rows
-                    bare = sweep(replace(cfg, **no_queue), sim, Path(tmp) / f"seed{seed}-no-queue",
-                                 epsilons=private, push_noise=0.0, push_axis_epsilon=None,
-                                 timeout=6 * 3600, kept_in=None)
-                    runs += [(seed, r) for r in bare["results"]]
+                if private:  # the same private runs with the queue's noisy rows
+                    rows = sweep(replace(cfg, **QUEUE_ROWS), sim, Path(tmp) / f"seed{seed}-queue",
+                                 epsilons=private, push_noise=QUEUE_ROWS["push_noise"],
+                                 push_axis_epsilon=None, timeout=6 * 3600, kept_in=None)
+                    runs += [(seed, r) for r in rows["results"]]
             headers, rows, gains = aggregate(runs, random_init)
             summary.update(gains)
             summary["runs"] = len(runs)
@@ -203,11 +208,13 @@ def main() -> None:
                f"{args.clients} clients ({args.partitioner}), CNN width {args.width}, embedding "
                f"dimension {args.embedding_dim}, batch {args.batch_size}, {args.rounds} rounds x "
                f"{args.local_epochs} local epochs; per-example runs: --objective {base.objective}, "
-               f"temperature {base.temperature}, ema key encoder, queue rows: {base.global_negatives} "
-               f"global negatives per step, pushes at rate {base.push_fraction} with noise "
-               f"{base.push_noise} (under DP); delta {base.delta}. ± is half the range over seeds. "
+               f"temperature {base.temperature}, ema key encoder; the arms with queue rows: "
+               f"{QUEUE_ROWS['global_negatives']} global negatives per step, pushes at rate "
+               f"{QUEUE_ROWS['push_fraction']} with noise {QUEUE_ROWS['push_noise']:g}; delta "
+               f"{base.delta}. ± is half the range over seeds. "
                "Step time: one torch thread, blocks of 5 steps alternating plain and DP-SGD (noise "
-               f"1.0, clip {base.max_grad_norm}), same batch size and {base.global_negatives} fixed negatives."),
+               f"1.0, clip {base.max_grad_norm}), same batch size and negatives ({base.objective}, "
+               f"{base.global_negatives} fixed rows)."),
     )
 
 

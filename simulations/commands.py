@@ -26,13 +26,15 @@ DEFAULT_METHODS = tuple(m for m in METHODS if m not in EXPERIMENTAL_METHODS)
 #: What every run of the sweep shares so that DP-SGD applies (see :mod:`simulations.privacy`).
 PRIVATE_LOSS = {"in_batch": False, "queue_size": 0}
 #: The sweep's defaults: a DP configuration (each run then sets its own target and noise).
-#: Pushes at rate 0.05 with noise 24 cost epsilon 0.35 over 10 rounds (delta 1e-5, one
-#: example replaced), so even a target of 1 leaves room for DP-SGD.
 #: The loss is the one ``--dp true`` selects (``DP_LOSS``: ``--objective moment``, which holds
-#: its embeddings apart under DP; docs/privacy.md).
+#: its embeddings apart under DP; docs/privacy.md). No queue rows: on the privacy benchmark
+#: (bench/results/privacy_bench.md) 256 rows per step, pushed at rate 0.05 with noise 24, tied
+#: the same runs without them at epsilon 8 and, un-noised without DP, pulled the non-private
+#: run below random init on kNN. ``--global-negatives``, ``--push-fraction`` and
+#: ``--push-noise`` turn them on (and with them the push axis).
 SWEEP_DEFAULTS: dict[str, Any] = {**SIMULATION_DEFAULTS, **PRIVATE_LOSS, **DP_LOSS, "dp": True,
-                                  "target_epsilon": 8.0, "push_noise": 24.0,
-                                  "push_fraction": 0.05, "global_negatives": 256}
+                                  "target_epsilon": 8.0, "push_noise": 0.0,
+                                  "push_fraction": 0.0, "global_negatives": 0}
 
 
 def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,9 +91,10 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--epsilons", default="1,2,4,8,inf",
                      help="comma-separated target epsilons; inf = the same federation without DP "
                           "(default: 1,2,4,8,inf)")
-    run.add_argument("--push-axis-epsilon", type=float, default=8.0,
-                     help="the budget at which pushes with and without noise are compared "
-                          "(default: 8; 0 skips that axis)")
+    run.add_argument("--push-axis-epsilon", type=float, default=0.0,
+                     help="the budget at which pushes with and without noise are compared; "
+                          "needs pushes (--push-fraction and --push-noise above 0) "
+                          "(default: 0, no such axis)")
     run.add_argument("--default-loss-reference", action=argparse.BooleanOptionalAction, default=True,
                      help="also run the federation without DP and with the default loss "
                           "(in-batch negatives, as `fedcontrast simulate` trains): what giving up "
@@ -133,9 +136,10 @@ privacy_command = Command(
     name="privacy",
     help="what a privacy budget costs: the same simulated federation at several epsilons",
     description=(
-        "Run the same simulated federation at each target epsilon of --epsilons (DP-SGD plus "
-        "noised pushes, one accountant per client; inf = no DP), at --push-axis-epsilon "
-        "with and without push noise, and without DP with the default loss (in-batch "
+        "Run the same simulated federation at each target epsilon of --epsilons (DP-SGD, "
+        "and noised pushes when --push-fraction is above 0, one accountant per client; inf = "
+        "no DP), at --push-axis-epsilon with and without push noise, and without DP with the "
+        "default loss (in-batch "
         "negatives); write a table (epsilon, delta, noise multipliers, negatives, linear "
         "probe, kNN, retrieval, alignment, uniformity) and a plot of accuracy against epsilon."
     ),

@@ -2,17 +2,18 @@
 
 The same federation (data, partition, encoder, rounds, everything but the privacy
 settings) runs once per target epsilon in ``--epsilons``: DP-SGD with the noise each
-client derives from the target for its whole planned run, pushes noised with
-``--push-noise`` and composed in the same accountant. ``inf`` is the same federation
-without DP (no clipping, no noise): the reference. Then a second axis at one budget
-(``--push-axis-epsilon``): pushes with noise against pushes without, i.e. what
-protecting the shared embeddings costs in accuracy (without noise the pushes are not
-covered by the epsilon, and the table says so).
+client derives from the target for its whole planned run and, when the queue is on
+(``--push-fraction``, ``--global-negatives``; off by default, see ``SWEEP_DEFAULTS``),
+pushes noised with ``--push-noise`` and composed in the same accountant. ``inf`` is the
+same federation without DP (no clipping, no noise): the reference. Then, with pushes, a
+second axis at one budget (``--push-axis-epsilon``): pushes with noise against pushes
+without, i.e. what protecting the shared embeddings costs in accuracy (without noise the
+pushes are not covered by the epsilon, and the table says so).
 
 DP-SGD needs a per-example loss, so every run of the sweep (the ``inf`` reference too)
 trains without in-batch negatives, with a detached key encoder (``--key-mode``, default
 ``ema``): by default ``--objective moment`` (negatives drawn from the keys' running second
-moment, released with noise under DP, plus the global rows; ``docs/privacy.md``). One more
+moment, released with noise under DP, plus any global rows; ``docs/privacy.md``). One more
 non-private run (``--default-loss-reference``, on by default) trains with the default loss of ``fedcontrast simulate``, in-batch
 negatives included: the difference between the two references is what giving up
 in-batch negatives costs before any noise is added.
@@ -146,7 +147,12 @@ def sweep(
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     plan = [(eps, push_noise, "budget") for eps in epsilons]
-    if push_axis_epsilon is not None and push_noise > 0:
+    if push_axis_epsilon is not None:
+        if push_noise <= 0 or base.push_fraction <= 0:
+            raise UsageError("--push-axis-epsilon compares pushes with and without noise, but "
+                             "this sweep pushes no noised row: give --push-fraction and "
+                             "--push-noise above 0 (and --global-negatives to pull rows), or "
+                             "leave the axis out")
         if not (math.isfinite(push_axis_epsilon) and push_axis_epsilon > 0):
             raise UsageError(f"--push-axis-epsilon must be a positive finite budget, got "
                              f"{push_axis_epsilon:g}: without DP no push is noised, so the axis "

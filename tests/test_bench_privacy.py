@@ -4,10 +4,11 @@ seeds, and each arm's gain as a share of the default loss's gain over random ini
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
-from bench.privacy_bench import DEFAULT_ARM, aggregate, arm_name
+from bench.privacy_bench import DEFAULT_ARM, QUEUE_ROWS, aggregate, arm_name
 from common.config import FedConfig
 from simulations.commands import SWEEP_DEFAULTS
 from simulations.privacy import negatives_label, run_settings
@@ -32,9 +33,15 @@ def test_arms_are_named_from_their_settings():
 
 def test_the_sweeps_runs_train_the_moment_objective_and_the_reference_the_default_loss():
     base = FedConfig(**SWEEP_DEFAULTS)
-    private = run_settings(base, 8.0, 24.0)
+    private = run_settings(base, 8.0, 0.0)
     assert (private.objective, private.in_batch, private.dp) == ("moment", False, True)
-    assert negatives_label(private) == "global + second moment"
+    # No queue rows by default (they tied the runs without them under DP); the benchmark's
+    # extra arm adds them.
+    assert negatives_label(private) == "second moment"
+    assert (private.global_negatives, private.push_fraction) == (0, 0.0)
+    rows = run_settings(replace(base, **QUEUE_ROWS), 8.0, QUEUE_ROWS["push_noise"])
+    assert negatives_label(rows) == "global + second moment"
+    assert (rows.push_fraction, rows.push_noise) == (0.05, 24.0)
     reference = run_settings(base, math.inf, 0.0, default_loss=True)
     assert (reference.objective, reference.in_batch, reference.dp) == ("infonce", True, False)
     assert reference.temperature == FedConfig.temperature

@@ -303,7 +303,8 @@ def parse_privacy(*argv: str) -> argparse.Namespace:
 def test_privacy_sweep_reports_epsilon_monotone_in_the_noise(tmp_path):
     out = tmp_path / "priv"
     command = [FEDCONTRAST, "privacy", "--out", str(out), "--epsilons", "2,8",
-               "--push-axis-epsilon", "8", "--rounds", "2", *TINY]
+               "--push-axis-epsilon", "8", "--push-fraction", "0.05", "--push-noise", "24",
+               "--rounds", "2", *TINY]
     rc, log = _run(command, tmp_path, 880)
     assert rc == 0, log
     results = json.loads((out / "privacy.json").read_text())["results"]
@@ -535,13 +536,20 @@ def test_a_resume_into_another_directory_carries_the_client_state(tmp_path):
     assert StateDir(copied, "partition-0").load().rounds_trained == 4
 
 
-def test_privacy_sweep_refuses_an_infinite_push_axis_before_any_run(tmp_path):
+def test_privacy_sweep_refuses_a_push_axis_it_cannot_run_before_any_run(tmp_path):
     from simulations.privacy import sweep
 
-    base = resolve(parse_privacy(), defaults=SWEEP_DEFAULTS)[0]
+    pushing = resolve(parse_privacy("--push-fraction", "0.05", "--push-noise", "4"),
+                      defaults=SWEEP_DEFAULTS)[0]
     with pytest.raises(UsageError, match="positive finite budget"):
-        sweep(base, Simulation(num_clients=2), tmp_path / "p", epsilons=[4.0], push_noise=4.0,
+        sweep(pushing, Simulation(num_clients=2), tmp_path / "p", epsilons=[4.0], push_noise=4.0,
               push_axis_epsilon=math.inf)
+    # The sweep's defaults push nothing: an axis of pushes with and without noise is refused.
+    default = resolve(parse_privacy(), defaults=SWEEP_DEFAULTS)[0]
+    assert (default.push_fraction, default.push_noise, default.global_negatives) == (0.0, 0.0, 0)
+    with pytest.raises(UsageError, match="pushes no noised row"):
+        sweep(default, Simulation(num_clients=2), tmp_path / "p", epsilons=[4.0], push_noise=0.0,
+              push_axis_epsilon=8.0)
     assert not any((tmp_path / "p").iterdir())
 
 
