@@ -15,7 +15,7 @@ per epoch):
 - ``sweep``: ``fedcontrast privacy`` on the digits as it ran by default until it dropped
   the queue's rows: ten clients of about 144 examples, batch 32 (q = 0.2), 5 local
   epochs, 10 rounds, pushes at rate 0.05 with noise 24;
-- ``sweep, no pushes``: the same, DP-SGD alone (the sweep's pushes today, none);
+- ``sweep, no pushes``: the same, DP-SGD alone, as the sweep runs by default now;
 - ``privacy_bench``: ``bench/privacy_bench.py``'s CIFAR-10 slice before f2efbc6: about
   250 examples per client, batch 64 (q = 0.25), 2 local epochs, 5 rounds, the same pushes;
 - ``large client``: 5,000 examples, batch 128 (q = 0.025), 1 local epoch, 20 rounds,
