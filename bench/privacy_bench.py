@@ -19,7 +19,8 @@ DP-SGD step time.
 Defaults: 2 clients of 5,000 images each (IID), batch 256, 8 rounds x 1 local epoch, CNN
 width 16, embedding dimension 32, delta 1e-5: 14 runs, 65 minutes on 2 cores
 (``bench/results/privacy_bench.md``, 2026-12-06, measured when the sweep's own runs
-pulled the queue's rows and the extra arm ran without them: the same 14 settings).
+pulled the queue's rows and the extra arm ran without them: the same settings, but for
+the default-loss reference, which then pulled the 256 rows beside its in-batch negatives).
 """
 
 from __future__ import annotations
