@@ -21,11 +21,16 @@ TOKEN_SHAPE = re.compile(rb"(?<![A-Za-z0-9_-])(?=[A-Za-z0-9_-]*[0-9])(?=[A-Za-z0
 
 def secrets_on_disk(root: Path, secrets: list[bytes] = ()) -> list[str]:
     """Every file under ``root`` holding a token-shaped string or one of ``secrets``, with
-    what it holds: run directories, logs, state and Flower's homes alike."""
+    what it holds: run directories, logs, state and Flower's homes alike.
+
+    OpenSSH public keys (``*.pub``) are public by design and only checked for ``secrets``:
+    their base64 can hold a 43-character run between a ``+`` and a ``/`` by chance.
+    """
     found = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
         data = path.read_bytes()
-        hits = [m.group().decode() for m in TOKEN_SHAPE.finditer(data)]
+        public = path.suffix == ".pub" and data.startswith(b"ssh-")
+        hits = [] if public else [m.group().decode() for m in TOKEN_SHAPE.finditer(data)]
         hits += [f"secret #{i}" for i, secret in enumerate(secrets) if secret in data]
         if hits:
             found.append(f"{path.relative_to(root)}: {hits[:3]}")

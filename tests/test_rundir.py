@@ -33,6 +33,21 @@ def test_the_secret_scan_finds_a_flower_process_token_as_old_runs_recorded_it(tm
     assert secrets_on_disk(tmp_path) == [f"versions.json: [{flower_token!r}]"]
 
 
+def test_the_secret_scan_skips_token_shapes_in_openssh_public_keys_but_not_secrets(tmp_path) -> None:
+    from conftest import secrets_on_disk
+
+    # A public key's base64 can hold a 43-character run between "+" and "/" by chance.
+    run = "h3PAiQGkljDu12fyEuxFhjoArqQZleYu54MwArtlHkg"
+    line = f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI+{run} node\n"
+    (tmp_path / "node.pub").write_text(line)
+    assert secrets_on_disk(tmp_path) == []
+    (tmp_path / "node.log").write_text(line)  # anywhere else it is a token
+    assert secrets_on_disk(tmp_path) == [f"node.log: [{run!r}]"]
+    assert secrets_on_disk(tmp_path, [b"AAAAI+h3PA"]) == [
+        "node.log: ['h3PAiQGkljDu12fyEuxFhjoArqQZleYu54MwArtlHkg', 'secret #0']",
+        "node.pub: ['secret #0']"]
+
+
 def test_curves_draw_the_random_init_level_on_each_metric_that_has_one(tmp_path, monkeypatch) -> None:
     import matplotlib.pyplot as plt
 
