@@ -33,19 +33,31 @@ def test_the_secret_scan_finds_a_flower_process_token_as_old_runs_recorded_it(tm
     assert secrets_on_disk(tmp_path) == [f"versions.json: [{flower_token!r}]"]
 
 
-def test_the_secret_scan_skips_token_shapes_in_openssh_public_keys_but_not_secrets(tmp_path) -> None:
+def test_the_secret_scan_skips_token_shapes_in_public_key_material_but_not_tokens(tmp_path) -> None:
     from conftest import secrets_on_disk
 
-    # A public key's base64 can hold a 43-character run between "+" and "/" by chance.
+    # A public key's base64 can hold a 43-character run between "+" and "/" by chance: in
+    # an OpenSSH *.pub file, and in a log that prints a PEM key with escaped newlines (as
+    # Flower's SuperLink logs the nodes' keys).
     run = "h3PAiQGkljDu12fyEuxFhjoArqQZleYu54MwArtlHkg"
-    line = f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI+{run} node\n"
-    (tmp_path / "node.pub").write_text(line)
+    ssh = f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI+{run} node\n"
+    pem = ("'-----BEGIN PUBLIC KEY-----\\nMHYwEAYHKoZIzj0CAQYFK4EEACIDYgAEiVCaH1ujQ4+Zq/abcdef"
+           "ghijklmnopqrstuvwxyz0123\\n-----END PUBLIC KEY-----\\n'\n")
     assert secrets_on_disk(tmp_path) == []
-    (tmp_path / "node.log").write_text(line)  # anywhere else it is a token
-    assert secrets_on_disk(tmp_path) == [f"node.log: [{run!r}]"]
+    (tmp_path / "node.pub").write_text(ssh)
+    (tmp_path / "superlink.log").write_text(f"INFO registered node {pem}{ssh}")
+    assert secrets_on_disk(tmp_path) == []
+    # A token is found wherever it stands outside key material, also next to a "/" in a
+    # short path or after an escaped newline.
+    token = "Zq3xT0kP9vW2mN5bR8cL1dF4gH7jK0aS6eU9iY2oQ3w"
+    for i, text in enumerate((f"token={token}\n", f'{{"t": "{token}"}}', f"/queue/{token}/x",
+                              f"'header\\n{token}'")):
+        (tmp_path / "run.log").write_text(text)
+        assert secrets_on_disk(tmp_path) == [f"run.log: [{token!r}]"], i
+    (tmp_path / "run.log").unlink()
+    # Secrets are looked for everywhere, key files included.
     assert secrets_on_disk(tmp_path, [b"AAAAI+h3PA"]) == [
-        "node.log: ['h3PAiQGkljDu12fyEuxFhjoArqQZleYu54MwArtlHkg', 'secret #0']",
-        "node.pub: ['secret #0']"]
+        "node.pub: ['secret #0']", "superlink.log: ['secret #0']"]
 
 
 def test_curves_draw_the_random_init_level_on_each_metric_that_has_one(tmp_path, monkeypatch) -> None:
