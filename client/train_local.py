@@ -53,8 +53,9 @@ def train_local(cfg: TrainConfig, out: Path, *, quiet: bool = False,
     run.write_config(cfg)
     run.write_versions(device=str(device))
     spec = run_model.model_spec(cfg, data.in_channels)
-    model = run_model.build_model(cfg, data.in_channels)
-    random_init = copy.deepcopy(model).eval()
+    random_init = run_model.build_model(cfg, data.in_channels).eval()
+    model = run_model.initial_model(cfg, data, device)
+    pretrained = copy.deepcopy(model).eval() if cfg.pretrain_epochs else None
     views = make_views(cfg)
 
     def evaluate(m: ContrastiveModel, final: bool = False) -> dict[str, float]:
@@ -97,6 +98,8 @@ def train_local(cfg: TrainConfig, out: Path, *, quiet: bool = False,
                 data.name)
     summary = _summary(cfg, data, device, start, trained=evaluate(model, final=True),
                        random_init=evaluate(random_init, final=True))
+    if pretrained is not None:
+        summary["pretrained_init"] = evaluate(pretrained, final=True)
     run.write_json("summary.json", summary)
     run.plot("epoch", PLOTTED, title=f"train-local on {data.name}", random_init=summary["random_init"])
     return summary

@@ -99,10 +99,19 @@ class ModelSettings(_Part):
     weight_standardization: bool = _f(
         True, "weight-standardised backbone convolutions (zero mean, unit variance per output "
                "channel; Qiao et al. 2019), DP-compatible")
+    pretrain_epochs: int = _f(
+        0, "epochs of pretraining on synthetic dead-leaves images first (no one's data, no "
+           "privacy cost; docs/privacy.md)")
+    pretrain_images: int = _f(
+        20000, "pretrain-epochs: how many dead-leaves images (the same for every run)",
+        group=MORE)
 
     def _check(self, need: Need) -> None:
         need(self.embedding_dim > 0, "embedding_dim", "must be positive")
         need(self.width > 0, "width", "must be positive")
+        need(self.pretrain_epochs >= 0, "pretrain_epochs", "must be zero or more")
+        need(self.pretrain_images >= 2, "pretrain_images",
+             "must be 2 or more (in-batch negatives need a second image)")
 
 
 @dataclass

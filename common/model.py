@@ -3,7 +3,7 @@
 ``fedcontrast train-local``, the ServerApp, the ClientApp and the in-process comparisons
 all build their :class:`~common.encoders.ContrastiveModel` here, so a run's settings
 (``--encoder``, ``--embedding-dim``, ``--norm``, ``--width``,
-``--weight-standardization``, ``--seed``) mean the same
+``--weight-standardization``, ``--seed``, ``--pretrain-epochs``) mean the same
 model everywhere.
 """
 
@@ -16,6 +16,7 @@ import torch
 
 from common.checkpoint import encoder_spec
 from common.config import FedConfig, TrainConfig
+from common.datasets import Dataset
 from common.encoders import ContrastiveModel, ProjectionHead, build_encoder, with_head_norm
 
 #: BYOL's projector and predictor normalise their hidden layer by the batch, as in Grill et
@@ -72,4 +73,18 @@ def build_model(cfg: TrainConfig, in_channels: int,
                 f"the server's weights do not fit this node's {cfg.encoder} encoder for "
                 f"{in_channels}-channel items: {exc}"
             ) from exc
+    return model
+
+
+def initial_model(cfg: TrainConfig, data: Dataset,
+                  device: torch.device | None = None) -> ContrastiveModel:
+    """The encoder a run starts from: :func:`build_model`'s random init, pretrained on
+    synthetic dead-leaves images first when ``cfg.pretrain_epochs`` > 0
+    (:func:`common.synthetic.pretrain`; no data of ``data`` is read, only its item shape).
+    """
+    model = build_model(cfg, data.in_channels)
+    if cfg.pretrain_epochs:
+        from common.synthetic import pretrain
+
+        pretrain(model, cfg, tuple(data.x_train.shape[1:]), device)
     return model

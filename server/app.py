@@ -54,7 +54,7 @@ from common.config import FedConfig, from_run_config, push_quota, resolve_device
 from common.datasets import Dataset, load_dataset
 from common.encoders import ContrastiveModel
 from common.evaluation import evaluate_encoder
-from common.model import build_model, model_spec
+from common.model import build_model, initial_model, model_spec
 from common.plugins import make_views
 from common.runtime.flower_env import route_logs_to_flower
 from common.runtime.rundir import RunDir
@@ -165,13 +165,17 @@ def final_status(rows: list[dict[str, Any]], min_nodes: int, stopped_early: str 
 class _Model:
     """The global encoder as a torch module: checkpoints and evaluation."""
 
-    def __init__(self, cfg: FedConfig, data: Dataset, run_dir: RunDir) -> None:
+    def __init__(self, cfg: FedConfig, data: Dataset, run_dir: RunDir, *,
+                 pretrain: bool = True) -> None:
         self.cfg = cfg
         self.data = data
         self.run_dir = run_dir
         self.device = resolve_device(cfg.device)
         self.spec = model_spec(cfg, data.in_channels)
-        self.module: ContrastiveModel = build_model(cfg, data.in_channels)
+        # --pretrain-epochs: round 1 sends the encoder pretrained on synthetic images (not
+        # for a resume, which loads its trained weights instead).
+        self.module: ContrastiveModel = (initial_model(cfg, data, self.device) if pretrain
+                                         else build_model(cfg, data.in_channels))
         self.tokens: NodeTokens | None = None
         #: contributor slot -> rows pushed, this run's and those of the runs it resumes.
         self.pushed_by_slot: dict[int, int] = {}
@@ -209,10 +213,18 @@ class _Model:
 
     def evaluate_random_init(self) -> dict[str, float]:
         """The encoder as ``cfg.seed`` initialises it, measured as every round is: the level
-        training has to beat (``summary.json`` ``random_init``). Call it before a resume
-        loads trained weights."""
+        training has to beat (``summary.json`` ``random_init``)."""
         logger.info("measuring the random-init encoder before round 1, the level training "
                     "has to beat")
+        return evaluate_encoder(build_model(self.cfg, self.data.in_channels).to(self.device),
+                                self.data, device=self.device, views=make_views(self.cfg),
+                                seed=self.cfg.seed)
+
+    def evaluate_initial(self) -> dict[str, float]:
+        """The encoder round 1 sends, measured as every round is (``summary.json``
+        ``pretrained_init`` with ``--pretrain-epochs``). Call it before a resume loads
+        trained weights."""
+        logger.info("measuring the encoder pretrained on synthetic images, where round 1 starts")
         return evaluate_encoder(copy.deepcopy(self.module).to(self.device), self.data,
                                 device=self.device, views=make_views(self.cfg), seed=self.cfg.seed)
 
@@ -322,8 +334,10 @@ def main(grid: Grid, context: Context) -> None:
         raise ValueError(f"{run_dir.path} already holds a run: resume it or choose another run-dir")
     run_dir.write_config(cfg)
     run_dir.write_versions(run_id=context.run_id, resumed_from=str(resume) if resume else None)
-    model = _Model(cfg, server_dataset(cfg), run_dir)
+    model = _Model(cfg, server_dataset(cfg), run_dir, pretrain=resume is None)
     random_init = model.evaluate_random_init()
+    pretrained_init = (model.evaluate_initial() if cfg.pretrain_epochs and resume is None
+                       else None)
     last_done, first_slot, client_slots = (_resume(resume, run_dir, model, queue) if resume
                                            else (0, 0, {}))
     tokens = NodeTokens(server.add_token, first_slot=first_slot, client_slots=client_slots)
@@ -338,6 +352,8 @@ def main(grid: Grid, context: Context) -> None:
                 "TLS" if driver.queue_tls else "insecure", run_dir.path)
     start = time.monotonic()
     summary: dict[str, Any] = {"run_id": context.run_id, "status": "running"}
+    if pretrained_init is not None:
+        summary["pretrained_init"] = pretrained_init
     arrays = model.arrays()
     try:
         arrays = driver.run(arrays, last_done + 1, cfg.rounds)

@@ -80,7 +80,7 @@ from common.datasets import Dataset, load_dataset
 from common.encoders import ContrastiveModel
 from common.errors import UsageError
 from common.evaluation import evaluate_encoder
-from common.model import build_model, model_spec
+from common.model import build_model, initial_model, model_spec
 from common.plugins import make_views
 from common.runtime.rundir import RunDir
 from common.schedule import cosine_lr
@@ -206,7 +206,7 @@ def train_in_process(
     ``eval_every``-th round and after the last.
     """
     device = resolve_device(cfg.device)
-    model = build_model(cfg, data.in_channels)
+    model = initial_model(cfg, data, device)
     generator = torch.Generator().manual_seed(cfg.seed)
     lr_at = cosine_lr(cfg.lr, cfg.rounds)
     state = {"round": 1}
@@ -323,6 +323,12 @@ def random_init_figures(cfg: FedConfig, data: Dataset) -> dict[str, float]:
     return _final_eval(model, cfg, data)
 
 
+def pretrained_init_figures(cfg: FedConfig, data: Dataset) -> dict[str, float]:
+    """The figures of the encoder every method starts from with ``--pretrain-epochs``: the
+    random init pretrained on synthetic images (:func:`common.model.initial_model`)."""
+    return _final_eval(initial_model(cfg, data, resolve_device(cfg.device)), cfg, data)
+
+
 def _curve(out: Path) -> list[tuple[int, float]]:
     rows = RunDir(out).read_metrics()
     return [(int(r["round"]), float(r["knn_backbone"])) for r in rows
@@ -366,9 +372,12 @@ def compare(
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     curves: dict[str, list[list[tuple[int, float]]]] = {m: [] for m in methods}
     baseline: list[dict[str, float]] = []
+    pretrained: list[dict[str, float]] = []
     for seed in seeds:
         data = load_dataset(base.dataset, seed=seed)
         baseline.append(random_init_figures(replace(base, seed=seed), data))
+        if base.pretrain_epochs:
+            pretrained.append(pretrained_init_figures(replace(base, seed=seed), data))
         for method in methods:
             cfg = replace(configs[method], seed=seed)
             run_out, settings = planned(method, seed)
@@ -389,6 +398,7 @@ def compare(
                    "clients_per_round": sim.sampled(base), "num_clients": sim.num_clients,
                    "sample_epochs": base.rounds * base.local_epochs * share},
         "random_init": baseline,
+        **({"pretrained_init": pretrained} if pretrained else {}),
         "results": results,
         "paired": paired_differences(results),
     }
@@ -405,13 +415,21 @@ def _cell(values: Sequence[float], digits: int = 4) -> str:
     return f"{statistics.fmean(values):.{digits}g} ± {(max(values) - min(values)) / 2:.2g}"
 
 
+def table_rows(report: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(name, runs) of every row: the random init, the pretrained init where the methods
+    started from it (``--pretrain-epochs``), then the methods."""
+    rows = [("random init", report["random_init"])]
+    if report.get("pretrained_init"):
+        rows.append(("pretrained init (synthetic images)", report["pretrained_init"]))
+    return rows + list(report["results"].items())
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """Mean over seeds ± half the seed-to-seed range, one row per method."""
     seeds = report["seeds"]
     head = "| method | " + " | ".join(h for _k, h in COLUMNS) + " |"
     lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
-    rows = [("random init", report["random_init"])] + list(report["results"].items())
-    for name, runs in rows:
+    for name, runs in table_rows(report):
         cells = [_cell([r[k] for r in runs]) if all(k in r for r in runs) else "" for k, _h in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     b = report["budget"]
@@ -506,7 +524,7 @@ def run_compare(args: argparse.Namespace) -> int:
     table.add_column("method")
     for _key, header in COLUMNS:
         table.add_column(header, justify="right")
-    for name, runs in [("random init", report["random_init"]), *report["results"].items()]:
+    for name, runs in table_rows(report):
         table.add_row(name, *[_cell([r[k] for r in runs]) if all(k in r for r in runs) else ""
                               for k, _h in COLUMNS])
     Console().print(table)

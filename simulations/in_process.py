@@ -36,6 +36,7 @@ from common import key_state, optim_state
 from common.config import FedConfig, push_quota
 from common.model import build_model
 from common.schedule import cosine_lr
+from common.synthetic import pretrain
 from server.queue import NegativeQueue
 from server.service import QueueServer
 
@@ -92,6 +93,8 @@ def run_federation(cfg: FedConfig, xs: Sequence[torch.Tensor], in_channels: int,
     the global model and a record per round. ``on_round`` sees each record and the global
     model after the round's aggregation; when it returns True, no further round runs."""
     model = build_model(cfg, in_channels)
+    if cfg.pretrain_epochs:  # as the ServerApp's round 1 (common.model.initial_model)
+        pretrain(model, cfg, tuple(xs[0].shape[1:]))
     arrays = {**model.state_dict(), **optim_state.initial_arrays(model, cfg),
               **key_state.initial_arrays(model, cfg)}
     lr_at = cosine_lr(cfg.lr, cfg.rounds)

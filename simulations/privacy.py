@@ -44,7 +44,12 @@ from common.datasets import load_dataset
 from common.errors import UsageError
 from common.runtime.rundir import RunDir
 from simulations.commands import PRIVATE_LOSS, SWEEP_DEFAULTS
-from simulations.compare import parse_list, random_init_figures, run_federated
+from simulations.compare import (
+    parse_list,
+    pretrained_init_figures,
+    random_init_figures,
+    run_federated,
+)
 from simulations.reuse import (
     data_digest,
     refuse_other_settings,
@@ -182,9 +187,12 @@ def sweep(
         console.print(f"  reported epsilon {result['epsilon']:.4g}  linear probe "
                       f"{result['linear_probe_backbone']:.4f}  kNN {result['knn_backbone']:.4f}")
     # What "no training at all" scores on the same data: accuracy near it is not learned.
-    random_init = random_init_figures(base, load_dataset(base.dataset, seed=base.seed))
+    data = load_dataset(base.dataset, seed=base.seed)
+    random_init = random_init_figures(base, data)
     report = {"settings": asdict(base), "simulation": sim.as_dict(), "results": results,
               "random_init": random_init}
+    if base.pretrain_epochs:  # where every run started: free of privacy cost
+        report["pretrained_init"] = pretrained_init_figures(base, data)
     (out / "privacy.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "privacy.md").write_text(markdown_table(report) + "\n")
     plot(results, out / "privacy.png", title=f"{Path(base.dataset).stem}: accuracy against epsilon",
@@ -209,10 +217,12 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(h for _k, h in COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
     for r in report["results"]:
         lines.append("| " + " | ".join(_fmt(k, r.get(k)) for k, _h in COLUMNS) + " |")
-    if report.get("random_init"):
-        init = {**report["random_init"], "target_epsilon": "random init"}
-        lines.append("| " + " | ".join(_fmt(k, init[k]) if k in init and k != "wall_time_s" else "–"
-                                       for k, _h in COLUMNS) + " |")
+    for key, name in (("random_init", "random init"),
+                      ("pretrained_init", "pretrained init (synthetic images)")):
+        if report.get(key):
+            init = {**report[key], "target_epsilon": name}
+            lines.append("| " + " | ".join(_fmt(k, init[k]) if k in init and k != "wall_time_s"
+                                           else "–" for k, _h in COLUMNS) + " |")
     s = report["settings"]
     lines += ["", f"{report['simulation']['num_clients']} clients, {s['rounds']} rounds x "
               f"{s['local_epochs']} local epochs, {s['dataset']}, partitioner {s['partitioner']}, "
@@ -228,6 +238,11 @@ def markdown_table(report: dict[str, Any]) -> str:
               "target for every round it could be sampled in). Pushes covered NO: pushed rows "
               "were not noised and are not covered by the reported ε. Random init: the same "
               "encoder untrained, evaluated the same way (accuracy near it was not learned)."]
+    if report.get("pretrained_init"):
+        lines += ["", f"Every run started from the encoder pretrained for {s['pretrain_epochs']} "
+                  f"epochs on {s['pretrain_images']} synthetic dead-leaves images (pretrained "
+                  "init): no one's data, so no privacy cost; what a run adds is its figure "
+                  "minus that row's."]
     if note := reused_note(report["results"]):
         lines += ["", note]
     return "\n".join(lines)

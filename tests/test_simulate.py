@@ -304,7 +304,7 @@ def test_privacy_sweep_reports_epsilon_monotone_in_the_noise(tmp_path):
     out = tmp_path / "priv"
     command = [FEDCONTRAST, "privacy", "--out", str(out), "--epsilons", "2,8",
                "--push-axis-epsilon", "8", "--push-fraction", "0.05", "--push-noise", "24",
-               "--rounds", "2", *TINY]
+               "--rounds", "2", "--pretrain-epochs", "2", "--pretrain-images", "256", *TINY]
     rc, log = _run(command, tmp_path, 880)
     assert rc == 0, log
     results = json.loads((out / "privacy.json").read_text())["results"]
@@ -329,8 +329,20 @@ def test_privacy_sweep_reports_epsilon_monotone_in_the_noise(tmp_path):
     assert all(r["negatives"] == "global + second moment" for r in results
                if r["axis"] != "default loss")
     assert all(0.0 <= r["retrieval_head"] <= 1.0 for r in results)
-    init = json.loads((out / "privacy.json").read_text())["random_init"]
+    report = json.loads((out / "privacy.json").read_text())
+    init = report["random_init"]
     assert 0.0 <= init["linear_probe_backbone"] <= 1.0
+    # Every run started from the encoder pretrained on synthetic images: each ServerApp
+    # pretrained it in its own process and measured it as the sweep did in its own (the
+    # same weights; a kNN vote may differ by float rounding between processes' threads).
+    pretrained = report["pretrained_init"]
+    assert "| pretrained init (synthetic images) | – |" in table
+    assert abs(pretrained["uniformity_head"] - init["uniformity_head"]) > 0.1
+    for run in out.glob("eps-*"):
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["pretrained_init"] == pytest.approx(
+            {k: v for k, v in pretrained.items() if k in summary["pretrained_init"]},
+            abs=0.01), run
     assert (out / "privacy.png").stat().st_size > 0
     for r in results:  # accuracies are reported, not asserted
         assert 0.0 <= r["linear_probe_backbone"] <= 1.0 and 0.0 <= r["knn_backbone"] <= 1.0

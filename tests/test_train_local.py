@@ -30,15 +30,20 @@ def test_train_local_writes_a_complete_run_directory(tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["trained"]) == set(summary["random_init"])
-    assert "linear_probe_backbone" in summary["trained"]
+    assert "linear_probe_backbone" in summary["trained"] and "pretrained_init" not in summary
     model = load_encoder(out)
     assert model.embedding_dim == 128
     # the saved config re-runs as it is
+    # (now from the encoder pretrained on synthetic images, measured beside the random init)
     r2 = fedcontrast("train-local", "--config", str(out), "--epochs", "1", "--out",
-                     str(tmp_path / "rerun"), "--quiet")
+                     str(tmp_path / "rerun"), "--quiet", "--pretrain-epochs", "1",
+                     "--pretrain-images", "64")
     assert r2.returncode == 0, r2.stderr
     cfg2 = json.loads((tmp_path / "rerun" / "config.json").read_text())["config"]
-    assert (cfg2["width"], cfg2["epochs"]) == (8, 1)
+    assert (cfg2["width"], cfg2["epochs"], cfg2["pretrain_epochs"]) == (8, 1, 1)
+    summary2 = json.loads((tmp_path / "rerun" / "summary.json").read_text())
+    assert set(summary2["pretrained_init"]) == set(summary2["random_init"])
+    assert summary2["pretrained_init"] != summary2["random_init"]
 
 
 def _bad_npz(path):
@@ -62,6 +67,14 @@ def test_bad_arguments_exit_nonzero_with_one_line(tmp_path, args, message):
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_pretraining_on_items_that_are_not_images_is_refused_in_one_line(tmp_path):
+    r = fedcontrast("train-local", "--dataset", "dna", "--pretrain-epochs", "1", "--out",
+                    str(tmp_path / "x"), "--quiet", timeout=120)
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(errors) == 1 and "not (channels, height, width)" in errors[0], r.stderr
 
 
 def test_malformed_npz_is_one_line(tmp_path):
