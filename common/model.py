@@ -10,6 +10,7 @@ model everywhere.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,15 +77,16 @@ def build_model(cfg: TrainConfig, in_channels: int,
     return model
 
 
-def initial_model(cfg: TrainConfig, data: Dataset,
-                  device: torch.device | None = None) -> ContrastiveModel:
+def initial_model(cfg: TrainConfig, data: Dataset, device: torch.device | None = None,
+                  cache_dir: Path | None = None) -> ContrastiveModel:
     """The encoder a run starts from: :func:`build_model`'s random init, pretrained on
     synthetic dead-leaves images first when ``cfg.pretrain_epochs`` > 0
-    (:func:`common.synthetic.pretrain`; no data of ``data`` is read, only its item shape).
+    (:func:`common.synthetic.pretrain`, which keeps the weights in ``cache_dir``; no data
+    of ``data`` is read, only its item shape).
     """
     model = build_model(cfg, data.in_channels)
     if cfg.pretrain_epochs:
         from common.synthetic import pretrain
 
-        pretrain(model, cfg, tuple(data.x_train.shape[1:]), device)
+        pretrain(model, cfg, tuple(data.x_train.shape[1:]), device, cache_dir)
     return model

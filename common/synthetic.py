@@ -21,10 +21,13 @@ on synthetic images before their private training).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import fields
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -93,6 +96,13 @@ def dead_leaves(n: int, shape: tuple[int, int, int], seed: int = IMAGE_SEED) -> 
 
 #: Pretrained weights already computed in this process, by the settings they depend on.
 _PRETRAINED: dict[str, dict[str, Tensor]] = {}
+#: A directory where pretrained weights are kept for other processes: ``compare`` and
+#: ``privacy`` set it for the runs they start (``OUT/pretrained``), so one set of settings
+#: is pretrained once, not once per run.
+CACHE_ENV = "FEDCONTRAST_PRETRAINED_DIR"
+#: Part of every weights' key: raised when the images or the recipe change, so weights
+#: kept by older code are not taken for today's.
+RECIPE_VERSION = 1
 
 
 def pretrain_key(cfg: TrainConfig, shape: tuple[int, ...]) -> str:
@@ -102,15 +112,40 @@ def pretrain_key(cfg: TrainConfig, shape: tuple[int, ...]) -> str:
     from common.model import model_spec  # common.model imports this module
 
     views = {f.name: getattr(cfg, f.name) for f in fields(ViewSettings)}
-    return json.dumps({"spec": model_spec(cfg, int(shape[0])), "shape": list(shape),
+    return json.dumps({"recipe": RECIPE_VERSION,
+                       "spec": model_spec(cfg, int(shape[0])), "shape": list(shape),
                        "dataset": cfg.dataset, "seed": cfg.seed, "views": views,
                        "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
                        "epochs": cfg.pretrain_epochs, "images": cfg.pretrain_images},
                       sort_keys=True, default=str)
 
 
+def _kept(key: str, cache_dir: Path | None) -> dict[str, Tensor] | None:
+    if key in _PRETRAINED:
+        return _PRETRAINED[key]
+    if cache_dir is None:
+        return None
+    path = cache_dir / _file_name(key)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # a torn or foreign file: pretrain again, it is overwritten
+        logger.warning("pretrained weights in %s unreadable (%s): pretraining again", path, exc)
+        return None
+    if payload.get("key") != key:  # another setting's weights under a colliding name
+        return None
+    logger.info("pretrained encoder read from %s", path)
+    return payload["state_dict"]
+
+
+def _file_name(key: str) -> str:
+    return f"pretrained-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
+
+
 def pretrain(model: ContrastiveModel, cfg: TrainConfig, shape: tuple[int, ...],
-             device: torch.device | None = None) -> ContrastiveModel:
+             device: torch.device | None = None, cache_dir: Path | None = None,
+             ) -> ContrastiveModel:
     """Train ``model`` in place for ``cfg.pretrain_epochs`` passes over
     ``cfg.pretrain_images`` dead-leaves images of item shape ``shape`` (C, H, W) and return it.
 
@@ -118,7 +153,8 @@ def pretrain(model: ContrastiveModel, cfg: TrainConfig, shape: tuple[int, ...],
     for both views) at :data:`PRETRAIN_TEMPERATURE`, Adam at :data:`PRETRAIN_LR`
     (cosine-decayed; the run's weight decay), batches of ``cfg.batch_size`` in an order
     and views drawn from ``cfg.seed``: the same settings give the same weights, which this
-    process keeps (a second call copies them).
+    process keeps (a second call copies them), and so does ``cache_dir`` (default: the
+    directory named by :data:`CACHE_ENV`, if set) for other processes.
 
     Raises:
         ValueError: ``shape`` is not an image's (C, H, W).
@@ -129,8 +165,12 @@ def pretrain(model: ContrastiveModel, cfg: TrainConfig, shape: tuple[int, ...],
             f"this dataset's items have shape {tuple(shape)}, not (channels, height, width); "
             "set --pretrain-epochs 0")
     key = pretrain_key(cfg, shape)
-    if key in _PRETRAINED:
-        model.load_state_dict(_PRETRAINED[key])
+    if cache_dir is None and os.environ.get(CACHE_ENV):
+        cache_dir = Path(os.environ[CACHE_ENV])
+    kept = _kept(key, cache_dir)
+    if kept is not None:
+        model.load_state_dict(kept)
+        _PRETRAINED[key] = kept
         return model
     device = device or torch.device("cpu")
     x = dead_leaves(cfg.pretrain_images, tuple(int(v) for v in shape))
@@ -163,5 +203,12 @@ def pretrain(model: ContrastiveModel, cfg: TrainConfig, shape: tuple[int, ...],
         logger.info("pretraining on %d dead-leaves images: epoch %d/%d, loss %.3f, %.0f s",
                     len(x), epoch, cfg.pretrain_epochs, total / steps_per_epoch,
                     time.monotonic() - start)
-    _PRETRAINED[key] = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    _PRETRAINED[key] = state
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        path = cache_dir / _file_name(key)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({"key": key, "state_dict": state}, tmp)
+        os.replace(tmp, path)  # whole or absent, also beside a process reading it
     return model

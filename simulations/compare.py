@@ -283,10 +283,11 @@ def run_in_process(method: str, cfg: FedConfig, sim: Simulation, data: Dataset,
 
 
 def run_federated(method: str, cfg: FedConfig, sim: Simulation, data: Dataset, out: Path,
-                  timeout: float | None) -> dict[str, Any]:
-    """A federated method through ``simulate``; its final encoder evaluated like the others."""
+                  timeout: float | None, pretrained_dir: Path | None = None) -> dict[str, Any]:
+    """A federated method through ``simulate``; its final encoder evaluated like the others.
+    ``pretrained_dir``: where its ServerApp finds (or keeps) the pretrained encoder."""
     start = time.perf_counter()
-    status = simulate(cfg, sim, out, timeout=timeout)
+    status = simulate(cfg, sim, out, timeout=timeout, pretrained_dir=pretrained_dir)
     wall = time.perf_counter() - start
     if status == EXIT_UNCOUNTED_ROUNDS:
         raise UsageError(f"{method}: some rounds did not count, so it did not train on the "
@@ -323,10 +324,11 @@ def random_init_figures(cfg: FedConfig, data: Dataset) -> dict[str, float]:
     return _final_eval(model, cfg, data)
 
 
-def pretrained_init_figures(cfg: FedConfig, data: Dataset) -> dict[str, float]:
+def pretrained_init_figures(cfg: FedConfig, data: Dataset, cache_dir: Path) -> dict[str, float]:
     """The figures of the encoder every method starts from with ``--pretrain-epochs``: the
-    random init pretrained on synthetic images (:func:`common.model.initial_model`)."""
-    return _final_eval(initial_model(cfg, data, resolve_device(cfg.device)), cfg, data)
+    random init pretrained on synthetic images (:func:`common.model.initial_model`), kept
+    in ``cache_dir`` for the runs (:func:`run_federated`)."""
+    return _final_eval(initial_model(cfg, data, resolve_device(cfg.device), cache_dir), cfg, data)
 
 
 def _curve(out: Path) -> list[tuple[int, float]]:
@@ -373,15 +375,18 @@ def compare(
     curves: dict[str, list[list[tuple[int, float]]]] = {m: [] for m in methods}
     baseline: list[dict[str, float]] = []
     pretrained: list[dict[str, float]] = []
+    pretrained_dir = out / "pretrained"  # --pretrain-epochs: pretrained once per seed
     for seed in seeds:
         data = load_dataset(base.dataset, seed=seed)
         baseline.append(random_init_figures(replace(base, seed=seed), data))
         if base.pretrain_epochs:
-            pretrained.append(pretrained_init_figures(replace(base, seed=seed), data))
+            pretrained.append(pretrained_init_figures(replace(base, seed=seed), data,
+                                                      pretrained_dir))
         for method in methods:
             cfg = replace(configs[method], seed=seed)
             run_out, settings = planned(method, seed)
-            train = (partial(run_federated, method, cfg, sim, data, run_out, timeout)
+            train = (partial(run_federated, method, cfg, sim, data, run_out, timeout,
+                             pretrained_dir)
                      if method in FEDERATED else partial(run_in_process, method, cfg, sim, data, run_out))
             result = run_or_reuse(f"{method} seed {seed}", run_out, settings, train, console,
                                   kept_in=out if kept_in == "out" else kept_in)

@@ -109,9 +109,10 @@ def negatives_label(cfg: FedConfig) -> str:
     return " + ".join(sources) or "random"
 
 
-def one_run(cfg: FedConfig, sim: Simulation, out: Path, timeout: float | None) -> dict[str, Any]:
+def one_run(cfg: FedConfig, sim: Simulation, out: Path, timeout: float | None,
+            pretrained_dir: Path | None = None) -> dict[str, Any]:
     data = load_dataset(cfg.dataset, seed=cfg.seed)
-    result = run_federated("privacy", cfg, sim, data, out, timeout)
+    result = run_federated("privacy", cfg, sim, data, out, timeout, pretrained_dir)
     rows = RunDir(out).read_metrics()
     last = rows[-1] if rows else {}
     noise = client_noise(out)
@@ -169,7 +170,8 @@ def sweep(
     configs = [(run_settings(base, eps, noise), axis) for eps, noise, axis in plan]  # validate first
     if default_loss_reference:
         configs.append((run_settings(base, math.inf, 0.0, default_loss=True), "default loss"))
-    digest = data_digest(load_dataset(base.dataset, seed=base.seed))
+    data = load_dataset(base.dataset, seed=base.seed)
+    digest = data_digest(data)
 
     def planned(cfg: FedConfig, axis: str) -> tuple[str, Path, dict[str, Any]]:
         name = "eps-inf" if not cfg.dp else f"eps-{cfg.target_epsilon:g}-push-{cfg.push_noise:g}"
@@ -177,22 +179,27 @@ def sweep(
         return name, out / name, reuse_key("privacy", cfg, sim.num_clients, sim.client_gpus, digest)
 
     refuse_other_settings(planned(cfg, axis)[1:] for cfg, axis in configs)
+    # --pretrain-epochs: where every run starts (no privacy cost), pretrained once here and
+    # read by each run's ServerApp from OUT/pretrained
+    pretrained_dir = out / "pretrained"
+    pretrained = (pretrained_init_figures(base, data, pretrained_dir) if base.pretrain_epochs
+                  else None)
     results = []
     for cfg, axis in configs:
         name, run_out, settings = planned(cfg, axis)
-        result = run_or_reuse(name, run_out, settings, partial(one_run, cfg, sim, run_out, timeout),
+        result = run_or_reuse(name, run_out, settings,
+                              partial(one_run, cfg, sim, run_out, timeout, pretrained_dir),
                               console, kept_in=out if kept_in == "out" else kept_in)
         result["axis"] = axis
         results.append(result)
         console.print(f"  reported epsilon {result['epsilon']:.4g}  linear probe "
                       f"{result['linear_probe_backbone']:.4f}  kNN {result['knn_backbone']:.4f}")
     # What "no training at all" scores on the same data: accuracy near it is not learned.
-    data = load_dataset(base.dataset, seed=base.seed)
     random_init = random_init_figures(base, data)
     report = {"settings": asdict(base), "simulation": sim.as_dict(), "results": results,
               "random_init": random_init}
-    if base.pretrain_epochs:  # where every run started: free of privacy cost
-        report["pretrained_init"] = pretrained_init_figures(base, data)
+    if pretrained is not None:
+        report["pretrained_init"] = pretrained
     (out / "privacy.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "privacy.md").write_text(markdown_table(report) + "\n")
     plot(results, out / "privacy.png", title=f"{Path(base.dataset).stem}: accuracy against epsilon",

@@ -44,6 +44,7 @@ from common.runtime.flower_env import (
     wait_for_port,
     write_superlink_config,
 )
+from common.synthetic import CACHE_ENV
 from server.deploy import (
     CONNECTION,
     app_dir,
@@ -141,8 +142,13 @@ def simulate(
     *,
     resume: Path | None = None,
     timeout: float | None = None,
+    pretrained_dir: Path | None = None,
 ) -> int:
-    """Run one simulated federation into ``out``; 0 when the run completed."""
+    """Run one simulated federation into ``out``; 0 when the run completed.
+
+    ``pretrained_dir``: where the ServerApp finds the encoder pretrained for
+    ``--pretrain-epochs`` by an earlier process, or keeps it (:data:`common.synthetic.CACHE_ENV`).
+    """
     sim.check_resources(cfg)
     app_dir()
     out = out.expanduser().resolve()
@@ -156,6 +162,8 @@ def simulate(
         _carry_client_state(resume, out)
     env = flower_env(home)
     env.setdefault("RAY_DEDUP_LOGS", "0")
+    if pretrained_dir is not None:
+        env[CACHE_ENV] = str(pretrained_dir.expanduser().resolve())
     log = out / "server.log"
     deadline = None if timeout is None else time.monotonic() + timeout
     for attempt in range(1, ENGINE_START_ATTEMPTS + 1):

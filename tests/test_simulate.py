@@ -338,7 +338,9 @@ def test_privacy_sweep_reports_epsilon_monotone_in_the_noise(tmp_path):
     pretrained = report["pretrained_init"]
     assert "| pretrained init (synthetic images) | – |" in table
     assert abs(pretrained["uniformity_head"] - init["uniformity_head"]) > 0.1
+    assert len(list((out / "pretrained").glob("pretrained-*.pt"))) == 1  # pretrained once
     for run in out.glob("eps-*"):
+        assert "pretrained encoder read from" in (run / "server.log").read_text(), run
         summary = json.loads((run / "summary.json").read_text())
         assert summary["pretrained_init"] == pytest.approx(
             {k: v for k, v in pretrained.items() if k in summary["pretrained_init"]},

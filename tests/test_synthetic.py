@@ -93,3 +93,33 @@ def test_pretraining_settings_are_checked():
         validate(FedConfig(pretrain_epochs=-1))
     with pytest.raises(ValueError, match="--pretrain-images"):
         validate(FedConfig(pretrain_epochs=1, pretrain_images=1))
+
+
+def test_pretrained_weights_kept_in_a_directory_serve_another_process(digits, tmp_path, monkeypatch):
+    synthetic._PRETRAINED.clear()
+    first = initial_model(CFG, digits, cache_dir=tmp_path)
+    (kept,) = tmp_path.glob("pretrained-*.pt")
+    # Another process (here: an empty memo, and no images can be made) reads the weights.
+    synthetic._PRETRAINED.clear()
+    monkeypatch.setattr(synthetic, "dead_leaves", lambda *a, **k: pytest.fail("pretrained again"))
+    monkeypatch.setenv(synthetic.CACHE_ENV, str(tmp_path))
+    read = initial_model(CFG, digits)
+    for a, b in zip(first.state_dict().values(), read.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    # Weights of other settings are not taken for these: a file under this name whose key
+    # differs, or a torn file, is pretrained over.
+    synthetic._PRETRAINED.clear()
+    monkeypatch.undo()
+    payload = torch.load(kept, weights_only=True)
+    other = payload["key"].replace('"seed": 0', '"seed": 5')
+    assert other != payload["key"]
+    torch.save({**payload, "key": other}, kept)
+    again = initial_model(CFG, digits, cache_dir=tmp_path)
+    assert torch.load(kept, weights_only=True)["key"] == payload["key"]
+    synthetic._PRETRAINED.clear()
+    kept.write_bytes(b"torn")
+    torn = initial_model(CFG, digits, cache_dir=tmp_path)
+    for a, b, c in zip(first.state_dict().values(), again.state_dict().values(),
+                       torn.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, c)
