@@ -36,7 +36,7 @@ from torch import Tensor
 
 from common.config import ViewSettings
 from common.loss import info_nce
-from common.plugins import make_views
+from common.plugins import make_views, views_for
 from common.schedule import cosine_lr
 
 if TYPE_CHECKING:
@@ -106,15 +106,16 @@ RECIPE_VERSION = 1
 
 
 def pretrain_key(cfg: TrainConfig, shape: tuple[int, ...]) -> str:
-    """What the pretrained weights depend on: the encoder, the seed, the views (and the
-    dataset, which ``--views auto`` reads), the batch size, the weight decay, the
-    pretraining's own settings and the item shape."""
+    """What the pretrained weights depend on: the encoder, the seed, the views (``auto``
+    resolved, :func:`common.plugins.views_for`), the batch size, the weight decay, the
+    pretraining's own settings and the item shape; not which data file the run reads."""
     from common.model import model_spec  # common.model imports this module
 
     views = {f.name: getattr(cfg, f.name) for f in fields(ViewSettings)}
+    views["views"] = views_for(cfg)
     return json.dumps({"recipe": RECIPE_VERSION,
                        "spec": model_spec(cfg, int(shape[0])), "shape": list(shape),
-                       "dataset": cfg.dataset, "seed": cfg.seed, "views": views,
+                       "seed": cfg.seed, "views": views,
                        "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
                        "epochs": cfg.pretrain_epochs, "images": cfg.pretrain_images},
                       sort_keys=True, default=str)

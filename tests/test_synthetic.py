@@ -52,6 +52,12 @@ def test_pretraining_moves_the_encoder_and_gives_the_same_weights_for_the_same_s
     again = initial_model(CFG, digits)
     for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
+    # The data file is not part of the key (the views it resolves to are): a copy of the
+    # data under another name takes the same weights.
+    assert synthetic.pretrain_key(CFG, (1, 8, 8)) == synthetic.pretrain_key(
+        replace(CFG, dataset="/elsewhere/digits-copy.npz", views="digits"), (1, 8, 8))
+    assert synthetic.pretrain_key(CFG, (1, 8, 8)) != synthetic.pretrain_key(
+        replace(CFG, views="images"), (1, 8, 8))  # digits' own views differ
     other_seed = initial_model(replace(CFG, seed=1), digits)
     assert any(not torch.equal(a, b) for a, b in
                zip(first.state_dict().values(), other_seed.state_dict().values(), strict=True))
