@@ -8,13 +8,18 @@ DP-SGD step time.
    ``--objective moment``, no queue rows) at epsilon 8 and without DP, its non-private
    default-loss reference (in-batch negatives), and the same private run with the queue's
    noisy rows (``QUEUE_ROWS``); at the first seed also epsilon 1 and 4. Every arm has the
-   same data, encoder, rounds and batch (equal examples processed). Reported: each arm's
-   mean and half-range over seeds, the random-init encoder, and each arm's share of the
-   default loss's gain over random init.
+   same data, encoder, rounds and batch (equal examples processed), and starts from the
+   same encoder: by default the random init pretrained for 10 epochs on 20,000 synthetic
+   dead-leaves images (``--pretrain-epochs``; no one's data, no privacy cost;
+   ``common/synthetic.py``, after Baradad et al. 2021 and Tang et al. 2023), once per seed.
+   Reported: each arm's mean and half-range over seeds, the random-init and pretrained
+   encoders, each arm's share of the default loss's gain over random init, and its gain
+   over the pretrained start (what its own training added).
 
     python -m bench.privacy_bench [--data PATH.npz] [--train 10000 --test 5000] [--seeds 0 1 2]
     python -m bench.privacy_bench --data digits     # the same on the embedded digits
     python -m bench.privacy_bench --steps-only      # the step-time part alone
+    python -m bench.privacy_bench --pretrain-epochs 0   # every run from random init
 
 Defaults: 2 clients of 5,000 images each (IID), batch 256, 8 rounds x 1 local epoch, CNN
 width 16, embedding dimension 32, delta 1e-5: 14 runs, 65 minutes on 2 cores
@@ -101,9 +106,13 @@ def arm_name(result: dict) -> str:
             else f"epsilon {eps:g}, per-example, {queue}")
 
 
-def aggregate(runs: list[tuple[int, dict]], random_init: dict[int, dict]) -> tuple[list[str], list[list[str]], dict]:
+def aggregate(runs: list[tuple[int, dict]], random_init: dict[int, dict],
+              pretrained_init: dict[int, dict] | None = None,
+              ) -> tuple[list[str], list[list[str]], dict]:
     """Per arm over seeds: mean and half-range of each figure, and the share of the default
-    loss's mean gain over random init; returns headers, rows and a summary."""
+    loss's mean gain over random init; with ``pretrained_init`` (every run started from
+    the synthetically pretrained encoder) also its row and each arm's mean gain over it,
+    what the run's training added. Returns headers, rows and a summary."""
     arms: dict[str, list[tuple[int, dict]]] = {}
     for seed, result in runs:
         arms.setdefault(arm_name(result), []).append((seed, result))
@@ -112,30 +121,47 @@ def aggregate(runs: list[tuple[int, dict]], random_init: dict[int, dict]) -> tup
         mean = statistics.fmean(values)
         return f"{mean:.4f}" + (f" ± {(max(values) - min(values)) / 2:.4f}" if len(values) > 1 else "")
 
-    def gain(members: list[tuple[int, dict]], key: str) -> float:
-        return statistics.fmean(r[key] - random_init[s][key] for s, r in members)
+    def gain(members: list[tuple[int, dict]], key: str, start: dict[int, dict]) -> float:
+        return statistics.fmean(r[key] - start[s][key] for s, r in members)
 
     reference = arms.get(DEFAULT_ARM)
     headers = ["arm", "seeds", "reported ε", "DP-SGD σ", *(h for _k, h in FIGURES),
                "share of the default loss's gain (probe / kNN / retrieval)"]
+    if pretrained_init:
+        headers.append("over the pretrained start (probe / kNN / retrieval)")
     seeds = sorted(random_init)
+
+    def shares_of(start: list[tuple[int, dict]]) -> str:
+        """This start's or arm's gains over random init as shares of the default loss's."""
+        refs = [gain(reference, k, random_init) if reference else 0.0 for k, _h in GAINS]
+        return " / ".join(f"{gain(start, k, random_init) / ref:.0%}" if ref > 0 else "–"
+                          for (k, _h), ref in zip(GAINS, refs, strict=True))
+
     rows = [["random init", ",".join(map(str, seeds)), "–", "–",
              *(spread([random_init[s][k] for s in seeds]) for k, _h in FIGURES), "–"]]
+    if pretrained_init:
+        rows[0].append("–")
+        start = [(s, pretrained_init[s]) for s in seeds]
+        rows.append(["pretrained init (synthetic images, no data)", ",".join(map(str, seeds)),
+                     "–", "–", *(spread([r[k] for _s, r in start]) for k, _h in FIGURES),
+                     shares_of(start), "–"])
     summary: dict[str, object] = {}
     for name, members in arms.items():
         eps = [r["epsilon"] for _s, r in members]
         sigma = [v for _s, r in members for v in r["noise_multiplier"] if v > 0]
-        shares = []
         for key, _h in GAINS:
-            ref = gain(reference, key) if reference else 0.0
-            shares.append(f"{gain(members, key) / ref:.0%}" if ref > 0 else "–")
-            summary[f"{name}: {key} gain"] = round(gain(members, key), 4)
+            summary[f"{name}: {key} gain"] = round(gain(members, key, random_init), 4)
+            if pretrained_init:
+                summary[f"{name}: {key} over the pretrained start"] = round(
+                    gain(members, key, pretrained_init), 4)
         rows.append([name, ",".join(str(s) for s, _r in members),
                      "∞" if math.isinf(eps[0]) else f"{max(eps):.3g}",
                      ("–" if not sigma else f"{min(sigma):.3g}" if min(sigma) == max(sigma)
                       else f"{min(sigma):.3g}-{max(sigma):.3g}"),
                      *(spread([r[k] for _s, r in members]) for k, _h in FIGURES),
-                     " / ".join(shares)])
+                     shares_of(members),
+                     *((" / ".join(f"{gain(members, k, pretrained_init):+.3f}" for k, _h in GAINS),)
+                       if pretrained_init else ())])
     return headers, rows, summary
 
 
@@ -159,6 +185,11 @@ def main() -> None:
     parser.add_argument("--epsilons", default="8,inf", help="budgets run at every seed")
     parser.add_argument("--first-seed-epsilons", default="1,4",
                         help="budgets run at the first seed only")
+    parser.add_argument("--pretrain-epochs", type=int, default=10,
+                        help="every run starts from the encoder pretrained this many epochs on "
+                             "synthetic dead-leaves images (no data, no privacy cost; 0: random init)")
+    parser.add_argument("--pretrain-images", type=int, default=20000,
+                        help="how many dead-leaves images to pretrain on")
     parser.add_argument("--steps-only", action="store_true", help="measure step time only")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -173,7 +204,9 @@ def main() -> None:
                             "local_epochs": args.local_epochs, "width": args.width,
                             "embedding_dim": args.embedding_dim, "batch_size": args.batch_size,
                             "partitioner": args.partitioner, "dirichlet_alpha": args.alpha,
-                            "eval_every": 0, "device": "cpu", "round_timeout": 3600})
+                            "eval_every": 0, "device": "cpu", "round_timeout": 3600,
+                            "pretrain_epochs": args.pretrain_epochs,
+                            "pretrain_images": args.pretrain_images})
         times = step_times(base, load_dataset(dataset).x_train)
         summary: dict[str, object] = {
             "dp_step_overhead": round(times["dp-sgd"] / times["plain"], 2),
@@ -184,7 +217,7 @@ def main() -> None:
                                                         ["dp-sgd", summary["dp_step_ms"]]]
         if not args.steps_only:
             sim = Simulation(num_clients=args.clients)
-            runs, random_init = [], {}
+            runs, random_init, pretrained_init = [], {}, {}
             every = [float(e) for e in args.epsilons.split(",")]
             first = [float(e) for e in args.first_seed_epsilons.split(",") if e]
             private = [e for e in every if math.isfinite(e)]
@@ -196,12 +229,15 @@ def main() -> None:
                                default_loss_reference=True, timeout=6 * 3600, kept_in=None)
                 runs += [(seed, r) for r in report["results"]]
                 random_init[seed] = report["random_init"]
+                if "pretrained_init" in report:
+                    pretrained_init[seed] = report["pretrained_init"]
                 if private:  # the same private runs with the queue's noisy rows
                     rows = sweep(replace(cfg, **QUEUE_ROWS), sim, Path(tmp) / f"seed{seed}-queue",
                                  epsilons=private, push_noise=QUEUE_ROWS["push_noise"],
-                                 push_axis_epsilon=None, timeout=6 * 3600, kept_in=None)
+                                 push_axis_epsilon=None, timeout=6 * 3600, kept_in=None,
+                                 pretrained_dir=Path(tmp) / f"seed{seed}" / "pretrained")
                     runs += [(seed, r) for r in rows["results"]]
-            headers, rows, gains = aggregate(runs, random_init)
+            headers, rows, gains = aggregate(runs, random_init, pretrained_init or None)
             summary.update(gains)
             summary["runs"] = len(runs)
     name = "privacy_bench" + ("_digits" if args.data == "digits" else "")
@@ -210,11 +246,19 @@ def main() -> None:
         notes=(f"data {Path(args.data).name} (slice {args.train} train / {args.test} test unless digits), "
                f"{args.clients} clients ({args.partitioner}), CNN width {args.width}, embedding "
                f"dimension {args.embedding_dim}, batch {args.batch_size}, {args.rounds} rounds x "
-               f"{args.local_epochs} local epochs; per-example runs: --objective {base.objective}, "
+               f"{args.local_epochs} local epochs; "
+               + (f"every run started from the encoder pretrained {args.pretrain_epochs} epochs on "
+                  f"{args.pretrain_images} synthetic dead-leaves images (no data); "
+                  if args.pretrain_epochs else "every run started from random init; ")
+               + f"per-example runs: --objective {base.objective}, "
                f"temperature {base.temperature}, ema key encoder; the arms with queue rows: "
                f"{QUEUE_ROWS['global_negatives']} global negatives per step, pushes at rate "
                f"{QUEUE_ROWS['push_fraction']} with noise {QUEUE_ROWS['push_noise']:g}; delta "
-               f"{base.delta}. ± is half the range over seeds. "
+               f"{base.delta}. ± is half the range over seeds. Share: each arm's mean gain over "
+               "random init as a share of the default loss's (which started from the same init). "
+               + ("Over the pretrained start: each arm's mean gain over the pretrained init, "
+                  "what its own training added. " if args.pretrain_epochs else "")
+               + "Step time: one torch thread, blocks of 5 steps alternating plain and DP-SGD (noise "
                "Step time: one torch thread, blocks of 5 steps alternating plain and DP-SGD (noise "
                f"1.0, clip {base.max_grad_norm}), same batch size and negatives ({base.objective}, "
                f"{base.global_negatives} fixed rows)."),

@@ -144,12 +144,15 @@ def sweep(
     timeout: float | None = None,
     console: Console | None = None,
     kept_in: Path | None | Literal["out"] = "out",
+    pretrained_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run the budget sweep, the push-noise axis and (``default_loss_reference``) the
     non-private run with the default loss into ``out``; write and return the report.
 
     Runs finished before into ``out`` with the same settings are reused; ``kept_in`` as
-    for :func:`simulations.compare.compare`."""
+    for :func:`simulations.compare.compare`. ``pretrained_dir`` (default ``OUT/pretrained``):
+    where the encoder of ``--pretrain-epochs`` is kept, so that sweeps sharing a seed can
+    share it."""
     console = console or Console(stderr=True)
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +184,7 @@ def sweep(
     refuse_other_settings(planned(cfg, axis)[1:] for cfg, axis in configs)
     # --pretrain-epochs: where every run starts (no privacy cost), pretrained once here and
     # read by each run's ServerApp from OUT/pretrained
-    pretrained_dir = out / "pretrained"
+    pretrained_dir = pretrained_dir or out / "pretrained"
     pretrained = (pretrained_init_figures(base, data, pretrained_dir) if base.pretrain_epochs
                   else None)
     results = []

@@ -63,3 +63,28 @@ def test_shares_are_of_the_default_losss_mean_gain_over_each_seeds_random_init()
     assert private["share of the default loss's gain (probe / kNN / retrieval)"] == "30% / 30% / 30%"
     assert table["random init"]["linear probe"] == "0.4100 ± 0.0100"
     assert summary["epsilon 8, per-example, no queue rows: knn_backbone gain"] == pytest.approx(0.03)
+
+
+def test_with_a_pretrained_start_each_arm_reports_what_its_training_added_over_it():
+    init = {0: dict.fromkeys(FIG, 0.40), 1: dict.fromkeys(FIG, 0.42)}
+    start = {0: dict.fromkeys(FIG, 0.46), 1: dict.fromkeys(FIG, 0.46)}  # gains 0.06, 0.04
+    runs = [(0, result(math.inf, "in-batch", "default loss", 0.50)),  # gain 0.10
+            (1, result(math.inf, "in-batch", "default loss", 0.52)),  # gain 0.10
+            (0, result(8.0, "second moment", "budget", 0.48)),  # +0.02 over its start
+            (1, result(8.0, "second moment", "budget", 0.45))]  # -0.01 over its start
+    headers, rows, summary = aggregate(runs, init, start)
+    table = {row[0]: dict(zip(headers, row, strict=True)) for row in rows}
+    over = "over the pretrained start (probe / kNN / retrieval)"
+    pretrained = table["pretrained init (synthetic images, no data)"]
+    assert pretrained["linear probe"] == "0.4600 ± 0.0000"
+    assert pretrained["share of the default loss's gain (probe / kNN / retrieval)"] == "50% / 50% / 50%"
+    assert pretrained[over] == table["random init"][over] == "–"
+    private = table["epsilon 8, per-example, no queue rows"]
+    assert private["share of the default loss's gain (probe / kNN / retrieval)"] == "55% / 55% / 55%"
+    assert private[over] == "+0.005 / +0.005 / +0.005"
+    assert table[DEFAULT_ARM][over] == "+0.050 / +0.050 / +0.050"
+    assert summary["no DP, default loss (in-batch negatives): retrieval_head over the pretrained start"] \
+        == pytest.approx(0.05)
+    # Without a pretrained start the table has no such row or column.
+    headers, rows, _ = aggregate(runs, init)
+    assert over not in headers and len(rows) == 3
