@@ -88,3 +88,27 @@ def test_with_a_pretrained_start_each_arm_reports_what_its_training_added_over_i
     # Without a pretrained start the table has no such row or column.
     headers, rows, _ = aggregate(runs, init)
     assert over not in headers and len(rows) == 3
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sweeps_of_one_seed_share_the_pretrained_encoder_kept_where_they_are_told(tmp_path, monkeypatch):
+    from common import synthetic
+    from simulations.privacy import sweep
+    from simulations.simulate import Simulation
+
+    base = FedConfig(**{**SWEEP_DEFAULTS, "dataset": "digits", "width": 8, "embedding_dim": 16,
+                        "batch_size": 32, "pretrain_epochs": 1, "pretrain_images": 64})
+    shared = tmp_path / "seed0" / "pretrained"
+    synthetic._PRETRAINED.clear()
+    first = sweep(base, Simulation(num_clients=2), tmp_path / "seed0", epsilons=[],
+                  push_noise=0.0, push_axis_epsilon=None, kept_in=None)
+    (kept,) = shared.glob("pretrained-*.pt")
+    # The queue arm's sweep (other negatives, its own output) reads that file: no pretraining.
+    synthetic._PRETRAINED.clear()
+    monkeypatch.setattr(synthetic, "dead_leaves", lambda *a, **k: pytest.fail("pretrained again"))
+    second = sweep(replace(base, **QUEUE_ROWS), Simulation(num_clients=2), tmp_path / "seed0-queue",
+                   epsilons=[], push_noise=QUEUE_ROWS["push_noise"], push_axis_epsilon=None,
+                   kept_in=None, pretrained_dir=shared)
+    assert second["pretrained_init"] == first["pretrained_init"]
+    assert not (tmp_path / "seed0-queue" / "pretrained").exists()
+    assert list(shared.iterdir()) == [kept]
