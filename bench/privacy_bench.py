@@ -259,7 +259,6 @@ def main() -> None:
                + ("Over the pretrained start: each arm's mean gain over the pretrained init, "
                   "what its own training added. " if args.pretrain_epochs else "")
                + "Step time: one torch thread, blocks of 5 steps alternating plain and DP-SGD (noise "
-               "Step time: one torch thread, blocks of 5 steps alternating plain and DP-SGD (noise "
                f"1.0, clip {base.max_grad_norm}), same batch size and negatives ({base.objective}, "
                f"{base.global_negatives} fixed rows)."),
     )
