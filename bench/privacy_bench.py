@@ -22,12 +22,11 @@ DP-SGD step time.
     python -m bench.privacy_bench --pretrain-epochs 0   # every run from random init
 
 Defaults: 2 clients of 5,000 images each (IID), batch 256, 8 rounds x 1 local epoch, CNN
-width 16, embedding dimension 32, delta 1e-5: 14 runs, 65 minutes on 2 cores
-(``bench/results/privacy_bench.md``, 2026-12-06, measured when the sweep's own runs
-pulled the queue's rows and the extra arm ran without them: the same settings, but for
-the default-loss reference, which then pulled the 256 rows beside its in-batch negatives;
-run without them at 76ea2ca, seeds 0-2, it reached 0.4937 / 0.4799 / 0.7134 linear probe /
-kNN / retrieval against 0.4949 / 0.4796 / 0.7131 with them: the same).
+width 16, embedding dimension 32, delta 1e-5, each seed's runs from one encoder pretrained
+on synthetic images: 14 runs, 73 minutes on 2 cores, the pretraining included, a
+low-priority pilot beside it for about 12 of them
+(``bench/results/privacy_bench.md``, 2026-12-06, 151ae3c; from random init, at 6a07da1,
+65 minutes: ``docs/experiments.md``).
 """
 
 from __future__ import annotations

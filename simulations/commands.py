@@ -28,9 +28,10 @@ PRIVATE_LOSS = {"in_batch": False, "queue_size": 0}
 #: The sweep's defaults: a DP configuration (each run then sets its own target and noise).
 #: The loss is the one ``--dp true`` selects (``DP_LOSS``: ``--objective moment``, which holds
 #: its embeddings apart under DP; docs/privacy.md). No queue rows: on the privacy benchmark
-#: (bench/results/privacy_bench.md) 256 rows per step, pushed at rate 0.05 with noise 24, tied
-#: the same runs without them at epsilon 8 and, un-noised without DP, pulled the non-private
-#: run below random init on kNN. ``--global-negatives``, ``--push-fraction`` and
+#: (bench/results/privacy_bench.md; from random init at 6a07da1) 256 rows per step, pushed
+#: at rate 0.05 with noise 24, tied the same runs without them at epsilon 8 (from the
+#: pretrained start too) and, un-noised without DP, pulled the non-private run below
+#: random init on kNN. ``--global-negatives``, ``--push-fraction`` and
 #: ``--push-noise`` turn them on (and with them the push axis).
 SWEEP_DEFAULTS: dict[str, Any] = {**SIMULATION_DEFAULTS, **PRIVATE_LOSS, **DP_LOSS, "dp": True,
                                   "target_epsilon": 8.0, "push_noise": 0.0,
