@@ -199,13 +199,16 @@ def main() -> None:
                        else str(write_slice(Path(args.data), args.train, args.test, Path(tmp) / "slice.npz")))
         except DatasetError as exc:
             raise SystemExit(str(exc)) from exc
-        base = FedConfig(**{**SWEEP_DEFAULTS, "dataset": dataset, "rounds": args.rounds,
-                            "local_epochs": args.local_epochs, "width": args.width,
-                            "embedding_dim": args.embedding_dim, "batch_size": args.batch_size,
-                            "partitioner": args.partitioner, "dirichlet_alpha": args.alpha,
-                            "eval_every": 0, "device": "cpu", "round_timeout": 3600,
-                            "pretrain_epochs": args.pretrain_epochs,
-                            "pretrain_images": args.pretrain_images})
+        try:  # a flag out of range (a negative --pretrain-epochs, say): one line, no traceback
+            base = FedConfig(**{**SWEEP_DEFAULTS, "dataset": dataset, "rounds": args.rounds,
+                                "local_epochs": args.local_epochs, "width": args.width,
+                                "embedding_dim": args.embedding_dim, "batch_size": args.batch_size,
+                                "partitioner": args.partitioner, "dirichlet_alpha": args.alpha,
+                                "eval_every": 0, "device": "cpu", "round_timeout": 3600,
+                                "pretrain_epochs": args.pretrain_epochs,
+                                "pretrain_images": args.pretrain_images})
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from exc
         times = step_times(base, load_dataset(dataset).x_train)
         summary: dict[str, object] = {
             "dp_step_overhead": round(times["dp-sgd"] / times["plain"], 2),

@@ -112,3 +112,14 @@ def test_sweeps_of_one_seed_share_the_pretrained_encoder_kept_where_they_are_tol
     assert second["pretrained_init"] == first["pretrained_init"]
     assert not (tmp_path / "seed0-queue" / "pretrained").exists()
     assert list(shared.iterdir()) == [kept]
+
+
+def test_a_setting_out_of_range_is_refused_in_one_line_before_anything_runs():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "bench.privacy_bench", "--data", "digits",
+                           "--pretrain-epochs", "-1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip() == "--pretrain-epochs must be zero or more (got -1)"
+    assert "Traceback" not in done.stderr and not done.stdout
