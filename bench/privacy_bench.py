@@ -246,7 +246,8 @@ def main() -> None:
     write_result(
         name if not args.steps_only else "privacy_step_time", headers, rows, summary=summary,
         notes=(f"data {Path(args.data).name} (slice {args.train} train / {args.test} test unless digits), "
-               f"{args.clients} clients ({args.partitioner}), CNN width {args.width}, embedding "
+               f"{args.clients} client{'s' if args.clients != 1 else ''} ({args.partitioner}), "
+               f"CNN width {args.width}, embedding "
                f"dimension {args.embedding_dim}, batch {args.batch_size}, {args.rounds} rounds x "
                f"{args.local_epochs} local epochs; "
                + (f"every run started from the encoder pretrained {args.pretrain_epochs} epochs on "
