@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 import os
 import signal
 import socket
 import stat
-import threading
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from server.snapshot import remove_stale_temporaries
 logger = logging.getLogger(__name__)
 
 STORAGE_DTYPES = {name: getattr(torch, name) for name in STORAGE_DTYPE_NAMES}
+#: How often the serving loop looks for a stop signal (Ctrl-C, SIGTERM), in seconds.
+STOP_POLL_S = 0.1
 
 
 def read_tokens_file(path: str | Path) -> tuple[dict[str, int], set[str]]:
@@ -160,15 +163,23 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"--host {args.host} --port {args.port}: {exc}") from None
 
-    stop = threading.Event()
+    # The handler only appends to a list. Setting a threading.Event there could deadlock: the
+    # handler runs in the main thread between two bytecodes, which may be inside Event.wait
+    # while that thread holds the event's lock (seen as a hang on SIGTERM under load).
+    requested: list[int] = []
     previous = {
-        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+        sig: signal.signal(sig, lambda signum, _frame: requested.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
     }
     try:
         print(f"queue-server listening on {server.address} (pid {os.getpid()})", flush=True)
-        while not stop.wait(args.snapshot_every or None):
-            if snapshot is not None:
+        every = args.snapshot_every or math.inf
+        due = time.monotonic() + every
+        while not requested:
+            time.sleep(STOP_POLL_S)
+            if snapshot is not None and time.monotonic() >= due:
                 queue.snapshot(snapshot)
+                due = time.monotonic() + every
     finally:
         server.stop(grace=2.0)
         if snapshot is not None:

@@ -557,6 +557,37 @@ def test_queue_server_command_keeps_its_rows_across_a_restart(tmp_path):
     assert (stats["size"], stats["version"]) == (5, 1)
 
 
+@pytest.mark.timeout(120)
+def test_queue_server_command_saves_the_snapshot_every_n_seconds_and_stops_at_once(tmp_path):
+    """``--snapshot-every`` saves while the server runs, and a stop signal sent the moment
+    the server listens (five times over) ends it cleanly with the snapshot written."""
+    import time
+
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("token-a 0\ntoken-admin admin\n")
+    tokens.chmod(0o600)
+    snapshot = tmp_path / "queue.pt"
+    args = ["--insecure", "--dim", str(DIM), "--capacity", "32", "--tokens-file", str(tokens),
+            "--snapshot", str(snapshot)]
+    with QueueServerProcess([*args, "--snapshot-every", "0.2"]) as process, QueueClient(
+        process.address, "token-admin", timeout=30
+    ) as admin, QueueClient(process.address, "token-a", timeout=30) as a:
+        assert admin.advance(1) and a.push(unit(5), version=1)
+        deadline = time.monotonic() + 60
+        size = 0
+        while size != 5:  # a save after the push, with the server still running
+            assert process.process.poll() is None and time.monotonic() < deadline, process.log()
+            time.sleep(0.1)
+            if snapshot.exists():  # written to a temporary file and renamed over it
+                saved = NegativeQueue(dim=DIM, capacity=32)
+                saved.restore(snapshot)
+                size = len(saved)
+    for _ in range(5):  # stop() sends SIGTERM and asserts a clean exit within 20 s
+        snapshot.unlink()
+        QueueServerProcess(args).stop()
+        assert snapshot.exists()
+
+
 def test_queue_server_command_needs_tls_or_insecure(tmp_path):
     import argparse
 
