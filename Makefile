@@ -4,6 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS="-k queue -x"`.
 PYTEST_ARGS ?=
+# Test files run in up to 2 processes, one file per process at a time (pytest-xdist): the
+# end-to-end tests wait on Flower processes and Ray more than they compute. Serial:
+# `make test PYTEST_WORKERS=`.
+PYTEST_WORKERS ?= -n auto --maxprocesses=2 --dist loadfile
 
 .PHONY: help setup demo test lint bench proto clean
 
@@ -29,7 +33,7 @@ demo: setup
 	$(BIN)/fedcontrast simulate --dataset digits --timeout 1800
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
