@@ -4,9 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS="-k queue -x"`.
 PYTEST_ARGS ?=
-# Test files run in up to 2 processes, one file per process at a time (pytest-xdist): the
-# end-to-end tests wait on Flower processes and Ray more than they compute. Serial:
-# `make test PYTEST_WORKERS=`.
+# Test files run in up to 2 processes, one file per process at a time (pytest-xdist): in one
+# process the suite keeps less than one core busy, the end-to-end tests waiting on Flower
+# processes and Ray to start. In one process: `make test PYTEST_WORKERS=`.
 PYTEST_WORKERS ?= -n auto --maxprocesses=2 --dist loadfile
 
 .PHONY: help setup demo test lint bench proto clean
