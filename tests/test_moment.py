@@ -61,6 +61,42 @@ def test_one_examples_loss_has_no_gradient_in_another_example(digits):
         assert g1[others].abs().max() == 0 and g2[others].abs().max() == 0
 
 
+
+def _view_losses(loss_fn, x, seed: int = 2):
+    """``loss_fn(v1, v2)`` on two views of ``x`` drawn from ``seed`` (the same draws for any
+    pixels of the same shape)."""
+    g = torch.Generator().manual_seed(seed)
+    augment = image_views(MOMENT)
+    v1, v2 = augment(x, g), augment(x, g)
+    return loss_fn(v1, v2)
+
+
+def test_one_examples_loss_does_not_change_with_another_examples_data(digits):
+    # A loss can have no gradient in another example and still read its data (negatives that
+    # are other examples' detached embeddings): under DP-SGD each example's gradient must not
+    # change when another example does, so the values are checked too.
+    trainer = _trainer()
+    trainer.second_moment = torch.diag(torch.linspace(0.01, 0.2, 16))
+    negatives, _ = trainer._negatives(6)
+    x = digits.x_train[:6]
+    other = x.clone()
+    other[3] = digits.x_train[10]
+    others = torch.arange(6) != 3
+
+    def moment(v1, v2):
+        return trainer.view_loss(v1, v2, negatives)[0].detach()
+
+    before, after = _view_losses(moment, x), _view_losses(moment, other)
+    torch.testing.assert_close(after[others], before[others], rtol=0, atol=1e-6)
+    assert (after[3] - before[3]).abs() > 1e-4
+
+    def detached_batch(v1, v2):  # the batch's keys as negatives, without gradient
+        q, k = trainer.model(v1), trainer.key_model(v2).detach()
+        return F.cross_entropy(q @ k.T / 0.2, torch.arange(len(q)), reduction="none").detach()
+
+    before, after = _view_losses(detached_batch, x), _view_losses(detached_batch, other)
+    assert (after[others] - before[others]).abs().min() > 1e-6  # the check catches it
+
 def test_negatives_follow_the_second_moment_and_ignore_its_noise():
     trainer = _trainer()
     m = torch.zeros(16, 16)
