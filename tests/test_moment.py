@@ -61,7 +61,6 @@ def test_one_examples_loss_has_no_gradient_in_another_example(digits):
         assert g1[others].abs().max() == 0 and g2[others].abs().max() == 0
 
 
-
 def _view_losses(loss_fn, x, seed: int = 2):
     """``loss_fn(v1, v2)`` on two views of ``x`` drawn from ``seed`` (the same draws for any
     pixels of the same shape)."""
@@ -96,6 +95,7 @@ def test_one_examples_loss_does_not_change_with_another_examples_data(digits):
 
     before, after = _view_losses(detached_batch, x), _view_losses(detached_batch, other)
     assert (after[others] - before[others]).abs().min() > 1e-6  # the check catches it
+
 
 def test_negatives_follow_the_second_moment_and_ignore_its_noise():
     trainer = _trainer()
