@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -561,8 +562,6 @@ def test_queue_server_command_keeps_its_rows_across_a_restart(tmp_path):
 def test_queue_server_command_saves_the_snapshot_every_n_seconds_and_stops_at_once(tmp_path):
     """``--snapshot-every`` saves while the server runs, and a stop signal sent the moment
     the server listens (five times over) ends it cleanly with the snapshot written."""
-    import time
-
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("token-a 0\ntoken-admin admin\n")
     tokens.chmod(0o600)
