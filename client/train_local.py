@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,14 @@ PLOTTED = ("loss", "retrieval_head", "alignment_head", "uniformity_head", "knn_b
 
 
 def train_local(cfg: TrainConfig, out: Path, *, quiet: bool = False,
-                console: Console | None = None) -> dict[str, Any]:
-    """Train on ``cfg.dataset`` for ``cfg.epochs`` and write the run directory; return the summary."""
+                console: Console | None = None,
+                trainer_factory: Callable[..., ContrastiveTrainer] = ContrastiveTrainer,
+                ) -> dict[str, Any]:
+    """Train on ``cfg.dataset`` for ``cfg.epochs`` and write the run directory; return the summary.
+
+    ``trainer_factory``: called as :class:`ContrastiveTrainer` is, to build the trainer (a
+    subclass with another loss, or one with DP-SGD; ``bench/objective_pilots.py``).
+    """
     console = console or Console(stderr=True)
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.dataset, seed=cfg.seed)
@@ -64,7 +71,7 @@ def train_local(cfg: TrainConfig, out: Path, *, quiet: bool = False,
 
     steps_per_epoch = max(1, -(-len(data.x_train) // cfg.batch_size))
     sources = [LocalQueue(cfg.queue_size, cfg.embedding_dim)] if cfg.queue_size else []
-    trainer = ContrastiveTrainer(
+    trainer = trainer_factory(
         model, cfg, device=device, sources=sources,
         lr_schedule=cosine_lr(cfg.lr, cfg.epochs * steps_per_epoch),
     )
