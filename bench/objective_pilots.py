@@ -541,8 +541,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if Path(args.data).suffix == ".npz":  # a stratified slice, written once
             dataset = str(args.out / f"slice-{Path(args.data).stem}-{args.train}-{args.test}.npz")
-            if not Path(dataset).is_file():
-                write_slice(Path(args.data), args.train, args.test, Path(dataset))
+            if not Path(dataset).is_file():  # whole or not at all: another command may read it
+                partial = Path(dataset).with_suffix(f".{os.getpid()}.npz")
+                write_slice(Path(args.data), args.train, args.test, partial)
+                partial.replace(dataset)
         data = load_dataset(dataset)
     except DatasetError as exc:
         raise SystemExit(str(exc)) from exc
