@@ -48,7 +48,8 @@ steps (moment-family arms); ``_ri`` starts from random init instead of the pretr
 encoder.
 
 Each finished (arm, seed) is kept in ``--out`` and reused by the same command, so a
-stopped run goes on where it stopped. Writes ``bench/results/<name>.{md,json}``.
+stopped run goes on where it stopped. Writes ``bench/results/<name>.{md,json,png}`` (the
+plot: each arm's gain over the start, seeds as dots, one sampling error shaded).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bench.common import CIFAR_DATA, write_result
+from bench.common import CIFAR_DATA, RESULTS_DIR, write_result
 from bench.compare_bench import write_slice
 from client.privacy import DPSGD, MOMENT_NOISE_RATIO, sgd_noise_multiplier
 from client.trainer import ContrastiveTrainer
@@ -508,6 +509,32 @@ def table_rows(results: dict[str, list[dict[str, Any]]], reference: str) -> list
     return rows
 
 
+def plot(results: dict[str, list[dict[str, Any]]], path: Path, sampling_error: float) -> None:
+    """Each arm's gain over the start per figure: the mean as a bar, every seed as a dot,
+    one accuracy's sampling error as a grey band around 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(1, 3, figsize=(max(8.0, 1.0 + 0.9 * len(names)) * 1.5, 3.6),
+                             sharey=False)
+    for ax, key, label in zip(axes, KEYS[:3], ("linear probe", "kNN", "retrieval"), strict=True):
+        for i, name in enumerate(names):
+            gains = [r["trained"][key] - r["start"][key] for r in results[name]]
+            ax.bar(i, statistics.mean(gains), color="tab:blue" if statistics.mean(gains) >= 0
+                   else "tab:red", alpha=0.7)
+            ax.scatter([i] * len(gains), gains, color="black", s=8, zorder=3)
+        ax.axhspan(-sampling_error, sampling_error, color="grey", alpha=0.2)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{label}: gain over the start")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arms", type=parse_arm, nargs="+", required=True,
@@ -559,6 +586,8 @@ def main(argv: list[str] | None = None) -> None:
                "over the start (± half range)", f"share of {args.reference}'s gain",
                "DP-SGD noise"]
     sampling_error = math.sqrt(0.25 / len(data.x_test))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    plot(results, RESULTS_DIR / f"{args.name}.png", sampling_error)
     write_result(args.name, headers, table_rows(results, args.reference),
                  summary={"train_images": examples, "test_images": len(data.x_test),
                           "sampling_error_one_accuracy": round(sampling_error, 4)},

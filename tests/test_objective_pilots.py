@@ -49,6 +49,7 @@ def test_the_weighted_loss_adds_the_negative_term_once_more():
 @pytest.mark.timeout(400)
 def test_every_kind_of_arm_runs_and_a_rerun_reuses_them(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(op, "RESULTS_DIR", tmp_path)
     arms = ["default", "detneg_u2", "fifo64", "moment_e8", "logitdp1", "mix16",
             "batchmoment-ema", "synthetic_u2", "pred", "t0.5_ri"]  # every trainer class
     argv = [*TINY, "--arms", *arms, "--out", str(tmp_path / "out"), "--name", "tiny"]
@@ -57,6 +58,7 @@ def test_every_kind_of_arm_runs_and_a_rerun_reuses_them(tmp_path, monkeypatch, c
     rows = {r[0]: r for r in record["rows"]}
     assert list(rows) == arms
     assert rows["default"][4] == "100% / 100% / 100%"  # the reference's share of itself
+    assert (tmp_path / "tiny.png").stat().st_size > 0
     kept = {a: json.loads((tmp_path / "out" / "runs" / f"{a}_s0.json").read_text()) for a in arms}
     private = kept["moment_e8"]["privacy"]
     assert 7.9 <= private["epsilon"] <= 8.0 and private["sgd_noise"] > private["joint_noise"] > 0
