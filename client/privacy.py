@@ -9,14 +9,15 @@ epoch, steps per epoch = ceil(N / batch_size) (Opacus's ``DPDataLoader`` convent
 and an empty draw is still a step: noise only, as Opacus's optimiser does it.
 
 Why per-example clipping bounds one example's influence here: with queue negatives
-(constants), a detached key and no in-batch negatives, example i's loss depends on
-example i alone (:func:`common.loss.info_nce`). The symmetric loss runs the trainable
-encoder twice (view 1 and view 2 of the same batch); Opacus keeps each forward pass's
-activations and sums the two passes' per-example gradients into one per example
-(``tests/test_privacy.py`` checks this against per-example autograd). What would
-couple examples is refused (:func:`check_private_training`): in-batch negatives,
-BatchNorm, a shared (non-detached) key, and negatives made of this client's own
-un-noised keys.
+(constants) and no in-batch negatives, example i's loss depends on example i alone
+(:func:`common.loss.info_nce`), its positive key being a view of example i by the key
+encoder or, with ``--key-mode shared``, by the trainable encoder itself. The symmetric
+loss (and the shared key) runs the trainable encoder twice (view 1 and view 2 of the
+same batch); Opacus keeps each forward pass's activations and sums the two passes'
+per-example gradients into one per example (``tests/test_privacy.py`` checks this
+against per-example autograd for each key mode). What would couple examples is refused
+(:func:`check_private_training`): in-batch negatives, BatchNorm, and negatives made of
+this client's own un-noised keys.
 
 The randomness that privacy rests on (which examples a step or a push samples, the
 gradient noise, the push noise) comes from the operating system's entropy
@@ -135,8 +136,6 @@ def check_private_training(cfg: TrainConfig, model: nn.Module,
     """
     if cfg.in_batch:
         raise ValueError(f"--in-batch true with --dp true: {DP_REFUSED['in_batch']}")
-    if cfg.key_mode == "shared":
-        raise ValueError(f"--key-mode shared with --dp true: {DP_REFUSED['key_mode']}")
     check_model(model)
     for source in sources:
         if isinstance(source, LocalQueue):

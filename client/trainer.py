@@ -100,8 +100,8 @@ class ContrastiveTrainer:
         generator: the CPU generator that draws views and batch order.
         optimizer: the optimiser (:func:`make_optimizer` of ``cfg`` when not given).
         dp: train with DP-SGD: batches by Poisson sampling, per-example clipping and
-            noise. Refused (``ValueError``) with in-batch negatives, a shared key, a
-            model with BatchNorm, or a source of this client's own un-noised keys.
+            noise. Refused (``ValueError``) with in-batch negatives, a model with
+            BatchNorm, or a source of this client's own un-noised keys.
     """
 
     def __init__(

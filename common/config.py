@@ -771,17 +771,18 @@ DP_REFUSED = {
     "queue_size": "the local queue holds un-noised keys of this client's own data, which as "
                   "negatives would couple examples like in-batch negatives: set --queue-size 0 "
                   "(global negatives, noised own pushes and random rows remain)",
-    "key_mode": "the positive key must be a detached constant for the loss to be per-example: "
-                "use --key-mode frozen or ema",
 }
 
 
 def _refuse_under_dp(cfg: FedConfig, need: Need) -> None:
-    """The combinations DP-SGD cannot make private (:data:`DP_REFUSED`)."""
+    """The combinations DP-SGD cannot make private (:data:`DP_REFUSED`).
+
+    One network for both views (``--key-mode shared``) is not among them: both views are the
+    example's own, and Opacus sums the two passes' per-example gradients
+    (``tests/test_privacy.py``)."""
     need(not cfg.in_batch, "in_batch", "with --dp true: " + DP_REFUSED["in_batch"])
     need(cfg.norm != "batch", "norm", "with --dp true: " + DP_REFUSED["norm"])
     need(cfg.queue_size == 0, "queue_size", "with --dp true: " + DP_REFUSED["queue_size"])
-    need(cfg.key_mode != "shared", "key_mode", "with --dp true: " + DP_REFUSED["key_mode"])
     need(cfg.pull_scope == "others" or cfg.push_noise > 0, "pull_scope",
          f"{cfg.pull_scope!r} with --dp true and --push-noise 0 would return this client's "
          "own un-noised rows as negatives, coupling its examples: use --pull-scope others "
