@@ -34,6 +34,9 @@ An arm is ``BASE[_u<L>][_e<EPS>][_ri]``:
 - ``fifo<Q>``: one network for both views; negatives are the last Q online embeddings of
   earlier batches (both views, detached): ``detneg`` with the batch replaced by earlier
   ones. Not DP-safe (un-noised rows of the client's own data).
+- ``detneg-noise<S>``: ``detneg`` with each detached row released as normalize(z + N(0,
+  S^2 I)) before it serves as a negative (the positive stays exact): how much noise the
+  batch's rows stand, as a Gaussian release of them would add.
 - ``logitdp<T>``: the default loss at temperature T, its exact mean gradient plus the
   Gaussian noise logit-level DP would add (Kong, Munoz Medina & Ribero 2023, arXiv
   2310.03104) at multiplier ``--logit-dp-sigma``: std sigma x S x C / T per coordinate with
@@ -153,12 +156,17 @@ class DetachedNegatives(Pilot):
     and the second-moment draws are made and not used."""
 
     tau = 0.1
+    noise = 0.0  # detneg-noise<S>: each detached row released as normalize(z + N(0, S^2 I))
 
     def view_loss(self, v1, v2, negatives):
         q1, q2 = self.model(v1), self.model(v2)
         n, tau = q1.shape[0], self.tau
         z = torch.cat([q1, q2])
-        logits = (z @ z.detach().T) / tau
+        rows = z.detach()
+        if self.noise:
+            rows = nn.functional.normalize(
+                rows + self.noise * torch.randn(rows.shape, generator=self.generator), dim=1)
+        logits = (z @ rows.T) / tau
         logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
         pos_idx = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
         rows = torch.arange(2 * n)
@@ -393,6 +401,8 @@ def parse_arm(name: str) -> Arm:
             settings, cls, attrs = MOMENT, RunningMixture, {"clusters": int(num)}
         elif base == "fifo" and num:
             settings, cls, attrs = MOMENT, Fifo, {"size": int(num)}
+        elif base == "detneg-noise" and num:
+            settings, cls, attrs = MOMENT, DetachedNegatives, {"noise": float(num)}
         else:
             raise ValueError
         weight = float(m["u"]) if m["u"] else 1.0
@@ -400,7 +410,7 @@ def parse_arm(name: str) -> Arm:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{name!r}: unknown arm; bases: {', '.join(BASES)}, t<T>, logitdp<T>, mix<K>, "
-            "fifo<Q>") from None
+            "fifo<Q>, detneg-noise<S>") from None
     if weight < 1 or (epsilon is not None and epsilon <= 0):
         raise argparse.ArgumentTypeError(f"{name!r}: _u needs L >= 1 and _e an epsilon > 0")
     if epsilon is not None and settings is not MOMENT:

@@ -25,6 +25,7 @@ def test_an_arm_name_says_its_loss_weight_epsilon_and_start():
     assert (arm.weight, arm.epsilon, arm.random_init) == (3.0, 1.0, True)
     assert op.parse_arm("t0.5").settings == {"temperature": 0.5}
     assert op.parse_arm("fifo512").attrs == {"size": 512}
+    assert op.parse_arm("detneg-noise0.3_u2").attrs == {"noise": 0.3}
     for bad, reason in (("nonsense", "unknown arm"), ("t", "unknown arm"),
                         ("moment_u0.5", "L >= 1"), ("default_e8", "moment objective")):
         with pytest.raises(argparse.ArgumentTypeError, match=reason):
@@ -50,7 +51,7 @@ def test_the_weighted_loss_adds_the_negative_term_once_more():
 def test_every_kind_of_arm_runs_and_a_rerun_reuses_them(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(op, "RESULTS_DIR", tmp_path)
-    arms = ["default", "detneg_u2", "fifo64", "moment_e8", "logitdp1", "mix16",
+    arms = ["default", "detneg-noise0.5_u2", "fifo64", "moment_e8", "logitdp1", "mix16",
             "batchmoment-ema", "synthetic_u2", "pred", "t0.5_ri"]  # every trainer class
     argv = [*TINY, "--arms", *arms, "--out", str(tmp_path / "out"), "--name", "tiny"]
     op.main(argv)
