@@ -24,7 +24,8 @@ An arm is ``BASE[_u<L>][_e<EPS>][_ri]``:
   moment of this batch's keys; ``batchmix``: one network, negatives from a 16-cluster
   mixture fitted to this batch (3 Lloyd steps).
 - ``mix<K>``: the moment objective with its negatives drawn from a running mixture of K
-  clusters of the keys (sums and counts, releasable like the second moment).
+  clusters of the keys (sums and counts, which a step could release with noise as it does
+  the second moment; kept here without noise).
 - ``pred``: the moment objective with a predictor on the query side (a D-4D-D MLP; MoCo v3,
   Chen, Xie & He 2021).
 - ``synthetic``: one network for both views; negatives are this network's embeddings
@@ -47,7 +48,8 @@ Modifiers: ``_u<L>`` adds the log-sum-exp of each query's logits against its (de
 negatives L - 1 more times (alignment plus L times the uniformity term, Wang & Isola 2020);
 ``_e<EPS>`` trains with DP-SGD (Poisson batches, clip 1), the gradient and the
 second-moment release calibrated together to epsilon EPS at delta 1e-5 over the run's
-steps (moment-family arms); ``_ri`` starts from random init instead of the pretrained
+steps (the per-example arms only: ``moment``, ``pred``, ``synthetic``);
+``_ri`` starts from random init instead of the pretrained
 encoder.
 
 Each finished (arm, seed) is kept in ``--out`` and reused by the same command, so a
@@ -380,6 +382,9 @@ BASES: dict[str, tuple[dict[str, Any], type[Pilot], dict[str, Any]]] = {
     "synthetic": (MOMENT, Synthetic, {}),
     "synthetic-grad": (MOMENT, Synthetic, {"gradient": True}),
 }
+#: The bases whose loss reads no other example's un-noised data, so ``_e`` may train them
+#: (``mix<K>`` keeps its clusters of the keys without noise: not among them).
+PER_EXAMPLE = frozenset({"moment", "pred", "synthetic"})
 PATTERN = re.compile(r"(?P<base>[a-z-]+?)(?P<num>[0-9.]+)?(?:_u(?P<u>[0-9.]+))?"
                      r"(?:_e(?P<e>[0-9.]+))?(?P<ri>_ri)?")
 
@@ -413,9 +418,13 @@ def parse_arm(name: str) -> Arm:
             "fifo<Q>, detneg-noise<S>") from None
     if weight < 1 or (epsilon is not None and epsilon <= 0):
         raise argparse.ArgumentTypeError(f"{name!r}: _u needs L >= 1 and _e an epsilon > 0")
-    if epsilon is not None and settings is not MOMENT:
-        raise argparse.ArgumentTypeError(f"{name!r}: _e is for the moment objective's arms (per "
-                                         "example under DP-SGD)")
+    if epsilon is not None and base not in PER_EXAMPLE:
+        raise argparse.ArgumentTypeError(
+            f"{name!r}: _e needs a loss that is per example under DP-SGD: "
+            f"{', '.join(sorted(PER_EXAMPLE))} (the others read other examples' un-noised data)")
+    if weight != 1.0 and settings.get("in_batch", FedConfig.in_batch):
+        raise argparse.ArgumentTypeError(
+            f"{name!r}: _u weighs a loss's detached negatives; this one's are in-batch")
     return Arm(name, dict(settings), cls, dict(attrs), weight, epsilon, bool(m["ri"]))
 
 

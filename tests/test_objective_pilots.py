@@ -20,14 +20,17 @@ TINY = ["--data", "digits", "--epochs", "1", "--batch-size", "64", "--width", "4
 def test_an_arm_name_says_its_loss_weight_epsilon_and_start():
     arm = op.parse_arm("detneg_u2")
     assert arm.trainer is op.DetachedNegatives and arm.weight == 2.0 and arm.epsilon is None
-    arm = op.parse_arm("mix64_u3_e1_ri")
+    arm = op.parse_arm("mix64_u3_ri")
     assert arm.trainer is op.RunningMixture and arm.attrs == {"clusters": 64}
-    assert (arm.weight, arm.epsilon, arm.random_init) == (3.0, 1.0, True)
+    assert op.parse_arm("moment_u3_e1").epsilon == 1.0
+    assert (arm.weight, arm.epsilon, arm.random_init) == (3.0, None, True)
     assert op.parse_arm("t0.5").settings == {"temperature": 0.5}
     assert op.parse_arm("fifo512").attrs == {"size": 512}
     assert op.parse_arm("detneg-noise0.3_u2").attrs == {"noise": 0.3}
     for bad, reason in (("nonsense", "unknown arm"), ("t", "unknown arm"),
-                        ("moment_u0.5", "L >= 1"), ("default_e8", "moment objective")):
+                        ("moment_u0.5", "L >= 1"), ("default_e8", "per example"),
+                        ("detneg_e8", "per example"), ("mix16_e8", "per example"),
+                        ("default_u2", "in-batch")):
         with pytest.raises(argparse.ArgumentTypeError, match=reason):
             op.parse_arm(bad)
 
