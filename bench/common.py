@@ -112,8 +112,13 @@ def write_result(
     rows: Sequence[Sequence[Any]],
     summary: dict[str, Any] | None = None,
     notes: str = "",
+    details: dict[str, Any] | None = None,
 ) -> Path:
-    """Print the table and write ``bench/results/<name>.{json,md}``; return the JSON path."""
+    """Print the table and write ``bench/results/<name>.{json,md}``; return the JSON path.
+
+    ``details``: kept in the JSON only (e.g. every seed's figures, for paired comparisons
+    with a later run), too long for the table.
+    """
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     command = " ".join(shlex.quote(a) for a in [*_invocation(), *sys.argv[1:]])
     table = markdown_table(headers, rows)
@@ -127,6 +132,7 @@ def write_result(
         "rows": [list(r) for r in rows],
         "summary": summary or {},
         "notes": notes,
+        **({"details": details} if details else {}),
     }
     json_path = RESULTS_DIR / f"{name}.json"
     json_path.write_text(json.dumps(record, indent=2, default=str) + "\n")

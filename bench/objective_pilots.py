@@ -610,6 +610,9 @@ def main(argv: list[str] | None = None) -> None:
     write_result(args.name, headers, table_rows(results, args.reference),
                  summary={"train_images": examples, "test_images": len(data.x_test),
                           "sampling_error_one_accuracy": round(sampling_error, 4)},
+                 details={"per_seed": {name: [{k: r[k] for k in ("seed", "trained", "start",
+                                                                 "privacy", "train_s")}
+                                              for r in runs] for name, runs in results.items()}},
                  notes=(f"One client of {examples} images, {args.epochs} epochs of batch "
                         f"{args.batch_size}, Adam 1e-3 cosine-decayed, width {args.width}, "
                         f"embedding dimension {args.embedding_dim}, crop scale from 0.3, no blur; "

@@ -164,6 +164,15 @@ def aggregate(runs: list[tuple[int, dict]], random_init: dict[int, dict],
     return headers, rows, summary
 
 
+def per_seed(runs: list[tuple[int, dict]], random_init: dict[int, dict],
+             pretrained_init: dict[int, dict] | None = None) -> dict:
+    """Every run's figures by seed and arm, beside each seed's starts: what a later run
+    needs for a paired comparison (the table has means and half-ranges only)."""
+    return {"per_seed": [{"seed": seed, "arm": arm_name(r), **{k: r[k] for k, _h in FIGURES}}
+                         for seed, r in runs],
+            "random_init": random_init, "pretrained_init": pretrained_init}
+
+
 #: The private arm with the global queue's rows: 256 per step, pushes of 5% at noise 24.
 QUEUE_ROWS = {"global_negatives": 256, "push_fraction": 0.05, "push_noise": 24.0}
 
@@ -217,6 +226,7 @@ def main() -> None:
         }
         headers, rows = ["arm", "median ms per step"], [["plain", summary["plain_step_ms"]],
                                                         ["dp-sgd", summary["dp_step_ms"]]]
+        details = None
         if not args.steps_only:
             sim = Simulation(num_clients=args.clients)
             runs, random_init, pretrained_init = [], {}, {}
@@ -242,6 +252,7 @@ def main() -> None:
             headers, rows, gains = aggregate(runs, random_init, pretrained_init or None)
             summary.update(gains)
             summary["runs"] = len(runs)
+            details = per_seed(runs, random_init, pretrained_init or None)
     name = "privacy_bench" + ("_digits" if args.data == "digits" else "")
     write_result(
         name if not args.steps_only else "privacy_step_time", headers, rows, summary=summary,
@@ -264,6 +275,7 @@ def main() -> None:
                + "Step time: one torch thread, blocks of 5 steps alternating plain and DP-SGD (noise "
                f"1.0, clip {base.max_grad_norm}), same batch size and negatives ({base.objective}, "
                f"{base.global_negatives} fixed rows)."),
+        details=details,
     )
 
 

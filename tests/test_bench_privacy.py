@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from bench.privacy_bench import DEFAULT_ARM, QUEUE_ROWS, aggregate, arm_name
+from bench.privacy_bench import DEFAULT_ARM, QUEUE_ROWS, aggregate, arm_name, per_seed
 from common.config import FedConfig
 from simulations.commands import SWEEP_DEFAULTS
 from simulations.privacy import negatives_label, run_settings
@@ -63,6 +63,12 @@ def test_shares_are_of_the_default_losss_mean_gain_over_each_seeds_random_init()
     assert private["share of the default loss's gain (probe / kNN / retrieval)"] == "30% / 30% / 30%"
     assert table["random init"]["linear probe"] == "0.4100 ± 0.0100"
     assert summary["epsilon 8, per-example, no queue rows: knn_backbone gain"] == pytest.approx(0.03)
+    # Every run's figures by seed stay in the JSON, for a paired comparison later.
+    details = per_seed(runs, init)
+    assert [(r["seed"], r["arm"], r["linear_probe_backbone"]) for r in details["per_seed"]] == [
+        (0, DEFAULT_ARM, 0.50), (1, DEFAULT_ARM, 0.52), (0, "epsilon 8, per-example, no queue rows", 0.45),
+        (1, "epsilon 8, per-example, no queue rows", 0.43)]
+    assert details["random_init"] == init and details["pretrained_init"] is None
 
 
 def test_with_a_pretrained_start_each_arm_reports_what_its_training_added_over_it():

@@ -63,6 +63,9 @@ def test_every_kind_of_arm_runs_and_a_rerun_reuses_them(tmp_path, monkeypatch, c
     assert list(rows) == arms
     assert rows["default"][4] == "100% / 100% / 100%"  # the reference's share of itself
     assert (tmp_path / "tiny.png").stat().st_size > 0
+    per_seed = record["details"]["per_seed"]  # in the JSON only, for paired comparisons
+    assert list(per_seed) == arms and all(len(runs) == 1 for runs in per_seed.values())
+    assert "per_seed" not in (tmp_path / "tiny.md").read_text()
     kept = {a: json.loads((tmp_path / "out" / "runs" / f"{a}_s0.json").read_text()) for a in arms}
     private = kept["moment_e8"]["privacy"]
     assert 7.9 <= private["epsilon"] <= 8.0 and private["sgd_noise"] > private["joint_noise"] > 0
