@@ -48,7 +48,10 @@ Modifiers: ``_u<L>`` adds the log-sum-exp of each query's logits against its (de
 negatives L - 1 more times (alignment plus L times the uniformity term, Wang & Isola 2020);
 ``_e<EPS>`` trains with DP-SGD (Poisson batches, clip 1), the gradient and the
 second-moment release calibrated together to epsilon EPS at delta 1e-5 over the run's
-steps (the per-example arms only: ``moment``, ``pred``, ``synthetic``);
+steps (the per-example arms only: ``moment``, ``pred``, ``synthetic``; the sampling and
+noise come from a generator seeded by the run's seed, so that a pilot repeats and arms of
+one seed share their batches and noise draws, where the package draws them from the
+operating system's entropy);
 ``_ri`` starts from random init instead of the pretrained
 encoder.
 
