@@ -499,7 +499,7 @@ def run_arm(args: argparse.Namespace, arm: Arm, seed: int, dataset: str, example
 
 def shares(rows: list[dict[str, Any]], reference: list[dict[str, Any]]) -> list[float] | None:
     """The mean gain of ``rows`` over their starts as a share of ``reference``'s at the same
-    seeds (None without the reference at every seed, or where its gain is not positive)."""
+    seeds (None without the reference at every seed; nan where its gain is not positive)."""
     by_seed = {r["seed"]: r for r in reference}
     if not rows or any(r["seed"] not in by_seed for r in rows):
         return None
@@ -525,7 +525,8 @@ def table_rows(results: dict[str, list[dict[str, Any]]], reference: str) -> list
             " / ".join(f"{statistics.mean(g):+.3f}" for g in gains)
             + (" (± " + " / ".join(f"{(max(g) - min(g)) / 2:.3f}" for g in gains) + ")"
                if len(runs) > 1 else ""),
-            "–" if share is None else " / ".join(f"{100 * s:.0f}%" for s in share),
+            "–" if share is None else " / ".join("–" if math.isnan(s) else f"{100 * s:.0f}%"
+                                                  for s in share),
             "–" if noise is None else f"{noise:.3f}",
         ])
     return rows

@@ -42,6 +42,18 @@ def test_the_logit_dp_sensitivity_is_the_papers_bound():
         1 / 256 + 2 * torch.e ** 2 / (256 + torch.e ** 2 - 1))
 
 
+def test_a_share_is_of_the_references_gain_at_the_same_seeds():
+    def run(seed, gain):
+        return {"seed": seed, "privacy": {}, "trained": dict.fromkeys(op.KEYS, 0.5 + gain),
+                "start": dict.fromkeys(op.KEYS, 0.5)}
+
+    reference = [run(0, 0.02), run(1, 0.04)]
+    assert op.shares([run(0, 0.01), run(1, 0.02)], reference) == pytest.approx([0.5] * 3)
+    assert op.shares([run(2, 0.01)], reference) is None  # the reference lacks seed 2
+    rows = op.table_rows({"a": [run(0, 0.01)], "ref": [run(0, -0.01)]}, "ref")
+    assert rows[0][4] == "– / – / –"  # no share of a reference that lost
+
+
 def test_the_weighted_loss_adds_the_negative_term_once_more():
     g = torch.Generator().manual_seed(0)
     q, k, neg = (torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1)
