@@ -81,10 +81,11 @@ from torch import Tensor, nn
 from bench.common import CIFAR_DATA, RESULTS_DIR, write_result
 from bench.compare_bench import write_slice
 from client.privacy import DPSGD, MOMENT_NOISE_RATIO, sgd_noise_multiplier
+from client.train_local import train_local
 from client.trainer import ContrastiveTrainer
 from common.accounting import PrivacyPlan, calibrate_noise_multiplier
 from common.config import DP_LOSS, FedConfig
-from common.datasets import DatasetError
+from common.datasets import DatasetError, load_dataset
 from common.loss import info_nce
 from common.synthetic import CACHE_ENV, dead_leaves
 
@@ -455,8 +456,6 @@ def private_factory(arm: Arm, cfg: FedConfig, examples: int, seed: int) -> tuple
 def run_arm(args: argparse.Namespace, arm: Arm, seed: int, dataset: str, examples: int,
             item_shape: tuple[int, ...]) -> dict[str, Any]:
     """One (arm, seed), reused from ``--out`` when it finished before with the same settings."""
-    from client.train_local import train_local
-
     path = args.out / "runs" / f"{arm.name}_s{seed}.json"
     cfg = FedConfig(dataset=dataset, epochs=args.epochs, batch_size=args.batch_size,
                     width=args.width, embedding_dim=args.embedding_dim, crop_scale_min=0.3,
@@ -584,8 +583,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault(CACHE_ENV, str(args.out / "pretrained"))  # one pretraining per seed
-    from common.datasets import load_dataset
 
     dataset = args.data
     try:
@@ -599,12 +596,18 @@ def main(argv: list[str] | None = None) -> None:
     except DatasetError as exc:
         raise SystemExit(str(exc)) from exc
     examples, item_shape = len(data.x_train), tuple(data.x_train.shape[1:])
+    # One pretraining per seed, kept in --out (unless the caller's environment names a
+    # cache); the environment is left as it was found.
+    cache = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = cache or str(args.out / "pretrained")
     logging.disable(logging.WARNING)  # the library's progress lines; this prints its own
     try:
         results = {arm.name: [run_arm(args, arm, seed, dataset, examples, item_shape)
                               for seed in args.seeds] for arm in args.arms}
     finally:
         logging.disable(logging.NOTSET)
+        if cache is None:
+            del os.environ[CACHE_ENV]
     headers = ["arm", "seeds", "trained: probe / kNN / retrieval / uniformity",
                "over the start (± half range)", f"share of {args.reference}'s gain",
                "DP-SGD noise"]

@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 
 import pytest
 import torch
 
 import bench.common
 from bench import objective_pilots as op
+from common.synthetic import CACHE_ENV
 
 TINY = ["--data", "digits", "--epochs", "1", "--batch-size", "64", "--width", "4",
         "--embedding-dim", "8", "--pretrain-epochs", "1", "--pretrain-images", "64"]
@@ -66,6 +68,7 @@ def test_the_weighted_loss_adds_the_negative_term_once_more():
 def test_every_kind_of_arm_runs_and_a_rerun_reuses_them(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(op, "RESULTS_DIR", tmp_path)
+    monkeypatch.delenv(CACHE_ENV, raising=False)
     arms = ["default", "detneg-noise0.5_u2", "fifo64", "moment_e8", "logitdp1", "mix16",
             "batchmoment-ema", "synthetic_u2", "pred", "t0.5_ri"]  # every trainer class
     argv = [*TINY, "--arms", *arms, "--out", str(tmp_path / "out"), "--name", "tiny"]
@@ -99,6 +102,7 @@ def test_every_kind_of_arm_runs_and_a_rerun_reuses_them(tmp_path, monkeypatch, c
              "--name", "tiny"])  # other settings: trained again
     assert "kept with other settings" in capsys.readouterr().out
     assert not logging.root.manager.disable  # logging is left as it was found
+    assert CACHE_ENV not in os.environ  # and so is the environment
 
 
 def test_a_missing_data_file_is_one_line(tmp_path):
