@@ -20,6 +20,10 @@ DP-SGD step time.
     python -m bench.privacy_bench --data digits     # the same on the embedded digits
     python -m bench.privacy_bench --steps-only      # the step-time part alone
     python -m bench.privacy_bench --pretrain-epochs 0   # every run from random init
+    python -m bench.privacy_bench --negative-weights 1,2 --no-queue-arm   # two weights
+
+``--negative-weights 1,2`` runs the per-example arms of ``--epsilons`` once more with the
+negative term weighed twice (``--negative-weight``), from the same start and seeds.
 
 Defaults: 2 clients of 5,000 images each (IID), batch 256, 8 rounds x 1 local epoch, CNN
 width 16, embedding dimension 32, delta 1e-5, each seed's runs from one encoder pretrained
@@ -100,6 +104,8 @@ def arm_name(result: dict) -> str:
     if result["axis"] == "default loss":
         return DEFAULT_ARM
     queue = "queue rows" if "global" in result["negatives"] else "no queue rows"
+    weight = result.get("negative_weight", 1.0)
+    queue += f", negative weight {weight:g}" if weight != 1 else ""
     eps = result["target_epsilon"]
     return (f"no DP, per-example, {queue}" if math.isinf(eps)
             else f"epsilon {eps:g}, per-example, {queue}")
@@ -198,6 +204,14 @@ def main() -> None:
                              "synthetic dead-leaves images (no data, no privacy cost; 0: random init)")
     parser.add_argument("--pretrain-images", type=int, default=20000,
                         help="how many dead-leaves images to pretrain on")
+    parser.add_argument("--negative-weights", default="1",
+                        help="per-example runs at each of these --negative-weight values, side by "
+                             "side (the first: every arm; the others: the --epsilons runs)")
+    parser.add_argument("--queue-arm", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the private runs with the queue's noisy rows")
+    parser.add_argument("--name", default=None,
+                        help="result file name (default: privacy_bench, privacy_bench_digits "
+                             "on digits, privacy_step_time with --steps-only)")
     parser.add_argument("--steps-only", action="store_true", help="measure step time only")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -216,6 +230,13 @@ def main() -> None:
                                 "eval_every": 0, "device": "cpu", "round_timeout": 3600,
                                 "pretrain_epochs": args.pretrain_epochs,
                                 "pretrain_images": args.pretrain_images})
+            try:
+                weights = [float(w) for w in args.negative_weights.split(",")]
+            except ValueError:
+                raise ValueError(f"--negative-weights must be numbers separated by commas "
+                                 f"(got {args.negative_weights!r})") from None
+            for w in weights:  # refused here, before anything runs, unless in_batch is off and w >= 1
+                replace(base, negative_weight=w)
         except ValueError as exc:
             raise SystemExit(str(exc)) from exc
         times = step_times(base, load_dataset(dataset).x_train)
@@ -234,28 +255,37 @@ def main() -> None:
             first = [float(e) for e in args.first_seed_epsilons.split(",") if e]
             private = [e for e in every if math.isfinite(e)]
             for i, seed in enumerate(args.seeds):
-                cfg = replace(base, seed=seed)
+                cfg = replace(base, seed=seed, negative_weight=weights[0])
                 report = sweep(cfg, sim, Path(tmp) / f"seed{seed}",
                                epsilons=every + (first if i == 0 else []),
                                push_noise=base.push_noise, push_axis_epsilon=None,
                                default_loss_reference=True, timeout=6 * 3600, kept_in=None)
-                runs += [(seed, r) for r in report["results"]]
+                tag = {"negative_weight": weights[0]}
+                runs += [(seed, r if r["axis"] == "default loss" else {**r, **tag})
+                         for r in report["results"]]
                 random_init[seed] = report["random_init"]
                 if "pretrained_init" in report:
                     pretrained_init[seed] = report["pretrained_init"]
-                if private:  # the same private runs with the queue's noisy rows
+                pretrained_dir = Path(tmp) / f"seed{seed}" / "pretrained"
+                if private and args.queue_arm:  # the same private runs with the queue's noisy rows
                     rows = sweep(replace(cfg, **QUEUE_ROWS), sim, Path(tmp) / f"seed{seed}-queue",
                                  epsilons=private, push_noise=QUEUE_ROWS["push_noise"],
                                  push_axis_epsilon=None, timeout=6 * 3600, kept_in=None,
-                                 pretrained_dir=Path(tmp) / f"seed{seed}" / "pretrained")
-                    runs += [(seed, r) for r in rows["results"]]
+                                 pretrained_dir=pretrained_dir)
+                    runs += [(seed, {**r, **tag}) for r in rows["results"]]
+                for w in weights[1:]:  # the same per-example runs, the negative term weighed w
+                    rows = sweep(replace(cfg, negative_weight=w), sim, Path(tmp) / f"seed{seed}-w{w:g}",
+                                 epsilons=every, push_noise=base.push_noise, push_axis_epsilon=None,
+                                 timeout=6 * 3600, kept_in=None, pretrained_dir=pretrained_dir)
+                    runs += [(seed, {**r, "negative_weight": w}) for r in rows["results"]]
             headers, rows, gains = aggregate(runs, random_init, pretrained_init or None)
             summary.update(gains)
             summary["runs"] = len(runs)
             details = per_seed(runs, random_init, pretrained_init or None)
-    name = "privacy_bench" + ("_digits" if args.data == "digits" else "")
+    name = args.name or ("privacy_step_time" if args.steps_only
+                         else "privacy_bench" + ("_digits" if args.data == "digits" else ""))
     write_result(
-        name if not args.steps_only else "privacy_step_time", headers, rows, summary=summary,
+        name, headers, rows, summary=summary,
         notes=(f"data {Path(args.data).name} (slice {args.train} train / {args.test} test unless digits), "
                f"{args.clients} client{'s' if args.clients != 1 else ''} ({args.partitioner}), "
                f"CNN width {args.width}, embedding "
@@ -265,7 +295,8 @@ def main() -> None:
                   f"{args.pretrain_images} synthetic dead-leaves images (no data); "
                   if args.pretrain_epochs else "every run started from random init; ")
                + f"per-example runs: --objective {base.objective}, "
-               f"temperature {base.temperature}, ema key encoder; the arms with queue rows: "
+               f"temperature {base.temperature}, ema key encoder, negative weight "
+               f"{args.negative_weights.replace(',', ' and ')}; the arms with queue rows: "
                f"{QUEUE_ROWS['global_negatives']} global negatives per step, pushes at rate "
                f"{QUEUE_ROWS['push_fraction']} with noise {QUEUE_ROWS['push_noise']:g}; delta "
                f"{base.delta}. ± is half the range over seeds. Share: each arm's mean gain over "

@@ -176,7 +176,8 @@ class ContrastiveTrainer:
         """
         loss_kwargs = {"in_batch": self.cfg.in_batch,
                        "hard_negative_beta": self.cfg.hard_negative_beta,
-                       "queue_temperature": self.cfg.queue_temperature or None}
+                       "queue_temperature": self.cfg.queue_temperature or None,
+                       "negative_weight": self.cfg.negative_weight}
         q1 = self.model(v1)  # N x D
         k2 = self._keys(v2)  # N x D
         loss = info_nce(q1, k2, negatives, self.cfg.temperature, **loss_kwargs)

@@ -191,9 +191,17 @@ class NegativeSettings(_Part):
         0.0, "hard-negative weighting (Robinson et al. 2021): concentration beta >= 0 of the "
              "importance weights e^(beta x logit) over each query's negatives (0: off)",
              group=EXPERIMENTS)
+    negative_weight: float = _f(
+        1.0, "with --in-batch false: the weight w >= 1 of each query's log-sum-exp over its "
+             "detached negatives (InfoNCE plus w - 1 more times that term; Wang & Isola 2020)",
+        group=EXPERIMENTS)
 
     def _check(self, need: Need) -> None:
         need(self.queue_size >= 0, "queue_size", "must be zero or more")
+        need(math.isfinite(self.negative_weight) and self.negative_weight >= 1,
+             "negative_weight", "must be a finite number >= 1")
+        need(self.negative_weight == 1 or not self.in_batch, "negative_weight",
+             "weighs the detached negatives of a per-example loss: needs --in-batch false")
         need(0 <= self.key_momentum <= 1, "key_momentum", "must be in [0, 1]")
         need(math.isfinite(self.hard_negative_beta) and self.hard_negative_beta >= 0,
              "hard_negative_beta", "must be a finite number >= 0")

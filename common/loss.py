@@ -42,6 +42,7 @@ def info_nce(
     *,
     hard_negative_beta: float = 0.0,
     queue_temperature: float | None = None,
+    negative_weight: float = 1.0,
 ) -> Tensor:
     """Per-example InfoNCE loss.
 
@@ -65,6 +66,12 @@ def info_nce(
     the sum can take, T_j the negative's temperature) and
     ``loss_i = -log(e^{p_i} / (e^{p_i} + Ng_i))``. Gradients flow through h as in their code.
 
+    With ``negative_weight`` w > 1, ``loss_i`` gains w - 1 more times the log-sum-exp of
+    the query's logits against ``negatives`` alone, ``log sum_j e^{s_ij}``: the alignment
+    term plus w times the uniformity term, in the form of Wang & Isola 2020 (ICML), whose
+    weighted sum of the two improved on InfoNCE's equal weights. Only for losses without
+    in-batch negatives.
+
     The weighting is computed per query from that query, its key and the negatives, so
     with ``in_batch=False`` and ``positive_key`` and ``negatives`` detached, loss_i still
     depends on query_i alone, which DP-SGD's per-example clipping requires; in-batch
@@ -84,6 +91,7 @@ def info_nce(
             (0: plain InfoNCE).
         queue_temperature: T_q > 0 for the queue negatives' logits only (``None``: T). A
             softer T_q than T weighs queue rows less sharply than the batch's own.
+        negative_weight: w >= 1, the weight of the negative term (1: plain InfoNCE).
 
     Below T of about 0.023 (logits spanning more than 87) float32 ``exp(x - max)`` yields
     subnormals, which x86 CPUs compute slowly: the result stays exact and finite but the
@@ -93,11 +101,16 @@ def info_nce(
         (N,) per-example losses. With beta = 0, exactly the plain loss.
 
     Raises:
-        ValueError: T or T_q not finite or <= 0, beta not finite or < 0, mismatched shapes,
-            or no negatives at all
+        ValueError: T or T_q not finite or <= 0, beta not finite or < 0, w not finite or
+            < 1 (or > 1 with ``in_batch=True``), mismatched shapes, or no negatives at all
             (no queue rows and ``in_batch=False``, or ``in_batch=True`` with N = 1).
     """
     check_hard_negative_beta(hard_negative_beta)
+    if not (math.isfinite(negative_weight) and negative_weight >= 1):
+        raise ValueError(f"negative_weight must be a finite number >= 1, got {negative_weight!r}")
+    if negative_weight != 1 and in_batch:
+        raise ValueError("negative_weight weighs the detached negatives of a per-example loss: "
+                         "it needs in_batch=False")
     queue_t = _check_inputs(query, positive_key, negatives, temperature, in_batch,
                             queue_temperature)
     pos = (query * positive_key).sum(dim=1) / temperature  # N
@@ -105,8 +118,12 @@ def info_nce(
     parts = [c / t for c, t in zip(cosines, temps, strict=True)]  # N x K, N x N, N x N
     if hard_negative_beta == 0:
         all_logits = torch.cat([pos.unsqueeze(1), *parts], dim=1)  # N x (1 + K [+ 2N])
-        return torch.logsumexp(all_logits, dim=1) - pos  # N
-    return _hard_negative_loss(pos, parts, temps, hard_negative_beta)
+        loss = torch.logsumexp(all_logits, dim=1) - pos  # N
+    else:
+        loss = _hard_negative_loss(pos, parts, temps, hard_negative_beta)
+    if negative_weight != 1:  # parts == [queue logits]: in_batch is off
+        loss = loss + (negative_weight - 1) * torch.logsumexp(parts[0], dim=1)
+    return loss
 
 
 def _check_inputs(query: Tensor, positive_key: Tensor, negatives: Tensor | None,

@@ -64,7 +64,8 @@ from simulations.simulate import CLIENT_STATE, Simulation, resolve
 DEFAULT_LOSS = {"in_batch": FedConfig.in_batch, "queue_size": FedConfig.queue_size,
                 "key_mode": FedConfig.key_mode, "objective": FedConfig.objective,
                 "temperature": FedConfig.temperature,
-                "queue_temperature": FedConfig.queue_temperature}
+                "queue_temperature": FedConfig.queue_temperature,
+                "negative_weight": FedConfig.negative_weight}
 COLUMNS = (("target_epsilon", "target ε"), ("epsilon", "reported ε"), ("delta", "δ"),
            ("noise_multiplier", "DP-SGD σ"), ("push_noise", "push noise"),
            ("pushes_private", "pushes covered"), ("negatives", "negatives"),

@@ -29,6 +29,8 @@ def test_arms_are_named_from_their_settings():
         "epsilon 8, per-example, no queue rows"
     assert arm_name(result(math.inf, "global + second moment", "budget", 0.5)) == \
         "no DP, per-example, queue rows"
+    assert arm_name({**result(8.0, "second moment", "budget", 0.5), "negative_weight": 2.0}) == \
+        "epsilon 8, per-example, no queue rows, negative weight 2"
 
 
 def test_the_sweeps_runs_train_the_moment_objective_and_the_reference_the_default_loss():
@@ -129,3 +131,17 @@ def test_a_setting_out_of_range_is_refused_in_one_line_before_anything_runs():
     assert done.returncode == 1
     assert done.stderr.strip() == "--pretrain-epochs must be zero or more (got -1)"
     assert "Traceback" not in done.stderr and not done.stdout
+
+
+@pytest.mark.parametrize(("weights", "message"), [
+    ("1,0.5", "--negative-weight must be a finite number >= 1 (got 0.5)"),
+    ("1,two", "--negative-weights must be numbers separated by commas (got '1,two')"),
+])
+def test_negative_weights_out_of_range_are_refused_before_anything_runs(weights, message):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "bench.privacy_bench", "--data", "digits",
+                           "--negative-weights", weights], capture_output=True, text=True,
+                          timeout=120)
+    assert (done.returncode, done.stderr.strip(), done.stdout) == (1, message, "")

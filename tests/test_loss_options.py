@@ -92,7 +92,7 @@ def test_a_queue_temperature_divides_the_queue_rows_alone(beta: float, in_batch:
                        info_nce(Q, KEY, NEG, T, in_batch=in_batch))
 
 
-def test_the_trainer_passes_the_queue_temperature_and_zero_means_the_temperature() -> None:
+def test_the_trainer_passes_the_queue_temperature_zero_meaning_the_temperature_and_the_weight() -> None:
     source = _source()
     x = _images(6)
 
@@ -113,6 +113,10 @@ def test_the_trainer_passes_the_queue_temperature_and_zero_means_the_temperature
     torch.testing.assert_close(losses(replace(cfg, queue_temperature=0.5)), expected)
     assert torch.equal(losses(replace(cfg, queue_temperature=0.0)),
                        losses(replace(cfg, queue_temperature=cfg.temperature)))
+    per_example = replace(cfg, in_batch=False, queue_temperature=0.5)
+    weighed = info_nce(q, k, source.rows, cfg.temperature, queue_temperature=0.5,
+                       negative_weight=3.0)
+    torch.testing.assert_close(losses(replace(per_example, negative_weight=3.0)), weighed)
 
 
 @pytest.mark.parametrize("beta", [0.5, 1.0, 2.0])
@@ -127,7 +131,21 @@ ALL_OPTIONS = {
     "hard": {"hard_negative_beta": 1.0},
     "hard, queue temperature": {"hard_negative_beta": 2.0, "queue_temperature": 1.3},
     "queue temperature": {"queue_temperature": 1.3},
+    "negative weight": {"negative_weight": 2.0, "queue_temperature": 1.3},
 }
+
+
+@pytest.mark.parametrize(("w", "tq", "beta"), [(2.0, None, 0.0), (3.5, 1.3, 0.0), (2.0, None, 1.0)])
+def test_a_negative_weight_adds_w_minus_1_log_sum_exps_of_the_negatives(w, tq, beta) -> None:
+    # Wang & Isola 2020: alignment plus w times the uniformity term, by the formula.
+    loss = info_nce(Q, KEY, NEG, T, negative_weight=w, queue_temperature=tq,
+                    hard_negative_beta=beta)
+    t = T if tq is None else tq
+    extra = [math.log(sum(math.exp(float(Q[i] @ NEG[j]) / t) for j in range(K)))
+             for i in range(N)]
+    close(loss, [a + (w - 1) * b for a, b in
+                 zip(naive(Q, KEY, NEG, T, beta=beta, tq=tq), extra, strict=True)])
+    close(info_nce(Q, KEY, NEG, T, negative_weight=1.0), naive(Q, KEY, NEG, T))
 
 
 @pytest.mark.parametrize("name", ALL_OPTIONS)
@@ -182,8 +200,22 @@ def test_a_bad_hard_negative_beta_is_refused_by_the_loss(beta: float) -> None:
         InfoNCELoss(T, hard_negative_beta=beta)
 
 
+@pytest.mark.parametrize(("w", "in_batch", "message"), [
+    (0.5, False, "negative_weight must be a finite number >= 1"),
+    (math.nan, False, "negative_weight must be a finite number >= 1"),
+    (math.inf, False, "negative_weight must be a finite number >= 1"),
+    (2.0, True, "it needs in_batch=False"),
+])
+def test_a_bad_negative_weight_is_refused_by_the_loss(w: float, in_batch: bool, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        info_nce(Q, KEY, NEG, T, in_batch=in_batch, negative_weight=w)
+
+
 @pytest.mark.parametrize(("kwargs", "flag"), [
     ({"hard_negative_beta": -0.5}, "--hard-negative-beta must"),
+    ({"negative_weight": 0.9, "in_batch": False}, "--negative-weight must be a finite number >= 1"),
+    ({"negative_weight": 2.0}, "--negative-weight weighs the detached negatives of a per-example "
+                               "loss: needs --in-batch false"),
     ({"hard_negative_beta": math.nan}, "--hard-negative-beta must"),
     ({"max_age": 0}, "--max-age 0 with --pull-mode reproducible: pulls see only rows of finished"),
     ({"queue_temperature": -0.1}, "--queue-temperature must be zero"),
@@ -227,6 +259,7 @@ DP_CFG = FedConfig(width=8, embedding_dim=16, in_batch=False, key_mode="frozen",
 DP_OPTIONS = {
     "hard": {"hard_negative_beta": 1.0},
     "hard, queue temperature": {"hard_negative_beta": 1.0, "queue_temperature": 1.0},
+    "negative weight": {"negative_weight": 2.0},
 }
 
 
