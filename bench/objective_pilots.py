@@ -82,7 +82,7 @@ from bench.common import CIFAR_DATA, RESULTS_DIR, write_result
 from bench.compare_bench import write_slice
 from client.privacy import DPSGD, MOMENT_NOISE_RATIO, sgd_noise_multiplier
 from client.train_local import train_local
-from client.trainer import ContrastiveTrainer
+from client.trainer import ContrastiveTrainer, moment_draws
 from common.accounting import PrivacyPlan, calibrate_noise_multiplier
 from common.config import DP_LOSS, FedConfig
 from common.datasets import DatasetError, load_dataset
@@ -102,20 +102,13 @@ MIX_RATE = 0.1  # weight of a step in the running mixture, as SECOND_MOMENT_RATE
 
 def nce(q: Tensor, k: Tensor, negatives: Tensor | None, tau: float, weight: float = 1.0,
         **kwargs: Any) -> Tensor:
-    """InfoNCE plus ``weight - 1`` more times each query's log-sum-exp over ``negatives``."""
-    loss = info_nce(q, k, negatives, tau, **kwargs)
-    if weight != 1.0 and negatives is not None and negatives.shape[0]:
-        t = kwargs.get("queue_temperature") or tau
-        loss = loss + (weight - 1.0) * torch.logsumexp(q @ negatives.T / t, dim=1)
-    return loss
+    """InfoNCE with its negative term weighed ``weight`` times (``negative_weight``)."""
+    return info_nce(q, k, negatives, tau, negative_weight=weight, **kwargs)
 
 
 def gaussian_draws(z: Tensor, count: int, gen: torch.Generator) -> Tensor:
     """``count`` unit vectors normalize(N(0, mean z z^T)) of the rows of ``z``."""
-    m = z.T @ z / z.shape[0]
-    vals, vecs = torch.linalg.eigh(m.double())
-    root = (vecs * vals.clamp(min=0).sqrt()).float()
-    return nn.functional.normalize(torch.randn(count, z.shape[1], generator=gen) @ root.T, dim=1)
+    return moment_draws(z.T @ z / z.shape[0], count, gen)
 
 
 def mixture_draws(means: Tensor, weights: Tensor, count: int, gen: torch.Generator) -> Tensor:
@@ -248,9 +241,7 @@ class RunningMixture(Pilot):
         self.mix_counts.mul_(1 - MIX_RATE).add_(counts, alpha=MIX_RATE)
         dead = self.mix_counts < 0.05 / k  # an emptied cluster restarts at a second-moment draw
         if dead.any():
-            vals, vecs = torch.linalg.eigh(self.second_moment.double().cpu())
-            root = (vecs * vals.clamp(min=0).sqrt()).float()
-            new = nn.functional.normalize(torch.randn(int(dead.sum()), z.shape[1]) @ root.T, dim=1)
+            new = moment_draws(self.second_moment, int(dead.sum()))
             self.mix_counts[dead] = 1.0 / k
             self.mix_sums[dead] = new * 0.5 / k
 

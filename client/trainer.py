@@ -84,6 +84,18 @@ class EpochStats:
         }
 
 
+@torch.no_grad()
+def moment_draws(second_moment: Tensor, count: int,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """``count`` unit vectors normalize(N(0, M+)) on the CPU, M+ the second moment (D, D)
+    with its negative eigenvalues (a noisy release's) set to 0; (count, D). ``generator``
+    ``None``: torch's global one."""
+    vals, vecs = torch.linalg.eigh(second_moment.double().cpu())
+    root = (vecs * vals.clamp(min=0).sqrt()).float()  # D x D, root @ root.T = M+
+    eps = torch.randn(count, root.shape[0], generator=generator)
+    return nn.functional.normalize(eps @ root.T, dim=1)
+
+
 class ContrastiveTrainer:
     """Train ``model`` with InfoNCE on views of local data.
 
@@ -242,12 +254,8 @@ class ContrastiveTrainer:
 
     @torch.no_grad()
     def _moment_samples(self, count: int) -> Tensor:
-        """``count`` unit vectors normalize(N(0, M+)), M+ the running second moment with its
-        negative eigenvalues (noise) set to 0; (count, D)."""
-        vals, vecs = torch.linalg.eigh(self.second_moment.double().cpu())
-        root = (vecs * vals.clamp(min=0).sqrt()).float()  # D x D, root @ root.T = M+
-        eps = torch.randn(count, root.shape[0], generator=self.generator)
-        return nn.functional.normalize(eps @ root.T, dim=1).to(self.device)
+        """``count`` draws of :func:`moment_draws` from the running second moment; (count, D)."""
+        return moment_draws(self.second_moment, count, self.generator).to(self.device)
 
     @torch.no_grad()
     def _update_second_moment(self, z: Tensor) -> None:
