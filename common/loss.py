@@ -67,10 +67,10 @@ def info_nce(
     ``loss_i = -log(e^{p_i} / (e^{p_i} + Ng_i))``. Gradients flow through h as in their code.
 
     With ``negative_weight`` w > 1, ``loss_i`` gains w - 1 more times the log-sum-exp of
-    the query's logits against ``negatives`` alone, ``log sum_j e^{s_ij}``: the alignment
-    term plus w times the uniformity term, in the form of Wang & Isola 2020 (ICML), whose
-    weighted sum of the two improved on InfoNCE's equal weights. Only for losses without
-    in-batch negatives.
+    the query's logits against ``negatives`` alone, ``log sum_j e^{s_ij}``: InfoNCE's
+    alignment term (-p_i) and its repulsion (the log-sum-exp) weighed unequally, after
+    Wang & Isola 2020 (ICML), who split the contrastive loss into alignment and uniformity
+    and train with a weighted sum of the two. Only for losses without in-batch negatives.
 
     The weighting is computed per query from that query, its key and the negatives, so
     with ``in_batch=False`` and ``positive_key`` and ``negatives`` detached, loss_i still
