@@ -23,7 +23,9 @@ DP-SGD step time.
     python -m bench.privacy_bench --negative-weights 1,2 --no-queue-arm   # two weights
 
 ``--negative-weights 1,2`` runs the per-example arms of ``--epsilons`` once more with the
-negative term weighed twice (``--negative-weight``), from the same start and seeds.
+negative term weighed twice (``--negative-weight``), from the same start and seeds;
+``--no-queue-arm`` leaves out the runs with the queue's rows; ``--name`` names the result
+files (``bench/results/NAME.{md,json}``).
 
 Defaults: 2 clients of 5,000 images each (IID), batch 256, 8 rounds x 1 local epoch, CNN
 width 16, embedding dimension 32, delta 1e-5, each seed's runs from one encoder pretrained
