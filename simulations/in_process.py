@@ -13,8 +13,14 @@ token and contributor slot per client, advanced to each round's version as the
 ServerApp does. Client seeds are :func:`client.state.round_seed`'s, so each client's
 random stream is a federated node's.
 
+With ``--dp true`` each client keeps its :class:`~client.state.ClientState` here, in
+memory, and plans every round with :func:`client.privacy.plan_round` (its noise derived
+for ``--target-epsilon`` and its releases accounted before it trains), as a federated
+node does with its state directory; each round's record holds the largest epsilon of its
+clients (``extra["epsilon"]``).
+
 What it leaves out of the federation: client sampling (every client trains every round),
-DP-SGD, robust aggregation, checkpoints and the run directory.
+robust aggregation, checkpoints and the run directory.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ import torch
 
 from client.byol_round import train_byol_round
 from client.divergence import LocalBYOL
+from client.privacy import plan_round
 from client.round import train_round
-from client.state import round_seed
+from client.state import ClientState, round_seed
 from common import key_state, optim_state
 from common.config import FedConfig, push_quota
 from common.model import build_model
@@ -100,6 +107,7 @@ def run_federation(cfg: FedConfig, xs: Sequence[torch.Tensor], in_channels: int,
     lr_at = cosine_lr(cfg.lr, cfg.rounds)
     ids = [f"partition-{i}" for i in range(len(xs))]
     byol: dict[str, LocalBYOL | None] = dict.fromkeys(ids)
+    states = {cid: ClientState(cid) for cid in ids}  # --dp true: each client's accountant
     records = []
     with queue_service(cfg, len(xs)) as (queue, address, tokens):
         for rnd in range(1, cfg.rounds + 1):
@@ -108,7 +116,7 @@ def run_federation(cfg: FedConfig, xs: Sequence[torch.Tensor], in_channels: int,
                 queue.advance(rnd)
             rest, key = key_state.split(arrays)
             weights, opt = optim_state.split(rest)
-            replies, losses, pushed = [], [], 0
+            replies, losses, pushed, epsilons = [], [], 0, []
             for cid, token, x in zip(ids, tokens, xs, strict=True):
                 seed = round_seed(cfg.seed, cid, rnd)
                 if cfg.objective == "byol":
@@ -116,17 +124,23 @@ def run_federation(cfg: FedConfig, xs: Sequence[torch.Tensor], in_channels: int,
                         cfg, x, weights, lr=lr_at(rnd - 1), seed=seed, run_id=0, local=byol[cid],
                         optimizer_state=opt or None)
                 else:
+                    privacy = (plan_round(cfg, states[cid], x.shape[0], rnd, queue_token=token,
+                                          queue_version=rnd) if cfg.dp else None)
                     new, metrics = train_round(
                         cfg, x, weights, lr=lr_at(rnd - 1), queue_address=address, queue_token=token,
-                        queue_version=rnd, seed=seed, optimizer_state=opt or None,
+                        queue_version=rnd, seed=seed, privacy=privacy, optimizer_state=opt or None,
                         key_arrays=key or None)
+                    states[cid].record_round(0, rnd)
+                    if privacy is not None:
+                        epsilons.append(privacy.epsilon)
                 replies.append((new, int(metrics["num-examples"])))
                 losses.append(float(metrics["train-loss"]))
                 pushed += int(metrics.get("pushed-rows", 0))
             arrays = fedavg(replies)
             model.load_state_dict(optim_state.split(key_state.split(arrays)[0])[0])
             record = RoundRecord(rnd, time.perf_counter() - start, sum(losses) / len(losses),
-                                 sum(n for _, n in replies), pushed)
+                                 sum(n for _, n in replies), pushed,
+                                 {"epsilon": max(epsilons)} if epsilons else {})
             records.append(record)
             logger.info("round %d of %d: %.1f s, loss %.4f, %d rows pushed", rnd, cfg.rounds,
                         record.seconds, record.train_loss, pushed)

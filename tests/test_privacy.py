@@ -211,3 +211,23 @@ def test_opacus_is_imported_only_when_dp_is_used():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_an_in_process_federation_plans_each_clients_rounds_to_its_target(digits):
+    # Each client's accountant lives with the run: round 1's epsilon is part of the budget,
+    # round 2 ends at the target (the noise derived for the whole plan).
+    from common.config import DP_LOSS
+    from simulations.in_process import run_federation
+
+    x = digits.x_train[:192]
+    cfg = FedConfig(**{**DP_LOSS, "dp": True, "target_epsilon": 8.0, "rounds": 2,
+                       "batch_size": 32, "width": 4, "embedding_dim": 8, "device": "cpu",
+                       "global_negatives": 0, "push_fraction": 0.0, "seed": 0})
+    model, records = run_federation(cfg, [x[:96], x[96:]], x.shape[1])
+    eps = [r.extra["epsilon"] for r in records]
+    assert 0 < eps[0] < eps[1] <= 8.0 and eps[1] >= 0.99 * 8.0
+    assert all(r.examples == 192 for r in records)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    plain, _ = run_federation(replace(cfg, dp=False, target_epsilon=0.0), [x[:96], x[96:]],
+                              x.shape[1])
+    assert not torch.equal(_flat(plain), _flat(model))  # clipped and noised: another model
