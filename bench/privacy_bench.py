@@ -22,8 +22,9 @@ DP-SGD step time.
     python -m bench.privacy_bench --pretrain-epochs 0   # every run from random init
     python -m bench.privacy_bench --negative-weights 1,2 --no-queue-arm   # two weights
 
-``--negative-weights 1,2`` runs the per-example arms of ``--epsilons`` once more with the
-negative term weighed twice (``--negative-weight``), from the same start and seeds;
+The per-example runs weigh their negative term as ``--dp true`` does (``--negative-weight``
+2); ``--negative-weights 1,2`` runs every arm at weight 1 and the per-example runs of
+``--epsilons`` once more at weight 2, from the same start and seeds;
 ``--no-queue-arm`` leaves out the runs with the queue's rows; ``--name`` names the result
 files (``bench/results/NAME.{md,json}``).
 
@@ -206,9 +207,10 @@ def main() -> None:
                              "synthetic dead-leaves images (no data, no privacy cost; 0: random init)")
     parser.add_argument("--pretrain-images", type=int, default=20000,
                         help="how many dead-leaves images to pretrain on")
-    parser.add_argument("--negative-weights", default="1",
+    parser.add_argument("--negative-weights", default=None,
                         help="per-example runs at each of these --negative-weight values, side by "
-                             "side (the first: every arm; the others: the --epsilons runs)")
+                             "side (the first: every arm; the others: the --epsilons runs; "
+                             "default: the one --dp true selects)")
     parser.add_argument("--queue-arm", action=argparse.BooleanOptionalAction, default=True,
                         help="also the private runs with the queue's noisy rows")
     parser.add_argument("--name", default=None,
@@ -233,7 +235,8 @@ def main() -> None:
                                 "pretrain_epochs": args.pretrain_epochs,
                                 "pretrain_images": args.pretrain_images})
             try:
-                weights = [float(w) for w in args.negative_weights.split(",")]
+                weights = ([float(w) for w in args.negative_weights.split(",")]
+                           if args.negative_weights else [base.negative_weight])
             except ValueError:
                 raise ValueError(f"--negative-weights must be numbers separated by commas "
                                  f"(got {args.negative_weights!r})") from None
@@ -298,7 +301,7 @@ def main() -> None:
                   if args.pretrain_epochs else "every run started from random init; ")
                + f"per-example runs: --objective {base.objective}, "
                f"temperature {base.temperature}, ema key encoder, negative weight "
-               f"{args.negative_weights.replace(',', ' and ')}; the arms with queue rows: "
+               f"{' and '.join(f'{w:g}' for w in weights)}; the arms with queue rows: "
                f"{QUEUE_ROWS['global_negatives']} global negatives per step, pushes at rate "
                f"{QUEUE_ROWS['push_fraction']} with noise {QUEUE_ROWS['push_noise']:g}; delta "
                f"{base.delta}. ± is half the range over seeds. Share: each arm's mean gain over "

@@ -72,9 +72,12 @@ def _fed(argv: list[str], base: dict | None = None) -> FedConfig:
 def test_dp_selects_the_per_example_loss_unless_a_loss_setting_was_chosen():
     private = _fed(["--dp", "true", "--noise-multiplier", "1"])
     assert (private.objective, private.in_batch, private.key_mode, private.temperature,
-            private.queue_temperature) == ("moment", False, "ema", 0.2, 0.0)
-    warmer = _fed(["--dp", "true", "--noise-multiplier", "1", "--temperature", "0.5"])
-    assert (warmer.objective, warmer.temperature) == ("moment", 0.5)  # a chosen temperature stays
+            private.queue_temperature, private.negative_weight) == ("moment", False, "ema", 0.2,
+                                                                    0.0, 2.0)
+    warmer = _fed(["--dp", "true", "--noise-multiplier", "1", "--temperature", "0.5",
+                   "--negative-weight", "1"])
+    # a chosen temperature or weight stays
+    assert (warmer.objective, warmer.temperature, warmer.negative_weight) == ("moment", 0.5, 1.0)
     assert _fed([]).objective == "infonce" and _fed([]).in_batch  # no DP: the default loss
     # A loss setting chosen by a flag or a saved config: nothing is selected, and what
     # cannot be per example is refused as before.
