@@ -32,8 +32,8 @@ Defaults: 2 clients of 5,000 images each (IID), batch 256, 8 rounds x 1 local ep
 width 16, embedding dimension 32, delta 1e-5, each seed's runs from one encoder pretrained
 on synthetic images: 14 runs, 73 minutes on 2 cores, the pretraining included, a
 low-priority pilot beside it for about 12 of them
-(``bench/results/privacy_bench.md``, 2026-12-06, 151ae3c; from random init, at 6a07da1,
-65 minutes: ``docs/experiments.md``).
+(``bench/results/privacy_bench.md``, 2026-12-06, 151ae3c, at negative weight 1; from
+random init, at 6a07da1, 65 minutes: ``docs/experiments.md``).
 """
 
 from __future__ import annotations
