@@ -33,6 +33,16 @@ def check_hard_negative_beta(beta: float) -> None:
         raise ValueError(f"hard_negative_beta must be a finite number >= 0, got {beta!r}")
 
 
+def check_negative_weight(weight: float, in_batch: bool) -> None:
+    """ValueError unless the negative term's weight is a finite number >= 1, and 1 with
+    in-batch negatives."""
+    if not (math.isfinite(weight) and weight >= 1):
+        raise ValueError(f"negative_weight must be a finite number >= 1, got {weight!r}")
+    if weight != 1 and in_batch:
+        raise ValueError("negative_weight weighs the detached negatives of a per-example loss: "
+                         "it needs in_batch=False")
+
+
 def info_nce(
     query: Tensor,
     positive_key: Tensor,
@@ -106,11 +116,7 @@ def info_nce(
             (no queue rows and ``in_batch=False``, or ``in_batch=True`` with N = 1).
     """
     check_hard_negative_beta(hard_negative_beta)
-    if not (math.isfinite(negative_weight) and negative_weight >= 1):
-        raise ValueError(f"negative_weight must be a finite number >= 1, got {negative_weight!r}")
-    if negative_weight != 1 and in_batch:
-        raise ValueError("negative_weight weighs the detached negatives of a per-example loss: "
-                         "it needs in_batch=False")
+    check_negative_weight(negative_weight, in_batch)
     queue_t = _check_inputs(query, positive_key, negatives, temperature, in_batch,
                             queue_temperature)
     pos = (query * positive_key).sum(dim=1) / temperature  # N
@@ -206,10 +212,11 @@ class InfoNCELoss(nn.Module):
             DP-SGD clips one by one).
         hard_negative_beta: beta >= 0 of the hard-negative weighting (0: off).
         queue_temperature: T_q > 0 for the queue negatives alone (``None``: T).
+        negative_weight: w >= 1, the weight of the negative term (1: plain InfoNCE).
 
     Raises:
         ValueError: at construction, for T or T_q not finite or <= 0, beta not finite or < 0,
-            or an unknown reduction.
+            w not finite or < 1 (or > 1 with ``in_batch``), or an unknown reduction.
 
     Examples:
         >>> loss_fn = InfoNCELoss(temperature=0.2)
@@ -226,12 +233,14 @@ class InfoNCELoss(nn.Module):
         reduction: str = "mean",
         hard_negative_beta: float = 0.0,
         queue_temperature: float | None = None,
+        negative_weight: float = 1.0,
     ) -> None:
         super().__init__()
         _check_temperature(temperature)
         if queue_temperature is not None:
             _check_temperature(queue_temperature)
         check_hard_negative_beta(hard_negative_beta)
+        check_negative_weight(negative_weight, in_batch)
         if reduction not in REDUCTIONS:
             raise ValueError(
                 f"unknown reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}"
@@ -241,6 +250,7 @@ class InfoNCELoss(nn.Module):
         self.reduction = reduction
         self.hard_negative_beta = hard_negative_beta
         self.queue_temperature = queue_temperature
+        self.negative_weight = negative_weight
 
     def forward(
         self,
@@ -251,12 +261,15 @@ class InfoNCELoss(nn.Module):
         """(N, D), (N, D), (K, D) or None -> scalar, or (N,) with ``reduction="none"``."""
         loss = info_nce(query, positive_key, negatives, self.temperature, in_batch=self.in_batch,
                         hard_negative_beta=self.hard_negative_beta,
-                        queue_temperature=self.queue_temperature)
+                        queue_temperature=self.queue_temperature,
+                        negative_weight=self.negative_weight)
         return loss.mean() if self.reduction == "mean" else loss
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, queue_temperature={self.queue_temperature}, "
-                f"in_batch={self.in_batch}, reduction={self.reduction!r}, hard_negative_beta={self.hard_negative_beta}")
+                f"in_batch={self.in_batch}, reduction={self.reduction!r}, "
+                f"hard_negative_beta={self.hard_negative_beta}, "
+                f"negative_weight={self.negative_weight}")
 
 
 def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:

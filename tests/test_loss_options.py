@@ -137,7 +137,7 @@ ALL_OPTIONS = {
 
 @pytest.mark.parametrize(("w", "tq", "beta"), [(2.0, None, 0.0), (3.5, 1.3, 0.0), (2.0, None, 1.0)])
 def test_a_negative_weight_adds_w_minus_1_log_sum_exps_of_the_negatives(w, tq, beta) -> None:
-    # Wang & Isola 2020: alignment plus w times the uniformity term, by the formula.
+    # InfoNCE plus w - 1 more log-sum-exps of the query's logits against the negatives.
     loss = info_nce(Q, KEY, NEG, T, negative_weight=w, queue_temperature=tq,
                     hard_negative_beta=beta)
     t = T if tq is None else tq
@@ -183,10 +183,10 @@ def test_perturbing_one_example_leaves_the_others_losses_unchanged(name: str) ->
 
 
 def test_the_loss_module_carries_the_options() -> None:
-    module = InfoNCELoss(T, reduction="none", hard_negative_beta=1.0)
+    module = InfoNCELoss(T, reduction="none", hard_negative_beta=1.0, negative_weight=2.0)
     torch.testing.assert_close(module(Q, KEY, NEG),
-                               info_nce(Q, KEY, NEG, T, hard_negative_beta=1.0))
-    assert "hard_negative_beta=1.0" in repr(module)
+                               info_nce(Q, KEY, NEG, T, hard_negative_beta=1.0, negative_weight=2.0))
+    assert "hard_negative_beta=1.0" in repr(module) and "negative_weight=2.0" in repr(module)
 
 
 # -- validation ------------------------------------------------------------------------
@@ -209,6 +209,8 @@ def test_a_bad_hard_negative_beta_is_refused_by_the_loss(beta: float) -> None:
 def test_a_bad_negative_weight_is_refused_by_the_loss(w: float, in_batch: bool, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         info_nce(Q, KEY, NEG, T, in_batch=in_batch, negative_weight=w)
+    with pytest.raises(ValueError, match=message):
+        InfoNCELoss(T, in_batch=in_batch, negative_weight=w)
 
 
 @pytest.mark.parametrize(("kwargs", "flag"), [
