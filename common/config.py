@@ -614,8 +614,8 @@ def add_config_arguments(
 #: The loss ``--dp true`` selects when none of ``DP_LOSS_CHOICES`` was chosen (by a flag, a
 #: saved config, a scenario or a command's defaults): the per-example objective that holds
 #: its embeddings apart under DP (docs/privacy.md), at the temperature it was measured at,
-#: its negative term weighed twice (above the weight 1 at every seed on kNN on the privacy
-#: benchmark, bench/results/privacy_bench_negative_weight.md).
+#: its negative term weighed twice (on the privacy benchmark above weight 1 at every seed
+#: without DP, a tie at epsilon 8: bench/results/privacy_bench_negative_weight.md).
 DP_LOSS = {"objective": "moment", "in_batch": False, "key_mode": "ema", "temperature": 0.2,
            "queue_temperature": 0.0, "negative_weight": 2.0}
 #: The settings whose choice keeps ``--dp true`` from selecting :data:`DP_LOSS`.

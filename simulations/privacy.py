@@ -13,7 +13,8 @@ pushes are not covered by the epsilon, and the table says so).
 DP-SGD needs a per-example loss, so every run of the sweep (the ``inf`` reference too)
 trains without in-batch negatives, with a detached key encoder (``--key-mode``, default
 ``ema``): by default ``--objective moment`` (negatives drawn from the keys' running second
-moment, released with noise under DP, plus any global rows; ``docs/privacy.md``). One more
+moment, released with noise under DP, plus any global rows; its negative term weighed
+twice, ``--negative-weight 2``; ``docs/privacy.md``). One more
 non-private run (``--default-loss-reference``, on by default) trains with the default loss
 of ``fedcontrast simulate``, in-batch negatives included, and the sweep's queue settings
 (no rows by default): the difference between the two references is what giving up
